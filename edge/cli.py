@@ -1,0 +1,11 @@
+"""Subcommands of the edge side."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import demo
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    demo.register(sub)

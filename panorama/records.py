@@ -1,0 +1,186 @@
+"""Reading and writing ECG records (WFDB, through the ``wfdb`` package).
+
+Every record is turned into one canonical form: float32 millivolts, shape (leads, samples),
+canonical lead names (see ``geometry.canonical_lead_name``), resampled to the model rate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import wfdb
+from scipy.signal import resample_poly
+
+from .errors import RecordError
+from .geometry import canonical_lead_name
+
+log = logging.getLogger(__name__)
+
+MODEL_FS = 500  # Hz: the rate every model and metric works at
+FLAT_STD_MV = 0.01  # the evaluation protocol's lead-off threshold (data README)
+
+_UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nu": None}
+
+
+@dataclass
+class Record:
+    """One ECG record in canonical form."""
+
+    name: str
+    signals: np.ndarray  # (leads, samples) float32 mV
+    leads: list[str]
+    fs: float
+    source: str = ""
+    comments: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.signals.shape[1] / self.fs
+
+    def lead(self, name: str) -> np.ndarray:
+        try:
+            return self.signals[self.leads.index(name)]
+        except ValueError:
+            raise RecordError(f"{self.name}: no lead {name!r} (has {', '.join(self.leads)})") from None
+
+    def has(self, names) -> bool:
+        return all(n in self.leads for n in names)
+
+
+def record_base(path: str | Path) -> Path:
+    """The WFDB base path (no extension) for ``rec``, ``rec.hea`` or ``rec.dat``."""
+    p = Path(path)
+    if p.suffix in (".hea", ".dat", ".mat"):
+        p = p.with_suffix("")
+    if not p.with_suffix(".hea").is_file():
+        raise RecordError(f"no WFDB record at {path} (looked for {p.with_suffix('.hea')})")
+    return p
+
+
+def find_records(*paths: str | Path) -> list[Path]:
+    """WFDB base paths for the given records and folders (folders searched recursively)."""
+    found: list[Path] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            found.extend(sorted(h.with_suffix("") for h in p.rglob("*.hea")))
+        else:
+            found.append(record_base(p))
+    if not found:
+        raise RecordError(f"no WFDB records (*.hea) found in {', '.join(map(str, paths))}")
+    return found
+
+
+def _source_of(comments: list[str]) -> str:
+    for c in comments:
+        if c.lower().startswith("source:"):
+            return c.split(":", 1)[1].strip()
+    return ""
+
+
+def read_record(path: str | Path, leads: list[str] | None = None, fs: float | None = MODEL_FS) -> Record:
+    """Read a WFDB record into canonical form.
+
+    ``leads``: read only these canonical leads (all known ones when None); a named lead that
+    the record lacks is an error. ``fs``: resample to this rate (None keeps the record's).
+    """
+    base = record_base(path)
+    try:
+        header = wfdb.rdheader(str(base))
+    except Exception as exc:  # wfdb raises bare ValueError/OSError for bad headers
+        raise RecordError(f"{base}: unreadable WFDB header: {exc}") from exc
+    names = [canonical_lead_name(n) for n in header.sig_name or []]
+    known = {n: i for i, n in enumerate(names) if n is not None and n not in names[:i]}
+    if not known:
+        raise RecordError(
+            f"{base}: no known lead names in the header (found {', '.join(header.sig_name or []) or 'none'})"
+        )
+    wanted = list(known) if leads is None else list(leads)
+    missing = [n for n in wanted if n not in known]
+    if missing:
+        raise RecordError(f"{base}: lacks lead(s) {', '.join(missing)} (has {', '.join(known)})")
+    channels = [known[n] for n in wanted]
+    try:
+        rec = wfdb.rdrecord(str(base), channels=channels, physical=True)
+    except Exception as exc:
+        raise RecordError(f"{base}: unreadable WFDB signal file: {exc}") from exc
+    if rec.p_signal is None or rec.p_signal.shape[0] == 0:
+        raise RecordError(f"{base}: record holds no samples")
+    sig = rec.p_signal.T.astype(np.float64)
+    for row, unit in enumerate(rec.units):
+        factor = _UNIT_TO_MV.get((unit or "mV").strip().lower())
+        if factor is None:
+            raise RecordError(f"{base}: lead {wanted[row]} has unknown units {unit!r} (expected mV or uV)")
+        sig[row] *= factor
+    record = Record(base.name, sig.astype(np.float32), wanted, float(rec.fs),
+                    _source_of(rec.comments or []), list(rec.comments or []))
+    return resample(record, fs) if fs is not None else record
+
+
+def resample(record: Record, fs: float) -> Record:
+    """Polyphase resampling to ``fs``; NaN (missing samples) are kept as NaN regions."""
+    if fs <= 0:
+        raise ValueError(f"sampling rate must be positive, got {fs}")
+    if abs(record.fs - fs) < 1e-9:
+        return record
+    ratio = Fraction(fs / record.fs).limit_denominator(1000)
+    sig = record.signals.astype(np.float64)
+    nan = np.isnan(sig)
+    out = resample_poly(np.where(nan, 0.0, sig), ratio.numerator, ratio.denominator, axis=1)
+    if nan.any():  # carry missing regions across the rate change
+        idx = np.minimum((np.arange(out.shape[1]) * record.fs / fs).astype(int), sig.shape[1] - 1)
+        out[nan[:, idx]] = np.nan
+    return Record(record.name, out.astype(np.float32), record.leads, float(fs), record.source, record.comments)
+
+
+def lead_quality(signals: np.ndarray, flat_std_mv: float = FLAT_STD_MV) -> list[str]:
+    """One flag per lead: ``ok``, ``missing`` (mostly NaN), ``flat`` (std under the
+    lead-off threshold) or ``saturated`` (pinned at its extreme for ≥ 2 % of samples, as an
+    amplifier at the rail is)."""
+    flags = []
+    for x in np.atleast_2d(signals):
+        finite = x[np.isfinite(x)]
+        if finite.size < 0.5 * x.size:
+            flags.append("missing")
+        elif finite.std() < flat_std_mv:
+            flags.append("flat")
+        else:
+            lo, hi = finite.min(), finite.max()
+            pinned = max(np.mean(finite == lo), np.mean(finite == hi))
+            flags.append("saturated" if pinned >= 0.02 else "ok")
+    return flags
+
+
+def write_record(out_dir: str | Path, name: str, signals: np.ndarray, leads: list[str], fs: float,
+                 comments: list[str] | None = None) -> Path:
+    """Write float mV signals (leads, samples) as a WFDB format-16 record; returns its base path.
+
+    Gains are chosen per lead so the full int16 range covers the signal (at least 1 µV resolution).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sig = np.ascontiguousarray(np.asarray(signals, dtype=np.float64).T)
+    if not np.isfinite(sig).all():
+        raise ValueError(f"{name}: refusing to write non-finite samples")
+    peak = np.maximum(np.abs(sig).max(axis=0), 1e-3)
+    gain = np.minimum(np.floor(32000.0 / peak), 1000.0 * 32)  # ≥ 1 count per µV up to 1 V
+    d_signal = np.round(sig * gain).astype(np.int16)
+    # wfdb's own string handling disallows some characters; sanitise lead names only
+    wfdb.wrsamp(name, fs=float(fs), units=["mV"] * len(leads), sig_name=list(leads),
+                d_signal=d_signal, fmt=["16"] * len(leads), adc_gain=gain.tolist(),
+                baseline=[0] * len(leads), comments=comments or [], write_dir=str(out))
+    return out / name
+
+
+def default_data_dir() -> Path | None:
+    """The real records: ``$PANORAMA_DATA``, else ``../shared/data/ecg`` beside the repo; None if absent."""
+    import os
+
+    env = os.environ.get("PANORAMA_DATA")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "ecg")
+    return next((c for c in candidates if c.is_dir() and any(c.rglob("*.hea"))), None)

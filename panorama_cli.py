@@ -1,0 +1,47 @@
+"""The ``panorama`` command: one entry point, subcommands registered by each part.
+
+This module sits above the packages (it imports training/, edge/ and export/); the shared
+core ``panorama`` never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from panorama.errors import PanoramaError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from edge import cli as edge_cli
+    from training import cli as training_cli
+
+    parser = argparse.ArgumentParser(
+        prog="panorama",
+        description="Synthesise ECG views that were never recorded, from a few recorded leads "
+        "and their viewing angles (NEF-NET v2).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for part in (edge_cli, training_cli):
+        part.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (PanoramaError, ValueError, FileNotFoundError) as exc:
+        # bad input is the user's to fix: one clear line, no traceback
+        print(f"panorama {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Subcommands of the training side: ``eval`` and ``simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from panorama.errors import RecordError
+from panorama.geometry import STANDARD_12, resolve_views
+from panorama.records import MODEL_FS, Record, find_records
+
+from . import splits
+from .evaluate import METHODS, PROTOCOLS, Case, Task, default_protocol, eligible, evaluate, format_table, load_cases
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="score a method on real records or simulated patients",
+        description="Score a synthesis method under the protocol of the data README: records "
+        "resampled to 500 Hz and cut to 10 s, inputs over 0-10 s, views scored over 5-10 s "
+        "(Frank views: the whole record). Prints a table; --json writes the figures.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", nargs="+", type=Path, metavar="PATH",
+                     help="WFDB records or folders (searched recursively)")
+    src.add_argument("--sim", type=int, metavar="N", help="score N simulated patients instead")
+    p.add_argument("--inputs", default="I,II,V3", help="recorded leads given to the method (default I,II,V3)")
+    p.add_argument("--views", default="V2,V6", help="views to synthesise and score (default V2,V6)")
+    p.add_argument("--method", default="dipole",
+                   help=f"one or more of {', '.join(METHODS)}, comma-separated (default dipole)")
+    p.add_argument("--split", default="all", choices=splits.SPLITS,
+                   help="real records: all, or the train/validation split (default all)")
+    p.add_argument("--protocol", default="auto", choices=("auto", *PROTOCOLS),
+                   help="auto: whole record for Frank views, else synthesis (default auto)")
+    p.add_argument("--device", default="diagnostic", help="simulated device profile for --sim (default diagnostic)")
+    p.add_argument("--seed", type=int, default=1000, help="first seed for --sim (default 1000)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser(
+        "simulate", help="write simulated patients as WFDB records",
+        description="Simulate patients with the panorama simulator and write each as a WFDB "
+        "record holding the requested views (ground truth at any angle).")
+    p.add_argument("--patients", type=int, default=4, help="how many patients (default 4)")
+    p.add_argument("--views", default=",".join(STANDARD_12), help="views to write (default the 12 standard leads)")
+    p.add_argument("--seconds", type=float, default=10.0, help="duration (default 10)")
+    p.add_argument("--fs", type=int, default=MODEL_FS, help="sampling rate in Hz (default 500)")
+    p.add_argument("--device", default="diagnostic", help="device profile (default diagnostic)")
+    p.add_argument("--rhythm", default=None, help="force a rhythm (default: drawn at random)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=run_simulate)
+
+
+def sim_cases(n: int, task: Task, device: str, seed: int) -> list[Case]:
+    """Simulated patients as evaluation cases (ground truth at the views' table angles)."""
+    from .simulator import simulate
+
+    if n < 2:
+        raise ValueError("--sim needs at least 2 patients")
+    names = list(dict.fromkeys([*STANDARD_12, *(v.name for v in task.inputs), *(v.name for v in task.views)]))
+    cases = []
+    for i in range(n):
+        s = simulate(seed + i, views=names, duration_s=10.0, fs=MODEL_FS, device=device)
+        rec, _ = eligible(Record(f"sim{seed + i}", s.signals, list(s.names), s.fs, "simulator"), task)
+        if rec is not None:
+            cases.append(Case(Path(rec.name), rec))
+    return cases
+
+
+def run_eval(args) -> int:
+    inputs, views = resolve_views(args.inputs), resolve_views(args.views)
+    protocol = default_protocol(views) if args.protocol == "auto" else args.protocol
+    task = Task(inputs, views, protocol)
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    fit_cases = None
+    if args.sim is not None:
+        cases, skipped = sim_cases(args.sim, task, args.device, args.seed), {}
+        source = f"{args.sim} simulated patients (device {args.device})"
+    else:
+        paths = splits.select(find_records(*args.data), args.split)
+        if not paths:
+            raise RecordError(f"no records in split {args.split!r} of {', '.join(map(str, args.data))}")
+        cases, skipped = load_cases(paths, task, progress=sys.stderr.isatty())
+        source = f"{len(paths)} records in {', '.join(map(str, args.data))} (split {args.split})"
+        if args.split == "val" and "lsq" in methods:
+            fit_cases, _ = load_cases(splits.select(find_records(*args.data), "train"), task, progress=False)
+    if not cases:
+        reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none readable"
+        raise RecordError(f"no record could be scored under the {protocol} protocol ({reasons})")
+    print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
+    if skipped:
+        print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))
+    results = {m: evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty()).summary for m in methods}
+    print(format_table(results))
+    if args.json:
+        payload = results[methods[0]] if len(methods) == 1 else results
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_simulate(args) -> int:
+    from panorama.records import write_record
+
+    from .simulator import simulate
+
+    views = resolve_views(args.views)
+    if args.patients < 1:
+        raise ValueError("--patients must be at least 1")
+    for i in range(args.patients):
+        s = simulate(args.seed + i, views=[v.name for v in views], duration_s=args.seconds,
+                     fs=args.fs, rhythm=args.rhythm, device=args.device)
+        comments = [f"source: panorama simulator seed {args.seed + i}"] + [
+            f"{k}: {v}" for k, v in s.meta.items() if k != "seed"]
+        base = write_record(args.out, f"sim{args.seed + i:04d}", s.signals, list(s.names), s.fs, comments)
+        print(f"wrote {base}.hea ({s.meta.get('rhythm', '?')})")
+    return 0

@@ -1,0 +1,172 @@
+"""The evaluation harness: one protocol for every method (baselines now, the model later).
+
+Protocols (``../shared/data/README.md``):
+- ``synthesis``: resample to 500 Hz, cut to the first 10 s (shorter records are not
+  scored), the method sees the inputs over 0–10 s (calibration may use 0–5 s), and the
+  views are scored over 5–10 s only. Records with a flat or missing lead among the 12 are
+  not scored.
+- ``whole``: the whole record at 500 Hz is scored (the Frank-lead protocol).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from panorama.baselines import DipoleMethod, KorsMethod, LeastSquaresMethod, Method, ZeroMethod
+from panorama.errors import RecordError
+from panorama.geometry import FRANK, STANDARD_12, View
+from panorama.metrics import RecordScore, score_record, summarise
+from panorama.records import MODEL_FS, Record, lead_quality, read_record
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("synthesis", "whole")
+RECORD_S, CALIB_S = 10.0, 5.0
+METHODS = ("zero", "dipole", "lsq", "kors")
+LSQ_FOLDS = 5
+
+
+@dataclass
+class Task:
+    inputs: list[View]
+    views: list[View]
+    protocol: str = "synthesis"
+
+    def __post_init__(self):
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"unknown protocol {self.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+        leaked = sorted({v.name for v in self.views} & {v.name for v in self.inputs})
+        if leaked:
+            raise ValueError(f"a scored view must never be an input: {', '.join(leaked)}")
+
+    @property
+    def scored_slice(self) -> slice:
+        if self.protocol == "synthesis":
+            return slice(int(CALIB_S * MODEL_FS), int(RECORD_S * MODEL_FS))
+        return slice(None)
+
+
+def default_protocol(views: list[View]) -> str:
+    """Frank views are scored over the whole record; everything else by the synthesis protocol."""
+    return "whole" if all(v.name in FRANK for v in views) else "synthesis"
+
+
+@dataclass
+class Case:
+    """One eligible record, cut to the protocol's window."""
+
+    path: Path
+    record: Record
+
+
+@dataclass
+class Result:
+    summary: dict
+    scores: dict[str, RecordScore]
+    skipped: Counter = field(default_factory=Counter)
+
+
+def eligible(rec: Record, task: Task) -> tuple[Record | None, str]:
+    """The record cut to the protocol's window with the leads it needs, or None and why not."""
+    need = list(dict.fromkeys([*STANDARD_12, *(v.name for v in task.inputs), *(v.name for v in task.views)]))
+    lacking = [n for n in need if n not in rec.leads]
+    if lacking:
+        return None, f"lacks {','.join(lacking[:3])}"
+    sig = rec.signals
+    if task.protocol == "synthesis":
+        n = int(RECORD_S * MODEL_FS)
+        if sig.shape[1] < n:
+            return None, "shorter than 10 s"
+        sig = sig[:, :n]
+    sig = np.stack([sig[rec.leads.index(n)] for n in need])
+    if any(f in ("flat", "missing") for f in lead_quality(sig[: len(STANDARD_12)])):
+        return None, "flat or missing lead"
+    return Record(rec.name, sig, need, rec.fs, rec.source, rec.comments), ""
+
+
+def load_cases(paths: list[Path], task: Task, progress: bool = True) -> tuple[list[Case], Counter]:
+    """Read the records the protocol can score; count why the others were skipped."""
+    cases, skipped = [], Counter()
+    for path in tqdm(paths, desc="reading records", unit="rec", disable=not progress, leave=False):
+        try:
+            rec = read_record(path, fs=MODEL_FS)
+        except RecordError as exc:
+            log.warning("skipping %s", exc)
+            skipped["unreadable"] += 1
+            continue
+        rec, why = eligible(rec, task)
+        if rec is None:
+            skipped[why] += 1
+        else:
+            cases.append(Case(path, rec))
+    return cases, skipped
+
+
+def _xy(case: Case, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    rec = case.record
+    x = np.stack([rec.lead(v.name) for v in task.inputs])
+    y = np.stack([rec.lead(v.name) for v in task.views])
+    return x, y
+
+
+def make_method(name: str) -> Method:
+    table = {"zero": ZeroMethod, "dipole": DipoleMethod, "kors": KorsMethod, "lsq": LeastSquaresMethod}
+    if name not in table:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(table)}")
+    return table[name]()
+
+
+def evaluate(cases: list[Case], task: Task, method: Method | str,
+             fit_cases: list[Case] | None = None, progress: bool = True) -> Result:
+    """Score ``method`` on every case. Population least squares is fitted on ``fit_cases``
+    when given, else cross-fitted in folds so no record is predicted by a fit that saw it."""
+    if not cases:
+        raise RecordError("no record could be scored under this protocol")
+    method = make_method(method) if isinstance(method, str) else method
+    preds: dict[str, np.ndarray] = {}
+    if isinstance(method, LeastSquaresMethod):
+        preds = _lsq_predictions(cases, task, fit_cases)
+    scores = {}
+    sl = task.scored_slice
+    for case in tqdm(cases, desc=f"scoring {method.name}", unit="rec", disable=not progress, leave=False):
+        x, y = _xy(case, task)
+        p = preds[case.record.name] if preds else method.predict(x, task.inputs, task.views)
+        scale = case.record.signals[: len(STANDARD_12), sl]
+        scores[case.record.name] = score_record(y[:, sl], p[:, sl], scale, [v.name for v in task.views])
+    return Result(summarise(list(scores.values())), scores)
+
+
+def _lsq_predictions(cases, task, fit_cases) -> dict[str, np.ndarray]:
+    out = {}
+    if fit_cases:
+        m = LeastSquaresMethod().fit(*zip(*(_xy(c, task) for c in fit_cases)), task.inputs, task.views)
+        return {c.record.name: m.predict(_xy(c, task)[0], task.inputs, task.views) for c in cases}
+    folds = max(2, min(LSQ_FOLDS, len(cases)))
+    if len(cases) < 2:
+        raise RecordError("population least squares needs at least 2 scorable records to cross-fit")
+    for k in range(folds):
+        test = [c for i, c in enumerate(cases) if i % folds == k]
+        train = [c for i, c in enumerate(cases) if i % folds != k]
+        m = LeastSquaresMethod().fit(*zip(*(_xy(c, task) for c in train)), task.inputs, task.views)
+        out.update({c.record.name: m.predict(_xy(c, task)[0], task.inputs, task.views) for c in test})
+    return out
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """Rows of ``summarise`` outputs keyed by label → an aligned text table (overall + per view)."""
+    head = f"{'method':<22}{'view':<8}{'PSNR dB':>9}{'SSIM':>8}{'RMSE µV':>10}{'r':>7}{'records':>9}"
+    lines = [head, "-" * len(head)]
+    for label, s in rows.items():
+        o = s["overall"]
+        lines.append(f"{label:<22}{'all':<8}{o['psnr_db']:>9.2f}{o['ssim']:>8.3f}"
+                     f"{o['rmse_uv_median']:>10.0f}{o['r_median']:>7.3f}{o['records']:>9d}")
+        for v, pv in s["per_view"].items():
+            lines.append(f"{'':<22}{v:<8}{pv['psnr_db']:>9.2f}{pv['ssim']:>8.3f}"
+                         f"{pv['rmse_uv_median']:>10.0f}{pv['r_median']:>7.3f}")
+    return "\n".join(lines)
