@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from panorama.errors import PanoramaError
 
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # wfdb 4.3 calls pandas with inplace=, which pandas 3 deprecates: noise for our users
+    warnings.filterwarnings("ignore", message="The inplace keyword")
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

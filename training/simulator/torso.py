@@ -12,8 +12,8 @@ head, origin at the torso's centre.
 - A view (θ, φ) is the electrode where the ray from the heart centre in that direction meets
   the torso surface, so a view's angle is what the paper's CT measurements describe.
 - Limb electrodes RA, LA, LL: far away (about 30 cm) on an equilateral Einthoven triangle
-  around the heart — RA up and right, LA up and left, LL straight down — which makes I, II
-  and aVR... point in the directions of the paper's table. Each patient gets a few cm of
+  around the heart — RA up and right, LA up and left, LL straight down — which makes the
+  limb leads point in the directions of the paper's table (I along +y, II 60° below it). Each patient gets a few cm of
   jitter on them, as real limb electrodes feed the torso through asymmetric shoulders.
 - Potential of a current dipole p at r0, measured at r, in an infinite homogeneous medium:
   p·(r − r0)/|r − r0|³ (the 1/(4πσ) factor is folded into the dipole's units, mV·cm²).

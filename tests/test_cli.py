@@ -1,0 +1,70 @@
+"""The command line as a user meets it: real subprocesses, real records, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+import wfdb
+
+from panorama.geometry import STANDARD_12
+
+
+def _assert_clean_error(proc, match):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert match in proc.stderr, proc.stderr
+
+
+def test_help_lists_every_command(cli):
+    proc = cli("--help")
+    assert proc.returncode == 0
+    for cmd in ("demo", "eval", "simulate"):
+        assert cmd in proc.stdout
+
+
+def test_eval_reproduces_the_dipole_reference_figure(cli, data_dir, tmp_path):
+    out = tmp_path / "dipole.json"
+    proc = cli("eval", "--data", data_dir, "--method", "dipole", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["overall"]["psnr_db"] == pytest.approx(28.0, abs=0.3)  # the data README's figure
+    assert set(res["per_view"]) == {"V2", "V6"}
+    assert res["overall"]["records"] > 250
+    assert 0.8 < res["overall"]["r_median"] < 0.9
+
+
+def test_eval_kors_on_frank_records(cli, data_dir, tmp_path):
+    out = tmp_path / "kors.json"
+    proc = cli("eval", "--data", data_dir / "ptb_frank", "--inputs", ",".join(STANDARD_12),
+               "--views", "VX,VY,VZ", "--method", "kors", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "protocol whole" in proc.stdout
+    assert json.loads(out.read_text())["overall"]["psnr_db"] > 33
+
+
+def _record(tmp_path, names, seconds):
+    t = np.arange(int(seconds * 500)) / 500
+    sig = np.stack([np.sin(2 * np.pi * (k + 1) * t) for k in range(len(names))]).T
+    wfdb.wrsamp("rec", fs=500, units=["mV"] * len(names), sig_name=names, p_signal=sig,
+                fmt=["16"] * len(names), write_dir=str(tmp_path))
+    return tmp_path / "rec"
+
+
+def test_bad_input_is_one_clear_line(cli, tmp_path):
+    _assert_clean_error(cli("eval", "--data", tmp_path / "missing"), "no WFDB record at")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_clean_error(cli("eval", "--data", empty), "no WFDB records (*.hea) found")
+    _assert_clean_error(cli("eval", "--data", empty, "--views", "V10"), "unknown view 'V10'")
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    _record(unknown, ["foo", "bar"], 12)
+    proc = cli("eval", "--data", unknown)
+    _assert_clean_error(proc, "no record could be scored")
+    assert "no known lead names" in proc.stderr
+    short = tmp_path / "short"
+    short.mkdir()
+    _record(short, list(STANDARD_12), 4)
+    _assert_clean_error(cli("eval", "--data", short), "shorter than 10 s")
+    _assert_clean_error(cli("eval", "--data", short, "--inputs", "I,V2", "--views", "V2"),
+                        "a scored view must never be an input")

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import wfdb
+
+from panorama.errors import RecordError
+from panorama.geometry import STANDARD_12
+from panorama.records import find_records, lead_quality, read_record, write_record
+
+
+def _write_uv_record(tmp_path, names, seconds=2.0, fs=250):
+    t = np.arange(int(seconds * fs)) / fs
+    sig = np.stack([1000 * np.sin(2 * np.pi * (k + 1) * t) for k in range(len(names))]).T  # µV
+    wfdb.wrsamp("uvrec", fs=fs, units=["uV"] * len(names), sig_name=names, p_signal=sig,
+                fmt=["16"] * len(names), write_dir=str(tmp_path))
+    return tmp_path / "uvrec"
+
+
+def test_microvolts_lower_case_names_and_resampling(tmp_path):
+    base = _write_uv_record(tmp_path, ["i", "AVR", "v2", "MLII"])
+    rec = read_record(str(base) + ".hea")  # with the extension: accepted too
+    assert rec.leads == ["I", "aVR", "V2"]  # unknown MLII is left out
+    assert rec.fs == 500 and rec.signals.shape == (3, 1000)  # 2 s at 500 Hz
+    assert np.abs(rec.signals[0]).max() == pytest.approx(1.0, abs=0.02)  # 1000 µV → 1 mV
+    only = read_record(base, leads=["V2"], fs=None)
+    assert only.leads == ["V2"] and only.fs == 250
+
+
+def test_real_records_read_at_any_rate(data_dir):
+    ptb = read_record(data_dir / "ptb_frank" / "ptb_tseal00")  # 1000 Hz with Frank leads
+    assert ptb.fs == 500 and ptb.leads == [*STANDARD_12, "VX", "VY", "VZ"]
+    raw = read_record(data_dir / "ptb_frank" / "ptb_tseal00", fs=None)
+    assert raw.signals.shape[1] == 2 * ptb.signals.shape[1]
+    # Einthoven holds in the recorded limb leads, so the leads were mapped correctly
+    i, ii, iii = (ptb.lead(n) for n in ("I", "II", "III"))
+    assert np.median(np.abs(iii - (ii - i))) < 0.02
+
+
+def test_lead_quality_flags():
+    rng = np.random.default_rng(0)
+    ok = rng.standard_normal(5000) * 0.3
+    flat = np.full(5000, 0.1) + rng.standard_normal(5000) * 1e-4
+    sat = np.clip(ok * 10, -1.5, 1.5)
+    missing = ok.copy()
+    missing[:4000] = np.nan
+    assert lead_quality(np.stack([ok, flat, sat, missing])) == ["ok", "flat", "saturated", "missing"]
+
+
+def test_write_then_read_back_any_view_names(tmp_path):
+    t = np.arange(1000) / 500
+    sig = np.stack([0.8 * np.sin(2 * np.pi * t), -2.5 * np.cos(2 * np.pi * 3 * t)]).astype(np.float32)
+    base = write_record(tmp_path, "out", sig, ["V7", "120:45"], 500, ["fitted: none"])
+    back = wfdb.rdrecord(str(base))
+    assert back.sig_name == ["V7", "120:45"]
+    assert np.abs(back.p_signal.T - sig).max() < 1e-3  # well under 1 µV... within 1 count
+    assert back.comments == ["fitted: none"]
+
+
+def test_errors_are_record_errors(tmp_path):
+    with pytest.raises(RecordError, match="no WFDB record"):
+        read_record(tmp_path / "nothing")
+    with pytest.raises(RecordError, match="no WFDB records"):
+        find_records(tmp_path)
+    base = _write_uv_record(tmp_path, ["foo", "bar"])
+    with pytest.raises(RecordError, match="no known lead names"):
+        read_record(base)
+    base = _write_uv_record(tmp_path, ["I", "II"])
+    with pytest.raises(RecordError, match="lacks lead"):
+        read_record(base, leads=["V3"])

@@ -1,0 +1,188 @@
+"""Cardiac sources: a beat is a handful of current dipoles at different places in the heart.
+
+Each component is one dipole at a fixed position (heart frame, cm from the heart centre),
+with a fixed moment direction and a time course on the beat's clock: a Gaussian bump
+(μ, σ) as in McSharry et al.'s ECGSYN (IEEE TBME 2003) and Sameni et al.'s 3-D dipole
+model (EURASIP JASP 2007), or — for injury currents — a plateau between two logistic edges.
+Splitting ventricular activation over separate regional dipoles (septum, apex, free walls,
+base) that fire in sequence is what makes the near-field chest leads more than a linear
+view of one heart vector: each electrode weighs the regions by its distance to them.
+
+Times are seconds from the beat's fiducial (the middle of the QRS). Repolarisation
+components (``repol``) stretch with the QT interval, which follows heart rate (Bazett).
+
+Where the numbers come from: the activation sequence and directions follow the textbook
+vectorcardiogram (Durrer et al. 1970: septum left→right first, then apex and free walls,
+posterobasal regions last; QRS loop inferior-left-posterior, T loop concordant with it);
+the moments (mV·cm²) were tuned so that amplitudes match the real records in
+``shared/data/ecg`` (lead II R ≈ 1 mV, V2–V4 1.5–3 mV, T 0.1–0.5 mV, P ≈ 0.15 mV).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+from panorama.geometry import unit_vector
+
+
+@dataclass(frozen=True)
+class BeatTemplate:
+    """One beat's dipole components, heart frame. All arrays have one row per component."""
+
+    names: tuple[str, ...]
+    pos: np.ndarray  # (n, 3) cm from the heart centre
+    moment: np.ndarray  # (n, 3) peak moment, mV·cm²
+    mu: np.ndarray  # (n,) s, bump centre (plateau: start)
+    sigma: np.ndarray  # (n,) s, bump width (plateau: edge time constant)
+    plateau: np.ndarray  # (n,) s, plateau length; 0 for a Gaussian bump
+    repol: np.ndarray  # (n,) bool, scales with QT
+
+    def __add__(self, other: BeatTemplate) -> BeatTemplate:
+        return BeatTemplate(*(a + b if isinstance(a, tuple) else np.concatenate([a, b])
+                              for a, b in zip(self._fields(), other._fields())))
+
+    def _fields(self):
+        return (self.names, self.pos, self.moment, self.mu, self.sigma, self.plateau, self.repol)
+
+    def scaled(self, mask: np.ndarray, factor: float) -> BeatTemplate:
+        m = self.moment.copy()
+        m[mask] *= factor
+        return replace(self, moment=m)
+
+    def select(self, prefix: str) -> np.ndarray:
+        return np.array([n.startswith(prefix) for n in self.names])
+
+
+def _template(rows: list[tuple]) -> BeatTemplate:
+    """rows: (name, pos, θ, φ, amplitude, μ, σ[, plateau[, repol]])."""
+    names, pos, mom, mu, sig, plat, rep = [], [], [], [], [], [], []
+    for row in rows:
+        name, p, th, ph, amp, m, s = row[:7]
+        plateau = row[7] if len(row) > 7 else 0.0
+        names.append(name)
+        pos.append(p)
+        mom.append(amp * unit_vector(th, ph))
+        mu.append(m)
+        sig.append(s)
+        plat.append(plateau)
+        rep.append(name.startswith(("T", "ST")))
+    f = lambda v: np.array(v, dtype=float)  # noqa: E731
+    return BeatTemplate(tuple(names), f(pos), f(mom), f(mu), f(sig), f(plat), np.array(rep))
+
+
+# The normal sinus beat (heart frame = body frame before the patient's rotation).
+# Positions: atria posterior-superior-right, apex anterior-inferior-left, LV free wall left,
+# RV free wall anterior-right, base posterior-superior.
+_ATRIA = [
+    ("P_right", (-1.5, -2.5, 3.0), 130, 10, 8.0, -0.175, 0.020),  # RA: anterior, inferior
+    ("P_left", (-3.0, 0.5, 3.0), 115, 125, 7.0, -0.145, 0.020),  # LA: posterior, left
+]
+_QRS = [
+    ("Q_septum", (0.5, -0.5, -0.5), 95, -50, 25.0, -0.030, 0.009),
+    ("Q_rv", (2.0, -2.0, -0.5), 95, -15, 20.0, -0.008, 0.009),
+    ("Q_apex", (2.5, 1.5, -2.5), 125, 45, 55.0, -0.012, 0.011),
+    ("Q_lv", (-0.5, 3.0, -0.5), 100, 105, 95.0, 0.004, 0.011),
+    ("Q_base", (-2.5, 0.5, 2.0), 50, 170, 35.0, 0.030, 0.010),
+]
+_T = [
+    ("T_lv", (0.0, 2.5, -1.0), 120, 65, 22.0, 0.28, 0.055),
+    ("T_lv_late", (0.0, 2.5, -1.0), 120, 65, 14.0, 0.33, 0.030),  # makes T asymmetric
+    ("T_apex", (2.0, 1.5, -2.5), 115, 40, 10.0, 0.29, 0.050),
+]
+
+# Injury regions: (position, outward direction). ST elevation = injury current toward the
+# injured epicardium; ST depression = subendocardial ischaemia, current toward the cavity.
+INJURY_REGIONS = {
+    "anterior": ((2.5, 1.0, -1.0), 100, 20),
+    "inferior": ((0.0, 1.5, -3.5), 170, 60),
+    "lateral": ((-0.5, 3.5, 0.0), 95, 95),
+}
+# PVC origins (heart frame, cm): outflow tracts, free walls, apex, inferior septum.
+PVC_ORIGINS = np.array([
+    (2.0, -1.5, 2.0), (-0.5, 3.5, -1.0), (2.5, 1.5, -3.0),
+    (2.0, -2.5, -1.0), (0.0, 0.5, -2.5), (-1.5, 2.0, 2.0),
+])
+
+
+def normal_beat(p_wave: bool = True) -> BeatTemplate:
+    """The normal sinus beat; ``p_wave=False`` for atrial fibrillation (no organised P)."""
+    return _template((_ATRIA if p_wave else []) + _QRS + _T)
+
+
+def bundle_branch_beat(kind: str, p_wave: bool = True) -> BeatTemplate:
+    """Wide QRS (120–170 ms): left or right bundle branch block, with secondary T changes.
+
+    LBBB: septum activated right→left, the LV free wall late and slow (broad R in I/V6, deep
+    QS in V1); T discordant. RBBB: normal LV part plus a late, slow anterior-rightward RV
+    component (R' in V1, slurred S in I and V6) and T inversion over it.
+    """
+    atria = _ATRIA if p_wave else []
+    if kind == "lbbb":
+        qrs = [
+            ("Q_septum", (0.5, 0.5, -0.5), 100, 130, 25.0, -0.045, 0.014),
+            ("Q_rv", (2.0, -2.0, -0.5), 95, -15, 15.0, -0.040, 0.012),
+            ("Q_apex", (2.5, 1.5, -2.5), 120, 60, 50.0, -0.010, 0.018),
+            ("Q_lv", (-0.5, 3.0, -0.5), 100, 110, 100.0, 0.020, 0.022),
+            ("Q_base", (-2.5, 0.5, 2.0), 70, 150, 45.0, 0.050, 0.016),
+        ]
+        t = [("T_lv", (0.0, 2.5, -1.0), 75, -70, 28.0, 0.30, 0.060),
+             ("T_apex", (2.0, 1.5, -2.5), 80, -60, 10.0, 0.30, 0.050)]
+        return _template(atria + qrs + t)
+    if kind == "rbbb":
+        late = [("Q_rv_late", (2.0, -2.0, 0.0), 95, -40, 45.0, 0.050, 0.020)]
+        t = _T + [("T_rv", (2.0, -2.0, 0.0), 95, 140, 10.0, 0.27, 0.060)]
+        return _template(atria + _QRS + late + t)
+    raise ValueError(f"unknown bundle branch block {kind!r}; choose 'lbbb' or 'rbbb'")
+
+
+def ectopic_beat(origin: np.ndarray, amp: float = 110.0) -> BeatTemplate:
+    """A premature ventricular beat: activation spreads from ``origin`` through the muscle.
+
+    Three dipoles along the path from the origin to the opposite wall, all pointing along
+    it (the wavefront travels away from the focus), staggered and slow because conduction
+    runs cell to cell instead of through the Purkinje network: QRS 140–180 ms. No P wave;
+    the T wave is discordant (repolarisation follows the same abnormal order).
+    """
+    origin = np.asarray(origin, dtype=float)
+    far = -origin / max(np.linalg.norm(origin), 1e-6) * 2.5
+    d = far - origin
+    th, ph = _angles(d)
+    rows = [(f"Q_pvc{k}", tuple(origin + (k + 0.5) / 3 * d), th, ph, amp * w, -0.04 + 0.04 * k, 0.022)
+            for k, w in enumerate((0.6, 1.0, 0.7))]
+    mid = tuple(origin + 0.5 * d)
+    rows.append(("T_pvc", mid, 180 - th, ph + 180, 0.3 * amp, 0.32, 0.07))
+    return _template(rows)
+
+
+def injury_current(region: str, elevation: bool, amp: float) -> BeatTemplate:
+    """ST-segment injury dipole: a plateau from the end of the QRS to the T wave."""
+    if region not in INJURY_REGIONS:
+        raise ValueError(f"unknown injury region {region!r}; choose from {', '.join(INJURY_REGIONS)}")
+    pos, th, ph = INJURY_REGIONS[region]
+    if not elevation:
+        th, ph = 180 - th, ph + 180
+    return _template([("ST_injury", pos, th, ph, amp, 0.045, 0.015, 0.20)])
+
+
+def perturb(t: BeatTemplate, rng: np.random.Generator, amp_sd: float, time_sd: float,
+            width_sd: float, dir_deg: float, pos_cm: float) -> BeatTemplate:
+    """Per-patient variation of every component: log-normal amplitude and width, shifted
+    timing, a small rotation of each moment, and a moved position."""
+    n = len(t.names)
+    rot = Rotation.from_rotvec(rng.normal(0.0, np.deg2rad(dir_deg), (n, 3)))
+    moment = rot.apply(t.moment) * np.exp(rng.normal(0.0, amp_sd, n))[:, None]
+    return replace(
+        t,
+        pos=t.pos + rng.normal(0.0, pos_cm, (n, 3)),
+        moment=moment,
+        mu=t.mu + rng.normal(0.0, time_sd, n) * np.where(t.repol, 3.0, 1.0),
+        sigma=t.sigma * np.exp(rng.normal(0.0, width_sd, n)),
+    )
+
+
+def _angles(v: np.ndarray) -> tuple[float, float]:
+    v = v / np.linalg.norm(v)
+    return float(np.degrees(np.arccos(np.clip(v[2], -1, 1)))), float(np.degrees(np.arctan2(v[1], v[0])))
