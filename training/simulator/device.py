@@ -50,8 +50,8 @@ class DeviceProfile:
 
 DEVICE_PROFILES: dict[str, DeviceProfile] = {
     "ideal": DeviceProfile("ideal"),
-    "diagnostic": DeviceProfile("diagnostic", (0.05, 150.0), gain_sd=0.02, noise_uv=6.0, mains_hz=50.0,
-                                mains_uv=8.0, wander_uv=40.0, lsb_uv=1.0),
+    "diagnostic": DeviceProfile("diagnostic", (0.05, 150.0), gain_sd=0.02, noise_uv=10.0, mains_hz=50.0,
+                                mains_uv=8.0, wander_uv=80.0, lsb_uv=1.0),
     "monitor": DeviceProfile("monitor", (0.5, 40.0), zero_phase=False, gain_sd=0.05, noise_uv=15.0,
                              mains_hz=60.0, mains_uv=20.0, wander_uv=120.0, lsb_uv=2.5),
     "holter": DeviceProfile("holter", (0.05, 40.0), zero_phase=False, gain_sd=0.05, noise_uv=20.0,

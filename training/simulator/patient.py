@@ -18,7 +18,7 @@ from panorama.geometry import unit_vector
 
 from . import sources
 from .sources import BeatTemplate
-from .torso import TORSO_SEMI_AXES
+from .torso import CONDUCTIVITY, TORSO_SEMI_AXES
 
 # Probabilities when no rhythm is forced: mostly sinus, as in a diagnostic ECG population.
 RHYTHMS: dict[str, float] = {
@@ -41,6 +41,7 @@ class PatientParams:
     rotation_deg: np.ndarray  # (3,) extrinsic x, y, z rotations of the heart about its centre
     torso_semi_axes_cm: np.ndarray  # (3,) anteroposterior, left-right, vertical
     limb_jitter_cm: np.ndarray  # (3, 3) RA, LA, LL offsets from the Einthoven triangle
+    conductivity: np.ndarray  # (3,) relative conductivity along x, y, z (torso.lead_field)
     beat: BeatTemplate  # the conducted (supraventricular) beat
     ectopic: BeatTemplate | None = None  # premature ventricular beat, if any
     rr_sd: float = 0.02  # beat-to-beat RR jitter (fraction); AF: log-normal sigma
@@ -71,13 +72,13 @@ def sample_patient(rng: np.random.Generator, rhythm: str | None = None) -> Patie
     if rhythm == "wide_qrs":
         details["bundle_branch_block"] = kind = str(rng.choice(["lbbb", "rbbb"]))
         beat = sources.bundle_branch_beat(kind, p_wave=True)
-    beat = sources.perturb(beat, rng, amp_sd=0.25, time_sd=0.004, width_sd=0.12, dir_deg=12.0, pos_cm=0.5)
+    beat = sources.perturb(beat, rng, amp_sd=0.25, time_sd=0.004, width_sd=0.12, dir_deg=12.0, pos_cm=0.8)
     # Whole-wave scale factors: patients differ mostly in overall QRS, T and P size.
     beat = beat.scaled(beat.select("Q"), float(np.exp(rng.normal(0, 0.25))))
     beat = beat.scaled(beat.select("T"), float(np.exp(rng.normal(0, 0.35))))
     beat = beat.scaled(beat.select("P"), float(np.exp(rng.normal(0, 0.30))))
     if rhythm in ("st_elevation", "st_depression"):
-        region = str(rng.choice(list(sources.INJURY_REGIONS)))
+        region = str(rng.choice(sources.INJURY_REGIONS))
         elevation = rhythm == "st_elevation"
         amp = rng.uniform(12, 30) if elevation else rng.uniform(5, 14)  # ~0.1–0.4 mV ST shift
         details["injury_region"] = region
@@ -91,6 +92,7 @@ def sample_patient(rng: np.random.Generator, rhythm: str | None = None) -> Patie
         rotation_deg=rng.normal(0.0, 12.0, 3),
         torso_semi_axes_cm=TORSO_SEMI_AXES * np.exp(rng.normal(0.0, [0.09, 0.07, 0.05])),
         limb_jitter_cm=rng.normal(0.0, 2.0, (3, 3)),
+        conductivity=CONDUCTIVITY * np.exp(rng.normal(0.0, 0.1, 3)),
         beat=beat,
         rr_sd=float(rng.uniform(0.01, 0.03)),
         rsa=float(rng.uniform(0.0, 0.05)),

@@ -73,33 +73,70 @@ def _template(rows: list[tuple]) -> BeatTemplate:
     return BeatTemplate(tuple(names), f(pos), f(mom), f(mu), f(sig), f(plat), np.array(rep))
 
 
-# The normal sinus beat (heart frame = body frame before the patient's rotation).
-# Positions: atria posterior-superior-right, apex anterior-inferior-left, LV free wall left,
-# RV free wall anterior-right, base posterior-superior.
+# Ventricular regions (heart frame, before the patient's rotation): a point on the wall of
+# a spherical LV (centre below and left of the heart centre, radius 3 cm) or of the RV's
+# anterior-right free wall, and the wall's outward normal there as (θ, φ). Activation runs
+# endocardium → epicardium, so a region's depolarisation dipole points along its outward
+# normal; an electrode facing the region sees an R wave, one across the heart an S wave.
+_LV_CENTRE, _LV_RADIUS = np.array([0.0, 1.0, 1.0]), 3.5
+_RV_CENTRE, _RV_RADIUS = np.array([1.5, -2.0, -0.5]), 2.0
+REGIONS: dict[str, tuple[np.ndarray, float, float]] = {}
+for _name, (_c, _r, _th, _ph) in {
+    "septum": (_LV_CENTRE, 2.0, 95, -70),
+    "apex": (_LV_CENTRE, _LV_RADIUS, 135, 40),
+    "anterior": (_LV_CENTRE, _LV_RADIUS, 85, 35),
+    "inferior": (_LV_CENTRE, _LV_RADIUS, 160, 100),
+    "lateral": (_LV_CENTRE, _LV_RADIUS, 95, 100),
+    "posterior": (_LV_CENTRE, _LV_RADIUS, 90, 160),
+    "base": (_LV_CENTRE, _LV_RADIUS, 40, 150),
+    "rv_free": (_RV_CENTRE, _RV_RADIUS, 95, -40),
+    "rv_outflow": (_RV_CENTRE, _RV_RADIUS, 45, -60),
+}.items():
+    REGIONS[_name] = (_c + _r * unit_vector(_th, _ph), _th, _ph)
+
+
+def _r(name: str, region: str, amp: float, mu: float, sigma: float, plateau: float = 0.0,
+       direction: tuple[float, float] | None = None, flip: bool = False) -> tuple:
+    """A template row for a dipole on ``region``: along its outward normal unless told."""
+    pos, th, ph = REGIONS[region]
+    if direction is not None:
+        th, ph = direction
+    if flip:
+        th, ph = 180 - th, ph + 180
+    return (name, tuple(pos), th, ph, amp, mu, sigma, plateau)
+
+
 _ATRIA = [
     ("P_right", (-1.5, -2.5, 3.0), 130, 10, 8.0, -0.175, 0.020),  # RA: anterior, inferior
     ("P_left", (-3.0, 0.5, 3.0), 115, 125, 7.0, -0.145, 0.020),  # LA: posterior, left
 ]
+# Normal activation (Durrer 1970): septum left→right first, then apex, anterior and inferior
+# walls, RV free wall, lateral wall, and the posterobasal LV and RV outflow tract last.
 _QRS = [
-    ("Q_septum", (0.5, -0.5, -0.5), 95, -50, 25.0, -0.030, 0.009),
-    ("Q_rv", (2.0, -2.0, -0.5), 95, -15, 20.0, -0.008, 0.009),
-    ("Q_apex", (2.5, 1.5, -2.5), 125, 45, 55.0, -0.012, 0.011),
-    ("Q_lv", (-0.5, 3.0, -0.5), 100, 105, 95.0, 0.004, 0.011),
-    ("Q_base", (-2.5, 0.5, 2.0), 50, 170, 35.0, 0.030, 0.010),
+    _r("Q_septum", "septum", 22.0, -0.032, 0.009, direction=(95, -50)),
+    _r("Q_apex", "apex", 40.0, -0.016, 0.009),
+    _r("Q_anterior", "anterior", 35.0, -0.010, 0.009),
+    _r("Q_rv_free", "rv_free", 18.0, -0.012, 0.009),
+    _r("Q_inferior", "inferior", 40.0, -0.004, 0.009),
+    _r("Q_lateral", "lateral", 55.0, 0.002, 0.009),
+    _r("Q_posterior", "posterior", 35.0, 0.014, 0.009),
+    _r("Q_base", "base", 25.0, 0.028, 0.009),
+    _r("Q_rv_outflow", "rv_outflow", 12.0, 0.022, 0.009),
 ]
+# Repolarisation runs epicardium → endocardium with the opposite sign of charge, so its
+# regional dipoles also point outward: a T wave concordant with the QRS (left, inferior,
+# anterior). A late, narrower lateral component makes the T wave rise slowly, fall fast.
 _T = [
-    ("T_lv", (0.0, 2.5, -1.0), 120, 65, 22.0, 0.28, 0.055),
-    ("T_lv_late", (0.0, 2.5, -1.0), 120, 65, 14.0, 0.33, 0.030),  # makes T asymmetric
-    ("T_apex", (2.0, 1.5, -2.5), 115, 40, 10.0, 0.29, 0.050),
+    _r("T_apex", "apex", 9.0, 0.28, 0.055),
+    _r("T_anterior", "anterior", 8.0, 0.28, 0.055),
+    _r("T_inferior", "inferior", 8.0, 0.29, 0.055),
+    _r("T_lateral", "lateral", 11.0, 0.29, 0.050),
+    _r("T_lateral_late", "lateral", 6.0, 0.33, 0.030),
 ]
 
-# Injury regions: (position, outward direction). ST elevation = injury current toward the
-# injured epicardium; ST depression = subendocardial ischaemia, current toward the cavity.
-INJURY_REGIONS = {
-    "anterior": ((2.5, 1.0, -1.0), 100, 20),
-    "inferior": ((0.0, 1.5, -3.5), 170, 60),
-    "lateral": ((-0.5, 3.5, 0.0), 95, 95),
-}
+# ST injury: current toward the injured epicardium (elevation over it) or, for
+# subendocardial ischaemia, toward the cavity (depression).
+INJURY_REGIONS = ("anterior", "inferior", "lateral")
 # PVC origins (heart frame, cm): outflow tracts, free walls, apex, inferior septum.
 PVC_ORIGINS = np.array([
     (2.0, -1.5, 2.0), (-0.5, 3.5, -1.0), (2.5, 1.5, -3.0),
@@ -115,26 +152,32 @@ def normal_beat(p_wave: bool = True) -> BeatTemplate:
 def bundle_branch_beat(kind: str, p_wave: bool = True) -> BeatTemplate:
     """Wide QRS (120–170 ms): left or right bundle branch block, with secondary T changes.
 
-    LBBB: septum activated right→left, the LV free wall late and slow (broad R in I/V6, deep
-    QS in V1); T discordant. RBBB: normal LV part plus a late, slow anterior-rightward RV
-    component (R' in V1, slurred S in I and V6) and T inversion over it.
+    LBBB: the septum is activated right→left from the RV, then the LV spreads slowly cell to
+    cell (broad notched R in I/V6, QS in V1); T discordant. RBBB: a normal LV part plus a
+    late, slow RV free wall and outflow tract (R' in V1, slurred S in I and V6), T inverted
+    over the right precordium.
     """
     atria = _ATRIA if p_wave else []
     if kind == "lbbb":
         qrs = [
-            ("Q_septum", (0.5, 0.5, -0.5), 100, 130, 25.0, -0.045, 0.014),
-            ("Q_rv", (2.0, -2.0, -0.5), 95, -15, 15.0, -0.040, 0.012),
-            ("Q_apex", (2.5, 1.5, -2.5), 120, 60, 50.0, -0.010, 0.018),
-            ("Q_lv", (-0.5, 3.0, -0.5), 100, 110, 100.0, 0.020, 0.022),
-            ("Q_base", (-2.5, 0.5, 2.0), 70, 150, 45.0, 0.050, 0.016),
+            _r("Q_septum", "septum", 25.0, -0.050, 0.014, direction=(95, 130)),
+            _r("Q_rv_free", "rv_free", 15.0, -0.045, 0.012),
+            _r("Q_apex", "apex", 35.0, -0.015, 0.016),
+            _r("Q_anterior", "anterior", 35.0, 0.000, 0.018),
+            _r("Q_inferior", "inferior", 35.0, 0.010, 0.018),
+            _r("Q_lateral", "lateral", 70.0, 0.030, 0.020),
+            _r("Q_posterior", "posterior", 45.0, 0.050, 0.018),
+            _r("Q_base", "base", 35.0, 0.065, 0.014),
         ]
-        t = [("T_lv", (0.0, 2.5, -1.0), 75, -70, 28.0, 0.30, 0.060),
-             ("T_apex", (2.0, 1.5, -2.5), 80, -60, 10.0, 0.30, 0.050)]
+        t = [_r("T_lateral", "lateral", 22.0, 0.30, 0.060, flip=True),
+             _r("T_posterior", "posterior", 10.0, 0.30, 0.060, flip=True)]
         return _template(atria + qrs + t)
     if kind == "rbbb":
-        late = [("Q_rv_late", (2.0, -2.0, 0.0), 95, -40, 45.0, 0.050, 0.020)]
-        t = _T + [("T_rv", (2.0, -2.0, 0.0), 95, 140, 10.0, 0.27, 0.060)]
-        return _template(atria + _QRS + late + t)
+        late = [_r("Q_rv_late", "rv_free", 35.0, 0.050, 0.018),
+                _r("Q_rvot_late", "rv_outflow", 20.0, 0.070, 0.015)]
+        qrs = [row for row in _QRS if not row[0].startswith("Q_rv")]
+        t = _T + [_r("T_rv", "rv_free", 8.0, 0.27, 0.060, flip=True)]
+        return _template(atria + qrs + late + t)
     raise ValueError(f"unknown bundle branch block {kind!r}; choose 'lbbb' or 'rbbb'")
 
 
@@ -158,13 +201,10 @@ def ectopic_beat(origin: np.ndarray, amp: float = 110.0) -> BeatTemplate:
 
 
 def injury_current(region: str, elevation: bool, amp: float) -> BeatTemplate:
-    """ST-segment injury dipole: a plateau from the end of the QRS to the T wave."""
+    """ST-segment injury dipole on ``region``: a plateau from the end of the QRS to the T wave."""
     if region not in INJURY_REGIONS:
         raise ValueError(f"unknown injury region {region!r}; choose from {', '.join(INJURY_REGIONS)}")
-    pos, th, ph = INJURY_REGIONS[region]
-    if not elevation:
-        th, ph = 180 - th, ph + 180
-    return _template([("ST_injury", pos, th, ph, amp, 0.045, 0.015, 0.20)])
+    return _template([_r("ST_injury", region, amp, 0.045, 0.015, plateau=0.20, flip=not elevation)])
 
 
 def perturb(t: BeatTemplate, rng: np.random.Generator, amp_sd: float, time_sd: float,
