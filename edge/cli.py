@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import demo
+from . import demo, synthesize
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     demo.register(sub)
+    synthesize.register(sub)

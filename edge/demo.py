@@ -53,14 +53,17 @@ def run(args) -> int:
         print(format_table(rows))
 
     fig = args.out / "sim_vs_real.png"
-    _figure(sim[0].record, real[0].record if real else None, fig)
+    typical = next((c.record for c in real if c.record.name.startswith("ludb")), real[0].record if real else None)
+    _figure(typical, fig)
     print(f"\nwrote {fig}")
     return 0
 
 
-def _figure(sim_rec, real_rec, path: Path) -> None:
+def _figure(real_rec, path: Path) -> None:
+    """A simulated sinus-rhythm patient beside a real record, 5 s on ECG paper."""
+    from training.simulator import simulate
     from training.simulator.figure import plot_sim_vs_real
 
-    sim = np.stack([sim_rec.lead(n) for n in STANDARD_12])
+    sim = simulate(7, rhythm="sinus", device="diagnostic").signals
     real = np.stack([real_rec.lead(n) for n in STANDARD_12]) if real_rec is not None else None
-    plot_sim_vs_real(sim, real, MODEL_FS, list(STANDARD_12), path)
+    plot_sim_vs_real(sim, real, MODEL_FS, list(STANDARD_12), path, seconds=5.0)

@@ -38,8 +38,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto: whole record for Frank views, else synthesis (default auto)")
     p.add_argument("--device", default="diagnostic", help="simulated device profile for --sim (default diagnostic)")
     p.add_argument("--seed", type=int, default=1000, help="first seed for --sim (default 1000)")
+    p.add_argument("--model", type=Path, metavar="PATH",
+                   help="checkpoint for --method model (default: the shipped device-calibrated one)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_eval)
+
+    p = sub.add_parser(
+        "train", help="train a model: stage 1 (any-pairs pretraining) or 2 (device calibration)",
+        description="Train NEF-NET v2 from a YAML config (see training/configs/). The config is "
+        "validated in full before any work starts; checkpoints are chosen on the validation split.")
+    p.add_argument("--config", type=Path, required=True, help="YAML training config")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    p.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    p.add_argument("--ship", type=Path, metavar="PATH", help="copy the chosen checkpoint here when done")
+    p.set_defaults(func=run_train)
 
     p = sub.add_parser(
         "simulate", help="write simulated patients as WFDB records",
@@ -98,7 +110,8 @@ def run_eval(args) -> int:
     print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
     if skipped:
         print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))
-    results = {m: evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty()).summary for m in methods}
+    results = {m: evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
+                           model_path=args.model).summary for m in methods}
     print(format_table(results))
     if args.json:
         payload = results[methods[0]] if len(methods) == 1 else results
@@ -123,4 +136,22 @@ def run_simulate(args) -> int:
             f"{k}: {v}" for k, v in s.meta.items() if k != "seed"]
         base = write_record(args.out, f"sim{args.seed + i:04d}", s.signals, list(s.names), s.fs, comments)
         print(f"wrote {base}.hea ({s.meta.get('rhythm', '?')})")
+    return 0
+
+
+def run_train(args) -> int:
+    import shutil
+
+    from .config import load_config
+    from .train import run
+
+    cfg = load_config(args.config)
+    if args.validate_config:
+        print(f"{args.config}: valid (stage {cfg.stage}, {cfg.optim.steps} steps, out {cfg.out})")
+        return 0
+    final = run(cfg, resume=args.resume)
+    if args.ship:
+        args.ship.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(final, args.ship)
+        print(f"shipped {final} -> {args.ship}")
     return 0

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("synthesis", "whole")
 RECORD_S, CALIB_S = 10.0, 5.0
-METHODS = ("zero", "dipole", "lsq", "kors")
+METHODS = ("zero", "dipole", "lsq", "kors", "model")
 LSQ_FOLDS = 5
 
 
@@ -115,7 +115,23 @@ def _xy(case: Case, task: Task) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def make_method(name: str) -> Method:
+class ModelMethod:
+    """The learned model through the same harness as the baselines."""
+
+    name = "model"
+
+    def __init__(self, synth):
+        self.synth = synth
+
+    def predict(self, x, inputs, queries):
+        return self.synth(x, inputs, queries)
+
+
+def make_method(name: str, model_path: Path | None = None) -> Method:
+    if name == "model":
+        from panorama.synth import Synthesizer
+
+        return ModelMethod(Synthesizer.load(model_path))
     table = {"zero": ZeroMethod, "dipole": DipoleMethod, "kors": KorsMethod, "lsq": LeastSquaresMethod}
     if name not in table:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(table)}")
@@ -123,12 +139,12 @@ def make_method(name: str) -> Method:
 
 
 def evaluate(cases: list[Case], task: Task, method: Method | str,
-             fit_cases: list[Case] | None = None, progress: bool = True) -> Result:
+             fit_cases: list[Case] | None = None, progress: bool = True, model_path: Path | None = None) -> Result:
     """Score ``method`` on every case. Population least squares is fitted on ``fit_cases``
     when given, else cross-fitted in folds so no record is predicted by a fit that saw it."""
     if not cases:
         raise RecordError("no record could be scored under this protocol")
-    method = make_method(method) if isinstance(method, str) else method
+    method = make_method(method, model_path) if isinstance(method, str) else method
     preds: dict[str, np.ndarray] = {}
     if isinstance(method, LeastSquaresMethod):
         preds = _lsq_predictions(cases, task, fit_cases)

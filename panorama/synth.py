@@ -1,0 +1,65 @@
+"""Synthesis with a trained model: numpy in, numpy out, angles from the lead table.
+
+``Synthesizer`` is what ``panorama synthesize``, ``eval --method model`` and the daemon
+call. Angle offsets (dθ, dφ) from on-the-fly calibration are added to the input leads'
+table angles at run time: the model takes angles as inputs, so nothing is retrained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .errors import CheckpointError
+from .geometry import View
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+DEFAULT_CHECKPOINTS = {
+    "pretrained": WEIGHTS / "nefnet_v2_stage1.safetensors",
+    "calibrated": WEIGHTS / "nefnet_v2_stage2.safetensors",
+}
+
+
+def default_checkpoint() -> Path:
+    """The device-calibrated checkpoint when shipped, else the pretrained one."""
+    for key in ("calibrated", "pretrained"):
+        if DEFAULT_CHECKPOINTS[key].is_file():
+            return DEFAULT_CHECKPOINTS[key]
+    raise CheckpointError(f"no shipped checkpoint in {WEIGHTS}; train one with `panorama train` "
+                          "or pass --model PATH")
+
+
+class Synthesizer:
+    def __init__(self, model, meta: dict | None = None, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.meta = meta or {}
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "cpu") -> "Synthesizer":
+        model, meta = checkpoint.load(path or default_checkpoint())
+        return cls(model, meta, device)
+
+    @staticmethod
+    def angles(views: list[View], offsets: np.ndarray | None = None) -> np.ndarray:
+        a = np.array([[v.theta, v.phi] for v in views], dtype=np.float32)
+        return a if offsets is None else a + np.asarray(offsets, dtype=np.float32)
+
+    @torch.inference_mode()
+    def __call__(self, x: np.ndarray, inputs: list[View], queries: list[View],
+                 offsets: np.ndarray | None = None) -> np.ndarray:
+        """x (inputs, samples) mV → (queries, samples) mV. ``offsets`` (inputs, 2) degrees."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] != len(inputs):
+            raise ValueError(f"expected ({len(inputs)}, samples) input, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("input holds NaN or Inf samples; mask or repair those leads first")
+        dev = self.device
+        xt = torch.from_numpy(x)[None].to(dev)
+        ia = torch.from_numpy(self.angles(inputs, offsets))[None].to(dev)
+        qa = torch.from_numpy(self.angles(queries))[None].to(dev)
+        mask = torch.ones(1, len(inputs), dtype=torch.bool, device=dev)
+        return self.model(xt, ia, mask, qa)[0].cpu().numpy()

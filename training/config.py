@@ -1,0 +1,116 @@
+"""The training configuration: YAML, validated in full before any work starts.
+
+Relative paths are relative to the working directory (the repo root in the README).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from panorama.errors import ConfigError
+from panorama.geometry import resolve_views
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    real: Path | None = Field(None, description="folder of real WFDB records; null for simulator only")
+    sources: list[str] = Field(default_factory=list,
+                               description="keep only real records whose source contains one of these (stage 2)")
+    hidden: list[str] = Field(["V2", "V6"], description="leads never supervised nor used as input")
+    sim_patients: int = Field(1500, ge=0, le=100_000, description="simulated patients in the pool")
+    sim_random_views: int = Field(12, ge=0, le=64, description="random-angle views per simulated patient")
+    sim_weight: float = Field(0.5, ge=0, le=1, description="share of batches drawn from the simulator")
+    crop_samples: int = Field(1024, ge=256, le=10_000, description="training crop length at 500 Hz")
+    max_inputs: int = Field(8, ge=2, le=15)
+    max_queries: int = Field(4, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _check(self):
+        resolve_views(self.hidden) if self.hidden else None
+        if self.real is None and self.sim_patients == 0:
+            raise ValueError("no data: give data.real or data.sim_patients > 0")
+        if self.real is None and self.sim_weight < 1:
+            self.sim_weight = 1.0
+        return self
+
+
+class ModelSection(Strict):
+    channels: int = Field(32, ge=8, le=256)
+    embed_dim: int = Field(64, ge=8, le=512)
+    heads: int = Field(4, ge=1, le=16)
+    blocks: int = Field(3, ge=1, le=8)
+    encoder_blocks: int = Field(4, ge=2, le=8)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.channels % self.heads or self.embed_dim % self.heads:
+            raise ValueError("channels and embed_dim must be multiples of heads")
+        return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(2e-3, gt=0, le=1)
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    batch: int = Field(32, ge=1, le=1024)
+    steps: int = Field(20_000, ge=1, le=10_000_000)
+    warmup: int = Field(500, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class ValConfig(Strict):
+    every: int = Field(500, ge=1, description="validate every N steps")
+    inputs: str = "I,II,V3"
+    views: str = "V2,V6"
+
+    @model_validator(mode="after")
+    def _check(self):
+        resolve_views(self.inputs), resolve_views(self.views)
+        return self
+
+
+class TrainConfig(Strict):
+    stage: Literal[1, 2] = Field(1, description="1: any-pairs pretraining; 2: device calibration")
+    seed: int = Field(0, ge=0)
+    out: Path = Field(Path("runs/stage1"), description="run folder: checkpoints and logs")
+    init: Path | None = Field(None, description="checkpoint to start from (required for stage 2)")
+    device_id: str | None = Field(None, description="the target device's name (stage 2)")
+    threads: int = Field(2, ge=1, le=256, description="torch CPU threads")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    val: ValConfig = Field(default_factory=ValConfig)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.stage == 2 and (self.init is None or not self.device_id):
+            raise ValueError("stage 2 needs init (the stage-1 checkpoint) and device_id")
+        if self.init is not None and not self.init.is_file():
+            raise ValueError(f"init checkpoint {self.init} does not exist")
+        return self
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Parse and validate; every error is reported at once with its location in the YAML."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        raw[key] = value
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{path}: {len(lines)} error(s):\n" + "\n".join(lines)) from None

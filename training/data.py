@@ -1,0 +1,155 @@
+"""Training examples for any-pairs pretraining: real records and simulated patients.
+
+Every example is a set of views of one patient, each a signal with the angle the model is
+TOLD (the table angle for named leads; for the simulator's random views, their exact
+angle). Batches split each example's views at random into recorded inputs and queries.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from panorama.geometry import NAMED, STANDARD_12
+from panorama.records import MODEL_FS, lead_quality, read_record
+
+from . import splits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """All usable views of one patient: signals (V, T) float32 mV, angles (V, 2) degrees."""
+
+    name: str
+    signals: np.ndarray
+    angles: np.ndarray
+    names: list[str]
+    source: str
+
+
+def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | None = None) -> list[Example]:
+    """Real records of a split with their good leads; ``hidden`` leads are dropped entirely
+    (never an input, never a target), and ``sources`` filters by the header's source."""
+    out = []
+    paths = splits.select(sorted(Path(folder).rglob("*.hea")), split)
+    for p in tqdm(paths, desc=f"loading {split} records", unit="rec", leave=False):
+        rec = read_record(p.with_suffix(""), fs=MODEL_FS)
+        if sources and not any(s.lower() in rec.source.lower() for s in sources):
+            continue
+        keep = [i for i, (n, f) in enumerate(zip(rec.leads, lead_quality(rec.signals)))
+                if f == "ok" and n not in hidden and n in NAMED]
+        if len(keep) < 3:
+            continue
+        sig = rec.signals[keep]
+        sig = np.nan_to_num(sig - np.median(sig, axis=1, keepdims=True))
+        names = [rec.leads[i] for i in keep]
+        angles = np.array([[NAMED[n].theta, NAMED[n].phi] for n in names], dtype=np.float32)
+        out.append(Example(rec.name, sig.astype(np.float32), angles, names, rec.source))
+    return out
+
+
+def random_directions(rng: np.random.Generator, n: int) -> np.ndarray:
+    """(n, 2) angles: half uniform on the sphere, half in the chest band where electrodes go."""
+    theta = np.degrees(np.arccos(rng.uniform(-1, 1, n)))
+    band = rng.random(n) < 0.5
+    theta[band] = rng.uniform(60, 125, band.sum())
+    phi = rng.uniform(-180, 180, n)
+    return np.stack([theta, phi], 1)
+
+
+def simulate_example(seed: int, n_random: int = 12, seconds: float = 10.0, device: str = "random",
+                     displacement_deg: float = 10.6) -> Example:
+    """One simulated patient: the 12 standard leads (chest electrodes displaced, angles as
+    the table says, like a real recording) plus ``n_random`` views at exact random angles."""
+    from .simulator import apply_device, render, sample_patient
+    from .simulator.device import resolve_device
+    from .simulator.render import lead_kind
+
+    rng = np.random.default_rng([seed, 7])
+    params = sample_patient(rng)
+    told = np.array([[NAMED[n].theta, NAMED[n].phi] for n in STANDARD_12], dtype=float)
+    true = told.copy()
+    chest = [i for i, n in enumerate(STANDARD_12) if lead_kind(n) == "chest"]
+    true[chest] += rng.normal(0, displacement_deg, (len(chest), 2))
+    rand = random_directions(rng, n_random)
+    names = [*STANDARD_12, *(f"{t:.1f}:{p:.1f}" for t, p in rand)]
+    clean = render(params, np.concatenate([true, rand]), names, seconds, MODEL_FS)
+    sig = apply_device(clean, MODEL_FS, resolve_device(device, rng), rng)
+    sig = sig - np.median(sig, axis=1, keepdims=True)
+    return Example(f"sim{seed}", sig.astype(np.float32), np.concatenate([told, rand]).astype(np.float32),
+                   names, "simulator")
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor  # (B, L, T) inputs, mV
+    in_angles: torch.Tensor  # (B, L, 2)
+    mask: torch.Tensor  # (B, L) bool
+    q_angles: torch.Tensor  # (B, Q, 2)
+    y: torch.Tensor  # (B, Q, T) targets, mV
+    q_mask: torch.Tensor  # (B, Q) bool
+
+
+class AnyPairsSampler:
+    """Random crops with random recorded/query splits (the paper's any-pairs pretraining).
+
+    Inputs include I and II with probability ``p_limb`` (the paper fixes two limb leads as
+    reference potentials; the deployed montage I, II, V3 has them too).
+    """
+
+    def __init__(self, examples: list[Example], crop: int, max_inputs: int, max_queries: int,
+                 seed: int, p_limb: float = 0.6, gain_jitter: float = 0.2):
+        if not examples:
+            raise ValueError("no training examples")
+        self.examples, self.crop = examples, crop
+        self.max_inputs, self.max_queries = max_inputs, max_queries
+        self.rng = np.random.default_rng(seed)
+        self.p_limb, self.gain_jitter = p_limb, gain_jitter
+
+    def _one(self, ex: Example):
+        rng = self.rng
+        v, t = ex.signals.shape
+        start = int(rng.integers(0, max(1, t - self.crop + 1)))
+        sig = ex.signals[:, start:start + self.crop]
+        if sig.shape[1] < self.crop:
+            sig = np.pad(sig, ((0, 0), (0, self.crop - sig.shape[1])))
+        order = list(rng.permutation(v))
+        if rng.random() < self.p_limb and "I" in ex.names and "II" in ex.names:
+            for n in ("II", "I"):
+                order.remove(ex.names.index(n))
+                order.insert(0, ex.names.index(n))
+        n_in = int(rng.integers(2, min(self.max_inputs, v - 1) + 1))
+        ins, qs = order[:n_in], order[n_in:n_in + self.max_queries]
+        gain = 1.0 + self.gain_jitter * rng.uniform(-1, 1)  # the physics is linear in amplitude
+        return sig[ins] * gain, ex.angles[ins], sig[qs] * gain, ex.angles[qs]
+
+    def batch(self, size: int) -> Batch:
+        b_l, b_q = self.max_inputs, self.max_queries
+        x = np.zeros((size, b_l, self.crop), np.float32)
+        ia = np.zeros((size, b_l, 2), np.float32)
+        m = np.zeros((size, b_l), bool)
+        y = np.zeros((size, b_q, self.crop), np.float32)
+        qa = np.zeros((size, b_q, 2), np.float32)
+        qm = np.zeros((size, b_q), bool)
+        for i in range(size):
+            xs, a, ys, qang = self._one(self.examples[int(self.rng.integers(len(self.examples)))])
+            x[i, :len(xs)], ia[i, :len(xs)], m[i, :len(xs)] = xs, a, True
+            y[i, :len(ys)], qa[i, :len(ys)], qm[i, :len(ys)] = ys, qang, True
+        t = torch.from_numpy
+        return Batch(t(x), t(ia), t(m), t(qa), t(y), t(qm))
+
+
+def masked_l1(pred: torch.Tensor, y: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over valid queries, ignoring each view's DC offset (median of the
+    error), as the metric does."""
+    err = pred - y
+    err = err - err.median(dim=-1, keepdim=True).values
+    per_view = err.abs().mean(-1)
+    return (per_view * q_mask).sum() / q_mask.sum().clamp(min=1)

@@ -1,0 +1,172 @@
+"""``panorama train``: Stage I any-pairs pretraining and Stage II device calibration.
+
+Reads top to bottom: setup → data → model → loop (validate, checkpoint) → save.
+Checkpoints are chosen on the validation split only; the test set is not in this repo.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from panorama import checkpoint
+from panorama.geometry import resolve_views
+from panorama.model import ModelConfig, NefNetV2
+from panorama.synth import Synthesizer
+
+from .config import TrainConfig
+from .data import AnyPairsSampler, load_real, masked_l1, simulate_example
+from .evaluate import ModelMethod, Task, evaluate, load_cases
+from . import splits
+
+log = logging.getLogger(__name__)
+
+
+def code_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    o = cfg.optim
+    if step < o.warmup:
+        return o.lr * (step + 1) / o.warmup
+    frac = (step - o.warmup) / max(1, o.steps - o.warmup)
+    return o.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _save_state(path: Path, opt: torch.optim.Optimizer, step: int, best: float, rng_states: list) -> None:
+    """Optimizer moments as tensors, the rest as JSON metadata: no pickle anywhere."""
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    meta = {"step": json.dumps(step), "best": json.dumps(best), "rng": json.dumps(rng_states)}
+    save_file(tensors, str(path) + ".tmp", metadata=meta)
+    Path(str(path) + ".tmp").replace(path)
+
+
+def _load_state(path: Path, opt: torch.optim.Optimizer) -> tuple[int, float, list]:
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    sd = opt.state_dict()
+    state: dict = {}
+    for key, v in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return json.loads(meta["step"]), json.loads(meta["best"]), json.loads(meta["rng"])
+
+
+def run(cfg: TrainConfig, resume: bool = False) -> Path:
+    # --- setup
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    out = cfg.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    # --- data
+    real_train = []
+    if cfg.data.real is not None:
+        real_train = load_real(cfg.data.real, "train", cfg.data.hidden, cfg.data.sources or None)
+        log.info("real training records: %d", len(real_train))
+    sim = [simulate_example(cfg.seed * 1_000_003 + i, cfg.data.sim_random_views)
+           for i in tqdm(range(cfg.data.sim_patients), desc="simulating patients", unit="pt")]
+    d = cfg.data
+    samplers = {name: AnyPairsSampler(ex, d.crop_samples, d.max_inputs, d.max_queries, cfg.seed + k)
+                for k, (name, ex) in enumerate((("real", real_train), ("sim", sim))) if ex}
+    n_sim = round(cfg.optim.batch * d.sim_weight) if "real" in samplers else cfg.optim.batch
+    n_sim = n_sim if "sim" in samplers else 0
+    task = Task(resolve_views(cfg.val.inputs), resolve_views(cfg.val.views))
+    val_cases = []
+    if cfg.data.real is not None:
+        paths = splits.select(sorted(p.with_suffix("") for p in Path(cfg.data.real).rglob("*.hea")), "val")
+        val_cases, _ = load_cases(paths, task, progress=False)
+        if cfg.data.sources:  # a device-calibrated model is chosen on that device's records
+            val_cases = [c for c in val_cases
+                         if any(s.lower() in c.record.source.lower() for s in cfg.data.sources)]
+        log.info("validation records (I,II,V3 -> V2,V6): %d", len(val_cases))
+
+    # --- model
+    if cfg.init is not None:
+        model, _ = checkpoint.load(cfg.init)
+        log.info("initialised from %s", cfg.init)
+    else:
+        model = NefNetV2(ModelConfig(**cfg.model.model_dump()))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    step, best = 0, -math.inf
+    state_path = out / "train_state.safetensors"
+    if resume and state_path.is_file() and (out / "last.safetensors").is_file():
+        last, _ = checkpoint.load(out / "last.safetensors")
+        model.load_state_dict(last.state_dict())
+        step, best, rng_states = _load_state(state_path, opt)
+        for s, st in zip(samplers.values(), rng_states):
+            s.rng.bit_generator.state = st
+        log.info("resumed at step %d (best validation %.2f dB)", step, best)
+    meta = {"stage": cfg.stage, "device_id": cfg.device_id, "code_revision": code_revision(),
+            "training_data": {"real": str(cfg.data.real) if cfg.data.real else None, "split": "train",
+                              "sources": cfg.data.sources, "hidden_leads": cfg.data.hidden,
+                              "real_records": len(real_train), "sim_patients": len(sim)},
+            "init": str(cfg.init) if cfg.init else None}
+
+    # --- loop
+    log_file = (out / "log.jsonl").open("a")
+    bar = tqdm(total=cfg.optim.steps, initial=step, desc=f"stage {cfg.stage}", unit="step")
+    t0, losses = time.time(), []
+    while step < cfg.optim.steps:
+        model.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        parts = []
+        if n_sim:
+            parts.append(samplers["sim"].batch(n_sim))
+        if cfg.optim.batch - n_sim > 0:
+            parts.append(samplers["real"].batch(cfg.optim.batch - n_sim))
+        loss = sum(masked_l1(model(b.x, b.in_angles, b.mask, b.q_angles), b.y, b.q_mask) * len(b.x)
+                   for b in parts) / cfg.optim.batch
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % cfg.val.every == 0 or step == cfg.optim.steps:
+            rec = {"step": step, "loss": float(np.mean(losses)), "lr": lr_at(step, cfg),
+                   "elapsed_s": round(time.time() - t0, 1)}
+            losses = []
+            if val_cases:
+                model.eval()
+                res = evaluate(val_cases, task, ModelMethod(Synthesizer(model)), progress=False)
+                rec["val_psnr_db"] = res.summary["overall"]["psnr_db"]
+                rec["val_r_median"] = res.summary["overall"]["r_median"]
+                if rec["val_psnr_db"] > best:
+                    best = rec["val_psnr_db"]
+                    checkpoint.save(model, out / "best.safetensors", {**meta, "step": step, "val": res.summary})
+            checkpoint.save(model, out / "last.safetensors", {**meta, "step": step})
+            _save_state(state_path, opt, step, best, [s.rng.bit_generator.state for s in samplers.values()])
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", val=f"{rec.get('val_psnr_db', float('nan')):.2f}")
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+    bar.close()
+    final = out / ("best.safetensors" if val_cases else "last.safetensors")
+    log.info("done: %s (best validation %.2f dB)", final, best)
+    return final
