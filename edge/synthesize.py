@@ -32,9 +32,14 @@ def register(sub) -> None:
 
 def run(args) -> int:
     inputs, views = resolve_views(args.inputs), resolve_views(args.views)
-    paths = find_records(*args.records)
     synth = Synthesizer.load(args.model)
-    failed = 0
+    paths, failed = [], 0
+    for arg in args.records:  # a bad path is reported, the others still run
+        try:
+            paths.extend(find_records(arg))
+        except PanoramaError as exc:
+            failed += 1
+            print(f"panorama synthesize: skipped {arg}: {exc}", file=sys.stderr)
     for path in paths:
         try:
             out = synthesize_record(synth, path, inputs, views, args.out)
@@ -43,7 +48,7 @@ def run(args) -> int:
             failed += 1
             print(f"panorama synthesize: skipped {path}: {exc}", file=sys.stderr)
     if failed:
-        print(f"{failed} of {len(paths)} record(s) failed", file=sys.stderr)
+        print(f"{failed} record(s) or path(s) failed", file=sys.stderr)
     return 1 if failed else 0
 
 

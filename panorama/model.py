@@ -244,21 +244,20 @@ class NefNetV2(nn.Module):
         return u_q @ heart  # (B, Q, T)
 
     def encode(self, x):
-        """(B, L, T) with T a multiple of 8 → lead features (B, L, C, T/8); angle-free."""
+        """(B, L, T) mV → lead features (B, L, C, ceil(T/8)); angle-free, so computed once
+        per window and reused for every query and every calibration step."""
         b, l, t = x.shape
-        f = self.encoder(x.reshape(b * l, 1, t))
-        return f.reshape(b, l, f.shape[1], f.shape[2])
-
-    def forward(self, x, in_angles, mask, q_angles):
-        """x (B, L, T) mV; in_angles (B, L, 2), mask (B, L) bool, q_angles (B, Q, 2) degrees
-        → (B, Q, T) mV."""
-        b, l, t = x.shape
-        q = q_angles.shape[1]
         pad = (-t) % DOWNSAMPLE
         xp = F.pad(x, (0, pad), mode="replicate") if pad else x
+        f = self.encoder(xp.reshape(b * l, 1, t + pad))
+        return f.reshape(b, l, f.shape[1], f.shape[2])
+
+    def decode(self, x, fv, in_angles, mask, q_angles):
+        """Everything after the encoder: geometry, fusion, head, skips → (B, Q, T) mV."""
+        b, l, t = x.shape
+        q = q_angles.shape[1]
         u_in, u_q = directions(in_angles), directions(q_angles)
         e_in, e_q = self.embed(u_in), self.embed(u_q)  # (B, L, D), (B, Q, D)
-        fv = self.encode(xp)  # (B, L, C, T')
         attn = self.attention(e_q, e_in, u_q, u_in, mask)
         pair = torch.cat([e_q[:, :, None].expand(-1, -1, l, -1), e_in[:, None].expand(-1, q, -1, -1)], -1)
         fo = torch.zeros(b, q, fv.shape[2], fv.shape[3], dtype=x.dtype, device=x.device)
@@ -270,3 +269,8 @@ class NefNetV2(nn.Module):
         w = self.mix(torch.cat([pair, montage[:, None, None].expand(-1, q, l, -1)], -1))[..., 0]
         linear = (w * m[:, None]) @ x  # (B, Q, T)
         return self.dipole_skip(x, u_in, u_q, mask) + linear + resid
+
+    def forward(self, x, in_angles, mask, q_angles):
+        """x (B, L, T) mV; in_angles (B, L, 2), mask (B, L) bool, q_angles (B, Q, 2) degrees
+        → (B, Q, T) mV."""
+        return self.decode(x, self.encode(x), in_angles, mask, q_angles)

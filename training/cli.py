@@ -40,6 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=1000, help="first seed for --sim (default 1000)")
     p.add_argument("--model", type=Path, metavar="PATH",
                    help="checkpoint for --method model (default: the shipped device-calibrated one)")
+    p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
+                   help="with --method model: also score the model after on-the-fly calibration on "
+                   "the first SECONDS of the non-scored leads (e.g. 5)")
+    p.add_argument("--by-source", action="store_true", help="also print a table per source database")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_eval)
 
@@ -110,11 +114,24 @@ def run_eval(args) -> int:
     print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
     if skipped:
         print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))
-    results = {m: evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
-                           model_path=args.model).summary for m in methods}
+    runs = [(m, 0.0) for m in methods]
+    if args.calibrate > 0:
+        if "model" not in methods:
+            raise ValueError("--calibrate needs --method model")
+        runs.append(("model", args.calibrate))
+    full = {}
+    for m, cal in runs:
+        label = m if cal == 0 else f"model+calib{cal:g}s"
+        full[label] = evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
+                               model_path=args.model, calibrate_s=cal)
+    results = {label: r.summary for label, r in full.items()}
     print(format_table(results))
+    if args.by_source:
+        for src in next(iter(full.values())).by_source:
+            print(f"\n{src}:")
+            print(format_table({label: r.by_source[src] for label, r in full.items()}))
     if args.json:
-        payload = results[methods[0]] if len(methods) == 1 else results
+        payload = results[methods[0]] if len(results) == 1 else results
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")

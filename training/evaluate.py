@@ -70,6 +70,7 @@ class Result:
     summary: dict
     scores: dict[str, RecordScore]
     skipped: Counter = field(default_factory=Counter)
+    by_source: dict[str, dict] = field(default_factory=dict)
 
 
 def eligible(rec: Record, task: Task) -> tuple[Record | None, str]:
@@ -127,11 +128,38 @@ class ModelMethod:
         return self.synth(x, inputs, queries)
 
 
-def make_method(name: str, model_path: Path | None = None) -> Method:
+class CalibratedModelMethod(ModelMethod):
+    """The model after on-the-fly calibration on the first ``seconds`` of every recorded
+    lead except the scored views (which are never inputs, not even for calibration)."""
+
+    def __init__(self, synth, seconds: float = CALIB_S):
+        super().__init__(synth)
+        self.name = f"model+calib{seconds:g}s"
+        self.seconds = seconds
+        self.offsets = None
+        self.results: dict[str, object] = {}
+
+    def prepare(self, record: Record, task: Task) -> None:
+        from panorama.calibrate import calibrate
+        from panorama.geometry import resolve_view
+
+        scored = {v.name for v in task.views}
+        names = [n for n in record.leads if n not in scored]
+        x = np.stack([record.lead(n) for n in names])[:, : int(self.seconds * MODEL_FS)]
+        res = calibrate(self.synth.model, x, [resolve_view(n) for n in names], seconds=self.seconds)
+        self.results[record.name] = res
+        self.offsets = res.offsets_for([v.name for v in task.inputs])
+
+    def predict(self, x, inputs, queries):
+        return self.synth(x, inputs, queries, offsets=self.offsets)
+
+
+def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 0.0) -> Method:
     if name == "model":
         from panorama.synth import Synthesizer
 
-        return ModelMethod(Synthesizer.load(model_path))
+        synth = Synthesizer.load(model_path)
+        return CalibratedModelMethod(synth, calibrate_s) if calibrate_s > 0 else ModelMethod(synth)
     table = {"zero": ZeroMethod, "dipole": DipoleMethod, "kors": KorsMethod, "lsq": LeastSquaresMethod}
     if name not in table:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(table)}")
@@ -139,12 +167,13 @@ def make_method(name: str, model_path: Path | None = None) -> Method:
 
 
 def evaluate(cases: list[Case], task: Task, method: Method | str,
-             fit_cases: list[Case] | None = None, progress: bool = True, model_path: Path | None = None) -> Result:
+             fit_cases: list[Case] | None = None, progress: bool = True, model_path: Path | None = None,
+             calibrate_s: float = 0.0) -> Result:
     """Score ``method`` on every case. Population least squares is fitted on ``fit_cases``
     when given, else cross-fitted in folds so no record is predicted by a fit that saw it."""
     if not cases:
         raise RecordError("no record could be scored under this protocol")
-    method = make_method(method, model_path) if isinstance(method, str) else method
+    method = make_method(method, model_path, calibrate_s) if isinstance(method, str) else method
     preds: dict[str, np.ndarray] = {}
     if isinstance(method, LeastSquaresMethod):
         preds = _lsq_predictions(cases, task, fit_cases)
@@ -152,10 +181,15 @@ def evaluate(cases: list[Case], task: Task, method: Method | str,
     sl = task.scored_slice
     for case in tqdm(cases, desc=f"scoring {method.name}", unit="rec", disable=not progress, leave=False):
         x, y = _xy(case, task)
+        if hasattr(method, "prepare"):
+            method.prepare(case.record, task)
         p = preds[case.record.name] if preds else method.predict(x, task.inputs, task.views)
         scale = case.record.signals[: len(STANDARD_12), sl]
         scores[case.record.name] = score_record(y[:, sl], p[:, sl], scale, [v.name for v in task.views])
-    return Result(summarise(list(scores.values())), scores)
+    sources = {c.record.name: c.record.source.split(" (")[0] or "unknown" for c in cases}
+    by_source = {src: summarise([sc for n, sc in scores.items() if sources[n] == src])
+                 for src in sorted(set(sources.values()))}
+    return Result(summarise(list(scores.values())), scores, by_source=by_source)
 
 
 def _lsq_predictions(cases, task, fit_cases) -> dict[str, np.ndarray]:

@@ -1,0 +1,137 @@
+"""``panorama bench model|calibration``: rerunnable speed and calibration benchmarks.
+
+Benchmarks are commands, not tests: timings depend on the machine, so they are measured
+and reported (with the command) rather than asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from panorama.calibrate import calibrate
+from panorama.geometry import NAMED, STANDARD_12, resolve_views
+from panorama.metrics import score_record, summarise
+from panorama.records import MODEL_FS
+from panorama.synth import Synthesizer
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="speed and calibration benchmarks (commands, not tests)",
+                       description="model: latency of 8 views from 10 s of 12-lead input. calibration: "
+                       "offset recovery and synthesis gain on simulated patients with displaced electrodes, "
+                       "and the time of one 12-lead × 5 s calibration.")
+    p.add_argument("what", choices=("model", "calibration"))
+    p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    p.add_argument("--patients", type=int, default=40, help="simulated patients for calibration (default 40)")
+    p.add_argument("--repeats", type=int, default=30, help="timed runs (default 30)")
+    p.add_argument("--json", type=Path, help="write the figures as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    torch.set_num_threads(args.threads)
+    synth = Synthesizer.load(args.model, device=args.device)
+    res = bench_model(synth, args.repeats) if args.what == "model" else bench_calibration(synth, args.patients)
+    for k, v in res.items():
+        print(f"{k:>32}: {v}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2, default=float))
+    return 0
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_model(synth: Synthesizer, repeats: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, dev = synth.model, synth.device
+    inputs = resolve_views(",".join(STANDARD_12))
+    queries = resolve_views("V2,V6,V7,V8,V9,V3R,V4R,120:45")
+    t = 10 * MODEL_FS
+    x = torch.randn(1, 12, t, device=dev) * 0.3
+    ia = torch.tensor([synth.angles(inputs)], device=dev)
+    qa = torch.tensor([synth.angles(queries)], device=dev)
+    mask = torch.ones(1, 12, dtype=torch.bool, device=dev)
+    times = []
+    with torch.inference_mode():
+        for _ in range(5):
+            model(x, ia, mask, qa)
+        for _ in range(repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            model(x, ia, mask, qa)
+            _sync(dev)
+            times.append((time.perf_counter() - t0) * 1000)
+        with FlopCounterMode(display=False) as fc:
+            model(x, ia, mask, qa)
+    flops = fc.get_total_flops()
+    return {"device": str(dev), "threads": torch.get_num_threads(), "input": "12 leads x 10 s @ 500 Hz",
+            "views": len(queries), "median_ms": round(statistics.median(times), 2),
+            "p90_ms": round(float(np.percentile(times, 90)), 2),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "gflop_per_call": round(flops / 1e9, 3),
+            "kflop_per_output_sample": round(flops / (len(queries) * t) / 1e3, 1)}
+
+
+def bench_calibration(synth: Synthesizer, patients: int) -> dict:
+    """Simulated patients with chest electrodes displaced by σ = 10.6°: calibrate on 0–5 s
+    of the 10 leads other than V2/V6, synthesise exact-angle V2, V6, V7, V4R from I, II, V3."""
+    from training.simulator import apply_device, render, sample_patient
+    from training.simulator.device import resolve_device
+    from training.simulator.render import lead_kind
+
+    inputs = resolve_views("I,II,V3")
+    targets = resolve_views("V2,V6,V7,V4R")
+    cal_names = [n for n in STANDARD_12 if n not in ("V2", "V6")]
+    cal_views = resolve_views(",".join(cal_names))
+    table = np.array([[NAMED[n].theta, NAMED[n].phi] for n in cal_names], dtype=float)
+    errs: dict[str, list] = {n: [] for n in cal_names if lead_kind(n) == "chest"}
+    plain, calibrated, times, accepted = [], [], [], 0
+    for seed in tqdm(range(patients), desc="calibration bench", unit="pt", leave=False):
+        rng = np.random.default_rng([seed, 4242])
+        params = sample_patient(rng)
+        true = table.copy()
+        chest = [i for i, n in enumerate(cal_names) if lead_kind(n) == "chest"]
+        true[chest] += rng.normal(0, 10.6, (len(chest), 2))
+        exact = np.array([[v.theta, v.phi] for v in targets])
+        names = [*cal_names, *(f"target{v.name}" for v in targets)]
+        clean = render(params, np.concatenate([true, exact]), names, 10.0, MODEL_FS)
+        sig = apply_device(clean, MODEL_FS, resolve_device("diagnostic", rng), rng).astype(np.float32)
+        rec, truth = sig[: len(cal_names)], sig[len(cal_names):]
+        x = rec[[cal_names.index(v.name) for v in inputs]]
+        t0 = time.perf_counter()
+        cal = calibrate(synth.model, rec[:, : 5 * MODEL_FS], cal_views, device=synth.device)
+        times.append(time.perf_counter() - t0)
+        accepted += cal.accepted
+        for i in chest:
+            errs[cal_names[i]].append(np.abs(cal.offsets_deg[i] - (true[i] - table[i])))
+        scale = np.concatenate([rec, truth[:2]])[:, 2500:]  # 10 recorded leads + V2/V6 set the scale
+        for offsets, bucket in ((None, plain), (cal.offsets_for([v.name for v in inputs]), calibrated)):
+            pred = synth(x, inputs, targets, offsets=offsets)
+            bucket.append(score_record(truth[:, 2500:], pred[:, 2500:], scale, [v.name for v in targets]))
+    p, c = summarise(plain), summarise(calibrated)
+    out = {"patients": patients, "accepted": accepted,
+           "psnr_uncalibrated_db": round(p["overall"]["psnr_db"], 2),
+           "psnr_calibrated_db": round(c["overall"]["psnr_db"], 2),
+           "gain_db": round(c["overall"]["psnr_db"] - p["overall"]["psnr_db"], 2)}
+    for v in targets:
+        out[f"gain_{v.name}_db"] = round(c["per_view"][v.name]["psnr_db"] - p["per_view"][v.name]["psnr_db"], 2)
+    for n, e in errs.items():
+        e = np.array(e)
+        out[f"offset_err_{n}_median_deg"] = f"dθ {np.median(e[:, 0]):.1f}, dφ {np.median(e[:, 1]):.1f}"
+    out["offset_err_chest_median_deg"] = round(float(np.median(np.concatenate([np.array(e).ravel() for e in errs.values()]))), 2)
+    out["calibration_s_median"] = round(statistics.median(times), 3)
+    out["calibration_s_max"] = round(max(times), 3)
+    return out
