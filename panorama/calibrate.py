@@ -58,9 +58,14 @@ def _reject(views, reason, **kw) -> CalibrationResult:
 
 
 def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, seconds: float = 5.0,
-              max_offset_deg: float = 30.0, steps: int = 40, lr: float = 0.08, prior_weight: float = 1.0,
-              min_gain: float = 0.02, device: str | torch.device = "cpu") -> CalibrationResult:
+              inputs: list[str] | None = None, max_offset_deg: float = 30.0, steps: int = 40,
+              lr: float = 0.08, prior_weight: float = 0.1, min_gain: float = 0.02,
+              device: str | torch.device = "cpu") -> CalibrationResult:
     """Fit angle offsets for the recorded leads ``views`` from ``x`` (leads, samples) mV.
+
+    ``inputs``: the leads that synthesis will use; only their offsets are fitted, and every
+    recorded lead is predicted from them (each input from the other inputs). None: all
+    recorded leads are inputs (plain leave-one-out).
 
     Uses the first ``seconds`` of ``x`` (at the model rate, ``fs`` must be 500 Hz). Returns
     table angles (zero offsets) with the reason when calibration cannot help: fewer seconds
@@ -90,43 +95,51 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
         return _reject(views, f"{len(usable)} usable lead(s) (need 3: each is predicted from the others); "
                        + ", ".join(f"{v.name} {f}" for v, f in zip(views, flags) if f != "ok"))
 
+    fit = [k for k, i in enumerate(usable) if inputs is None or views[i].name in inputs]
+    if len(fit) < 2:
+        return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or [])} (need 2)")
+
     dev = torch.device(device)
-    n = len(usable)
+    n, m = len(usable), len(fit)
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
     table = torch.tensor([[views[i].theta, views[i].phi] for i in usable], dtype=torch.float32, device=dev)
     model = model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        fv = model.encode(xs[None])  # (1, n, C, T'): the one encoder pass
-    xb = xs[None].expand(n, -1, -1)  # batch j predicts lead j from the others
+        fv = model.encode(xs[fit][None])  # (1, m, C, T'): the one encoder pass
+    xb = xs[fit][None].expand(n, -1, -1)  # batch j predicts recorded lead j from the inputs but j
     fvb = fv.expand(n, -1, -1, -1)
-    mask = ~torch.eye(n, dtype=torch.bool, device=dev)
+    mask = torch.tensor([[k != j for k in fit] for j in range(n)], device=dev)
+    scatter = torch.zeros(n, m, device=dev)  # input offsets → per-lead query offsets
+    scatter[fit, torch.arange(m)] = 1.0
 
-    def residual(offsets: torch.Tensor) -> torch.Tensor:
-        ang = table + offsets
-        pred = model.decode(xb, fvb, ang[None].expand(n, -1, -1), mask, ang[:, None])[:, 0]  # (n, T)
+    def residual(offsets: torch.Tensor) -> torch.Tensor:  # offsets (m, 2), of the inputs
+        ang_in = table[fit] + offsets
+        ang_q = table + scatter @ offsets
+        pred = model.decode(xb, fvb, ang_in[None].expand(n, -1, -1), mask, ang_q[:, None])[:, 0]  # (n, T)
         err = pred - xs
         err = err - err.median(dim=1, keepdim=True).values  # DC carries no information
         return err.abs().mean()
 
-    raw = torch.zeros(n, 2, device=dev, requires_grad=True)
+    raw = torch.zeros(m, 2, device=dev, requires_grad=True)
     opt = torch.optim.Adam([raw], lr=lr)
     offsets = lambda: max_offset_deg * torch.tanh(raw)  # noqa: E731 - bounded by construction
     with torch.no_grad():
-        before = residual(torch.zeros(n, 2, device=dev)).item()
-    best, best_off, stall, step = before, torch.zeros(n, 2, device=dev), 0, 0
+        before = residual(torch.zeros(m, 2, device=dev)).item()
+    best, best_off, stall, step = before, torch.zeros(m, 2, device=dev), 0, 0
     for step in range(1, steps + 1):
         off = offsets()
-        fit = residual(off)
+        fit_err = residual(off)
         # MAP: Gaussian prior with the CT spread, scaled to the residual so it neither
-        # vanishes nor dominates whatever the signal amplitude
-        loss = fit + prior_weight * before * 0.01 * ((off / PRIOR_SD_DEG) ** 2).mean()
+        # vanishes nor dominates whatever the signal amplitude: offsets of one σ on every
+        # lead cost ``prior_weight`` of the uncalibrated residual
+        loss = fit_err + prior_weight * before * ((off / PRIOR_SD_DEG) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if fit.item() < best * (1 - 1e-3):
-            best, best_off, stall = fit.item(), off.detach().clone(), 0
+        if fit_err.item() < best * (1 - 1e-3):
+            best, best_off, stall = fit_err.item(), off.detach().clone(), 0
         else:
             stall += 1
             if stall >= 6:
@@ -134,11 +147,12 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     with torch.no_grad():
         after = residual(best_off).item()
     out = np.zeros((len(views), 2))
-    out[usable] = best_off.cpu().numpy()
+    out[[usable[k] for k in fit]] = best_off.cpu().numpy()
     common = dict(residual_before_uv=before * 1000, residual_after_uv=after * 1000, steps=step,
                   seconds=time.perf_counter() - t0, used=[views[i].name for i in usable])
     if after > before * (1 - min_gain):
         return _reject(views, f"offsets lowered the residual by under {min_gain:.0%}; table angles kept", **common)
     skipped = [f"{views[i].name} {flags[i]}" for i in range(len(views)) if i not in usable]
-    reason = f"fitted {n} leads on {seconds:g} s" + (f" (left out: {', '.join(skipped)})" if skipped else "")
+    reason = (f"fitted {m} lead(s) against {n} on {seconds:g} s"
+              + (f" (left out: {', '.join(skipped)})" if skipped else ""))
     return CalibrationResult([v.name for v in views], out, True, reason, **common)

@@ -132,10 +132,11 @@ class CalibratedModelMethod(ModelMethod):
     """The model after on-the-fly calibration on the first ``seconds`` of every recorded
     lead except the scored views (which are never inputs, not even for calibration)."""
 
-    def __init__(self, synth, seconds: float = CALIB_S):
+    def __init__(self, synth, seconds: float = CALIB_S, inputs_only: bool = True):
         super().__init__(synth)
         self.name = f"model+calib{seconds:g}s"
         self.seconds = seconds
+        self.inputs_only = inputs_only  # fit only the synthesis inputs' offsets
         self.offsets = None
         self.results: dict[str, object] = {}
 
@@ -146,7 +147,8 @@ class CalibratedModelMethod(ModelMethod):
         scored = {v.name for v in task.views}
         names = [n for n in record.leads if n not in scored]
         x = np.stack([record.lead(n) for n in names])[:, : int(self.seconds * MODEL_FS)]
-        res = calibrate(self.synth.model, x, [resolve_view(n) for n in names], seconds=self.seconds)
+        res = calibrate(self.synth.model, x, [resolve_view(n) for n in names], seconds=self.seconds,
+                        inputs=[v.name for v in task.inputs] if self.inputs_only else None)
         self.results[record.name] = res
         self.offsets = res.offsets_for([v.name for v in task.inputs])
 
