@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
-    except (PanoramaError, ValueError, FileNotFoundError) as exc:
+    except (PanoramaError, ValueError, OSError) as exc:
         # bad input is the user's to fix: one clear line, no traceback
         print(f"panorama {args.command}: error: {exc}", file=sys.stderr)
         return 2

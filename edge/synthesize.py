@@ -10,7 +10,7 @@ from panorama.errors import PanoramaError
 from panorama.geometry import resolve_views
 import numpy as np
 
-from panorama.records import MODEL_FS, Record, find_records, read_record, resample, write_record
+from panorama.records import MODEL_FS, Record, find_records, lead_quality, read_record, resample, write_record
 from panorama.synth import Synthesizer
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,10 @@ def register(sub) -> None:
     p.add_argument("--inputs", default="I,II,V3", help="recorded leads to synthesise from (default I,II,V3)")
     p.add_argument("--views", required=True, help="views to write, e.g. V2,V6,V7,120:45")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--model", type=Path, help="checkpoint (default: the shipped device-calibrated one)")
+    p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
+    p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
+                   help="fit the inputs' angle offsets on the first SECONDS of every lead in the record "
+                   "(e.g. 5); the offsets and the verdict go into the output header's comments")
     p.set_defaults(func=run)
 
 
@@ -41,10 +44,15 @@ def run(args) -> int:
             failed += 1
             print(f"panorama synthesize: skipped {arg}: {exc}", file=sys.stderr)
     for path in paths:
+        if path.parent.resolve() == args.out.resolve():
+            failed += 1
+            print(f"panorama synthesize: skipped {path}: --out is the record's own folder; "
+                  "writing there would overwrite the recording", file=sys.stderr)
+            continue
         try:
-            out = synthesize_record(synth, path, inputs, views, args.out)
+            out = synthesize_record(synth, path, inputs, views, args.out, calibrate_s=args.calibrate)
             print(f"wrote {out}.hea")
-        except PanoramaError as exc:  # one bad record never stops the others
+        except (PanoramaError, ValueError, OSError) as exc:  # one bad record never stops the others
             failed += 1
             print(f"panorama synthesize: skipped {path}: {exc}", file=sys.stderr)
     if failed:
@@ -53,19 +61,33 @@ def run(args) -> int:
 
 
 def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Path,
-                      extra_comments: list[str] | None = None) -> Path:
+                      calibrate_s: float = 0.0) -> Path:
     names = [v.name for v in inputs]
     native = read_record(path, leads=names, fs=None)
     rec = resample(native, MODEL_FS)
-    bad = [n for n, x in zip(names, rec.signals) if not np.isfinite(x).all()]
+    flags = [f if np.isfinite(x).all() else "missing" for f, x in zip(lead_quality(rec.signals), rec.signals)]
+    bad = [f"{n} {f}" for n, f in zip(names, flags) if f != "ok"]
     if bad:
-        raise PanoramaError(f"{path}: lead(s) {', '.join(bad)} hold missing samples")
-    y = synth(rec.signals, inputs, views)
+        raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}; choose other --inputs")
+    offsets, notes = None, []
+    if calibrate_s > 0:
+        from panorama.calibrate import calibrate
+        from panorama.geometry import resolve_view
+
+        every = read_record(path)  # calibration may use every lead of the record but the views asked for
+        keep = [i for i, n in enumerate(every.leads) if n not in {v.name for v in views}]
+        res = calibrate(synth.model, every.signals[keep], [resolve_view(every.leads[i]) for i in keep],
+                        seconds=calibrate_s, inputs=names, device=synth.device)
+        offsets = res.offsets_for(names)
+        log.info("%s: %s", path.name, res.summary())
+        notes = [res.summary()] + [f"offset {n}: dtheta {d[0]:+.2f} dphi {d[1]:+.2f} deg"
+                                   for n, d in zip(names, offsets)]
+    y = synth(rec.signals, inputs, views, offsets=offsets)
     back = resample(Record(rec.name, y, [v.name for v in views], MODEL_FS), native.fs)
     n = native.signals.shape[1]
     sig = back.signals[:, :n]
     if sig.shape[1] < n:  # rounding in the rate change: repeat the last sample
         sig = np.pad(sig, ((0, 0), (0, n - sig.shape[1])), mode="edge")
     comments = [f"synthesised by panorama from {','.join(names)} of {path.name}",
-                f"model sha256 {synth.meta.get('sha256', '?')[:16]}", *(extra_comments or [])]
+                f"model sha256 {synth.meta.get('sha256', '?')[:16]}", *notes]
     return write_record(out_dir, rec.name, sig, [v.name for v in views], native.fs, comments)

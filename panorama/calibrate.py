@@ -9,7 +9,7 @@ only the geometry, fusion and head.
 
 Offsets are bounded (``max_offset_deg`` through tanh) and pulled toward zero by a Gaussian
 prior with the CT-measured spread (10.6°), so an offset the data cannot identify stays
-near the table. A fit that does not reduce the held-out residual is rejected and the table
+near the table. A fit that does not reduce the leave-one-out residual (in-sample: the same leads and seconds) is rejected and the table
 angles are kept. Every exit says why.
 """
 
@@ -60,7 +60,7 @@ def _reject(views, reason, **kw) -> CalibrationResult:
 def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, seconds: float = 5.0,
               inputs: list[str] | None = None, max_offset_deg: float = 30.0, steps: int = 40,
               lr: float = 0.08, prior_weight: float = 0.1, min_gain: float = 0.02,
-              device: str | torch.device = "cpu") -> CalibrationResult:
+              device: str | torch.device | None = None) -> CalibrationResult:
     """Fit angle offsets for the recorded leads ``views`` from ``x`` (leads, samples) mV.
 
     ``inputs``: the leads that synthesis will use; only their offsets are fitted, and every
@@ -99,13 +99,27 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if len(fit) < 2:
         return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or [])} (need 2)")
 
-    dev = torch.device(device)
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    if next(model.parameters()).device != dev:
+        raise ValueError(f"the model is on {next(model.parameters()).device}, calibration asked for {dev}")
     n, m = len(usable), len(fit)
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
     table = torch.tensor([[views[i].theta, views[i].phi] for i in usable], dtype=torch.float32, device=dev)
-    model = model.to(dev).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.eval()
+    flags_before = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():  # only the offsets learn; restored below
+            p.requires_grad_(False)
+        return _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, steps, lr,
+                    prior_weight, min_gain, dev, t0)
+    finally:
+        for p, f in zip(model.parameters(), flags_before):
+            p.requires_grad_(f)
+
+
+def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, steps, lr, prior_weight,
+         min_gain, dev, t0) -> CalibrationResult:
+    n, m = len(usable), len(fit)
     with torch.no_grad():
         fv = model.encode(xs[fit][None])  # (1, m, C, T'): the one encoder pass
     xb = xs[fit][None].expand(n, -1, -1)  # batch j predicts recorded lead j from the inputs but j

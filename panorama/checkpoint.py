@@ -27,9 +27,9 @@ FORMAT = "panorama-nefnet-v2"
 FORMAT_VERSION = "1"
 
 
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes, in name order."""
-    h = hashlib.sha256()
+def content_hash(tensors: dict[str, torch.Tensor], config: dict) -> str:
+    """sha256 over the model config and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -40,7 +40,7 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
 def save(model: NefNetV2, path: str | Path, meta: dict | None = None) -> str:
     """Write atomically (temp file + rename); returns the content hash."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    digest = content_hash(tensors)
+    digest = content_hash(tensors, model.cfg.to_dict())
     info = {"fs": MODEL_FS, "units": "mV", "normalisation": "none (inputs in mV, DC-blind network path)",
             "lead_table": {n: [v.theta, v.phi] for n, v in NAMED.items()}, **(meta or {})}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": json.dumps(model.cfg.to_dict()),
@@ -51,6 +51,9 @@ def save(model: NefNetV2, path: str | Path, meta: dict | None = None) -> str:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -73,7 +76,11 @@ def read_header(path: str | Path) -> dict:
     if header.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {header.get('format_version')!r}, "
                               f"this code reads {FORMAT_VERSION!r}")
-    return {"config": json.loads(header["config"]), "meta": json.loads(header["meta"]), "sha256": header["sha256"]}
+    try:
+        return {"config": json.loads(header["config"]), "meta": json.loads(header["meta"]),
+                "sha256": header["sha256"]}
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint header is incomplete or corrupted: {exc}") from exc
 
 
 def load(path: str | Path, map_location: str = "cpu") -> tuple[NefNetV2, dict]:
@@ -83,7 +90,7 @@ def load(path: str | Path, map_location: str = "cpu") -> tuple[NefNetV2, dict]:
         tensors = load_file(str(path), device=map_location)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: tensors unreadable (truncated or corrupted?): {exc}") from exc
-    if content_hash(tensors) != header["sha256"]:
+    if content_hash(tensors, header["config"]) != header["sha256"]:
         raise CheckpointError(f"{path}: content hash mismatch: the file is corrupted")
     try:
         model = NefNetV2(ModelConfig(**header["config"]))

@@ -243,14 +243,20 @@ class NefNetV2(nn.Module):
         heart = inv3x3(gram) @ (um.transpose(1, 2) @ (x * m))  # (B, 3, T)
         return u_q @ heart  # (B, Q, T)
 
-    def encode(self, x):
+    def encode(self, x, mask=None):
         """(B, L, T) mV → lead features (B, L, C, ceil(T/8)); angle-free, so computed once
-        per window and reused for every query and every calibration step."""
+        per window and reused for every query and every calibration step. With a mask, only
+        present leads are encoded (empty slots would skew BatchNorm's training statistics)."""
         b, l, t = x.shape
         pad = (-t) % DOWNSAMPLE
         xp = F.pad(x, (0, pad), mode="replicate") if pad else x
-        f = self.encoder(xp.reshape(b * l, 1, t + pad))
-        return f.reshape(b, l, f.shape[1], f.shape[2])
+        if mask is None or bool(mask.all()):
+            f = self.encoder(xp.reshape(b * l, 1, t + pad))
+            return f.reshape(b, l, f.shape[1], f.shape[2])
+        f = self.encoder(xp[mask][:, None])  # (present, C, T')
+        out = f.new_zeros(b, l, f.shape[1], f.shape[2])
+        out[mask] = f
+        return out
 
     def decode(self, x, fv, in_angles, mask, q_angles):
         """Everything after the encoder: geometry, fusion, head, skips → (B, Q, T) mV."""
@@ -273,4 +279,4 @@ class NefNetV2(nn.Module):
     def forward(self, x, in_angles, mask, q_angles):
         """x (B, L, T) mV; in_angles (B, L, 2), mask (B, L) bool, q_angles (B, Q, 2) degrees
         → (B, Q, T) mV."""
-        return self.decode(x, self.encode(x), in_angles, mask, q_angles)
+        return self.decode(x, self.encode(x, mask), in_angles, mask, q_angles)

@@ -130,7 +130,9 @@ def resample(record: Record, fs: float) -> Record:
     ratio = Fraction(fs / record.fs).limit_denominator(1000)
     sig = record.signals.astype(np.float64)
     nan = np.isnan(sig)
-    out = resample_poly(np.where(nan, 0.0, sig), ratio.numerator, ratio.denominator, axis=1)
+    # the filter pads with zeros: take each lead's median out first so the edges do not ring
+    med = np.nanmedian(np.where(nan.all(axis=1, keepdims=True), 0.0, sig), axis=1, keepdims=True)
+    out = resample_poly(np.where(nan, 0.0, sig - med), ratio.numerator, ratio.denominator, axis=1) + med
     if nan.any():  # carry missing regions across the rate change
         idx = np.minimum((np.arange(out.shape[1]) * record.fs / fs).astype(int), sig.shape[1] - 1)
         out[nan[:, idx]] = np.nan
@@ -169,10 +171,12 @@ def write_record(out_dir: str | Path, name: str, signals: np.ndarray, leads: lis
     peak = np.maximum(np.abs(sig).max(axis=0), 1e-3)
     gain = np.minimum(np.floor(32000.0 / peak), 1000.0 * 32)  # ≥ 1 count per µV up to 1 V
     d_signal = np.round(sig * gain).astype(np.int16)
-    # wfdb's own string handling disallows some characters; sanitise lead names only
+    # WFDB headers are ASCII text
+    comments = [c.replace("°", " deg").replace("µ", "u").encode("ascii", "replace").decode()
+                for c in comments or []]
     wfdb.wrsamp(name, fs=float(fs), units=["mV"] * len(leads), sig_name=list(leads),
                 d_signal=d_signal, fmt=["16"] * len(leads), adc_gain=gain.tolist(),
-                baseline=[0] * len(leads), comments=comments or [], write_dir=str(out))
+                baseline=[0] * len(leads), comments=comments, write_dir=str(out))
     return out / name
 
 

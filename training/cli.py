@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from panorama.errors import RecordError
-from panorama.geometry import STANDARD_12, resolve_views
+from panorama.geometry import FRANK, STANDARD_12, resolve_views
 from panorama.records import MODEL_FS, Record, find_records
 
 from . import splits
-from .evaluate import METHODS, PROTOCOLS, Case, Task, default_protocol, eligible, evaluate, format_table, load_cases
+from .evaluate import CALIB_S, METHODS, PROTOCOLS, Case, Task, default_protocol, eligible, evaluate, format_table, load_cases
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--data", nargs="+", type=Path, metavar="PATH",
                      help="WFDB records or folders (searched recursively)")
     src.add_argument("--sim", type=int, metavar="N", help="score N simulated patients instead")
-    p.add_argument("--inputs", default="I,II,V3", help="recorded leads given to the method (default I,II,V3)")
+    p.add_argument("--inputs", default=None,
+                   help="recorded leads given to the method (default I,II,V3; the 12 standard leads for Frank views)")
     p.add_argument("--views", default="V2,V6", help="views to synthesise and score (default V2,V6)")
     p.add_argument("--method", default="dipole",
                    help=f"one or more of {', '.join(METHODS)}, comma-separated (default dipole)")
@@ -89,8 +90,14 @@ def sim_cases(n: int, task: Task, device: str, seed: int) -> list[Case]:
 
 
 def run_eval(args) -> int:
-    inputs, views = resolve_views(args.inputs), resolve_views(args.views)
+    views = resolve_views(args.views)
+    default_inputs = ",".join(STANDARD_12) if all(v.name in FRANK for v in views) else "I,II,V3"
+    args.inputs = args.inputs or default_inputs
+    inputs = resolve_views(args.inputs)
     protocol = default_protocol(views) if args.protocol == "auto" else args.protocol
+    if args.calibrate and not (protocol == "synthesis" and 0 < args.calibrate <= CALIB_S):
+        raise ValueError(f"--calibrate takes 0 < SECONDS <= {CALIB_S:g} under the synthesis protocol "
+                         "(calibration must not reach the scored 5-10 s); whole-record scoring is uncalibrated")
     task = Task(inputs, views, protocol)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     for m in methods:

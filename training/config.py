@@ -33,7 +33,9 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        resolve_views(self.hidden) if self.hidden else None
+        self.hidden = [v.name for v in resolve_views(self.hidden)] if self.hidden else []
+        if self.real is not None and not (self.real.is_dir() and any(self.real.rglob("*.hea"))):
+            raise ValueError(f"data.real {self.real} holds no WFDB records (*.hea)")
         if self.real is None and self.sim_patients == 0:
             raise ValueError("no data: give data.real or data.sim_patients > 0")
         if self.real is None and self.sim_weight < 1:
@@ -93,6 +95,13 @@ class TrainConfig(Strict):
             raise ValueError("stage 2 needs init (the stage-1 checkpoint) and device_id")
         if self.init is not None and not self.init.is_file():
             raise ValueError(f"init checkpoint {self.init} does not exist")
+        views = {v.name for v in resolve_views(self.val.views)}
+        inputs = {v.name for v in resolve_views(self.val.inputs)}
+        if views & inputs:
+            raise ValueError(f"val.inputs and val.views overlap: {', '.join(sorted(views & inputs))}")
+        if not views <= set(self.data.hidden):
+            raise ValueError(f"validation views {', '.join(sorted(views - set(self.data.hidden)))} "
+                             "must be in data.hidden, or training would supervise them")
         return self
 
 

@@ -38,17 +38,17 @@ def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | 
     """Real records of a split with their good leads; ``hidden`` leads are dropped entirely
     (never an input, never a target), and ``sources`` filters by the header's source."""
     out = []
-    paths = splits.select(sorted(Path(folder).rglob("*.hea")), split)
+    paths = splits.select(sorted(p.with_suffix("") for p in Path(folder).rglob("*.hea")), split)
     for p in tqdm(paths, desc=f"loading {split} records", unit="rec", leave=False):
-        rec = read_record(p.with_suffix(""), fs=MODEL_FS)
+        rec = read_record(p, fs=MODEL_FS)
         if sources and not any(s.lower() in rec.source.lower() for s in sources):
             continue
         keep = [i for i, (n, f) in enumerate(zip(rec.leads, lead_quality(rec.signals)))
-                if f == "ok" and n not in hidden and n in NAMED]
+                if f == "ok" and n not in hidden and n in NAMED and np.isfinite(rec.signals[i]).all()]
         if len(keep) < 3:
             continue
         sig = rec.signals[keep]
-        sig = np.nan_to_num(sig - np.median(sig, axis=1, keepdims=True))
+        sig = sig - np.median(sig, axis=1, keepdims=True)
         names = [rec.leads[i] for i in keep]
         angles = np.array([[NAMED[n].theta, NAMED[n].phi] for n in names], dtype=np.float32)
         out.append(Example(rec.name, sig.astype(np.float32), angles, names, rec.source))
@@ -65,9 +65,10 @@ def random_directions(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def simulate_example(seed: int, n_random: int = 12, seconds: float = 10.0, device: str = "random",
-                     displacement_deg: float = 10.6) -> Example:
+                     displacement_deg: float = 10.6, hidden: tuple[str, ...] = ()) -> Example:
     """One simulated patient: the 12 standard leads (chest electrodes displaced, angles as
-    the table says, like a real recording) plus ``n_random`` views at exact random angles."""
+    the table says, like a real recording) but the ``hidden`` ones, plus ``n_random`` views
+    at exact random angles (which may fall anywhere, as physics, not as a named lead)."""
     from .simulator import apply_device, render, sample_patient
     from .simulator.device import resolve_device
     from .simulator.render import lead_kind
@@ -83,8 +84,9 @@ def simulate_example(seed: int, n_random: int = 12, seconds: float = 10.0, devic
     clean = render(params, np.concatenate([true, rand]), names, seconds, MODEL_FS)
     sig = apply_device(clean, MODEL_FS, resolve_device(device, rng), rng)
     sig = sig - np.median(sig, axis=1, keepdims=True)
-    return Example(f"sim{seed}", sig.astype(np.float32), np.concatenate([told, rand]).astype(np.float32),
-                   names, "simulator")
+    keep = [i for i, n in enumerate(names) if n not in hidden]
+    angles = np.concatenate([told, rand]).astype(np.float32)
+    return Example(f"sim{seed}", sig[keep].astype(np.float32), angles[keep], [names[i] for i in keep], "simulator")
 
 
 @dataclass

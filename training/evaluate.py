@@ -88,6 +88,8 @@ def eligible(rec: Record, task: Task) -> tuple[Record | None, str]:
     sig = np.stack([sig[rec.leads.index(n)] for n in need])
     if any(f in ("flat", "missing") for f in lead_quality(sig[: len(STANDARD_12)])):
         return None, "flat or missing lead"
+    if not np.isfinite(sig).all():
+        return None, "missing samples"
     return Record(rec.name, sig, need, rec.fs, rec.source, rec.comments), ""
 
 
@@ -148,7 +150,8 @@ class CalibratedModelMethod(ModelMethod):
         names = [n for n in record.leads if n not in scored]
         x = np.stack([record.lead(n) for n in names])[:, : int(self.seconds * MODEL_FS)]
         res = calibrate(self.synth.model, x, [resolve_view(n) for n in names], seconds=self.seconds,
-                        inputs=[v.name for v in task.inputs] if self.inputs_only else None)
+                        inputs=[v.name for v in task.inputs] if self.inputs_only else None,
+                        device=self.synth.device)
         self.results[record.name] = res
         self.offsets = res.offsets_for([v.name for v in task.inputs])
 

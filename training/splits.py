@@ -24,6 +24,8 @@ def is_ptb(path: Path) -> bool:
 
 def split_of(path: str | Path) -> str:
     p = Path(path)
+    if p.suffix in (".hea", ".dat"):
+        p = p.with_suffix("")
     if is_ptb(p):
         return "val"
     h = int(hashlib.sha256(p.name.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF

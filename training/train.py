@@ -23,6 +23,8 @@ from panorama.geometry import resolve_views
 from panorama.model import ModelConfig, NefNetV2
 from panorama.synth import Synthesizer
 
+from panorama.errors import ConfigError
+
 from .config import TrainConfig
 from .data import AnyPairsSampler, load_real, masked_l1, simulate_example
 from .evaluate import ModelMethod, Task, evaluate, load_cases
@@ -88,7 +90,9 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.data.real is not None:
         real_train = load_real(cfg.data.real, "train", cfg.data.hidden, cfg.data.sources or None)
         log.info("real training records: %d", len(real_train))
-    sim = [simulate_example(cfg.seed * 1_000_003 + i, cfg.data.sim_random_views)
+        if not real_train:
+            raise ConfigError(f"no usable training records in {cfg.data.real} (sources {cfg.data.sources or 'any'})")
+    sim = [simulate_example(cfg.seed * 1_000_003 + i, cfg.data.sim_random_views, hidden=tuple(cfg.data.hidden))
            for i in tqdm(range(cfg.data.sim_patients), desc="simulating patients", unit="pt")]
     d = cfg.data
     samplers = {name: AnyPairsSampler(ex, d.crop_samples, d.max_inputs, d.max_queries, cfg.seed + k)
@@ -104,6 +108,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             val_cases = [c for c in val_cases
                          if any(s.lower() in c.record.source.lower() for s in cfg.data.sources)]
         log.info("validation records (I,II,V3 -> V2,V6): %d", len(val_cases))
+        if not val_cases:
+            raise ConfigError("no validation records: checkpoints could not be chosen")
 
     # --- model
     if cfg.init is not None:
@@ -114,10 +120,17 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step, best = 0, -math.inf
     state_path = out / "train_state.safetensors"
-    if resume and state_path.is_file() and (out / "last.safetensors").is_file():
-        last, _ = checkpoint.load(out / "last.safetensors")
+    if resume:
+        if not (state_path.is_file() and (out / "last.safetensors").is_file()):
+            raise ConfigError(f"--resume: no run to resume in {out}")
+        last, last_meta = checkpoint.load(out / "last.safetensors")
         model.load_state_dict(last.state_dict())
         step, best, rng_states = _load_state(state_path, opt)
+        if last_meta.get("step") != step:
+            raise ConfigError(f"--resume: {out} holds last.safetensors at step {last_meta.get('step')} but "
+                              f"optimizer state at step {step} (interrupted while saving); start afresh")
+        if (out / "best.safetensors").is_file():
+            best = checkpoint.read_header(out / "best.safetensors")["meta"]["val"]["overall"]["psnr_db"]
         for s, st in zip(samplers.values(), rng_states):
             s.rng.bit_generator.state = st
         log.info("resumed at step %d (best validation %.2f dB)", step, best)
