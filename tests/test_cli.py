@@ -68,3 +68,25 @@ def test_bad_input_is_one_clear_line(cli, tmp_path):
     _assert_clean_error(cli("eval", "--data", short), "shorter than 10 s")
     _assert_clean_error(cli("eval", "--data", short, "--inputs", "I,V2", "--views", "V2"),
                         "a scored view must never be an input")
+
+
+def test_simulate_writes_records_that_eval_can_score(cli, tmp_path):
+    proc = cli("simulate", "--patients", "3", "--views", "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6,V7,120:45",
+               "--seconds", "10", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rec = wfdb.rdrecord(str(tmp_path / "sim0000"))
+    assert rec.sig_name[-2:] == ["V7", "120:45"] and rec.fs == 500 and rec.sig_len == 5000
+    assert any("rhythm" in c for c in rec.comments)
+    out = tmp_path / "e.json"
+    proc = cli("eval", "--data", tmp_path, "--method", "dipole", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["overall"]["records"] == 3
+
+
+def test_demo_prints_both_tables_and_writes_the_figure(cli, data_dir, tmp_path):
+    proc = cli("demo", "--patients", "4", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Simulated patients (4)" in proc.stdout and "Real records in" in proc.stdout
+    assert "real dipole" in proc.stdout
+    png = tmp_path / "sim_vs_real.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"

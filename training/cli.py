@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
                    help="with --method model: also score the model after on-the-fly calibration on "
                    "the first SECONDS of the non-scored leads (e.g. 5)")
+    p.add_argument("--calibrate-fit", choices=("inputs", "all"), default="inputs",
+                   help="inputs: fit the synthesis inputs' offsets against every recorded lead; all: fit "
+                   "every recorded lead's offset, leave-one-out (default inputs)")
     p.add_argument("--by-source", action="store_true", help="also print a table per source database")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_eval)
@@ -130,7 +133,7 @@ def run_eval(args) -> int:
     for m, cal in runs:
         label = m if cal == 0 else f"model+calib{cal:g}s"
         full[label] = evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
-                               model_path=args.model, calibrate_s=cal)
+                               model_path=args.model, calibrate_s=cal, calibrate_fit=args.calibrate_fit)
     results = {label: r.summary for label, r in full.items()}
     print(format_table(results))
     if args.by_source:

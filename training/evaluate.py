@@ -159,12 +159,15 @@ class CalibratedModelMethod(ModelMethod):
         return self.synth(x, inputs, queries, offsets=self.offsets)
 
 
-def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 0.0) -> Method:
+def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 0.0,
+                calibrate_fit: str = "inputs") -> Method:
     if name == "model":
         from panorama.synth import Synthesizer
 
         synth = Synthesizer.load(model_path)
-        return CalibratedModelMethod(synth, calibrate_s) if calibrate_s > 0 else ModelMethod(synth)
+        if calibrate_s > 0:
+            return CalibratedModelMethod(synth, calibrate_s, inputs_only=calibrate_fit == "inputs")
+        return ModelMethod(synth)
     table = {"zero": ZeroMethod, "dipole": DipoleMethod, "kors": KorsMethod, "lsq": LeastSquaresMethod}
     if name not in table:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(table)}")
@@ -173,12 +176,12 @@ def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 
 
 def evaluate(cases: list[Case], task: Task, method: Method | str,
              fit_cases: list[Case] | None = None, progress: bool = True, model_path: Path | None = None,
-             calibrate_s: float = 0.0) -> Result:
+             calibrate_s: float = 0.0, calibrate_fit: str = "inputs") -> Result:
     """Score ``method`` on every case. Population least squares is fitted on ``fit_cases``
     when given, else cross-fitted in folds so no record is predicted by a fit that saw it."""
     if not cases:
         raise RecordError("no record could be scored under this protocol")
-    method = make_method(method, model_path, calibrate_s) if isinstance(method, str) else method
+    method = make_method(method, model_path, calibrate_s, calibrate_fit) if isinstance(method, str) else method
     preds: dict[str, np.ndarray] = {}
     if isinstance(method, LeastSquaresMethod):
         preds = _lsq_predictions(cases, task, fit_cases)
