@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .geometry import View
+from .geometry import View, descriptors
 from .records import MODEL_FS, lead_quality
 
 PRIOR_SD_DEG = 10.6  # electrode displacement spread measured by CT (the paper's Panobench)
@@ -104,7 +104,7 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
         raise ValueError(f"the model is on {next(model.parameters()).device}, calibration asked for {dev}")
     n, m = len(usable), len(fit)
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
-    table = torch.tensor([[views[i].theta, views[i].phi] for i in usable], dtype=torch.float32, device=dev)
+    table = torch.from_numpy(descriptors([views[i] for i in usable])).to(dev)  # (n, 3)
     model.eval()
     flags_before = [p.requires_grad for p in model.parameters()]
     try:
@@ -129,8 +129,9 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
     scatter[fit, torch.arange(m)] = 1.0
 
     def residual(offsets: torch.Tensor) -> torch.Tensor:  # offsets (m, 2), of the inputs
-        ang_in = table[fit] + offsets
-        ang_q = table + scatter @ offsets
+        off3 = torch.nn.functional.pad(offsets, (0, 1))  # the far-field flag never moves
+        ang_in = table[fit] + off3
+        ang_q = table + scatter @ off3
         pred = model.decode(xb, fvb, ang_in[None].expand(n, -1, -1), mask, ang_q[:, None])[:, 0]  # (n, T)
         err = pred - xs
         err = err - err.median(dim=1, keepdim=True).values  # DC carries no information

@@ -38,6 +38,7 @@ __all__ = [
     "view_names",
     "unit_vector",
     "canonical_lead_name",
+    "descriptors",
 ]
 
 
@@ -54,6 +55,19 @@ class View:
     @property
     def direction(self) -> np.ndarray:
         return unit_vector(self.theta, self.phi)
+
+    @property
+    def far_field(self) -> bool:
+        """Limb and Frank leads are far-field (bipolar, or corrected orthogonal) projections;
+        every other view is an electrode on the torso against Wilson's terminal, which also
+        sees the near field. Lead I (90°, 90°) and V6 (96°, 90°) look the same way but are
+        different signals: the model is told which kind a view is."""
+        return self.group in ("limb", "frank")
+
+    @property
+    def descriptor(self) -> tuple[float, float, float]:
+        """What the model is told about a view: (θ, φ, 1 if far-field else 0)."""
+        return (float(self.theta), float(self.phi), float(self.far_field))
 
 
 # IEEE 11073-10101 lead codes: partition 2 (MDC_PART_SCADA... ECG leads), 2 << 16 = 131072.
@@ -158,6 +172,14 @@ def resolve_views(specs: str | list[str]) -> list[View]:
     if dupes:
         raise ValueError(f"views named more than once: {', '.join(dupes)}")
     return views
+
+
+def descriptors(views: list[View], offsets: np.ndarray | None = None) -> np.ndarray:
+    """(n, 3) float32 model descriptors (θ, φ, far-field); ``offsets`` (n, 2) add to θ, φ."""
+    d = np.array([v.descriptor for v in views], dtype=np.float32).reshape(-1, 3)
+    if offsets is not None:
+        d[:, :2] += np.asarray(offsets, dtype=np.float32)
+    return d
 
 
 def angle_between(a: View, b: View) -> float:

@@ -2,12 +2,13 @@
 
 Shapes: B batch, L input leads, Q query views, C channels, T samples, T' = T / 8.
 
-    x (B, L, T) mV, input angles (B, L, 2), mask (B, L), query angles (B, Q, 2)
+    x (B, L, T) mV, input views (B, L, 3), mask (B, L), query views (B, Q, 3);
+    a view is (θ, φ, far-field flag): degrees, and 1 for limb/Frank leads, 0 for torso electrodes
       │
       ├─ dipole skip: heart vector from the inputs' unit vectors, projected on each query
       │     → base (B, Q, T). Physics gives the first 28 dB for free and makes the output
       │       depend on the input angles directly, which is what on-the-fly calibration fits.
-      ├─ angle embedding: Fourier features of the unit direction → MLP → (·, D)
+      ├─ angle embedding: Fourier features of the unit direction and the lead kind → MLP → (·, D)
       ├─ view encoder: 1-D ResNet, leads in the batch dimension, run ONCE per input lead
       │     and blind to angles, so its features are reused by every query → F_v (B, L, C, T')
       ├─ geometric view transformer: one multi-head geometric angle attention map
@@ -53,7 +54,7 @@ DOWNSAMPLE = 8  # the encoder's total stride; inputs are padded to a multiple of
 
 
 def directions(angles_deg: torch.Tensor) -> torch.Tensor:
-    """(..., 2) degrees (θ, φ) → (..., 3) unit vectors (x anterior, y left, z head)."""
+    """(..., ≥2) degrees (θ, φ, …) → (..., 3) unit vectors (x anterior, y left, z head)."""
     t, p = torch.deg2rad(angles_deg[..., 0]), torch.deg2rad(angles_deg[..., 1])
     return torch.stack([torch.sin(t) * torch.cos(p), torch.sin(t) * torch.sin(p), torch.cos(t)], -1)
 
@@ -72,16 +73,17 @@ def inv3x3(m: torch.Tensor) -> torch.Tensor:
 
 
 class AngleEmbedding(nn.Module):
-    """Unit direction → Fourier features → MLP. Works on the sphere, so φ = ±180° agree."""
+    """Unit direction → Fourier features (+ the far-field flag) → MLP. Works on the sphere,
+    so φ = ±180° agree."""
 
     def __init__(self, dim: int, fourier: int):
         super().__init__()
         self.register_buffer("freqs", 2.0 ** torch.arange(fourier, dtype=torch.float32) * math.pi / 2)
-        self.mlp = nn.Sequential(nn.Linear(3 + 6 * fourier, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(nn.Linear(4 + 6 * fourier, dim), nn.GELU(), nn.Linear(dim, dim))
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:  # (..., 3) → (..., D)
+    def forward(self, u: torch.Tensor, far: torch.Tensor) -> torch.Tensor:  # (..., 3), (..., 1) → (..., D)
         z = u[..., None] * self.freqs  # (..., 3, K)
-        feats = torch.cat([u, torch.sin(z).flatten(-2), torch.cos(z).flatten(-2)], -1)
+        feats = torch.cat([u, far, torch.sin(z).flatten(-2), torch.cos(z).flatten(-2)], -1)
         return self.mlp(feats)
 
 
@@ -263,7 +265,8 @@ class NefNetV2(nn.Module):
         b, l, t = x.shape
         q = q_angles.shape[1]
         u_in, u_q = directions(in_angles), directions(q_angles)
-        e_in, e_q = self.embed(u_in), self.embed(u_q)  # (B, L, D), (B, Q, D)
+        e_in = self.embed(u_in, in_angles[..., 2:3])  # (B, L, D)
+        e_q = self.embed(u_q, q_angles[..., 2:3])  # (B, Q, D)
         attn = self.attention(e_q, e_in, u_q, u_in, mask)
         pair = torch.cat([e_q[:, :, None].expand(-1, -1, l, -1), e_in[:, None].expand(-1, q, -1, -1)], -1)
         fo = torch.zeros(b, q, fv.shape[2], fv.shape[3], dtype=x.dtype, device=x.device)
@@ -277,6 +280,6 @@ class NefNetV2(nn.Module):
         return self.dipole_skip(x, u_in, u_q, mask) + linear + resid
 
     def forward(self, x, in_angles, mask, q_angles):
-        """x (B, L, T) mV; in_angles (B, L, 2), mask (B, L) bool, q_angles (B, Q, 2) degrees
-        → (B, Q, T) mV."""
+        """x (B, L, T) mV; in_angles (B, L, 3), mask (B, L) bool, q_angles (B, Q, 3): each a
+        view descriptor (θ°, φ°, far-field flag) → (B, Q, T) mV."""
         return self.decode(x, self.encode(x, mask), in_angles, mask, q_angles)

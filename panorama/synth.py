@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint
 from .errors import CheckpointError
-from .geometry import View
+from .geometry import View, descriptors
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINTS = {
@@ -45,8 +45,8 @@ class Synthesizer:
 
     @staticmethod
     def angles(views: list[View], offsets: np.ndarray | None = None) -> np.ndarray:
-        a = np.array([[v.theta, v.phi] for v in views], dtype=np.float32)
-        return a if offsets is None else a + np.asarray(offsets, dtype=np.float32)
+        """(n, 3) view descriptors for the model, with calibration offsets added."""
+        return descriptors(views, offsets)
 
     @torch.inference_mode()
     def __call__(self, x: np.ndarray, inputs: list[View], queries: list[View],

@@ -50,3 +50,12 @@ def test_standard_leads_have_mdc_codes():
 def test_bad_views_are_clear_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         resolve_views(spec)
+
+
+def test_descriptors_tell_far_field_leads_from_torso_electrodes():
+    from panorama.geometry import descriptors
+
+    d = descriptors(resolve_views("I,V6,VX,120:45"), offsets=[[0, 0], [1.5, -2], [0, 0], [0, 0]])
+    assert d.shape == (4, 3)
+    assert list(d[:, 2]) == [1.0, 0.0, 1.0, 0.0]  # limb and Frank leads are far-field
+    assert tuple(d[1, :2]) == (97.5, 88.0)  # offsets move θ, φ only

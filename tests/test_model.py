@@ -14,8 +14,8 @@ TINY = ModelConfig(channels=16, embed_dim=16, heads=2, blocks=2, encoder_blocks=
 def _inputs(b, l, t, q, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, l, t, generator=g) * 0.3
-    ia = torch.rand(b, l, 2, generator=g) * torch.tensor([180.0, 360.0]) - torch.tensor([0.0, 180.0])
-    qa = torch.rand(b, q, 2, generator=g) * torch.tensor([180.0, 360.0]) - torch.tensor([0.0, 180.0])
+    ia = torch.rand(b, l, 3, generator=g) * torch.tensor([180.0, 360.0, 0.0]) - torch.tensor([0.0, 180.0, 0.0])
+    qa = torch.rand(b, q, 3, generator=g) * torch.tensor([180.0, 360.0, 0.0]) - torch.tensor([0.0, 180.0, 0.0])
     return x, ia, torch.ones(b, l, dtype=torch.bool), qa
 
 
@@ -59,11 +59,11 @@ def test_inv3x3_matches_linalg():
 
 def test_attention_prefers_the_geometrically_nearest_input():
     model = NefNetV2(TINY).eval()
-    ia = torch.tensor([[[90.0, 90.0], [150.0, 90.0], [95.0, 15.0]]])  # I, II, V3
+    ia = torch.tensor([[[90.0, 90.0, 1.0], [150.0, 90.0, 1.0], [95.0, 15.0, 0.0]]])  # I, II, V3
     from panorama.model import directions
 
     u_in, u_q = directions(ia), directions(ia)  # a query at each input's own angle
-    e_in = model.embed(u_in)
+    e_in = model.embed(u_in, ia[..., 2:3])
     attn = model.attention(e_in, e_in, u_q, u_in, torch.ones(1, 3, dtype=torch.bool))  # (1, Q, H, L)
     mean = attn.mean(2)[0]
     assert torch.equal(mean.argmax(-1), torch.arange(3))
@@ -75,8 +75,8 @@ def test_tiny_model_overfits_a_tiny_batch():
     t = torch.linspace(0, 4 * np.pi, 128)
     x = torch.stack([torch.sin(t), torch.cos(2 * t), torch.sin(3 * t) ** 3])[None].repeat(2, 1, 1)
     y = torch.stack([torch.tanh(3 * torch.sin(t)) * torch.cos(t)])[None].repeat(2, 1, 1)  # not in the dipole span
-    ia = torch.tensor([[[90.0, 90.0], [150.0, 90.0], [95.0, 15.0]]]).repeat(2, 1, 1)
-    qa = torch.tensor([[[90.0, 10.0]]]).repeat(2, 1, 1)
+    ia = torch.tensor([[[90.0, 90.0, 1.0], [150.0, 90.0, 1.0], [95.0, 15.0, 0.0]]]).repeat(2, 1, 1)
+    qa = torch.tensor([[[90.0, 10.0, 0.0]]]).repeat(2, 1, 1)
     mask, qm = torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 1, dtype=torch.bool)
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     first = None

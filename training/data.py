@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from panorama.geometry import NAMED, STANDARD_12
+from panorama.geometry import NAMED, STANDARD_12, descriptors
 from panorama.records import MODEL_FS, lead_quality, read_record
 
 from . import splits
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Example:
-    """All usable views of one patient: signals (V, T) float32 mV, angles (V, 2) degrees."""
+    """All usable views of one patient: signals (V, T) float32 mV, angles (V, 3) descriptors
+    (θ°, φ°, far-field flag)."""
 
     name: str
     signals: np.ndarray
@@ -50,7 +51,7 @@ def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | 
         sig = rec.signals[keep]
         sig = sig - np.median(sig, axis=1, keepdims=True)
         names = [rec.leads[i] for i in keep]
-        angles = np.array([[NAMED[n].theta, NAMED[n].phi] for n in names], dtype=np.float32)
+        angles = descriptors([NAMED[n] for n in names])
         out.append(Example(rec.name, sig.astype(np.float32), angles, names, rec.source))
     return out
 
@@ -75,13 +76,14 @@ def simulate_example(seed: int, n_random: int = 12, seconds: float = 10.0, devic
 
     rng = np.random.default_rng([seed, 7])
     params = sample_patient(rng)
-    told = np.array([[NAMED[n].theta, NAMED[n].phi] for n in STANDARD_12], dtype=float)
-    true = told.copy()
+    told = descriptors([NAMED[n] for n in STANDARD_12]).astype(float)
+    true = told[:, :2].copy()
     chest = [i for i, n in enumerate(STANDARD_12) if lead_kind(n) == "chest"]
     true[chest] += rng.normal(0, displacement_deg, (len(chest), 2))
     rand = random_directions(rng, n_random)
     names = [*STANDARD_12, *(f"{t:.1f}:{p:.1f}" for t, p in rand)]
     clean = render(params, np.concatenate([true, rand]), names, seconds, MODEL_FS)
+    rand = np.concatenate([rand, np.zeros((n_random, 1))], 1)  # torso electrodes: near field
     sig = apply_device(clean, MODEL_FS, resolve_device(device, rng), rng)
     sig = sig - np.median(sig, axis=1, keepdims=True)
     keep = [i for i, n in enumerate(names) if n not in hidden]
@@ -92,9 +94,9 @@ def simulate_example(seed: int, n_random: int = 12, seconds: float = 10.0, devic
 @dataclass
 class Batch:
     x: torch.Tensor  # (B, L, T) inputs, mV
-    in_angles: torch.Tensor  # (B, L, 2)
+    in_angles: torch.Tensor  # (B, L, 3) view descriptors
     mask: torch.Tensor  # (B, L) bool
-    q_angles: torch.Tensor  # (B, Q, 2)
+    q_angles: torch.Tensor  # (B, Q, 3)
     y: torch.Tensor  # (B, Q, T) targets, mV
     q_mask: torch.Tensor  # (B, Q) bool
 
@@ -135,10 +137,10 @@ class AnyPairsSampler:
     def batch(self, size: int) -> Batch:
         b_l, b_q = self.max_inputs, self.max_queries
         x = np.zeros((size, b_l, self.crop), np.float32)
-        ia = np.zeros((size, b_l, 2), np.float32)
+        ia = np.zeros((size, b_l, 3), np.float32)
         m = np.zeros((size, b_l), bool)
         y = np.zeros((size, b_q, self.crop), np.float32)
-        qa = np.zeros((size, b_q, 2), np.float32)
+        qa = np.zeros((size, b_q, 3), np.float32)
         qm = np.zeros((size, b_q), bool)
         for i in range(size):
             xs, a, ys, qang = self._one(self.examples[int(self.rng.integers(len(self.examples)))])
