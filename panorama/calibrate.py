@@ -122,9 +122,9 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
     n, m = len(usable), len(fit)
     with torch.no_grad():
         fv = model.encode(xs[fit][None])  # (1, m, C, T'): the one encoder pass
-    xb = xs[fit][None].expand(n, -1, -1)  # batch j predicts recorded lead j from the inputs but j
-    fvb = fv.expand(n, -1, -1, -1)
-    mask = torch.tensor([[k != j for k in fit] for j in range(n)], device=dev)
+    xin = xs[fit][None]  # (1, m, T)
+    # query j predicts recorded lead j from every input but itself, all in one pass
+    mask = torch.tensor([[k != j for k in fit] for j in range(n)], device=dev)[None]  # (1, n, m)
     scatter = torch.zeros(n, m, device=dev)  # input offsets → per-lead query offsets
     scatter[fit, torch.arange(m)] = 1.0
 
@@ -132,7 +132,7 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
         off3 = torch.nn.functional.pad(offsets, (0, 1))  # the far-field flag never moves
         ang_in = table[fit] + off3
         ang_q = table + scatter @ off3
-        pred = model.decode(xb, fvb, ang_in[None].expand(n, -1, -1), mask, ang_q[:, None])[:, 0]  # (n, T)
+        pred = model.decode(xin, fv, ang_in[None], mask, ang_q[None])[0]  # (n, T)
         err = pred - xs
         err = err - err.median(dim=1, keepdim=True).values  # DC carries no information
         return err.abs().mean()

@@ -234,16 +234,17 @@ class NefNetV2(nn.Module):
         logits = torch.einsum("bqhd,blhd->bqhl", qk, kk) / math.sqrt(d // h)
         cos = u_q @ u_in.transpose(1, 2)  # (B, Q, L)
         logits = logits + self.geo_bias[None, None, :, None] * cos[:, :, None, :]
-        logits = logits.masked_fill(~mask[:, None, None, :], -1e4)
+        logits = logits.masked_fill(~mask[:, :, None, :], -1e4)  # mask (B, Q, L)
         return torch.softmax(logits, dim=-1)
 
     def dipole_skip(self, x, u_in, u_q, mask):
-        """Ridge least-squares heart vector from the masked inputs, projected on each query."""
-        m = mask.to(x.dtype)[..., None]
-        um = u_in * m  # (B, L, 3)
-        gram = um.transpose(1, 2) @ um + self.cfg.ridge * torch.eye(3, dtype=x.dtype, device=x.device)
-        heart = inv3x3(gram) @ (um.transpose(1, 2) @ (x * m))  # (B, 3, T)
-        return u_q @ heart  # (B, Q, T)
+        """Ridge least-squares heart vector from each query's inputs, projected on the query.
+        mask (B, Q, L): the inputs each query may use."""
+        um = u_in[:, None] * mask.to(x.dtype)[..., None]  # (B, Q, L, 3)
+        umt = um.transpose(2, 3)  # (B, Q, 3, L)
+        gram = umt @ um + self.cfg.ridge * torch.eye(3, dtype=x.dtype, device=x.device)
+        heart = inv3x3(gram) @ (umt @ x[:, None])  # (B, Q, 3, T)
+        return (u_q[..., None] * heart).sum(2)  # (B, Q, T)
 
     def encode(self, x, mask=None):
         """(B, L, T) mV → lead features (B, L, C, ceil(T/8)); angle-free, so computed once
@@ -261,9 +262,13 @@ class NefNetV2(nn.Module):
         return out
 
     def decode(self, x, fv, in_angles, mask, q_angles):
-        """Everything after the encoder: geometry, fusion, head, skips → (B, Q, T) mV."""
+        """Everything after the encoder: geometry, fusion, head, skips → (B, Q, T) mV.
+        ``mask`` is (B, L), or (B, Q, L) to give each query its own inputs (leave-one-out
+        calibration predicts every lead from the others in one pass)."""
         b, l, t = x.shape
         q = q_angles.shape[1]
+        if mask.dim() == 2:
+            mask = mask[:, None, :].expand(b, q, l)
         u_in, u_q = directions(in_angles), directions(q_angles)
         e_in = self.embed(u_in, in_angles[..., 2:3])  # (B, L, D)
         e_q = self.embed(u_q, q_angles[..., 2:3])  # (B, Q, D)
@@ -273,13 +278,13 @@ class NefNetV2(nn.Module):
         for blk in self.blocks:
             fo, fv = blk(fv, fo, attn, pair)
         resid = self.head(fo.reshape(b * q, fo.shape[2], fo.shape[3])).reshape(b, q, -1)[..., :t]
-        m = mask.to(x.dtype)
-        montage = (e_in * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp(min=1)  # (B, D)
-        w = self.mix(torch.cat([pair, montage[:, None, None].expand(-1, q, l, -1)], -1))[..., 0]
-        linear = (w * m[:, None]) @ x  # (B, Q, T)
+        m = mask.to(x.dtype)  # (B, Q, L)
+        montage = (m @ e_in) / m.sum(2, keepdim=True).clamp(min=1)  # (B, Q, D): mean input embedding
+        w = self.mix(torch.cat([pair, montage[:, :, None].expand(-1, -1, l, -1)], -1))[..., 0]
+        linear = (w * m) @ x  # (B, Q, T)
         return self.dipole_skip(x, u_in, u_q, mask) + linear + resid
 
     def forward(self, x, in_angles, mask, q_angles):
         """x (B, L, T) mV; in_angles (B, L, 3), mask (B, L) bool, q_angles (B, Q, 3): each a
         view descriptor (θ°, φ°, far-field flag) → (B, Q, T) mV."""
-        return self.decode(x, self.encode(x, mask), in_angles, mask, q_angles)
+        return self.decode(x, self.encode(x, mask if mask.dim() == 2 else mask.any(1)), in_angles, mask, q_angles)

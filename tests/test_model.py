@@ -47,7 +47,7 @@ def test_dipole_skip_reproduces_the_dipole_baseline():
     x = np.random.default_rng(0).standard_normal((3, 300)).astype(np.float32)
     u_in = torch.tensor(np.stack([v.direction for v in inputs]), dtype=torch.float32)[None]
     u_q = torch.tensor(np.stack([v.direction for v in queries]), dtype=torch.float32)[None]
-    got = model.dipole_skip(torch.from_numpy(x)[None], u_in, u_q, torch.ones(1, 3, dtype=torch.bool))
+    got = model.dipole_skip(torch.from_numpy(x)[None], u_in, u_q, torch.ones(1, 2, 3, dtype=torch.bool))
     want = DipoleMethod().predict(x, inputs, queries)
     assert np.allclose(got[0].detach().numpy(), want, atol=5e-3)
 
@@ -64,7 +64,7 @@ def test_attention_prefers_the_geometrically_nearest_input():
 
     u_in, u_q = directions(ia), directions(ia)  # a query at each input's own angle
     e_in = model.embed(u_in, ia[..., 2:3])
-    attn = model.attention(e_in, e_in, u_q, u_in, torch.ones(1, 3, dtype=torch.bool))  # (1, Q, H, L)
+    attn = model.attention(e_in, e_in, u_q, u_in, torch.ones(1, 3, 3, dtype=torch.bool))  # (1, Q, H, L)
     mean = attn.mean(2)[0]
     assert torch.equal(mean.argmax(-1), torch.arange(3))
 
