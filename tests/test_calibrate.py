@@ -58,7 +58,6 @@ def test_bad_arguments_are_value_errors(tiny):
         calibrate(tiny, x, resolve_views(",".join(CAL)), fs=250)
 
 
-@pytest.mark.skipif(not DEFAULT_CHECKPOINTS["pretrained"].is_file(), reason="no shipped checkpoint yet")
 def test_recovers_a_known_displacement_and_improves_synthesis():
     synth = Synthesizer.load(DEFAULT_CHECKPOINTS["pretrained"])
     shift = np.array([0.0, 12.0])  # every chest electrode 12° further round to the left

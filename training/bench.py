@@ -61,8 +61,8 @@ def bench_model(synth: Synthesizer, repeats: int) -> dict:
     queries = resolve_views("V2,V6,V7,V8,V9,V3R,V4R,120:45")
     t = 10 * MODEL_FS
     x = torch.randn(1, 12, t, device=dev) * 0.3
-    ia = torch.tensor([synth.angles(inputs)], device=dev)
-    qa = torch.tensor([synth.angles(queries)], device=dev)
+    ia = torch.from_numpy(synth.angles(inputs))[None].to(dev)
+    qa = torch.from_numpy(synth.angles(queries))[None].to(dev)
     mask = torch.ones(1, 12, dtype=torch.bool, device=dev)
     times = []
     with torch.inference_mode():
@@ -74,8 +74,8 @@ def bench_model(synth: Synthesizer, repeats: int) -> dict:
             model(x, ia, mask, qa)
             _sync(dev)
             times.append((time.perf_counter() - t0) * 1000)
-        with FlopCounterMode(display=False) as fc:
-            model(x, ia, mask, qa)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:  # (not under inference_mode:
+        model(x, ia, mask, qa)  # spectral norm's parametrisation refuses inference tensors there)
     flops = fc.get_total_flops()
     return {"device": str(dev), "threads": torch.get_num_threads(), "input": "12 leads x 10 s @ 500 Hz",
             "views": len(queries), "median_ms": round(statistics.median(times), 2),
