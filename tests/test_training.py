@@ -39,7 +39,7 @@ def test_config_refuses_to_supervise_the_validation_views():
     assert cfg.data.hidden == ["V2", "V6"]  # normalised, so the names match the records'
 
 
-def test_shipped_configs_validate(cli):
+def test_shipped_configs_validate(cli, data_dir):  # the configs name ../shared/data/ecg
     for name in ("stage1.yaml", "stage2_ludb.yaml"):
         proc = cli("train", "--config", Path("training/configs") / name, "--validate-config")
         assert proc.returncode == 0, proc.stderr
