@@ -87,6 +87,6 @@ def test_demo_prints_both_tables_and_writes_the_figure(cli, data_dir, tmp_path):
     proc = cli("demo", "--patients", "4", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Simulated patients (4)" in proc.stdout and "Real records in" in proc.stdout
-    assert "real dipole" in proc.stdout
+    assert "real dipole" in proc.stdout and "real model" in proc.stdout
     png = tmp_path / "sim_vs_real.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
