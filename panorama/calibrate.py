@@ -102,7 +102,6 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if next(model.parameters()).device != dev:
         raise ValueError(f"the model is on {next(model.parameters()).device}, calibration asked for {dev}")
-    n, m = len(usable), len(fit)
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
     table = torch.from_numpy(descriptors([views[i] for i in usable])).to(dev)  # (n, 3)
     model.eval()
@@ -153,8 +152,8 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if fit_err.item() < best * (1 - 1e-3):
-            best, best_off, stall = fit_err.item(), off.detach().clone(), 0
+        if loss.item() < best * (1 - 1e-3):  # the MAP objective chooses, prior included
+            best, best_off, stall = loss.item(), off.detach().clone(), 0
         else:
             stall += 1
             if stall >= 6:
