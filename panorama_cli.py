@@ -16,6 +16,7 @@ from panorama.errors import PanoramaError
 
 def build_parser() -> argparse.ArgumentParser:
     from edge import cli as edge_cli
+    from export import cli as export_cli
     from training import bench as training_bench
     from training import cli as training_cli
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and their viewing angles (NEF-NET v2).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for part in (edge_cli, training_cli, training_bench):
+    for part in (edge_cli, training_cli, training_bench, export_cli):
         part.register(sub)
     return parser
 

@@ -55,7 +55,7 @@ DOWNSAMPLE = 8  # the encoder's total stride; inputs are padded to a multiple of
 
 def directions(angles_deg: torch.Tensor) -> torch.Tensor:
     """(..., ≥2) degrees (θ, φ, …) → (..., 3) unit vectors (x anterior, y left, z head)."""
-    t, p = torch.deg2rad(angles_deg[..., 0]), torch.deg2rad(angles_deg[..., 1])
+    t, p = angles_deg[..., 0] * (math.pi / 180), angles_deg[..., 1] * (math.pi / 180)  # exports
     return torch.stack([torch.sin(t) * torch.cos(p), torch.sin(t) * torch.sin(p), torch.cos(t)], -1)
 
 
