@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--patients", type=int, default=40, help="simulated patients for calibration (default 40)")
     p.add_argument("--repeats", type=int, default=30, help="timed runs (default 30)")
+    p.add_argument("--onnx", action="store_true",
+                   help="model: also time ONNX Runtime (CPU) on the exported checkpoint, same input")
     p.add_argument("--json", type=Path, help="write the figures as JSON")
     p.set_defaults(func=run)
 
@@ -40,7 +42,13 @@ def register(sub) -> None:
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     synth = Synthesizer.load(args.model, device=args.device)
-    res = bench_model(synth, args.repeats) if args.what == "model" else bench_calibration(synth, args.patients)
+    if args.what == "model":
+        res = bench_model(synth, args.repeats)
+        if args.onnx:
+            res.update(bench_onnxruntime(args.model, args.threads, args.repeats))
+            res["onnxruntime_speedup"] = round(res["median_ms"] / res["onnxruntime_median_ms"], 2)
+    else:
+        res = bench_calibration(synth, args.patients)
     for k, v in res.items():
         print(f"{k:>32}: {v}")
     if args.json:
@@ -83,6 +91,36 @@ def bench_model(synth: Synthesizer, repeats: int) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()),
             "gflop_per_call": round(flops / 1e9, 3),
             "kflop_per_output_sample": round(flops / (len(queries) * t) / 1e3, 1)}
+
+
+def bench_onnxruntime(model_path, threads: int, repeats: int) -> dict:
+    """The same 8 views from 10 s of 12 leads through ONNX Runtime's CPU provider."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from export.onnx import export_onnx
+    from panorama.synth import default_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model_path or default_checkpoint(), Path(tmp) / "model.onnx")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    inputs = resolve_views(",".join(STANDARD_12))
+    queries = resolve_views("V2,V6,V7,V8,V9,V3R,V4R,120:45")
+    feeds = {"x": (np.random.default_rng(0).standard_normal((1, 12, 10 * MODEL_FS)) * 0.3).astype(np.float32),
+             "in_views": Synthesizer.angles(inputs)[None], "mask": np.ones((1, 12), bool),
+             "q_views": Synthesizer.angles(queries)[None]}
+    for _ in range(5):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"onnxruntime_median_ms": round(statistics.median(times), 2),
+            "onnxruntime_p90_ms": round(float(np.percentile(times, 90)), 2)}
 
 
 def bench_calibration(synth: Synthesizer, patients: int) -> dict:
