@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="diagnostic", help="simulated device profile for --sim (default diagnostic)")
     p.add_argument("--seed", type=int, default=1000, help="first seed for --sim (default 1000)")
     p.add_argument("--model", type=Path, metavar="PATH",
-                   help="checkpoint for --method model (default: the shipped device-calibrated one)")
+                   help="checkpoint for --method model (default: the shipped pretrained one)")
     p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
                    help="with --method model: also score the model after on-the-fly calibration on "
                    "the first SECONDS of the non-scored leads (e.g. 5)")
