@@ -32,3 +32,14 @@ def test_one_bad_record_does_not_stop_the_others(cli, data_dir, tmp_path):
     proc = cli("synthesize", data_dir / "ludb" / "ludb001", tmp_path / "nope", "--views", "V7", "--out", tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no WFDB record" in proc.stderr
+
+
+def test_synthesize_with_calibration_records_the_offsets(cli, data_dir, tmp_path):
+    proc = cli("synthesize", data_dir / "ludb" / "ludb001", "--inputs", "I,II,V3", "--views", "V2,V7",
+               "--calibrate", "5", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    comments = wfdb.rdheader(str(tmp_path / "ludb001")).comments
+    assert any(c.startswith("calibration accepted") or c.startswith("calibration rejected") for c in comments)
+    offsets = [c for c in comments if c.startswith("offset ")]
+    assert [c.split(":")[0] for c in offsets] == ["offset I", "offset II", "offset V3"]
+    assert all(c.isascii() for c in comments)  # WFDB headers are ASCII
