@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--views", required=True, help="views to write, e.g. V2,V6,V7,120:45")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+                   help="inference backend (default torch); calibration always uses PyTorch")
     p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
                    help="fit the inputs' angle offsets on the first SECONDS of every lead in the record "
                    "(e.g. 5); the offsets and the verdict go into the output header's comments")
@@ -35,7 +37,13 @@ def register(sub) -> None:
 
 def run(args) -> int:
     inputs, views = resolve_views(args.inputs), resolve_views(args.views)
+    from panorama.synth import default_checkpoint
+
+    from .backends import make_backend
+
     synth = Synthesizer.load(args.model)
+    if args.backend != "torch":
+        synth.runner = make_backend(args.backend, args.model or default_checkpoint()).run
     paths, failed = [], 0
     for arg in args.records:  # a bad path is reported, the others still run
         try:

@@ -35,10 +35,14 @@ def default_checkpoint() -> Path:
 
 
 class Synthesizer:
-    def __init__(self, model, meta: dict | None = None, device: str = "cpu"):
+    """``runner``: an inference backend's ``run`` (numpy in, numpy out) to use instead of the
+    PyTorch model; the model stays for on-the-fly calibration, which needs gradients."""
+
+    def __init__(self, model, meta: dict | None = None, device: str = "cpu", runner=None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.meta = meta or {}
+        self.runner = runner
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu") -> "Synthesizer":
@@ -59,6 +63,9 @@ class Synthesizer:
             raise ValueError(f"expected ({len(inputs)}, samples) input, got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("input holds NaN or Inf samples; mask or repair those leads first")
+        if self.runner is not None:
+            mask = np.ones((1, len(inputs)), dtype=bool)
+            return self.runner(x[None], self.angles(inputs, offsets)[None], mask, self.angles(queries)[None])[0]
         dev = self.device
         xt = torch.from_numpy(x)[None].to(dev)
         ia = torch.from_numpy(self.angles(inputs, offsets))[None].to(dev)

@@ -50,3 +50,16 @@ def test_dynamic_leads_views_and_time(exported):
     y = _run(exported[1], synth, x, inputs, queries)
     assert y.shape == (1, 1200)
     assert np.abs(y - synth(x, inputs, queries)).max() < 1e-3
+
+
+def test_backends_are_chosen_by_name_with_clear_errors():
+    from edge.backends import make_backend
+    from panorama.synth import default_checkpoint
+
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; choose one of torch, onnxruntime"):
+        make_backend("tensorrt", default_checkpoint())
+    torch_backend = make_backend("torch", default_checkpoint())
+    x = np.random.default_rng(1).standard_normal((1, 3, 800)).astype(np.float32) * 0.3
+    views = Synthesizer.angles(resolve_views("I,II,V3"))[None]
+    y = torch_backend.run(x, views, np.ones((1, 3), bool), Synthesizer.angles(resolve_views("V7"))[None])
+    assert y.shape == (1, 1, 800) and np.isfinite(y).all()

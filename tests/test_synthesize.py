@@ -43,3 +43,16 @@ def test_synthesize_with_calibration_records_the_offsets(cli, data_dir, tmp_path
     offsets = [c for c in comments if c.startswith("offset ")]
     assert [c.split(":")[0] for c in offsets] == ["offset I", "offset II", "offset V3"]
     assert all(c.isascii() for c in comments)  # WFDB headers are ASCII
+
+
+def test_onnxruntime_backend_writes_the_same_views_as_torch(cli, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PANORAMA_CACHE", str(tmp_path / "cache"))
+    rec = data_dir / "challenge2021" / "A0001"  # odd rate history, 15 s
+    outs = {}
+    for backend in ("torch", "onnxruntime"):
+        proc = cli("synthesize", rec, "--views", "V2,V6,V7,120:45", "--backend", backend,
+                   "--out", tmp_path / backend)
+        assert proc.returncode == 0, proc.stderr
+        outs[backend] = wfdb.rdrecord(str(tmp_path / backend / "A0001")).p_signal
+    assert np.abs(outs["torch"] - outs["onnxruntime"]).max() <= 1e-3  # 1 µV (the file's resolution)
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached by hash
