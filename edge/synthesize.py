@@ -6,12 +6,15 @@ import logging
 import sys
 from pathlib import Path
 
-from panorama.errors import PanoramaError
-from panorama.geometry import resolve_views
 import numpy as np
 
+from panorama.calibrate import calibrate
+from panorama.errors import PanoramaError
+from panorama.geometry import resolve_view, resolve_views
 from panorama.records import MODEL_FS, Record, find_records, lead_quality, read_record, resample, write_record
-from panorama.synth import Synthesizer
+from panorama.synth import Synthesizer, default_checkpoint
+
+from .backends import make_backend
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     inputs, views = resolve_views(args.inputs), resolve_views(args.views)
-    from panorama.synth import default_checkpoint
-
-    from .backends import make_backend
-
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":
         synth.runner = make_backend(args.backend, args.model or default_checkpoint()).run
@@ -71,18 +70,18 @@ def run(args) -> int:
 def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Path,
                       calibrate_s: float = 0.0) -> Path:
     names = [v.name for v in inputs]
-    native = read_record(path, leads=names, fs=None)
+    # only the inputs are read, unless calibration may use every lead of the record
+    every = read_record(path, fs=None) if calibrate_s > 0 else None
+    native = read_record(path, leads=names, fs=None) if every is None else Record(
+        every.name, np.stack([every.lead(n) for n in names]), names, every.fs, every.source)
     rec = resample(native, MODEL_FS)
     flags = [f if np.isfinite(x).all() else "missing" for f, x in zip(lead_quality(rec.signals), rec.signals)]
     bad = [f"{n} {f}" for n, f in zip(names, flags) if f != "ok"]
     if bad:
         raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}; choose other --inputs")
     offsets, notes = None, []
-    if calibrate_s > 0:
-        from panorama.calibrate import calibrate
-        from panorama.geometry import resolve_view
-
-        every = read_record(path)  # calibration may use every lead of the record but the views asked for
+    if every is not None:  # every lead of the record but the views asked for
+        every = resample(every, MODEL_FS)
         keep = [i for i, n in enumerate(every.leads) if n not in {v.name for v in views}]
         res = calibrate(synth.model, every.signals[keep], [resolve_view(every.leads[i]) for i in keep],
                         seconds=calibrate_s, inputs=names, device=synth.device)

@@ -61,64 +61,60 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+BENCH_VIEWS = "V2,V6,V7,V8,V9,V3R,V4R,120:45"
+
+
+def _workload() -> tuple[np.ndarray, ...]:
+    """8 views from 10 s of 12 leads: x, input views, mask, query views (numpy, batch 1)."""
+    inputs, queries = resolve_views(",".join(STANDARD_12)), resolve_views(BENCH_VIEWS)
+    x = (np.random.default_rng(0).standard_normal((1, 12, 10 * MODEL_FS)) * 0.3).astype(np.float32)
+    return x, Synthesizer.angles(inputs)[None], np.ones((1, 12), bool), Synthesizer.angles(queries)[None]
+
+
+def _timed(fn, repeats: int, warmup: int = 5) -> list[float]:
+    """Milliseconds per call of ``fn`` (which must return only when its work is done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def bench_model(synth: Synthesizer, repeats: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     model, dev = synth.model, synth.device
-    inputs = resolve_views(",".join(STANDARD_12))
-    queries = resolve_views("V2,V6,V7,V8,V9,V3R,V4R,120:45")
-    t = 10 * MODEL_FS
-    x = torch.randn(1, 12, t, device=dev) * 0.3
-    ia = torch.from_numpy(synth.angles(inputs))[None].to(dev)
-    qa = torch.from_numpy(synth.angles(queries))[None].to(dev)
-    mask = torch.ones(1, 12, dtype=torch.bool, device=dev)
-    times = []
+    work = _workload()
+    x, ia, mask, qa = (torch.from_numpy(a).to(dev) for a in work)
+
+    def call():
+        model(x, ia, mask, qa)
+        _sync(dev)
+
     with torch.inference_mode():
-        for _ in range(5):
-            model(x, ia, mask, qa)
-        for _ in range(repeats):
-            _sync(dev)
-            t0 = time.perf_counter()
-            model(x, ia, mask, qa)
-            _sync(dev)
-            times.append((time.perf_counter() - t0) * 1000)
+        times = _timed(call, repeats)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:  # (not under inference_mode:
         model(x, ia, mask, qa)  # spectral norm's parametrisation refuses inference tensors there)
-    flops = fc.get_total_flops()
+    flops, n_views, t = fc.get_total_flops(), qa.shape[1], x.shape[2]
     return {"device": str(dev), "threads": torch.get_num_threads(), "input": "12 leads x 10 s @ 500 Hz",
-            "views": len(queries), "median_ms": round(statistics.median(times), 2),
+            "views": n_views, "median_ms": round(statistics.median(times), 2),
             "p90_ms": round(float(np.percentile(times, 90)), 2),
             "parameters": sum(p.numel() for p in model.parameters()),
             "gflop_per_call": round(flops / 1e9, 3),
-            "kflop_per_output_sample": round(flops / (len(queries) * t) / 1e3, 1)}
+            "kflop_per_output_sample": round(flops / (n_views * t) / 1e3, 1)}
 
 
 def bench_onnxruntime(model_path, threads: int, repeats: int) -> dict:
-    """The same 8 views from 10 s of 12 leads through ONNX Runtime's CPU provider."""
-    import tempfile
-
-    import onnxruntime as ort
-
-    from export.onnx import export_onnx
+    """The same workload through the ONNX Runtime backend (CPU provider)."""
+    from edge.backends.onnxruntime import OnnxRuntimeBackend
     from panorama.synth import default_checkpoint
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model_path or default_checkpoint(), Path(tmp) / "model.onnx")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    inputs = resolve_views(",".join(STANDARD_12))
-    queries = resolve_views("V2,V6,V7,V8,V9,V3R,V4R,120:45")
-    feeds = {"x": (np.random.default_rng(0).standard_normal((1, 12, 10 * MODEL_FS)) * 0.3).astype(np.float32),
-             "in_views": Synthesizer.angles(inputs)[None], "mask": np.ones((1, 12), bool),
-             "q_views": Synthesizer.angles(queries)[None]}
-    for _ in range(5):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t0) * 1000)
+    backend = OnnxRuntimeBackend(model_path or default_checkpoint(), threads=threads)
+    work = _workload()
+    times = _timed(lambda: backend.run(*work), repeats)
     return {"onnxruntime_median_ms": round(statistics.median(times), 2),
             "onnxruntime_p90_ms": round(float(np.percentile(times, 90)), 2)}
 

@@ -140,7 +140,6 @@ class CalibratedModelMethod(ModelMethod):
         self.seconds = seconds
         self.inputs_only = inputs_only  # fit only the synthesis inputs' offsets
         self.offsets = None
-        self.results: dict[str, object] = {}
 
     def prepare(self, record: Record, task: Task) -> None:
         from panorama.calibrate import calibrate
@@ -152,7 +151,6 @@ class CalibratedModelMethod(ModelMethod):
         res = calibrate(self.synth.model, x, [resolve_view(n) for n in names], seconds=self.seconds,
                         inputs=[v.name for v in task.inputs] if self.inputs_only else None,
                         device=self.synth.device)
-        self.results[record.name] = res
         self.offsets = res.offsets_for([v.name for v in task.inputs])
 
     def predict(self, x, inputs, queries):
