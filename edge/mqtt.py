@@ -1,0 +1,251 @@
+"""MQTT plumbing shared by the daemon and the tools: broker URLs, clients, one publisher thread.
+
+paho-mqtt 2.x with VERSION2 callbacks. The protocol version is explicit ("5" or "3.1.1"):
+Mosquitto 2 speaks both; the embedded amqtt broker speaks 3.1.1 only. MQTT v5 PUBLISH
+properties (content type, message expiry) are sent only over v5.
+
+Publishing from paho callbacks, or from many threads at once, is paho's most reported
+deadlock, so every publish goes through one ``Publisher`` thread fed by a bounded queue:
+a full queue drops (and counts) instead of blocking the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import secrets
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from panorama.errors import BackendError
+
+__all__ = ["PROTOCOLS", "BrokerConnectionError", "client_id", "parse_broker_url", "make_client",
+           "publish_props", "Publisher", "connect"]
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+DEFAULT_PORT = 1883
+
+
+class BrokerConnectionError(BackendError, ConnectionError):
+    """The broker could not be reached, or refused the connection."""
+
+
+def client_id(role: str) -> str:
+    """A client id unique per host and process (duplicate ids make brokers kick clients in turn)."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+    return f"panorama-{role}-{host}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """``mqtt://host[:port]`` → (host, port); port 1883 by default."""
+    hint = "write the broker as mqtt://HOST[:PORT], e.g. mqtt://127.0.0.1:1883"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"bad broker URL {url!r} ({exc}); {hint}") from None
+    if parts.scheme != "mqtt":
+        raise ValueError(f"bad broker URL {url!r}: the scheme must be mqtt:// (TLS is not supported yet); {hint}")
+    if not parts.hostname:
+        raise ValueError(f"bad broker URL {url!r}: no host; {hint}")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"bad broker URL {url!r}: credentials in the URL are not supported")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"bad broker URL {url!r}: nothing may follow the port; {hint}")
+    if port == 0:
+        raise ValueError(f"bad broker URL {url!r}: port 0 is not a broker's port; {hint}")
+    return parts.hostname, DEFAULT_PORT if port is None else port
+
+
+def _check_protocol(protocol: str) -> int:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"MQTT protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    return PROTOCOLS[protocol]
+
+
+def make_client(client_id: str, protocol: str = "5") -> mqtt.Client:
+    """A paho client with back-off reconnects (1 s to 30 s) and at most 1000 QoS>0 messages
+    queued while disconnected. An exception in one of its callbacks is logged and the
+    network thread carries on, rather than dying silently with the connection."""
+    version = _check_protocol(protocol)
+    kwargs = {"clean_session": True} if version == mqtt.MQTTv311 else {}  # v5: clean_start at connect
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version, **kwargs)
+    client.reconnect_delay_set(1, 30)
+    client.max_queued_messages_set(1000)
+    client.suppress_exceptions = True
+    client.enable_logger(logging.getLogger("paho.mqtt"))
+    return client
+
+
+def publish_props(protocol: str, content_type: str | None, expiry_s: int | None) -> Properties | None:
+    """MQTT v5 PUBLISH properties (content type, message expiry); None on 3.1.1 or when empty."""
+    if _check_protocol(protocol) != mqtt.MQTTv5 or (content_type is None and expiry_s is None):
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if content_type is not None:
+        props.ContentType = content_type
+    if expiry_s is not None:
+        if int(expiry_s) < 1:
+            raise ValueError(f"message expiry must be at least 1 s, got {expiry_s}")
+        props.MessageExpiryInterval = int(expiry_s)
+    return props
+
+
+_STOP = object()
+
+
+class Publisher:
+    """One thread that owns all publishing, fed by a bounded queue (never publish from callbacks)."""
+
+    def __init__(self, client: mqtt.Client, maxsize: int = 2048, protocol: str = "5"):
+        version = _check_protocol(protocol)
+        actual = getattr(client, "protocol", version)
+        if actual in PROTOCOLS.values() and actual != version:
+            raise ValueError(f"Publisher told protocol {protocol!r} but the client speaks "
+                             f"{'5' if actual == mqtt.MQTTv5 else '3.1.1'}")
+        self.client = client
+        self.protocol = protocol
+        self.dropped = 0  # refused by put: queue full, or publisher stopped
+        self.published = 0  # handed to paho successfully
+        self.failed = 0  # paho refused (not connected with QoS 0, its own queue full, bad topic)
+        self._queue: queue.Queue = queue.Queue(maxsize)
+        self._lock = threading.Lock()
+        self._props: dict[tuple, Properties | None] = {}
+        self._last: mqtt.MQTTMessageInfo | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="panorama-publisher", daemon=True)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> "Publisher":
+        self._thread.start()
+        return self
+
+    def put(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
+            content_type: str | None = None, expiry_s: int | None = None) -> bool:
+        """Queue one message; False (and a drop counted) when the queue is full. Never blocks."""
+        if not self._stopping.is_set():
+            try:
+                self._queue.put_nowait((topic, payload, qos, retain, content_type, expiry_s))
+                return True
+            except queue.Full:
+                pass
+        with self._lock:
+            self.dropped += 1
+        return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish what is queued (within ``timeout`` seconds), then end the thread."""
+        deadline = time.monotonic() + timeout
+        self._stopping.set()
+        try:
+            self._queue.put_nowait(_STOP)  # wakes the thread at once once the queue is drained
+        except queue.Full:
+            pass  # the thread notices _stopping when the queue runs dry
+        if self._thread.is_alive():
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("publisher stopped with %d messages still queued", self.queued)
+            return
+        last = self._last
+        if last is not None and self.client.is_connected():
+            try:  # in order on one connection: the last one out means all are out
+                last.wait_for_publish(max(0.01, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                pass
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    return
+                continue
+            if item is _STOP:
+                if self._queue.empty():
+                    return
+                continue
+            self._publish(*item)
+
+    def _publish(self, topic, payload, qos, retain, content_type, expiry_s) -> None:
+        try:
+            key = (content_type, expiry_s)
+            if key not in self._props:
+                self._props[key] = publish_props(self.protocol, content_type, expiry_s)
+            info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=self._props[key])
+        except Exception as exc:  # a bad topic or payload must not end the publishing thread
+            self.failed += 1
+            log.warning("cannot publish to %r: %s", topic, exc)
+            return
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self.published += 1
+            self._last = info
+        else:
+            self.failed += 1
+
+
+def connect(client: mqtt.Client, url: str, timeout: float = 10.0, keepalive: int = 30) -> None:
+    """Connect, start paho's network thread (which then owns reconnects) and wait for the
+    broker's CONNACK. BrokerConnectionError (a ConnectionError) naming the broker when it
+    cannot be reached, refuses, or does not answer within ``timeout`` seconds."""
+    host, port = parse_broker_url(url)
+    where = f"{host}:{port}"
+    answered = threading.Event()
+    result: dict = {}
+    previous_connect, previous_disconnect = client.on_connect, client.on_disconnect
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        result.setdefault("rc", reason_code)
+        answered.set()
+        if previous_connect is not None:
+            previous_connect(c, userdata, flags, reason_code, properties)
+
+    def on_disconnect(c, userdata, flags, reason_code, properties):
+        result.setdefault("closed", reason_code)  # closed before any CONNACK: refused
+        answered.set()
+        if previous_disconnect is not None:
+            previous_disconnect(c, userdata, flags, reason_code, properties)
+
+    def restore():
+        if client.on_connect is on_connect:
+            client.on_connect = previous_connect
+        if client.on_disconnect is on_disconnect:
+            client.on_disconnect = previous_disconnect
+
+    def fail(why: str, exc: BaseException | None = None):
+        client.disconnect()
+        client.loop_stop()
+        restore()
+        raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: {why}") from exc
+
+    client.on_connect, client.on_disconnect = on_connect, on_disconnect
+    try:
+        client.connect_timeout = max(0.1, float(timeout))
+        extra = {"clean_start": True} if client.protocol == mqtt.MQTTv5 else {}
+        client.connect(host, port, keepalive=keepalive, **extra)
+    except (OSError, ValueError, RuntimeError) as exc:
+        restore()
+        raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: {exc}") from exc
+    client.loop_start()
+    if not answered.wait(timeout):
+        fail(f"no answer to CONNECT within {timeout:g} s")
+    rc = result.get("rc")
+    if rc is None or rc.is_failure:
+        why = f"the broker refused the connection ({rc if rc is not None else result.get('closed')})"
+        if client.protocol == mqtt.MQTTv5:
+            why += "; it may speak MQTT 3.1.1 only (amqtt does): try protocol 3.1.1"
+        fail(why)
+    restore()
