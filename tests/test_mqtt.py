@@ -1,0 +1,276 @@
+"""MQTT plumbing against real brokers: the embedded amqtt (3.1.1) always, and the Mosquitto
+at 127.0.0.1:1883 (5 and 3.1.1) where one listens; skipped cleanly where none does."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+
+from edge.broker import EmbeddedBroker
+from edge.mqtt import (BrokerConnectionError, Publisher, client_id, connect, make_client,
+                       parse_broker_url, publish_props)
+from edge.protocol import CONTENT_TYPE_BINARY
+from panorama.errors import BackendError
+
+MOSQUITTO = ("127.0.0.1", 1883)
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    with EmbeddedBroker() as broker:
+        yield broker
+
+
+@pytest.fixture(scope="module")
+def mosquitto_url():
+    if not _listening(*MOSQUITTO):
+        pytest.skip("no MQTT broker listens at 127.0.0.1:1883")
+    return "mqtt://127.0.0.1:1883"
+
+
+@pytest.fixture(params=["embedded-3.1.1", "mosquitto-5", "mosquitto-3.1.1"])
+def broker(request):
+    """(url, protocol) of each broker and protocol the project supports."""
+    where, protocol = request.param.split("-")
+    url = request.getfixturevalue("embedded").url if where == "embedded" else \
+        request.getfixturevalue("mosquitto_url")
+    return url, protocol
+
+
+@pytest.fixture
+def clients():
+    """Make connected clients; all are disconnected and their threads ended afterwards."""
+    made = []
+
+    def make(url, protocol, on_message=None, subscribe=None):
+        c = make_client(client_id("test"), protocol)
+        if on_message:
+            c.on_message = on_message
+        made.append(c)
+        connect(c, url, timeout=5)
+        if subscribe:
+            done = threading.Event()
+            c.on_subscribe = lambda *a: done.set()
+            c.subscribe(subscribe, qos=1)
+            assert done.wait(5), "no SUBACK"
+        return c
+
+    yield make
+    for c in made:
+        c.disconnect()
+        c.loop_stop()
+
+
+def collect(url, protocol, clients, topic_filter):
+    got: list = []
+    clients(url, protocol, on_message=lambda c, u, m: got.append(m), subscribe=topic_filter)
+    return got
+
+
+def wait_for(cond, timeout=5.0):
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+def base_topic() -> str:
+    return f"panorama-test/{uuid.uuid4().hex}"
+
+
+# ----------------------------------------------------------------------------- publishing
+
+def test_publisher_delivers_everything_in_order(broker, clients):
+    url, protocol = broker
+    topic = base_topic()
+    got = collect(url, protocol, clients, topic + "/#")
+    publisher = Publisher(clients(url, protocol), maxsize=1000, protocol=protocol).start()
+    payloads = [i.to_bytes(4, "little") * 750 for i in range(300)]  # 3 kB, like a 250 ms chunk
+    assert all(publisher.put(f"{topic}/raw", p, content_type=CONTENT_TYPE_BINARY, expiry_s=2) for p in payloads)
+    publisher.stop(timeout=5)
+    assert publisher.queued == 0 and publisher.published == 300 and publisher.dropped == 0
+    assert wait_for(lambda: len(got) == 300), f"{len(got)} of 300 arrived"
+    assert [m.payload for m in got] == payloads
+
+
+def test_v5_properties_reach_the_subscriber(mosquitto_url, clients):
+    topic = base_topic()
+    got = collect(mosquitto_url, "5", clients, topic + "/#")
+    publisher = Publisher(clients(mosquitto_url, "5"), protocol="5").start()
+    publisher.put(f"{topic}/raw", b"ECGP...", content_type=CONTENT_TYPE_BINARY, expiry_s=2)
+    publisher.put(f"{topic}/status", b"{}", qos=1, content_type="application/json")
+    publisher.stop()
+    assert wait_for(lambda: len(got) == 2)
+    raw, status = sorted(got, key=lambda m: m.topic)
+    assert raw.properties.ContentType == CONTENT_TYPE_BINARY
+    assert 1 <= raw.properties.MessageExpiryInterval <= 2  # the broker counts down what is left
+    assert status.properties.ContentType == "application/json"
+    assert not hasattr(status.properties, "MessageExpiryInterval")
+
+
+def test_v311_carries_no_properties(mosquitto_url, clients):
+    topic = base_topic()
+    got = collect(mosquitto_url, "5", clients, topic + "/#")  # a v5 subscriber would see them
+    publisher = Publisher(clients(mosquitto_url, "3.1.1"), protocol="3.1.1").start()
+    publisher.put(f"{topic}/raw", b"x", content_type=CONTENT_TYPE_BINARY, expiry_s=2)
+    publisher.stop()
+    assert wait_for(lambda: len(got) == 1)
+    assert not hasattr(got[0].properties, "ContentType")
+    assert not hasattr(got[0].properties, "MessageExpiryInterval")
+
+
+def test_full_queue_drops_and_counts_without_blocking(embedded, clients):
+    topic = base_topic()
+    got = collect(embedded.url, "3.1.1", clients, topic + "/#")
+    publisher = Publisher(clients(embedded.url, "3.1.1"), maxsize=3, protocol="3.1.1")  # not started
+    t = time.monotonic()
+    accepted = [publisher.put(f"{topic}/raw", bytes([i])) for i in range(5)]
+    assert time.monotonic() - t < 0.1
+    assert accepted == [True, True, True, False, False]
+    assert publisher.dropped == 2 and publisher.queued == 3
+    publisher.start()
+    publisher.stop()  # drains the three it holds
+    assert wait_for(lambda: len(got) == 3)
+    assert [m.payload for m in got] == [b"\x00", b"\x01", b"\x02"]
+    assert not publisher.put(f"{topic}/raw", b"late") and publisher.dropped == 3  # stopped
+
+
+def test_bad_topic_is_counted_and_the_thread_carries_on(embedded, clients):
+    topic = base_topic()
+    got = collect(embedded.url, "3.1.1", clients, topic + "/#")
+    publisher = Publisher(clients(embedded.url, "3.1.1"), protocol="3.1.1").start()
+    publisher.put(f"{topic}/+/raw", b"wildcards are not publishable")
+    publisher.put(f"{topic}/raw", b"ok")
+    publisher.stop()
+    assert publisher.failed == 1 and publisher.published == 1
+    assert wait_for(lambda: len(got) == 1) and got[0].payload == b"ok"
+
+
+def test_retained_state_survives_for_late_subscribers(embedded, clients):
+    topic = base_topic()
+    publisher = Publisher(clients(embedded.url, "3.1.1"), protocol="3.1.1").start()
+    publisher.put(f"{topic}/status", b"online", qos=1, retain=True)
+    publisher.stop()
+    got = collect(embedded.url, "3.1.1", clients, f"{topic}/status")
+    assert wait_for(lambda: len(got) == 1)
+    assert got[0].payload == b"online" and got[0].retain
+
+
+def test_publisher_refuses_a_protocol_the_client_does_not_speak():
+    with pytest.raises(ValueError, match="speaks 3.1.1"):
+        Publisher(make_client("x", "3.1.1"), protocol="5")
+
+
+# ----------------------------------------------------------------------------- connecting
+
+def test_connect_keeps_the_callers_on_connect(embedded, clients):
+    calls = []
+    c = make_client(client_id("test"), "3.1.1")
+    c.on_connect = lambda *args: calls.append(args[3])
+    connect(c, embedded.url)
+    try:
+        assert wait_for(lambda: len(calls) == 1) and not calls[0].is_failure
+        assert c.on_connect is not None and c.on_connect.__name__ == "<lambda>"  # wrapper removed
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def test_connect_to_a_closed_port_fails_fast():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"cannot reach MQTT broker at 127.0.0.1:{port}"):
+        connect(make_client("x", "3.1.1"), f"mqtt://127.0.0.1:{port}", timeout=5)
+    assert time.monotonic() - t < 1.0
+
+
+def test_connect_times_out_when_nothing_answers():
+    with socket.socket() as server:  # accepts TCP, never speaks MQTT
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        c = make_client("x", "3.1.1")
+        t = time.monotonic()
+        with pytest.raises(BrokerConnectionError, match="no answer"):
+            connect(c, f"mqtt://127.0.0.1:{port}", timeout=0.5)
+        assert time.monotonic() - t < 2.0
+    assert c._thread is None  # paho's network thread was stopped
+
+
+def test_v5_is_refused_by_the_embedded_broker_with_a_clear_error(embedded):
+    with pytest.raises(ConnectionError, match="3.1.1"):
+        connect(make_client(client_id("test"), "5"), embedded.url, timeout=5)
+
+
+def test_broker_connection_error_is_both_kinds():
+    assert issubclass(BrokerConnectionError, ConnectionError)
+    assert issubclass(BrokerConnectionError, BackendError)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("mqtt://127.0.0.1:1883", ("127.0.0.1", 1883)),
+    ("mqtt://broker.local", ("broker.local", 1883)),
+    ("mqtt://[::1]:1884/", ("::1", 1884)),
+])
+def test_parse_broker_url(url, expected):
+    assert parse_broker_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:1883", "tcp://h:1883", "mqtts://h", "mqtt://", "mqtt://h:99999",
+                                 "mqtt://h:x", "mqtt://u:p@h", "mqtt://h:1883/topic", "mqtt://h:0", ""])
+def test_parse_broker_url_refuses(url):
+    with pytest.raises(ValueError, match="mqtt://|port|credentials"):
+        parse_broker_url(url)
+
+
+def test_make_client_and_properties():
+    with pytest.raises(ValueError, match="3.1.1"):
+        make_client("x", "4")
+    assert publish_props("3.1.1", CONTENT_TYPE_BINARY, 2) is None
+    assert publish_props("5", None, None) is None
+    props = publish_props("5", CONTENT_TYPE_BINARY, 2)
+    assert props.ContentType == CONTENT_TYPE_BINARY and props.MessageExpiryInterval == 2
+    with pytest.raises(ValueError):
+        publish_props("5", None, 0)
+
+
+def test_client_ids_are_unique_and_name_the_role():
+    ids = {client_id("daemon") for _ in range(50)}
+    assert len(ids) == 50
+    assert all(i.startswith("panorama-daemon-") for i in ids)
+
+
+# ----------------------------------------------------------------------------- embedded broker
+
+def test_embedded_broker_starts_and_stops_without_leaking_threads():
+    before = set(threading.enumerate())
+    broker = EmbeddedBroker().start()
+    host, port = parse_broker_url(broker.url)
+    assert host == "127.0.0.1" and port > 0 and _listening(host, port)
+    c = make_client(client_id("test"), "3.1.1")
+    connect(c, broker.url)  # left connected on purpose: stop() must still be clean
+    broker.stop()
+    broker.stop()  # twice is harmless
+    assert not _listening(host, port)
+    c.loop_stop()
+    assert wait_for(lambda: set(threading.enumerate()) <= before, 2), threading.enumerate()
+
+
+def test_embedded_broker_on_a_taken_port_fails_clearly(embedded):
+    port = parse_broker_url(embedded.url)[1]
+    with pytest.raises(BackendError, match=f"cannot listen on 127.0.0.1:{port}"):
+        EmbeddedBroker(port=port).start()
