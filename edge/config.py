@@ -1,0 +1,128 @@
+"""The daemon's configuration: a YAML file validated before anything starts.
+
+Every field has a default, so an empty file is a working configuration (the shipped model
+on the CPU, Mosquitto on loopback). Unknown keys are errors: a misspelt setting must not be
+silently ignored on a medical device.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from panorama.errors import ConfigError
+from panorama.geometry import resolve_views
+
+DEFAULT_VIEWS = ["V7", "V8", "V9", "V3R", "V4R", "V5R", "V6R", "V1ICS2"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttConfig(_Strict):
+    broker: str = "mqtt://127.0.0.1:1883"
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT protocol version; the embedded amqtt broker speaks 3.1.1 only")
+    prefix: str = "ecg/v1"
+    daemon_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:48] or "edge")
+    virtual_format: Literal["float32", "int16", "json"] = "float32"
+    expiry_s: int = Field(2, ge=0, description="MQTT v5 message expiry on waveforms (0: none)")
+
+    @field_validator("broker")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith("mqtt://"):
+            raise ValueError("broker must look like mqtt://HOST:PORT")
+        return v
+
+
+class ModelConfig(_Strict):
+    path: Path | None = Field(None, description="checkpoint; default: the shipped pretrained one")
+    backend: Literal["torch", "onnxruntime", "tensorrt"] = "torch"
+    device: str = "cpu"
+    threads: int = Field(2, ge=1, le=64, description="CPU threads for inference")
+
+
+class StreamConfig(_Strict):
+    views: list[str] = Field(default_factory=lambda: list(DEFAULT_VIEWS),
+                             description="views for patients that have not asked for their own")
+    context: int = Field(256, ge=0, le=4096, description="samples kept before each emitted part")
+    lookahead: int = Field(192, ge=0, le=4096, description="samples waited for after it (output delay)")
+    hop: int = Field(128, ge=8, le=4096, description="most output samples per window")
+    max_batch: int = Field(32, ge=1, le=256)
+    max_patients: int = Field(64, ge=1, le=1024)
+    idle_timeout_s: float = Field(10.0, gt=0, description="a stream silent this long is flushed and closed")
+    max_views: int = Field(16, ge=1, le=64)
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, v: list[str]) -> list[str]:
+        resolve_views(v)  # a clear error for an unknown name
+        return v
+
+    @field_validator("context", "lookahead", "hop")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"{v} is not a multiple of 8 (the encoder's stride)")
+        return v
+
+
+class CalibrationConfig(_Strict):
+    seconds: float = Field(5.0, ge=0, le=60, description="0 turns on-the-fly calibration off")
+    device: str = "cpu"
+    workers: int = Field(1, ge=1, le=8)
+
+
+class LimitsConfig(_Strict):
+    max_bytes: int = Field(262_144, ge=1024)
+    max_leads: int = Field(32, ge=1, le=256)
+    max_samples: int = Field(8192, ge=8)
+
+
+class QueueConfig(_Strict):
+    ingest: int = Field(4096, ge=16)
+    publish: int = Field(4096, ge=16)
+
+
+class HealthConfig(_Strict):
+    interval_s: float = Field(5.0, gt=0)
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint on this port (0: off)")
+    metrics_host: str = "127.0.0.1"
+
+
+class EdgeConfig(_Strict):
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    stream: StreamConfig = Field(default_factory=StreamConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    queues: QueueConfig = Field(default_factory=QueueConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+
+
+def load_config(path: str | Path | None) -> EdgeConfig:
+    """Read and validate ``path`` (None: all defaults); a ConfigError names every problem."""
+    if path is None:
+        return EdgeConfig()
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return EdgeConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,349 @@
+"""One patient's stream: samples in by position, calibration, and the windows to synthesise.
+
+The model has a finite receptive field (±224 samples at 500 Hz, measured) and nothing in it
+pools over time, so synthesising a long record in overlapping windows gives the same views
+as one pass over the whole record, provided each window keeps ``context`` samples before and
+``lookahead`` samples after the part it emits, and starts on a multiple of the encoder's
+stride (8) counted from the record's first sample. This is what makes the daemon's output
+continuous, of any length and seamless: it equals ``panorama synthesize`` of the same record
+(within 0.03 µV at the default margins).
+
+Timeline of a stream, in samples from its first chunk::
+
+    0 ........ cal (5 s) ........ emitted ..... ready = floor8(end) − lookahead ..... end
+    |— calibration data —|— views already published —|— due now —|— lookahead (held back) —|
+
+Output starts at the end of the calibration period: the views of the first seconds would
+otherwise be synthesised with the table angles and then change character once the offsets
+arrive. The ``lookahead`` is an algorithmic delay of the output (384 ms by default), on top
+of the chunk duration and the processing time.
+
+This module is pure logic (numpy, no MQTT, no model) so it is tested directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from panorama.calibrate import CalibrationResult
+from panorama.geometry import View, descriptors, resolve_view
+from panorama.model import DOWNSAMPLE
+from panorama.records import FLAT_STD_MV, MODEL_FS
+
+RECEPTIVE_FIELD = 224  # samples each side whose input can change an output sample (measured)
+
+
+def floor8(n: int) -> int:
+    return n - n % DOWNSAMPLE
+
+
+def ceil8(n: int) -> int:
+    return n + (-n) % DOWNSAMPLE
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    fs: float = MODEL_FS
+    context: int = 256  # samples before the emitted part (≥ the receptive field: exact)
+    lookahead: int = 192  # samples after it (0.03 µV from exact at 192; exact from 224)
+    hop: int = 128  # at most this many output samples per window
+    calibrate_s: float = 5.0  # 0: no calibration, output from the first sample
+    max_buffer_s: float = 60.0  # a stream that cannot keep up beyond this is reset
+    reorder: int = 256  # samples of newer data to wait for a late chunk before giving up on it
+
+    @property
+    def window(self) -> int:
+        """The steady-state window length (a multiple of 8)."""
+        return ceil8(self.context + self.hop + self.lookahead) + DOWNSAMPLE
+
+    @property
+    def calibration_samples(self) -> int:
+        return int(round(self.calibrate_s * self.fs))
+
+
+@dataclass
+class Window:
+    """Work for the inference engine: synthesise ``views`` over ``x`` and keep
+    ``[keep_from, keep_from + n)`` of the output, which starts at stream sample ``start``."""
+
+    key: tuple[str, str]
+    x: np.ndarray  # (L, W) float32 mV, masked leads zeroed
+    mask: np.ndarray  # (L,) bool
+    in_views: np.ndarray  # (L, 3) descriptors, calibration offsets applied
+    q_views: np.ndarray  # (Q, 3)
+    view_names: list[str]
+    keep_from: int
+    n: int
+    start: int  # stream sample index of the first kept output sample
+    quality: list[str]  # per view
+    sent_ns: int  # origin publish time of the raw chunk that completed this window
+    final: bool = False  # a flush at the stream's end: run alone, at its exact length
+
+
+@dataclass
+class Counters:
+    chunks: int = 0
+    samples: int = 0
+    gaps: int = 0  # chunks that arrived after a hole
+    gap_samples: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0  # filled a hole that was still open
+    late: int = 0  # arrived after its samples were already synthesised: dropped
+    masked_windows: int = 0
+
+
+class PatientStream:
+    """Samples of one (monitor, patient) stream, placed by time, and what is due from them."""
+
+    def __init__(self, key: tuple[str, str], params: StreamParams, views: list[View]):
+        self.key = key
+        self.p = params
+        self.views = list(views)
+        self.leads: list[str] = []  # input slots, in order of first appearance
+        self.lead_views: list[View] = []
+        self.buf = np.full((0, 0), np.nan, dtype=np.float32)  # (L, capacity)
+        self.have = np.zeros(0, dtype=bool)  # (capacity,): a chunk covered this sample
+        self.base = 0  # stream sample index of buf[:, 0]
+        self.end = 0  # one past the last sample placed (holes before it are NaN)
+        self.consumed = 0  # one past the last sample any window has read
+        self.t0_ns: int | None = None
+        self.last_seq: int | None = None  # of the last chunk placed
+        self.last_sent_ns = 0
+        self.state = "waiting" if params.calibrate_s > 0 else "streaming"
+        self.emitted = 0 if params.calibrate_s <= 0 else params.calibration_samples
+        self.offsets: np.ndarray | None = None  # (L, 2) degrees, once calibrated
+        self.calibration: CalibrationResult | None = None
+        self.counts = Counters()
+
+    # ---- ingest -----------------------------------------------------------------------
+    def position(self, t0_ns: int) -> int:
+        """Stream sample index of a chunk that starts at ``t0_ns``."""
+        if self.t0_ns is None:
+            self.t0_ns = t0_ns
+        return int(round((t0_ns - self.t0_ns) * self.p.fs / 1e9))
+
+    def ingest(self, seq: int, t0_ns: int, leads: list[str], data: np.ndarray, sent_ns: int = 0) -> str:
+        """Place one chunk's samples ``data`` (len(leads), n) mV by its start time; returns
+        what happened: "ok", "gap" (a hole before it), "duplicate" (dropped), "out_of_order"
+        (filled a hole), "late" (filled a hole whose output was already published) or
+        "reset" (a jump in time: the stream starts again from this chunk)."""
+        n = data.shape[1]
+        pos = self.position(t0_ns)
+        outcome = "ok"
+        if pos < 0 or pos > self.end + int(self.p.max_buffer_s * self.p.fs):
+            self.reset(t0_ns)  # a clock jump or a restarted monitor
+            pos, outcome = 0, "reset"
+        elif pos < self.end:
+            if pos + n <= self.end and np.isfinite(self.slice(leads, pos, pos + n)).all():
+                self.counts.duplicates += 1
+                return "duplicate"
+            if pos < self.base:
+                self.counts.late += 1
+                return "late"
+            if pos + n <= self.end:
+                outcome = "late" if pos < self.consumed else "out_of_order"
+        elif pos > self.end:
+            outcome = "gap"
+            self.counts.gaps += 1
+            self.counts.gap_samples += pos - self.end
+        slots = [self._slot(name) for name in leads]
+        self._ensure(pos + n)
+        self.buf[slots, pos - self.base: pos + n - self.base] = data
+        self.have[pos - self.base: pos + n - self.base] = True
+        if outcome == "late":
+            self.counts.late += 1
+        elif outcome == "out_of_order":
+            self.counts.out_of_order += 1
+        self.end = max(self.end, pos + n)
+        self.counts.chunks += 1
+        self.counts.samples += n
+        self.last_seq = seq
+        self.last_sent_ns = max(self.last_sent_ns, sent_ns)
+        return outcome
+
+    def reset(self, t0_ns: int) -> None:
+        self.t0_ns = t0_ns
+        self.buf = np.full((len(self.leads), 0), np.nan, dtype=np.float32)
+        self.have = np.zeros(0, dtype=bool)
+        self.base = self.end = self.consumed = 0
+        self.last_seq = None
+        self.state = "waiting" if self.p.calibrate_s > 0 else "streaming"
+        self.emitted = 0 if self.p.calibrate_s <= 0 else self.p.calibration_samples
+        self.offsets, self.calibration = None, None
+
+    def _slot(self, name: str) -> int:
+        if name not in self.leads:
+            self.leads.append(name)
+            self.lead_views.append(resolve_view(name))
+            grown = np.full((len(self.leads), self.buf.shape[1]), np.nan, dtype=np.float32)
+            grown[: self.buf.shape[0]] = self.buf
+            self.buf = grown
+            if self.offsets is not None:
+                self.offsets = np.vstack([self.offsets, np.zeros((1, 2))])
+        return self.leads.index(name)
+
+    def _ensure(self, stop: int) -> None:
+        """Room for samples up to ``stop``. When the buffer is full, what no window can need
+        any more is dropped (everything is kept until calibration has its seconds)."""
+        if stop - self.base <= self.buf.shape[1]:
+            return
+        keep_from = self.base
+        if self.state == "streaming":
+            keep_from = max(self.base, floor8(max(0, self.emitted - self.p.window)))
+        cap = max(2 * (stop - keep_from), 4 * self.p.window)
+        new = np.full((len(self.leads), cap), np.nan, dtype=np.float32)
+        have = np.zeros(cap, dtype=bool)
+        live = self.end - keep_from
+        if live > 0:
+            new[:, :live] = self.buf[:, keep_from - self.base: self.end - self.base]
+            have[:live] = self.have[keep_from - self.base: self.end - self.base]
+        self.buf, self.have, self.base = new, have, keep_from
+
+    def slice(self, leads: list[str], start: int, stop: int) -> np.ndarray:
+        """Samples [start, stop) of ``leads`` (NaN where never received)."""
+        out = np.full((len(leads), stop - start), np.nan, dtype=np.float32)
+        lo, hi = max(start, self.base), min(stop, self.end)
+        for i, name in enumerate(leads):
+            if name in self.leads and hi > lo:
+                out[i, lo - start: hi - start] = self.buf[self.leads.index(name), lo - self.base: hi - self.base]
+        return out
+
+    # ---- calibration ------------------------------------------------------------------
+    def calibration_due(self) -> bool:
+        return self.state == "waiting" and self.end >= self.p.calibration_samples
+
+    def calibration_input(self) -> tuple[np.ndarray, list[View]]:
+        """The first seconds of every lead received, for ``panorama.calibrate``."""
+        self.state = "calibrating"
+        return self.slice(self.leads, 0, self.p.calibration_samples), list(self.lead_views)
+
+    def set_calibration(self, result: CalibrationResult) -> None:
+        self.calibration = result
+        self.offsets = result.offsets_for(self.leads)
+        self.state = "streaming"
+
+    # ---- windows ----------------------------------------------------------------------
+    def due(self, final: bool = False) -> list[Window]:
+        """The windows whose output can be published now (all that is left when ``final``)."""
+        if self.state != "streaming" or not self.views:
+            return []
+        ready = self.end if final else floor8(self.end) - self.p.lookahead
+        hole = self.first_hole()
+        if hole is not None and not final and self.end - hole <= self.p.lookahead + self.p.reorder:
+            ready = min(ready, floor8(hole) - self.p.lookahead)  # a late chunk may still fill it
+        out = []
+        while self.emitted < ready:
+            o0 = self.emitted
+            o1 = min(o0 + self.p.hop, ready)
+            if final and ready - o0 <= self.p.hop + self.p.lookahead + DOWNSAMPLE:
+                o1 = ready  # the tail: one window that ends at the stream's end
+            last = final and o1 == self.end
+            e = self.end if last else ceil8(o1 + self.p.lookahead)
+            s = max(0, floor8(e - self.p.window) if not last else floor8(o0 - self.p.context))
+            s = min(s, floor8(max(0, o0 - self.p.context)))
+            out.append(self._window(s, e, o0, o1, last))
+            self.emitted = o1
+            self.consumed = max(self.consumed, e)
+        return out
+
+    def _window(self, s: int, e: int, o0: int, o1: int, final: bool) -> Window:
+        x = self.slice(self.leads, s, e)
+        flags = window_quality(x)
+        mask = np.array([f == "ok" for f in flags], dtype=bool)
+        x = np.where(mask[:, None], np.nan_to_num(x), 0.0).astype(np.float32)
+        if mask.all():
+            quality = "ok"
+        elif mask.any():
+            quality = "masked"
+            self.counts.masked_windows += 1
+        else:
+            quality = "missing"
+        return Window(self.key, x, mask, descriptors(self.lead_views, self.offsets), descriptors(self.views),
+                      [v.name for v in self.views], o0 - s, o1 - o0, o0, [quality] * len(self.views),
+                      self.last_sent_ns, final)
+
+    def first_hole(self) -> int | None:
+        """The first sample no chunk has covered, from what the next window reads on."""
+        lo = max(self.base, floor8(max(0, self.emitted - self.p.context)) - DOWNSAMPLE)
+        missing = np.flatnonzero(~self.have[lo - self.base: self.end - self.base])
+        return int(lo + missing[0]) if missing.size else None
+
+    def input_quality(self, start: int, stop: int) -> dict[str, str]:
+        return dict(zip(self.leads, window_quality(self.slice(self.leads, start, stop))))
+
+
+def window_quality(x: np.ndarray, rail_run: int = 25) -> list[str]:
+    """Per lead over one window: ``missing`` (any hole), ``flat`` (lead off),
+    ``saturated`` (held at the window's extreme for ``rail_run`` samples in a row, as an
+    amplifier at its rail is), else ``ok``. A window is short and one hole makes a lead
+    unusable in it; a share-of-samples rule would flag quantised real ECG here."""
+    flags = []
+    for lead in x:
+        if not np.isfinite(lead).all():
+            flags.append("missing")
+        elif lead.std() < FLAT_STD_MV:
+            flags.append("flat")
+        else:
+            flags.append("saturated" if max(_longest_run(lead == lead.max()),
+                                             _longest_run(lead == lead.min())) >= rail_run else "ok")
+    return flags
+
+
+def _longest_run(hit: np.ndarray) -> int:
+    if not hit.any():
+        return 0
+    edges = np.diff(np.concatenate([[0], hit.view(np.int8), [0]]))
+    return int((np.nonzero(edges == -1)[0] - np.nonzero(edges == 1)[0]).max())
+
+
+@dataclass
+class Output:
+    """Synthesised samples ready to publish for one stream."""
+
+    key: tuple[str, str]
+    start: int
+    views: list[str]
+    data: np.ndarray  # (Q, n) mV
+    quality: list[str]
+    sent_ns: int
+    extra: dict = field(default_factory=dict)
+
+
+def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]:
+    """Synthesise ``windows`` with a backend's ``run`` (numpy, batched), in as few calls as
+    their shapes allow: windows of one length are stacked (leads and views padded and masked
+    off; a window's output does not depend on what else is in its batch); a final window runs
+    alone at its exact length, as the offline pass does at a record's end."""
+    outputs: dict[int, Output] = {}
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(windows):
+        groups.setdefault(("final", i) if w.final else (w.x.shape[1],), []).append(i)
+    for idx in groups.values():
+        for b0 in range(0, len(idx), max_batch):
+            part = [windows[i] for i in idx[b0: b0 + max_batch]]
+            nl = max(w.x.shape[0] for w in part)
+            nq = max(w.q_views.shape[0] for w in part)
+            t = part[0].x.shape[1]
+            x = np.zeros((len(part), nl, t), np.float32)
+            mask = np.zeros((len(part), nl), bool)
+            iv = np.zeros((len(part), nl, 3), np.float32)
+            iv[..., 0] = 90.0  # padded slots: any valid direction (masked off)
+            qv = np.zeros((len(part), nq, 3), np.float32)
+            for j, w in enumerate(part):
+                ln, qn = w.x.shape[0], w.q_views.shape[0]
+                x[j, :ln], mask[j, :ln], iv[j, :ln] = w.x, w.mask, w.in_views
+                iv[j, ln:] = iv[j, 0] if ln else iv[j, ln:]
+                qv[j, :qn] = w.q_views
+                qv[j, qn:] = w.q_views[0]
+                if not w.mask.any():  # no usable lead: the model needs one; output is zeroed below
+                    mask[j, 0] = True
+            y = run(x, iv, mask, qv)
+            for j, (i, w) in enumerate(zip(idx[b0: b0 + max_batch], part)):
+                data = y[j, : w.q_views.shape[0], w.keep_from: w.keep_from + w.n]
+                if not w.mask.any():
+                    data = np.zeros_like(data)
+                outputs[i] = Output(w.key, w.start, w.view_names, np.ascontiguousarray(data, np.float32),
+                                    w.quality, w.sent_ns)
+    return [outputs[i] for i in range(len(windows))]

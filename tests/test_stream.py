@@ -1,0 +1,143 @@
+"""The daemon's per-patient stream logic, without MQTT: windowed synthesis equals one pass
+over the whole record, and holes, duplicates, late chunks and leads going off are handled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.backends.torch import TorchBackend
+from edge.stream import PatientStream, StreamParams, run_windows, window_quality
+from panorama.calibrate import calibrate
+from panorama.geometry import STANDARD_12, resolve_views
+from panorama.synth import Synthesizer, default_checkpoint
+from training.simulator import simulate
+
+VIEWS = resolve_views("V7,V8,V3R,V4R,120:45")
+T0 = 1_700_000_000_000_000_000
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return Synthesizer.load()
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return TorchBackend(default_checkpoint())
+
+
+@pytest.fixture(scope="module")
+def record():
+    sim = simulate(7, duration_s=7.0, device="diagnostic")
+    return sim.signals.astype(np.float32), sim.names
+
+
+def stream_all(st: PatientStream, x, names, backend, chunk=125, order=None, synth=None):
+    """Feed ``x`` in chunks (in ``order`` of chunk index if given), calibrating when due;
+    returns the stream's output stitched: (start, (Q, n))."""
+    outs = []
+    starts = list(range(0, x.shape[1], chunk))
+    for k in order if order is not None else range(len(starts)):
+        i = starts[k]
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + chunk])
+        if st.calibration_due():
+            xc, lv = st.calibration_input()
+            st.set_calibration(calibrate(synth.model, xc, lv, seconds=st.p.calibrate_s,
+                                         inputs=[v.name for v in lv]))
+        outs += run_windows(backend.run, st.due())
+    outs += run_windows(backend.run, st.due(final=True))
+    for a, b in zip(outs, outs[1:]):
+        assert b.start == a.start + a.data.shape[1], "output must be contiguous"
+    return outs[0].start, np.concatenate([o.data for o in outs], axis=1), outs
+
+
+@pytest.mark.parametrize("chunk", [125, 40, 333])
+def test_streamed_views_equal_one_pass(record, synth, backend, chunk):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    start, y, _ = stream_all(st, x, names, backend, chunk=chunk)
+    ref = synth(x, resolve_views(names), VIEWS)
+    assert start == 0 and y.shape == ref.shape
+    err_uv = (y - ref) * 1000
+    assert np.sqrt((err_uv ** 2).mean()) < 0.05 and np.abs(err_uv).max() < 1.0
+
+
+def test_calibrated_stream_equals_offline_calibrated(record, synth, backend):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
+    start, y, _ = stream_all(st, x, names, backend, synth=synth)
+    res = calibrate(synth.model, x, resolve_views(names), seconds=5.0, inputs=names)
+    ref = synth(x, resolve_views(names), VIEWS, offsets=res.offsets_for(names))
+    assert start == 2500, "output starts when the calibration period ends"
+    assert np.allclose(st.offsets, res.offsets_for(st.leads))
+    assert np.abs(y - ref[:, start:]).max() * 1000 < 1.0
+
+
+def test_duplicates_dropped_and_out_of_order_filled(record, synth, backend):
+    x, names = record
+    order = [0, 1, 3, 2, 2, 4, 5, 5] + list(range(6, -(-x.shape[1] // 125)))
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0, lookahead=256), VIEWS)
+    _, y, _ = stream_all(st, x, names, backend, order=order)
+    assert st.counts.duplicates == 2 and st.counts.out_of_order == 1 and st.counts.gaps == 1
+    ref = synth(x, resolve_views(names), VIEWS)
+    assert np.abs(y - ref).max() * 1000 < 1.0, "a chunk that arrives within the lookahead loses nothing"
+
+
+def test_gap_masks_then_recovers(record, backend):
+    x, names = record
+    n = -(-x.shape[1] // 125)
+    order = [k for k in range(n) if k != 20]  # one 250 ms chunk never arrives
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    _, y, outs = stream_all(st, x, names, backend, order=order)
+    assert st.counts.gaps == 1 and st.counts.gap_samples == 125
+    assert y.shape[1] == x.shape[1] and np.isfinite(y).all()
+    hole = [o for o in outs if o.start < 21 * 125 and o.start + o.data.shape[1] > 20 * 125]
+    assert hole and all(q == "missing" for o in hole for q in o.quality)
+    assert all(np.all(o.data == 0) for o in hole), "no usable input: zeros flagged missing, not invented"
+    after = [o for o in outs if o.start >= 21 * 125 + st.p.context + 8]  # windows that cannot see it
+    assert after and all(q == "ok" for o in after for q in o.quality), "the stream recovers after the hole"
+
+
+def test_lead_off_is_masked_and_stream_continues(record, synth, backend):
+    x, names = record
+    x = x.copy()
+    v2 = names.index("V2")
+    x[v2, 2000:] = 0.0  # electrode falls off: flat
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    _, y, outs = stream_all(st, x, names, backend)
+    late = [o for o in outs if o.start > 2500]
+    assert late and all(q == "masked" for o in late for q in o.quality)
+    keep = [i for i in range(len(names)) if i != v2]
+    ref = synth(x[keep], resolve_views([names[i] for i in keep]), VIEWS)
+    assert np.abs(y[:, 2600:] - ref[:, 2600:]).max() * 1000 < 1.0, "synthesised from the leads still on"
+
+
+def test_memory_is_bounded_on_a_long_stream(backend):
+    x = simulate(3, duration_s=30.0).signals.astype(np.float32)
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    sizes = []
+    for k, i in enumerate(range(0, x.shape[1], 125)):
+        st.ingest(k, T0 + int(i * 2e6), list(STANDARD_12), x[:, i: i + 125])
+        run_windows(backend.run, st.due())
+        sizes.append(st.buf.shape[1])
+    assert max(sizes[len(sizes) // 2:]) == max(sizes[:len(sizes) // 2 + 1]) <= 4 * st.p.window * 2
+
+
+def test_clock_jump_restarts_the_stream():
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
+    x = np.ones((12, 125), np.float32)
+    st.ingest(0, T0, list(STANDARD_12), x)
+    assert st.ingest(1, T0 - 10**10, list(STANDARD_12), x) == "reset"
+    assert st.end == 125 and st.state == "waiting"
+
+
+def test_window_quality_flags():
+    rng = np.random.default_rng(0)
+    ok = rng.standard_normal(640) * 0.3
+    rail = ok.copy()
+    rail[100:160] = ok.max() + 1
+    hole = ok.copy()
+    hole[5] = np.nan
+    flags = window_quality(np.stack([ok, np.zeros(640), rail, hole]))
+    assert flags == ["ok", "flat", "saturated", "missing"]
