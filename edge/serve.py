@@ -1,0 +1,432 @@
+"""``panorama serve``: the streaming daemon.
+
+Threads, each with one job, joined by bounded queues (nothing grows without limit):
+
+    paho network thread ──on_message──▶ ingest queue (bounded; full → counted drop)
+    ingest thread: topic → decode → validate → the patient's stream (placed by time)
+    calibration pool: each patient's first seconds → angle offsets (off the hot path)
+    inference thread: every stream's due windows, batched across patients → backend
+    publisher thread (edge.mqtt.Publisher): the only one that publishes
+    health thread: retained status, periodic health JSON, Prometheus gauges
+
+A patient's stream goes waiting → calibrating → streaming (→ ended when it falls silent).
+Bad input (a malformed payload, a wrong version, NaN, unknown leads, an absurd rate or
+size) is refused with a reason on the errors topic and in the log, counted, and touches
+nothing else: every stream is its own object and every message its own try.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from panorama import checkpoint
+from panorama.calibrate import calibrate
+from panorama.errors import PanoramaError
+from panorama.geometry import canonical_lead_name, resolve_view
+from panorama.records import MODEL_FS
+from panorama.synth import default_checkpoint
+
+from . import mqtt as mq
+from .backends import make_backend
+from .config import EdgeConfig, load_config
+from .protocol import (CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Chunk, Limits, ProtocolError, Topics,
+                       decode_any, encode, parse_views_request, to_json)
+from .stream import Output, PatientStream, StreamParams, run_windows
+
+log = logging.getLogger("panorama.serve")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the streaming daemon (MQTT in, virtual leads out)",
+                       description="Ingest lead samples over MQTT, calibrate each patient on their first "
+                       "seconds, and publish synthesised views continuously. See docs/wire-protocol.md.")
+    p.add_argument("--config", type=Path, help="edge YAML config (default: every default)")
+    p.add_argument("--broker", help="override mqtt.broker, e.g. mqtt://127.0.0.1:1883")
+    p.add_argument("--protocol", choices=("5", "3.1.1"), help="override mqtt.protocol")
+    p.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    cfg = load_config(args.config)
+    if args.broker:
+        cfg.mqtt.broker = args.broker
+    if args.protocol:
+        cfg.mqtt.protocol = args.protocol
+    if args.validate_config:
+        print(f"{args.config or 'defaults'}: valid")
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    daemon = Daemon(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    daemon.start()
+    log.info("serving %s as %s (backend %s); Ctrl-C or SIGTERM drains and exits",
+             cfg.mqtt.broker, cfg.mqtt.daemon_id, cfg.model.backend)
+    while not stop.wait(0.5):
+        pass
+    daemon.stop()
+    return 0
+
+
+class _Window:
+    """Recent values for percentiles, bounded."""
+
+    def __init__(self, n: int = 4096):
+        self.values: deque[float] = deque(maxlen=n)
+
+    def add(self, v: float) -> None:
+        self.values.append(v)
+
+    def percentiles(self) -> dict:
+        if not self.values:
+            return {"p50": None, "p99": None, "n": 0}
+        a = np.fromiter(self.values, float)
+        return {"p50": round(float(np.percentile(a, 50)), 2), "p99": round(float(np.percentile(a, 99)), 2),
+                "n": int(a.size)}
+
+
+class Daemon:
+    def __init__(self, cfg: EdgeConfig):
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.prefix)
+        self.id = cfg.mqtt.daemon_id
+        self.limits = Limits(max_bytes=cfg.limits.max_bytes, max_leads=cfg.limits.max_leads,
+                             max_samples=cfg.limits.max_samples)
+        self.params = StreamParams(context=cfg.stream.context, lookahead=cfg.stream.lookahead,
+                                   hop=cfg.stream.hop, calibrate_s=cfg.calibration.seconds)
+        ckpt = cfg.model.path or default_checkpoint()
+        torch.set_num_threads(cfg.model.threads)
+        self.model, self.meta = checkpoint.load(ckpt)  # for calibration, which needs gradients
+        self.model.to(cfg.calibration.device).eval()
+        self.backend = make_backend(cfg.model.backend, ckpt, cfg.model.device)
+        self.default_views = [resolve_view(v) for v in cfg.stream.views]
+        self.streams: dict[tuple[str, str], PatientStream] = {}
+        self.requested: dict[tuple[str, str], list[str]] = {}  # views asked for, per stream
+        self.last_seen: dict[tuple[str, str], float] = {}
+        self.out_seq: Counter = Counter()
+        self.lock = threading.Lock()
+        self.ingest_q: queue.Queue = queue.Queue(maxsize=cfg.queues.ingest)
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.pool = ThreadPoolExecutor(cfg.calibration.workers, thread_name_prefix="calibrate")
+        self.rejected: Counter = Counter()
+        self.outcomes: Counter = Counter()
+        self.dropped_ingest = 0
+        self.chunks_in = self.chunks_out = 0
+        self.latency_ms = _Window()  # origin publish → virtual chunk handed to the publisher
+        self.inference_ms = _Window()
+        self.started = time.time()
+        self._warned: Counter = Counter()
+        self.client = mq.make_client(mq.client_id("serve"), cfg.mqtt.protocol)
+        self.publisher = mq.Publisher(self.client, maxsize=cfg.queues.publish, protocol=cfg.mqtt.protocol)
+        self.threads: list[threading.Thread] = []
+        self.metrics = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> "Daemon":
+        status = self.topics.daemon_status(self.id)
+        self.client.will_set(status, b"offline", qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.publisher.start()
+        mq.connect(self.client, self.cfg.mqtt.broker)
+        for name, target in (("ingest", self._ingest_loop), ("inference", self._inference_loop),
+                             ("health", self._health_loop)):
+            t = threading.Thread(target=target, name=f"serve-{name}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        if self.cfg.health.metrics_port:
+            from .metrics import Metrics
+            self.metrics = Metrics(self, self.cfg.health.metrics_host, self.cfg.health.metrics_port)
+        return self
+
+    def stop(self) -> None:
+        """Drain: stop taking input, synthesise what every stream still holds, publish it,
+        say offline, disconnect."""
+        log.info("draining")
+        try:
+            self.client.unsubscribe([self.topics.pattern("raw"), self.topics.pattern("views")])
+        except Exception:  # already disconnected: nothing more will arrive anyway
+            pass
+        deadline = time.time() + 5
+        while not self.ingest_q.empty() and time.time() < deadline:
+            time.sleep(0.02)
+        self.stopping.set()
+        self.wake.set()
+        for t in self.threads:
+            t.join(timeout=10)
+        self.pool.shutdown(wait=True, cancel_futures=True)  # fits under way finish; queued ones do not
+        with self.lock:
+            unfit = [k for k, st in self.streams.items() if st.state != "streaming"]
+        if unfit:
+            log.warning("%d stream(s) ended before their calibration finished; their output is lost: %s",
+                        len(unfit), ", ".join("/".join(k) for k in unfit))
+        with self.lock:
+            keys = list(self.streams)
+        for key in keys:
+            self._close(key, "daemon stopped")
+        self.publisher.put(self.topics.daemon_status(self.id), b"offline", qos=1, retain=True)
+        self.publisher.stop(timeout=10)
+        if self.metrics:
+            self.metrics.close()
+        self.client.disconnect()
+        self.client.loop_stop()
+        log.info("stopped: %d chunks in, %d virtual chunks out, %d rejected", self.chunks_in,
+                 self.chunks_out, sum(self.rejected.values()))
+
+    # ---- MQTT callbacks (network thread: enqueue only) ----------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if reason_code.is_failure:
+            return
+        client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
+        # "online" on every (re)connect: the broker published our will if the link dropped
+        self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            self.ingest_q.put_nowait((msg.topic, msg.payload, time.time_ns()))
+        except queue.Full:
+            self.dropped_ingest += 1
+
+    # ---- ingest -------------------------------------------------------------------------
+    def _ingest_loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                topic, payload, recv_ns = self.ingest_q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                self._handle(topic, payload)
+            except ProtocolError as exc:
+                self._reject(topic, exc.code, str(exc))
+            except Exception as exc:  # never let one message take the daemon down
+                log.exception("unexpected error on %s", topic)
+                self._reject(topic, "internal", f"{type(exc).__name__}: {exc}")
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        monitor, patient, kind = self.topics.parse(topic)
+        key = (monitor, patient)
+        if kind == "views":
+            names = parse_views_request(payload, self.limits)
+            if len(names) > self.cfg.stream.max_views:
+                raise ProtocolError("bad_views", f"{len(names)} views asked; this daemon serves at most "
+                                    f"{self.cfg.stream.max_views} per patient")
+            with self.lock:
+                if len(self.requested) >= 4 * self.cfg.stream.max_patients and key not in self.requested:
+                    raise ProtocolError("capacity", "too many views requests held")
+                self.requested[key] = names
+                if key in self.streams:
+                    self.streams[key].views = [resolve_view(n) for n in names] or list(self.default_views)
+            return
+        if kind != "raw":
+            return
+        chunk = decode_any(payload, self.limits)
+        if chunk.fs != MODEL_FS:
+            raise ProtocolError("bad_fs", f"{chunk.fs:g} Hz: this daemon takes {MODEL_FS} Hz chunks "
+                                "(resample at the monitor: panorama monitor does)")
+        rows, names = self._known_leads(key, chunk)
+        if not rows:
+            raise ProtocolError("unknown_lead", f"no known lead among {chunk.leads}")
+        data = chunk.data[rows].astype(np.float32, copy=True)
+        if chunk.quality:  # what the monitor itself flags is not used
+            for i, r in enumerate(rows):
+                if chunk.quality[r] != "ok":
+                    data[i] = np.nan
+        with self.lock:
+            st = self.streams.get(key)
+            if st is None:
+                if len(self.streams) >= self.cfg.stream.max_patients:
+                    raise ProtocolError("capacity", f"this daemon serves at most {self.cfg.stream.max_patients} "
+                                        "patients; stream refused")
+                views = [resolve_view(n) for n in self.requested.get(key, [])] or list(self.default_views)
+                st = self.streams[key] = PatientStream(key, self.params, views)
+                st.out_seq = 0
+                self._status(st)
+            before = st.state
+            outcome = st.ingest(chunk.seq, chunk.t0_ns, names, data, chunk.sent_ns)
+            self.outcomes[outcome] += 1
+            self.chunks_in += 1
+            self.last_seen[key] = time.monotonic()
+            if st.calibration_due():
+                x, views = st.calibration_input()
+                self.pool.submit(self._calibrate, st, x, views)
+            if st.state != before:
+                self._status(st)
+        self.wake.set()
+
+    def _known_leads(self, key, chunk: Chunk) -> tuple[list[int], list[str]]:
+        rows, names = [], []
+        for i, label in enumerate(chunk.leads):
+            name = canonical_lead_name(label)
+            if name is None:
+                try:
+                    name = resolve_view(label).name
+                except ValueError:
+                    self.rejected["unknown_lead"] += 1
+                    if self._warned[(key, label)] == 0:  # once per stream and label
+                        self._error(key, "unknown_lead", f"lead {label!r} is not a known lead or "
+                                    "THETA:PHI direction; ignored, the others are used")
+                    self._warned[(key, label)] += 1
+                    continue
+            rows.append(i)
+            names.append(name)
+        return rows, names
+
+    # ---- calibration (pool thread) ------------------------------------------------------
+    def _calibrate(self, st: PatientStream, x: np.ndarray, views) -> None:
+        names = [v.name for v in views]
+        try:
+            res = calibrate(self.model, x, views, seconds=self.params.calibrate_s, inputs=names,
+                            device=self.cfg.calibration.device)
+        except Exception as exc:  # a failed fit keeps the table angles; the stream goes on
+            log.exception("calibration of %s failed", st.key)
+            res = None
+            reason = f"calibration failed: {exc}"
+        with self.lock:
+            if res is None:
+                from panorama.calibrate import CalibrationResult
+                res = CalibrationResult(names, np.zeros((len(names), 2)), False, reason)
+            st.set_calibration(res)
+            self._status(st)
+        log.info("%s/%s: %s", *st.key, res.summary())
+        doc = {"state": "streaming", "accepted": bool(res.accepted), "reason": res.reason,
+               "offsets_deg": {n: [round(float(a), 2) for a in d] for n, d in zip(res.leads, res.offsets_deg)},
+               "residual_before_uv": _num(res.residual_before_uv), "residual_after_uv": _num(res.residual_after_uv),
+               "seconds": self.params.calibrate_s, "fit_s": round(res.seconds, 3), "used": res.used}
+        self.publisher.put(self.topics.calibration(*st.key), json.dumps(doc).encode(), qos=1, retain=True,
+                           content_type=CONTENT_TYPE_JSON)
+        self.wake.set()
+
+    # ---- inference ----------------------------------------------------------------------
+    def _inference_loop(self) -> None:
+        while not self.stopping.is_set():
+            self.wake.wait(0.1)
+            self.wake.clear()
+            self._expire_idle()
+            with self.lock:
+                windows = [w for st in self.streams.values() for w in st.due()]
+            if windows:
+                self._synthesise(windows)
+
+    def _synthesise(self, windows) -> None:
+        t0 = time.perf_counter()
+        try:
+            outputs = run_windows(self.backend.run, windows, self.cfg.stream.max_batch)
+        except Exception as exc:  # a backend failure loses these windows, not the daemon
+            log.exception("inference failed for %d windows", len(windows))
+            for key in {w.key for w in windows}:
+                self._error(key, "inference", f"{type(exc).__name__}: {exc}")
+            return
+        self.inference_ms.add((time.perf_counter() - t0) * 1000)
+        for out in outputs:
+            self._publish(out)
+
+    def _publish(self, out: Output) -> None:
+        with self.lock:
+            st = self.streams.get(out.key)
+            seq = self.out_seq[out.key]
+            self.out_seq[out.key] = (seq + 1) % 2**32
+            t0 = (st.t0_ns if st else 0) + int(round(out.start * 1e9 / self.params.fs))
+        chunk = Chunk(seq, t0, float(self.params.fs), out.views, out.data, out.quality, out.sent_ns)
+        fmt = self.cfg.mqtt.virtual_format
+        payload = to_json(chunk) if fmt == "json" else encode(chunk, fmt)
+        ctype = CONTENT_TYPE_JSON if fmt == "json" else CONTENT_TYPE_BINARY
+        if self.publisher.put(self.topics.virtual(*out.key), payload, qos=0, content_type=ctype,
+                              expiry_s=self.cfg.mqtt.expiry_s or None):
+            self.chunks_out += 1
+        if out.sent_ns:
+            self.latency_ms.add((time.time_ns() - out.sent_ns) / 1e6)
+
+    def _expire_idle(self) -> None:
+        now = time.monotonic()
+        with self.lock:  # a stream still calibrating is closed once its offsets are in
+            idle = [k for k, t in self.last_seen.items() if now - t > self.cfg.stream.idle_timeout_s
+                    and self.streams[k].state != "calibrating"]
+        for key in idle:
+            self._close(key, f"silent for {self.cfg.stream.idle_timeout_s:g} s")
+
+    def _close(self, key, why: str) -> None:
+        """Flush what a stream still holds (its last lookahead too), then forget it."""
+        with self.lock:
+            st = self.streams.pop(key, None)
+            self.last_seen.pop(key, None)
+            if st is None:
+                return
+            windows = st.due(final=True)
+            st.state = "ended"
+            self._status(st, why)
+        if windows:
+            self._synthesise(windows)
+        self.out_seq.pop(key, None)
+        log.info("%s/%s ended (%s): %s", *key, why, vars(st.counts))
+
+    # ---- status, errors, health ---------------------------------------------------------
+    def _status(self, st: PatientStream, why: str = "") -> None:
+        doc = {"state": st.state, "leads": st.leads, "views": [v.name for v in st.views],
+               "t_ns": time.time_ns(), "counts": vars(st.counts)}
+        if why:
+            doc["reason"] = why
+        self.publisher.put(self.topics.status(*st.key), json.dumps(doc).encode(), qos=1, retain=True,
+                           content_type=CONTENT_TYPE_JSON)
+
+    def _reject(self, topic: str, code: str, reason: str) -> None:
+        self.rejected[code] += 1
+        try:
+            monitor, patient, _ = self.topics.parse(topic)
+            key = (monitor, patient)
+        except ProtocolError:
+            key = ("?", "?")
+        self._error(key, code, reason, topic)
+
+    def _error(self, key, code: str, reason: str, topic: str = "") -> None:
+        n = self._warned[(key, code)]
+        self._warned[(key, code)] += 1
+        if n < 3 or n % 100 == 0:  # the log says it, without flooding
+            log.warning("%s/%s %s: %s%s", *key, code, reason, f" (seen {n + 1} times)" if n else "")
+        doc = {"monitor": key[0], "patient": key[1], "topic": topic, "code": code, "reason": reason,
+               "t_ns": time.time_ns()}
+        self.publisher.put(self.topics.errors(self.id), json.dumps(doc).encode(), qos=1,
+                           content_type=CONTENT_TYPE_JSON)
+
+    def health(self) -> dict:
+        with self.lock:
+            states = Counter(st.state for st in self.streams.values())
+            counts = Counter()
+            for st in self.streams.values():
+                counts.update({k: v for k, v in vars(st.counts).items()})
+        return {"daemon": self.id, "uptime_s": round(time.time() - self.started, 1),
+                "patients": dict(states), "chunks_in": self.chunks_in, "chunks_out": self.chunks_out,
+                "latency_ms": self.latency_ms.percentiles(), "inference_ms": self.inference_ms.percentiles(),
+                "queues": {"ingest": self.ingest_q.qsize(), "publish": self.publisher.queued},
+                "drops": {"ingest": self.dropped_ingest, "publish": self.publisher.dropped},
+                "rejected": dict(self.rejected), "stream_counts": dict(counts), "backend": self.backend.name}
+
+    def _health_loop(self) -> None:
+        topic = self.topics.health(self.id)
+        while not self.stopping.wait(self.cfg.health.interval_s):
+            self.publisher.put(topic, json.dumps(self.health()).encode(), qos=0, content_type=CONTENT_TYPE_JSON)
+
+
+def _num(x: float):
+    return None if x is None or not np.isfinite(x) else round(float(x), 2)
+
+
+def serve_in_thread(cfg: EdgeConfig) -> Daemon:
+    """Start a daemon in this process (the demo and the benchmark); call ``stop()`` after."""
+    return Daemon(cfg).start()
+
+
+__all__ = ["Daemon", "load_config", "serve_in_thread", "PanoramaError"]

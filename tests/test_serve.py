@@ -1,0 +1,227 @@
+"""The streaming daemon as a user runs it: ``panorama serve`` in a subprocess, a real broker
+(Mosquitto at 127.0.0.1:1883, skipped cleanly when none listens; the embedded amqtt broker),
+the monitor replaying a real record, the listener's output compared with offline synthesis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import wfdb
+import yaml
+
+from edge import protocol
+from edge.listen import Listener
+from edge.monitor import record_stream, run_monitor, sim_streams
+from edge.mqtt import client_id, connect, make_client
+from panorama.records import find_records, read_record
+
+REPO = Path(__file__).resolve().parents[1]
+VIEWS = ["V7", "V8", "V3R", "V4R", "120:45"]
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mosquitto() -> str:
+    if not _listening("127.0.0.1", 1883):
+        pytest.skip("no MQTT broker listens on 127.0.0.1:1883")
+    return "mqtt://127.0.0.1:1883"
+
+
+class Tap:
+    """A plain paho subscriber that keeps every message of a topic filter."""
+
+    def __init__(self, url: str, topic: str, protocol_version: str = "5"):
+        self.messages: list[tuple[str, bytes]] = []
+        self.client = make_client(client_id("tap"), protocol_version)
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
+        done = threading.Event()
+        self.client.on_subscribe = lambda *a: done.set()
+        connect(self.client, url)
+        self.client.subscribe(topic, qos=1)
+        assert done.wait(5)
+
+    def payloads(self, suffix: str) -> list[bytes]:
+        return [p for t, p in list(self.messages) if t.endswith(suffix)]
+
+    def wait(self, cond, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self):
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@contextmanager
+def serve(tmp_path: Path, url: str, prefix: str, proto: str = "5", **overrides):
+    cfg = {"mqtt": {"broker": url, "protocol": proto, "prefix": prefix, "daemon_id": "test"},
+           "stream": {"views": VIEWS, "idle_timeout_s": 1.5},
+           "health": {"interval_s": 1.0, "metrics_port": _free_port()}}
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    tap = Tap(url, f"{prefix}/#", proto)
+    proc = subprocess.Popen([sys.executable, "-m", "panorama_cli", "serve", "--config", str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        online = tap.wait(lambda: b"online" in tap.payloads("_daemon/test/status"), timeout=60)
+        if not online:
+            proc.kill()
+            pytest.fail(f"daemon did not come online:\n{proc.communicate()[0]}")
+        yield proc, tap, cfg
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        tap.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test/{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def record_500hz(data_dir):
+    for path in find_records(data_dir):
+        head = wfdb.rdheader(str(path))
+        if head.fs == 500 and head.sig_len >= 5000 and len(set(head.adc_gain)) == 1:
+            rec = read_record(path)
+            if np.isfinite(rec.signals).all() and len(rec.leads) == 12:
+                return path
+    pytest.skip("no 500 Hz 12-lead record with one ADC resolution in the data")
+
+
+def test_validate_config(tmp_path, cli):
+    good = tmp_path / "good.yaml"
+    good.write_text("mqtt:\n  protocol: '3.1.1'\nstream:\n  views: [V7, '120:45']\n")
+    r = cli("serve", "--config", good, "--validate-config")
+    assert r.returncode == 0 and "valid" in r.stdout and "120:45" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stream:\n  lookahed: 192\n  hop: 100\n  views: [V77]\n")
+    r = cli("serve", "--config", bad, "--validate-config")
+    assert r.returncode == 2
+    for word in ("lookahed", "hop", "multiple of 8", "V77"):
+        assert word in r.stderr
+
+
+def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, cli):
+    """A real record replayed by the monitor: after the 5 s calibration the streamed views
+    equal ``panorama synthesize --calibrate 5`` of the same record within 1 µV RMS."""
+    stream = record_stream(record_500hz, monitor_id="bed1", patient_id="p1")
+    with serve(tmp_path, mosquitto, prefix) as (proc, tap, cfg):
+        with Listener(mosquitto, topic=f"{prefix}/+/+/virtual") as lis:
+            run_monitor([stream], mosquitto, prefix=prefix, views=VIEWS, speed=4.0)
+            n = stream.signals.shape[1]
+            done = tap.wait(lambda: (s := lis.streams.get(("bed1", "p1"))) is not None
+                            and s.signals.shape[1] + 2500 >= n, timeout=60)
+            assert done, "the stream's tail was not flushed after it fell silent"
+            got = lis.streams[("bed1", "p1")]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{cfg['health']['metrics_port']}/metrics").read()
+        assert b"panorama_chunks_in" in metrics
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, "SIGTERM drains and exits 0"
+        assert tap.wait(lambda: tap.payloads("_daemon/test/status")[-1] == b"offline")
+        cal = json.loads(tap.payloads("bed1/p1/calibration")[-1])
+    assert got.views == VIEWS and got.stats.gaps == 0
+    out = tmp_path / "offline"
+    r = cli("synthesize", record_500hz, "--inputs", ",".join(stream.leads), "--views", ",".join(VIEWS),
+            "--calibrate", "5", "--out", out)
+    assert r.returncode == 0, r.stderr
+    ref = wfdb.rdrecord(str(out / record_500hz.name)).p_signal.T
+    assert got.signals.shape == (len(VIEWS), ref.shape[1] - 2500)
+    err_uv = (got.signals - ref[:, 2500:]) * 1000
+    assert np.sqrt(np.mean(err_uv ** 2)) < 1.0
+    assert cal["state"] == "streaming" and set(cal["offsets_deg"]) == set(stream.leads)
+
+
+def test_bad_input_is_refused_and_harms_no_other_stream(mosquitto, prefix, tmp_path):
+    good = sim_streams(1, seconds=8.0, monitor_id="good")
+    stop = threading.Event()
+    topics = protocol.Topics(prefix)
+    ok = protocol.Chunk(0, time.time_ns(), 500.0, ["I", "II"], np.zeros((2, 125), np.float32))
+    wire = protocol.encode(ok, "float32")
+    nan = bytearray(wire)
+    nan[-4:] = np.array([np.nan], "<f4").tobytes()
+    version = bytearray(wire)
+    version[4] = 9
+    cases = {
+        "bad_magic": b"not an ecg chunk at all, " * 4,
+        "truncated": wire[:30],
+        "version": bytes(version),
+        "non_finite": bytes(nan),
+        "bad_fs": protocol.encode(protocol.Chunk(0, 0, 250.0, ["I"], np.zeros((1, 125), np.float32))),
+        "unknown_lead": protocol.encode(protocol.Chunk(0, 0, 500.0, ["XYZ"], np.zeros((1, 125), np.float32))),
+        "too_large": b"ECGP" + bytes(300_000),
+        "bad_json": b"{ not json",
+    }
+    with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0}) as (proc, tap, cfg):
+        with Listener(mosquitto, topic=f"{prefix}/good/+/virtual") as lis:
+            feeder = threading.Thread(target=run_monitor, args=(good, mosquitto),
+                                      kwargs={"prefix": prefix, "speed": 2.0, "stop_event": stop})
+            feeder.start()
+            pub = make_client(client_id("bad"), "5")
+            connect(pub, mosquitto)
+            for i, (code, payload) in enumerate(cases.items()):
+                pub.publish(topics.raw("bad", f"p{i}"), payload, qos=1).wait_for_publish(5)
+            pub.publish(topics.views("bad", "p0"), b'{"views": ["V99"]}', qos=1).wait_for_publish(5)
+            feeder.join(30)
+            pub.loop_stop()
+            pub.disconnect()
+            errors = lambda: {json.loads(p)["code"] for p in tap.payloads("_daemon/test/errors")}
+            assert tap.wait(lambda: set(cases) | {"bad_views"} <= errors(), timeout=20), errors()
+            assert tap.wait(lambda: ("good", "sim-000") in lis.streams
+                            and lis.streams[("good", "sim-000")].signals.shape[1] >= 3500, timeout=30)
+            got = lis.streams[("good", "sim-000")]
+        assert proc.poll() is None, "the daemon survives every bad input"
+        health = json.loads(tap.payloads("_daemon/test/health")[-1])
+        assert sum(health["rejected"].values()) >= len(cases)
+    assert got.stats.gaps == 0 and np.isfinite(got.signals).all()
+    for payload in tap.payloads("_daemon/test/errors"):
+        doc = json.loads(payload)
+        assert doc["reason"] and doc["code"]
+
+
+def test_through_the_embedded_broker(prefix, tmp_path):
+    from edge.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        with serve(tmp_path, broker.url, prefix, proto="3.1.1", calibration={"seconds": 2}) as (proc, tap, cfg):
+            with Listener(broker.url, protocol="3.1.1", topic=f"{prefix}/+/+/virtual") as lis:
+                run_monitor(sim_streams(2, seconds=4.0), broker.url, protocol="3.1.1", prefix=prefix, speed=4.0)
+                assert tap.wait(lambda: len(lis.streams) == 2 and all(
+                    s.signals.shape[1] >= 1000 for s in lis.streams.values()), timeout=60)
+                cal = [json.loads(p) for p in tap.payloads("/calibration")]
+    assert len(cal) == 2 and all(c["state"] == "streaming" for c in cal)
