@@ -1,0 +1,398 @@
+"""``panorama listen``: subscribe to ECG chunks, reassemble each stream, write WFDB + PNG + summary.
+
+Reassembly is keyed by (monitor, patient), the last levels but one of the topic. A chunk is
+placed by its ``t0_ns`` relative to its segment's first chunk, rounded to samples (never by
+seq × samples per chunk, which would assume fixed-length chunks); seq only counts gaps,
+duplicates and chunks out of order. Samples no chunk covered are NaN, written as WFDB missing
+values. A segment ends, and a new one begins (record ``<monitor>_<patient>_2``, ``_3`` ...),
+when the labels or the rate change, when the origin restarts (a seq seen before with another
+``t0_ns``) or when time jumps more than ``MAX_JUMP_S``. Latency is receive time − ``sent_ns``.
+Malformed payloads are counted and logged, never fatal.
+
+In-process use::
+
+    with Listener("mqtt://127.0.0.1:1883", topic="ecg/v1/bed/+/raw") as lis:
+        lis.wait(chunks=40, timeout=10)
+    signals = lis.streams[("bed", "p1")].signals
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import wfdb
+
+from . import ecgpaper
+
+log = logging.getLogger(__name__)
+
+KINDS = ("raw", "virtual")  # topic kinds that carry chunks; anything else is ignored
+MAX_JUMP_S = 60.0  # a stream that jumps further in time starts a new segment (no huge NaN spans)
+RESTART_TOLERANCE_NS = 1_000_000_000  # a repeated seq whose t0 moved more than this is a restart
+_WRAP = 2**32
+_LOG_FIRST = 5  # malformed payloads logged per stream at WARNING; the rest at DEBUG
+
+
+@dataclass
+class StreamStats:
+    chunks: int = 0  # chunks placed (duplicates excluded)
+    samples: int = 0  # samples per lead received
+    gaps: int = 0  # seqs between the first and the last never received
+    duplicates: int = 0
+    out_of_order: int = 0
+    malformed: int = 0
+    restarts: int = 0
+    latency_ms: list[float] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict:
+        lat = np.asarray(self.latency_ms, dtype=np.float64)
+        latency = ({"n": int(lat.size), "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                    "max": float(lat.max())} if lat.size else {"n": 0, "p50": None, "p99": None, "max": None})
+        return {"chunks": self.chunks, "samples": self.samples, "gaps": self.gaps, "duplicates": self.duplicates,
+                "out_of_order": self.out_of_order, "malformed": self.malformed, "restarts": self.restarts,
+                "latency_ms": latency}
+
+
+@dataclass
+class Segment:
+    """One stretch of a stream with the same views: what is written as one record."""
+
+    views: list[str]
+    signals: np.ndarray  # (n_views, n_samples) float32 mV, NaN where nothing arrived
+    fs: float
+    t0_ns: int  # time of the first sample
+
+
+@dataclass
+class Assembled:
+    """A stream as received: its first segment's views and signals, and every segment."""
+
+    monitor: str
+    patient: str
+    views: list[str]
+    signals: np.ndarray
+    fs: float
+    t0_ns: int
+    stats: StreamStats
+    segments: list[Segment]
+
+
+class _Building:
+    """A segment being filled: pieces placed by time, assembled on demand."""
+
+    def __init__(self, chunk, u: int):
+        self.views, self.fs, self.t0_ns = list(chunk.leads), float(chunk.fs), int(chunk.t0_ns)
+        self.first_u = u
+        self.pieces: list[tuple[int, np.ndarray]] = []
+        self.lo, self.hi = 0, 0  # sample span covered so far
+
+    def matches(self, chunk) -> bool:
+        return list(chunk.leads) == self.views and abs(float(chunk.fs) - self.fs) < 1e-9
+
+    def offset(self, chunk) -> int:
+        return int(round((int(chunk.t0_ns) - self.t0_ns) * self.fs / 1e9))
+
+    def fits(self, chunk) -> bool:
+        off, jump = self.offset(chunk), MAX_JUMP_S * self.fs
+        return self.lo - jump <= off <= self.hi + jump
+
+    def add(self, chunk) -> None:
+        data = np.array(chunk.data, dtype=np.float32)  # own copy: it is written into below
+        if chunk.quality:
+            for row, q in enumerate(chunk.quality):
+                if q == "missing":
+                    data[row] = np.nan
+        off = self.offset(chunk)
+        self.pieces.append((off, data))
+        if len(self.pieces) == 1:
+            self.lo, self.hi = off, off + data.shape[1]
+        else:
+            self.lo, self.hi = min(self.lo, off), max(self.hi, off + data.shape[1])
+
+    def assemble(self) -> Segment:
+        out = np.full((len(self.views), self.hi - self.lo), np.nan, dtype=np.float32)
+        for off, data in self.pieces:  # in arrival order: a later chunk wins where two overlap
+            out[:, off - self.lo: off - self.lo + data.shape[1]] = data
+        return Segment(self.views, out, self.fs, self.t0_ns + int(round(self.lo * 1e9 / self.fs)))
+
+
+class _Stream:
+    """One (monitor, patient): seq bookkeeping and its segments."""
+
+    def __init__(self, key: tuple[str, str]):
+        self.key = key
+        self.stats = StreamStats()
+        self.segments: list[_Building] = []
+        self.seen: dict[int, int] = {}  # unwrapped seq -> t0_ns
+        self.lowest: int | None = None
+        self.highest: int | None = None
+        self.base_gaps = 0  # gaps of the origin's earlier runs (before a restart)
+
+    def unwrap(self, seq: int) -> int:
+        if self.highest is None:
+            return seq
+        d = (seq - self.highest) % _WRAP
+        return self.highest + (d if d < _WRAP // 2 else d - _WRAP)
+
+    def add(self, chunk, recv_ns: int) -> None:
+        u = self.unwrap(int(chunk.seq))
+        if u in self.seen:
+            if abs(self.seen[u] - int(chunk.t0_ns)) <= RESTART_TOLERANCE_NS:
+                self.stats.duplicates += 1
+                return
+            # the origin started again (seq from 0): keep what came before as its own segment
+            self.stats.restarts += 1
+            self.base_gaps = self.stats.gaps
+            self.seen, self.lowest, self.highest = {}, None, None
+            u = int(chunk.seq)
+            self.segments.append(_Building(chunk, u))
+        elif self.highest is not None and u < self.highest:
+            self.stats.out_of_order += 1
+        self.seen[u] = int(chunk.t0_ns)
+        self.highest = u if self.highest is None else max(self.highest, u)
+        self.lowest = u if self.lowest is None else min(self.lowest, u)
+        self._segment_for(chunk, u).add(chunk)
+        self.stats.chunks += 1
+        self.stats.samples += int(chunk.data.shape[1])
+        self.stats.gaps = self.base_gaps + self._gaps()
+        if chunk.sent_ns:
+            self.stats.latency_ms.append((recv_ns - int(chunk.sent_ns)) / 1e6)
+
+    def _gaps(self) -> int:
+        return (self.highest - self.lowest + 1 - len(self.seen)) if self.seen else 0
+
+    def _segment_for(self, chunk, u: int) -> _Building:
+        if self.segments:
+            cur = self.segments[-1]
+            if cur.matches(chunk) and cur.fits(chunk):
+                return cur
+            # a late chunk of the views before the last change
+            if len(self.segments) > 1 and u < cur.first_u and self.segments[-2].matches(chunk) \
+                    and self.segments[-2].fits(chunk):
+                return self.segments[-2]
+        self.segments.append(_Building(chunk, u))
+        return self.segments[-1]
+
+    def assembled(self) -> Assembled:
+        segs = [b.assemble() for b in self.segments]
+        first = segs[0]
+        return Assembled(self.key[0], self.key[1], first.views, first.signals, first.fs, first.t0_ns,
+                         self.stats, segs)
+
+
+class Listener:
+    """Subscribe to chunk topics and reassemble every stream; ``stop`` writes to ``out`` if given."""
+
+    def __init__(self, url: str, protocol: str = "5", topic: str = "ecg/v1/+/+/virtual",
+                 out: str | Path | None = None, limits=None, client_id: str | None = None):
+        self.url, self.protocol, self.topic = url, protocol, topic
+        self.out = Path(out) if out is not None else None
+        self.limits = limits
+        self.client_id = client_id
+        self.messages = self.malformed = self.ignored = self.errors = 0
+        self.started_ns = 0
+        self._streams: dict[tuple[str, str], _Stream] = {}
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._chunks = 0
+        self._client = None
+
+    # --- lifecycle ---
+    def start(self, timeout: float = 10.0) -> "Listener":
+        """Connect and subscribe; returns once the broker has acknowledged the subscription."""
+        from .mqtt import client_id, connect, make_client
+
+        client = make_client(self.client_id or client_id("listen"), self.protocol)
+        client.on_message = self._on_message
+        client.on_subscribe = lambda *a, **k: self._subscribed.set()
+        client.on_connect = self._on_connect
+        self.started_ns = time.time_ns()
+        connect(client, self.url, timeout=timeout)
+        self._client = client
+        if not self._subscribed.wait(timeout):
+            self.stop(write=False)
+            raise ConnectionError(f"{self.url} did not acknowledge the subscription to {self.topic} in {timeout:g} s")
+        return self
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if not reason_code.is_failure:  # (re)subscribe on every connect
+            client.subscribe(self.topic, qos=1)
+
+    def stop(self, write: bool = True) -> dict | None:
+        """Disconnect; with an ``out`` folder (and ``write``), write everything; returns the summary."""
+        if self._client is not None:
+            # network thread first: paho 2.2 logs a spurious error when it outlives a disconnect
+            self._client.loop_stop()
+            self._client.disconnect()
+            self._client = None
+        return self.write(self.out) if write and self.out is not None else None
+
+    def __enter__(self) -> "Listener":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def wait(self, chunks: int | None = None, timeout: float | None = None,
+             stop_event: threading.Event | None = None) -> bool:
+        """Block until ``chunks`` chunks were placed in all (True), or ``timeout`` or ``stop_event``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stop_event = stop_event or threading.Event()
+        while not stop_event.is_set():
+            if chunks is not None and self._chunks >= chunks:
+                return True
+            left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            if left <= 0:
+                break
+            stop_event.wait(left)
+        return chunks is not None and self._chunks >= chunks
+
+    # --- receiving (paho's network thread: no publishing, no blocking) ---
+    def _on_message(self, client, userdata, msg) -> None:
+        recv_ns = time.time_ns()
+        try:
+            self._handle(msg.topic, msg.payload, recv_ns)
+        except Exception:  # a bug here must not kill paho's network thread and end the listening
+            self.errors += 1
+            log.exception("failed to handle a message on %s", msg.topic)
+
+    def _handle(self, topic: str, payload: bytes, recv_ns: int) -> None:
+        from .protocol import Limits, ProtocolError, decode_any
+
+        levels = topic.split("/")
+        self.messages += 1
+        if len(levels) < 3 or levels[-1] not in KINDS:
+            self.ignored += 1
+            return
+        key = (levels[-3], levels[-2])
+        try:
+            chunk = decode_any(bytes(payload), self.limits or Limits())
+        except ProtocolError as exc:
+            with self._lock:
+                self.malformed += 1
+                stream = self._streams.setdefault(key, _Stream(key))
+                stream.stats.malformed += 1
+                n = stream.stats.malformed
+            (log.warning if n <= _LOG_FIRST else log.debug)(
+                "malformed payload on %s (%d bytes): %s%s", topic, len(payload), exc,
+                "; further ones logged at debug level" if n == _LOG_FIRST else "")
+            return
+        with self._lock:
+            self._streams.setdefault(key, _Stream(key)).add(chunk, recv_ns)
+            self._chunks += 1
+
+    # --- results ---
+    @property
+    def streams(self) -> dict[tuple[str, str], Assembled]:
+        with self._lock:
+            return {k: s.assembled() for k, s in self._streams.items() if s.segments}
+
+    @property
+    def stats(self) -> dict:
+        with self._lock:
+            per = {f"{k[0]}/{k[1]}": s.stats.summary() for k, s in self._streams.items()}
+        return {"broker": self.url, "topic": self.topic, "messages": self.messages, "malformed": self.malformed,
+                "ignored": self.ignored, "errors": self.errors, "streams": per}
+
+    def write(self, out: str | Path) -> dict:
+        """One WFDB record and one PNG per segment, and ``summary.json``; returns the summary."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = self.stats
+        summary["started"] = dt.datetime.fromtimestamp(self.started_ns / 1e9, dt.timezone.utc).isoformat()
+        for (monitor, patient), a in sorted(self.streams.items()):
+            entry = summary["streams"][f"{monitor}/{patient}"]
+            entry.update(views=a.views, fs=a.fs, records=[])
+            for k, seg in enumerate(a.segments):
+                if seg.signals.shape[1] == 0:
+                    continue
+                name = record_name(monitor, patient, k)
+                write_wfdb(out, name, seg.signals, seg.views, seg.fs, seg.t0_ns,
+                           [f"panorama listen: {monitor}/{patient} from {self.topic} on {self.url}"])
+                ecgpaper.render(seg.signals, seg.views, seg.fs, out / f"{name}.png", title=f"{monitor}/{patient}")
+                entry["records"].append({"name": name, "views": seg.views, "samples": int(seg.signals.shape[1]),
+                                         "missing_samples": int(np.isnan(seg.signals).any(axis=0).sum()),
+                                         "t0_ns": seg.t0_ns})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def record_name(monitor: str, patient: str, segment: int = 0) -> str:
+    """WFDB record names allow no dots: ids' dots become dashes."""
+    base = f"{monitor}_{patient}".replace(".", "-")
+    return base if segment == 0 else f"{base}_{segment + 1}"
+
+
+def write_wfdb(out_dir: Path, name: str, signals: np.ndarray, names: list[str], fs: float, t0_ns: int,
+               comments: list[str]) -> Path:
+    """Format-16 WFDB record of float mV signals; NaN become WFDB missing values (-32768).
+
+    ``panorama.records.write_record`` refuses NaN, so this is its missing-aware twin: the same
+    per-lead gains (full int16 range, at least 1 µV resolution).
+    """
+    sig = np.asarray(signals, dtype=np.float64).T  # (samples, leads)
+    nan = ~np.isfinite(sig)
+    peak = np.maximum(np.nanmax(np.where(nan, 0.0, np.abs(sig)), axis=0), 1e-3)
+    gain = np.minimum(np.floor(32000.0 / peak), 1000.0 * 32)
+    d = np.clip(np.round(np.where(nan, 0.0, sig) * gain), -32767, 32767).astype(np.int16)
+    d[nan] = -32768
+    t0 = dt.datetime.fromtimestamp(t0_ns / 1e9, dt.timezone.utc)
+    comments = [c.encode("ascii", "replace").decode() for c in comments] + [f"t0_ns {t0_ns} (UTC)"]
+    wfdb.wrsamp(name, fs=float(fs), units=["mV"] * len(names), sig_name=list(names), d_signal=d,
+                fmt=["16"] * len(names), adc_gain=gain.tolist(), baseline=[0] * len(names),
+                comments=comments, base_time=t0.time().replace(tzinfo=None), base_date=t0.date(),
+                write_dir=str(out_dir))
+    return out_dir / name
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "listen", help="subscribe to ECG chunks and write each stream as WFDB, PNG and a summary",
+        description="Reassemble every (monitor, patient) stream on TOPIC, then write to --out one WFDB record "
+        "<monitor>_<patient> (signal names = the view labels, mV), an ECG-paper PNG of its last 10 s and "
+        "summary.json (chunks, gaps, duplicates, out of order, latency p50/p99). Stops after --duration "
+        "seconds, --chunks chunks or Ctrl-C.")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL (default mqtt://127.0.0.1:1883)")
+    p.add_argument("--protocol", default="5", choices=("5", "3.1.1"), help="MQTT version (default 5)")
+    p.add_argument("--topic", default="ecg/v1/+/+/virtual",
+                   help="topic filter (default ecg/v1/+/+/virtual; e.g. ecg/v1/bed/+/raw for a monitor's input)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--chunks", type=int, metavar="N", help="stop after N chunks")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.duration is not None and not args.duration > 0:
+        raise ValueError(f"--duration must be positive seconds, got {args.duration}")
+    if args.chunks is not None and args.chunks < 1:
+        raise ValueError(f"--chunks must be at least 1, got {args.chunks}")
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        listener = Listener(args.broker, args.protocol, args.topic, args.out).start()
+        print(f"listening on {args.topic} at {args.broker}" + ("" if args.duration or args.chunks else "; Ctrl-C ends"),
+              flush=True)
+        listener.wait(chunks=args.chunks, timeout=args.duration, stop_event=stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    summary = listener.stop()
+    for key, st in summary["streams"].items():
+        lat = st["latency_ms"]
+        lat_s = f", latency p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms" if lat["n"] else ""
+        recs = ", ".join(r["name"] for r in st.get("records", []))
+        print(f"{key}: {st['chunks']} chunks, {st['gaps']} gaps, {st['duplicates']} duplicates, "
+              f"{st['out_of_order']} out of order, {st['malformed']} malformed{lat_s} -> {recs or 'nothing written'}")
+    print(f"wrote {args.out / 'summary.json'} ({summary['messages']} messages, {summary['malformed']} malformed)")
+    return 0

@@ -1,0 +1,340 @@
+"""``panorama monitor``: a bedside-monitor simulator that streams ECGs over MQTT.
+
+Each WFDB record, or each simulated patient, is one patient stream on
+``Topics.raw(monitor, patient)``: 500 Hz chunks of ``chunk_ms``, seq from 0, ``t0_ns`` = the
+start wall clock + the sample offset (signal time), ``sent_ns`` = the wall clock at publish.
+Pacing follows an absolute schedule (chunk i is due at start + (i + 1) × chunk / speed), so
+it never drifts; all streams are interleaved in one process and handed to one publisher
+thread. Int16 uses the record's ADC resolution as its scale when every published lead shares
+it, which makes the replay lossless.
+
+Library use (the demo and the benchmark run it in a thread)::
+
+    stop = threading.Event()
+    stats = run_monitor([MonitorStream("bed", "p1", leads, signals)], "mqtt://127.0.0.1:1883",
+                        stop_event=stop)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import wfdb
+
+from panorama.errors import PanoramaError, RecordError
+from panorama.geometry import STANDARD_12, canonical_lead_name, resolve_views
+from panorama.records import MODEL_FS, find_records, read_record, record_base
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("int16", "float32", "json")
+DEFAULT_SCALE_MV = 0.001  # 1 µV per count: int16 covers ±32.8 mV
+SIM_SECONDS = 30.0  # a simulated patient's strip when --duration does not say (it loops with --loop)
+FAST_BURST = 16  # with fast=True: a short pause after this many chunks, so broker queues keep up
+FAST_PAUSE_S = 0.002
+_UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
+
+
+@dataclass
+class MonitorStream:
+    """One patient's signals, ready to stream."""
+
+    monitor_id: str
+    patient_id: str
+    leads: list[str]
+    signals: np.ndarray  # (L, T) float32 mV at fs
+    scale_mv: float = DEFAULT_SCALE_MV  # int16 resolution
+    fs: float = MODEL_FS
+
+    def __post_init__(self):
+        self.signals = np.asarray(self.signals, dtype=np.float32)
+        if self.signals.ndim != 2 or self.signals.shape[0] != len(self.leads) or self.signals.shape[1] == 0:
+            raise ValueError(f"{self.monitor_id}/{self.patient_id}: signals must be (n_leads={len(self.leads)}, "
+                             f"n_samples > 0), got {self.signals.shape}")
+        if not self.scale_mv > 0:
+            raise ValueError(f"{self.monitor_id}/{self.patient_id}: scale_mv must be positive, got {self.scale_mv}")
+
+
+@dataclass
+class StreamStats:
+    monitor_id: str
+    patient_id: str
+    n_leads: int
+    fs: float
+    scale_mv: float
+    fmt: str = "int16"
+    chunks: int = 0
+    samples: int = 0  # per lead
+    dropped: int = 0  # chunks the publisher's queue refused
+
+    def line(self) -> str:
+        return (f"{self.monitor_id}/{self.patient_id}: {self.chunks} chunks, {self.samples} samples "
+                f"({self.samples / self.fs:.1f} s) of {self.n_leads} leads, "
+                + (f"int16 at {self.scale_mv:g} mV" if self.fmt == "int16" else self.fmt)
+                + (f", {self.dropped} dropped" if self.dropped else ""))
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+def adc_resolution_mv(path: str | Path, leads: list[str]) -> float | None:
+    """mV per ADC count shared by ``leads`` of a WFDB record, or None when they differ."""
+    header = wfdb.rdheader(str(record_base(path)))
+    res = {}
+    for name, gain, unit in zip(header.sig_name or [], header.adc_gain or [], header.units or []):
+        canon = canonical_lead_name(name)
+        factor = _UNIT_TO_MV.get((unit or "mV").strip().lower())
+        if canon in leads and canon not in res and gain and factor:
+            res[canon] = factor / float(gain)
+    values = [res.get(n) for n in leads]
+    if None in values or not np.allclose(values, values[0], rtol=1e-9, atol=0):
+        return None
+    return float(values[0])
+
+
+def record_stream(path: str | Path, monitor_id: str = "bed", patient_id: str | None = None,
+                  leads: list[str] | None = None) -> MonitorStream:
+    """A WFDB record as a stream: resampled to 500 Hz, int16 scale = its ADC resolution when
+    uniform across ``leads`` and the signal fits int16 at it, else 1 µV."""
+    rec = read_record(path, leads=leads, fs=MODEL_FS)
+    scale = adc_resolution_mv(path, rec.leads)
+    peak = float(np.nanmax(np.abs(rec.signals))) if np.isfinite(rec.signals).any() else 0.0
+    if scale is None:
+        log.info("%s: leads have different ADC resolutions; int16 at 1 µV", rec.name)
+        scale = DEFAULT_SCALE_MV
+    elif peak / scale > 32767:
+        log.info("%s: peak %.1f mV exceeds int16 at its ADC resolution %g mV; int16 at 1 µV", rec.name, peak, scale)
+        scale = DEFAULT_SCALE_MV
+    return MonitorStream(monitor_id, patient_id or rec.name, rec.leads, rec.signals, scale)
+
+
+def sim_streams(n: int, seed: int = 0, monitor_id: str = "bed", seconds: float = SIM_SECONDS,
+                leads: list[str] | None = None, device: str = "diagnostic") -> list[MonitorStream]:
+    """``n`` simulated patients (seeds seed, seed + 1, ...) named sim-000, sim-001, ...;
+    the 12 standard leads unless ``leads`` names others (any view, e.g. V7 or 120:45)."""
+    from training.simulator import simulate
+
+    views = leads or list(STANDARD_12)
+    out = []
+    for i in range(n):
+        sim = simulate(seed + i, views, duration_s=seconds, fs=MODEL_FS, device=device)
+        out.append(MonitorStream(monitor_id, f"sim-{i:03d}", sim.names, sim.signals))
+    return out
+
+
+# --- streaming ---------------------------------------------------------------------------------
+
+def run_monitor(streams: list[MonitorStream], url: str, protocol: str = "5", chunk_ms: float = 250,
+                speed: float = 1.0, fmt: str = "int16", views: list[str] | None = None,
+                stop_event: threading.Event | None = None, *, fast: bool = False, loop: bool = False,
+                duration_s: float | None = None, prefix: str = "ecg/v1",
+                client_id: str | None = None) -> list[StreamStats]:
+    """Publish ``streams`` until they end (or ``duration_s`` of signal, or ``stop_event``).
+
+    ``speed``: real time × speed; ``fast``: as fast as the broker takes it. ``loop``: start
+    again at the end of a strip (seq and t0 go on). ``views``: publish the retained views
+    request for every stream first. Returns one ``StreamStats`` per stream, in order.
+    """
+    from .mqtt import Publisher, client_id as new_client_id, connect, make_client
+    from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Topics
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if not speed > 0:
+        raise ValueError(f"speed must be positive, got {speed}")
+    if not chunk_ms > 0:
+        raise ValueError(f"chunk_ms must be positive, got {chunk_ms}")
+    if duration_s is not None and not duration_s > 0:
+        raise ValueError(f"duration must be positive seconds, got {duration_s}")
+    if not streams:
+        raise ValueError("no streams to publish")
+    keys = [(s.monitor_id, s.patient_id) for s in streams]
+    dupes = sorted({f"{m}/{p}" for m, p in keys if keys.count((m, p)) > 1})
+    if dupes:
+        raise ValueError(f"stream ids used more than once: {', '.join(dupes)}")
+    view_names = [v.name for v in resolve_views(views)] if views else None
+    topics = Topics(prefix)
+    plans = [_Plan(s, topics.raw(s.monitor_id, s.patient_id), chunk_ms, loop, duration_s, fmt) for s in streams]
+    stop = stop_event or threading.Event()
+    content_type = CONTENT_TYPE_JSON if fmt == "json" else CONTENT_TYPE_BINARY
+
+    client = make_client(client_id or new_client_id("monitor"), protocol)
+    connect(client, url)
+    publisher = Publisher(client, protocol=protocol)
+    publisher.start()
+    try:
+        if view_names:
+            request = json.dumps({"views": view_names}).encode()
+            for s in streams:
+                publisher.put(topics.views(s.monitor_id, s.patient_id), request, qos=1, retain=True,
+                              content_type=CONTENT_TYPE_JSON)
+        start_ns, start = time.time_ns(), time.monotonic()
+        period = chunk_ms / 1000.0 / speed
+        i, since_pause = 0, 0
+        while not stop.is_set():
+            live = [p for p in plans if not p.done(i)]
+            if not live:
+                break
+            if fast:
+                since_pause += len(live)
+                if since_pause >= FAST_BURST or publisher.queued > 256:
+                    since_pause = 0
+                    stop.wait(FAST_PAUSE_S)
+                    while publisher.queued > 256 and not stop.is_set():
+                        stop.wait(FAST_PAUSE_S)
+            else:
+                delay = start + (i + 1) * period - time.monotonic()  # absolute schedule: no drift
+                if delay > 0 and stop.wait(delay):
+                    break
+            for p in live:
+                chunk = p.chunk(i, start_ns)
+                payload = _encode(chunk, fmt, p.stream.scale_mv)
+                if publisher.put(p.topic, payload, qos=0, content_type=content_type):
+                    p.stats.chunks += 1
+                    p.stats.samples += chunk.n_samples
+                else:
+                    p.stats.dropped += 1
+            i += 1
+    finally:
+        publisher.stop()
+        # network thread first: paho 2.2 logs a spurious error when it outlives a disconnect
+        client.loop_stop()
+        client.disconnect()
+    if publisher.failed:  # paho refused them: the connection was down (QoS 0 is not queued)
+        log.warning("%d chunks were lost while the broker connection was down", publisher.failed)
+    return [p.stats for p in plans]
+
+
+class _Plan:
+    """Where one stream is: which samples chunk i holds."""
+
+    def __init__(self, stream: MonitorStream, topic: str, chunk_ms: float, loop: bool, duration_s: float | None,
+                 fmt: str):
+        from .protocol import Limits
+
+        self.stream, self.topic, self.loop = stream, topic, loop
+        self.n = max(1, int(round(chunk_ms * stream.fs / 1000.0)))
+        if self.n > Limits().max_samples:
+            raise ValueError(f"chunk of {chunk_ms} ms is {self.n} samples; the protocol allows "
+                             f"{Limits().max_samples}: use a shorter --chunk-ms")
+        length = stream.signals.shape[1]
+        if duration_s is not None:
+            total = int(round(duration_s * stream.fs))
+            self.total = total if loop else min(total, length)
+        else:
+            self.total = None if loop else length
+        self.stats = StreamStats(stream.monitor_id, stream.patient_id, len(stream.leads), stream.fs, stream.scale_mv,
+                                 fmt)
+
+    def done(self, i: int) -> bool:
+        return self.total is not None and i * self.n >= self.total
+
+    def chunk(self, i: int, start_ns: int):
+        from .protocol import Chunk
+
+        a = i * self.n
+        b = a + self.n if self.total is None else min(a + self.n, self.total)
+        sig = self.stream.signals
+        data = np.take(sig, np.arange(a, b) % sig.shape[1], axis=1) if self.loop else sig[:, a:b]
+        quality = None
+        bad = ~np.isfinite(data)
+        if bad.any():  # NaN in a record: send zeros, flagged, since the wire carries finite samples only
+            quality = ["missing" if row.any() else "ok" for row in bad]
+            data = np.where(bad, np.float32(0.0), data)
+        t0_ns = start_ns + round(a * 1e9 / self.stream.fs)
+        return Chunk(seq=i % 2**32, t0_ns=t0_ns, fs=float(self.stream.fs), leads=list(self.stream.leads),
+                     data=np.ascontiguousarray(data, dtype=np.float32), quality=quality, sent_ns=time.time_ns())
+
+
+def _encode(chunk, fmt: str, scale_mv: float) -> bytes:
+    from .protocol import encode, to_json
+
+    if fmt == "json":
+        return to_json(chunk)
+    return encode(chunk, sample_format=fmt, scale_mv=scale_mv if fmt == "int16" else None)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "monitor", help="stream WFDB records or simulated patients over MQTT, as a bedside monitor would",
+        description="Publish each record (or simulated patient) as one patient stream of 500 Hz chunks on "
+        "PREFIX/MONITOR/PATIENT/raw, in real time x --speed (or --fast). Prints one summary line per stream.")
+    p.add_argument("records", nargs="*", type=Path, help="WFDB records (with or without .hea) or folders")
+    p.add_argument("--sim", type=int, default=0, metavar="N", help="stream N simulated patients instead")
+    p.add_argument("--seed", type=int, default=0, help="first simulated patient's seed (default 0)")
+    p.add_argument("--device", default="diagnostic",
+                   help="simulated recording device: ideal, diagnostic (default), monitor, holter, random")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL (default mqtt://127.0.0.1:1883)")
+    p.add_argument("--protocol", default="5", choices=("5", "3.1.1"), help="MQTT version (default 5)")
+    p.add_argument("--prefix", default="ecg/v1", help="topic prefix (default ecg/v1)")
+    p.add_argument("--monitor-id", default="bed", help="monitor id in the topics (default bed)")
+    p.add_argument("--patients", help="patient ids, comma-separated, one per record (default: record names, "
+                   "or sim-000, sim-001, ...)")
+    p.add_argument("--chunk-ms", type=float, default=250.0, help="chunk length in ms (default 250)")
+    pace = p.add_mutually_exclusive_group()
+    pace.add_argument("--speed", type=float, default=1.0, help="real time x SPEED (default 1)")
+    pace.add_argument("--fast", action="store_true", help="as fast as the broker takes it")
+    p.add_argument("--leads", help="publish only these leads, comma-separated (default: every known lead; "
+                   "for --sim any views, e.g. I,II,V3,V7)")
+    p.add_argument("--views", help="first publish the retained views request, e.g. V7,V8,120:45")
+    p.add_argument("--format", dest="fmt", default="int16", choices=FORMATS, help="sample format (default int16)")
+    p.add_argument("--loop", action="store_true", help="start again at the end (seq and time go on)")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds of signal per stream")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if bool(args.records) == bool(args.sim):
+        raise ValueError("give WFDB records or folders, or --sim N (one of the two)")
+    if args.sim < 0:
+        raise ValueError(f"--sim must be a positive number of patients, got {args.sim}")
+    leads = [v.name for v in resolve_views(args.leads)] if args.leads else None
+    views = args.views.split(",") if args.views else None
+    if views:
+        resolve_views(views)  # fail before reading anything
+    failed = 0
+    if args.sim:
+        seconds = args.duration if args.duration and not args.loop else SIM_SECONDS
+        streams = sim_streams(args.sim, args.seed, args.monitor_id, seconds, leads, args.device)
+    else:
+        streams = []
+        for arg in args.records:
+            try:
+                for path in find_records(arg):
+                    try:
+                        streams.append(record_stream(path, args.monitor_id, None, leads))
+                    except (PanoramaError, ValueError) as exc:  # one bad record never stops the others
+                        failed += 1
+                        print(f"panorama monitor: skipped {path}: {exc}", file=sys.stderr)
+            except PanoramaError as exc:
+                failed += 1
+                print(f"panorama monitor: skipped {arg}: {exc}", file=sys.stderr)
+        if not streams:
+            raise RecordError("no record could be read")
+    if args.patients:
+        ids = [p.strip() for p in args.patients.split(",")]
+        if len(ids) != len(streams):
+            raise ValueError(f"--patients names {len(ids)} ids for {len(streams)} streams")
+        for s, pid in zip(streams, ids):
+            s.patient_id = pid
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stats = run_monitor(streams, args.broker, args.protocol, args.chunk_ms, args.speed, args.fmt, views, stop,
+                            fast=args.fast, loop=args.loop, duration_s=args.duration, prefix=args.prefix)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    for st in stats:
+        print(st.line())
+    return 1 if failed or any(st.dropped for st in stats) else 0
