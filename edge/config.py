@@ -55,6 +55,8 @@ class StreamConfig(_Strict):
     lookahead: int = Field(192, ge=0, le=4096, description="samples waited for after it (output delay)")
     hop: int = Field(128, ge=8, le=4096, description="most output samples per window")
     max_batch: int = Field(32, ge=1, le=256)
+    batch_wait_ms: float = Field(20.0, ge=0, le=1000, description="wait this long after a chunk for others "
+                                 "to batch with (latency traded for throughput)")
     max_patients: int = Field(64, ge=1, le=1024)
     idle_timeout_s: float = Field(10.0, gt=0, description="a stream silent this long is flushed and closed")
     max_views: int = Field(16, ge=1, le=64)

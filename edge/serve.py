@@ -312,8 +312,10 @@ class Daemon:
 
     # ---- inference ----------------------------------------------------------------------
     def _inference_loop(self) -> None:
+        wait = self.cfg.stream.batch_wait_ms / 1000
         while not self.stopping.is_set():
-            self.wake.wait(0.1)
+            if self.wake.wait(0.1) and wait:
+                time.sleep(wait)  # monitors tick together: gather their chunks into one batch
             self.wake.clear()
             self._expire_idle()
             with self.lock:

@@ -26,8 +26,12 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="speed and calibration benchmarks (commands, not tests)",
                        description="model: latency of 8 views from 10 s of 12-lead input. calibration: "
                        "offset recovery and synthesis gain on simulated patients with displaced electrodes, "
-                       "and the time of one 12-lead × 5 s calibration.")
-    p.add_argument("what", choices=("model", "calibration"))
+                       "and the time of one 12-lead × 5 s calibration. stream: the daemon (a subprocess) "
+                       "with --patients simulated monitors in real time through a real broker: latency, "
+                       "delivery and memory after warm-up.")
+    p.add_argument("what", choices=("model", "calibration", "stream"),
+                   help="model: latency; calibration: offset recovery and its time; stream: patients the "
+                        "daemon sustains in real time through a broker (edge/bench.py)")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -36,10 +40,21 @@ def register(sub) -> None:
     p.add_argument("--onnx", action="store_true",
                    help="model: also time ONNX Runtime (CPU) on the exported checkpoint, same input")
     p.add_argument("--json", type=Path, help="write the figures as JSON")
+    from edge.bench import add_arguments  # the stream benchmark lives with the daemon
+
+    add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if args.what == "stream":
+        from edge.bench import run_stream
+
+        res = run_stream(args)
+        print(f"largest number of patients sustained: {res['largest_sustained_patients']}")
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2, default=float))
+        return 0
     torch.set_num_threads(args.threads)
     synth = Synthesizer.load(args.model, device=args.device)
     if args.what == "model":
