@@ -125,6 +125,8 @@ def record_500hz(data_dir):
 
 
 def test_validate_config(tmp_path, cli):
+    r = cli("serve", "--config", REPO / "deploy" / "edge.yaml", "--validate-config")
+    assert r.returncode == 0, r.stderr  # the documented example stays valid
     good = tmp_path / "good.yaml"
     good.write_text("mqtt:\n  protocol: '3.1.1'\nstream:\n  views: [V7, '120:45']\n")
     r = cli("serve", "--config", good, "--validate-config")
