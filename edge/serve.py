@@ -182,8 +182,8 @@ class Daemon:
         self.publisher.stop(timeout=10)
         if self.metrics:
             self.metrics.close()
+        self.client.loop_stop()  # network thread first: paho 2.2 logs a spurious error otherwise
         self.client.disconnect()
-        self.client.loop_stop()
         log.info("stopped: %d chunks in, %d virtual chunks out, %d rejected", self.chunks_in,
                  self.chunks_out, sum(self.rejected.values()))
 

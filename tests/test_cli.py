@@ -83,10 +83,18 @@ def test_simulate_writes_records_that_eval_can_score(cli, tmp_path):
     assert json.loads(out.read_text())["overall"]["records"] == 3
 
 
-def test_demo_prints_both_tables_and_writes_the_figure(cli, data_dir, tmp_path):
-    proc = cli("demo", "--patients", "4", "--out", tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert "Simulated patients (4)" in proc.stdout and "Real records in" in proc.stdout
-    assert "real dipole" in proc.stdout and "real model" in proc.stdout
-    png = tmp_path / "sim_vs_real.png"
-    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+def test_demo_streams_through_the_embedded_broker(cli, tmp_path):
+    """The main job end to end: embedded broker, daemon, monitor and listener in one process."""
+    proc = cli("demo", "--patients", "2", "--seconds", "9", "--out", tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "embedded MQTT broker" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("patient-")]
+    assert len(rows) == 2 and all("accepted" in r or "rejected" in r for r in rows)
+    psnr = [float(r.split()[-4]) for r in rows]
+    assert all(15 < p < 60 for p in psnr), rows  # scored against the simulator's truth
+    for i in (1, 2):
+        rec = wfdb.rdrecord(str(tmp_path / f"demo-bed_patient-{i}"))
+        assert rec.sig_name == ["V7", "V8", "V9", "V3R", "V4R", "V5R", "120:45", "60:120"]
+        assert rec.sig_len >= 1500  # 9 s streamed, the last 4 s after calibration
+        png = tmp_path / f"demo-bed_patient-{i}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG"
