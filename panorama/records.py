@@ -2,6 +2,9 @@
 
 Every record is turned into one canonical form: float32 millivolts, shape (leads, samples),
 canonical lead names (see ``geometry.canonical_lead_name``), resampled to the model rate.
+
+wfdb and scipy are imported by the functions that read, write or resample: calibration and
+the lead-quality checks (all an edge device needs from here) work without them.
 """
 
 from __future__ import annotations
@@ -12,8 +15,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import wfdb
-from scipy.signal import resample_poly
 
 from .errors import RecordError
 from .geometry import canonical_lead_name
@@ -88,6 +89,8 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
     ``leads``: read only these canonical leads (all known ones when None); a named lead that
     the record lacks is an error. ``fs``: resample to this rate (None keeps the record's).
     """
+    import wfdb
+
     base = record_base(path)
     try:
         header = wfdb.rdheader(str(base))
@@ -123,6 +126,8 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
 
 def resample(record: Record, fs: float) -> Record:
     """Polyphase resampling to ``fs``; NaN (missing samples) are kept as NaN regions."""
+    from scipy.signal import resample_poly
+
     if fs <= 0:
         raise ValueError(f"sampling rate must be positive, got {fs}")
     if abs(record.fs - fs) < 1e-9:
@@ -163,6 +168,8 @@ def write_record(out_dir: str | Path, name: str, signals: np.ndarray, leads: lis
 
     Gains are chosen per lead so the full int16 range covers the signal (at least 1 µV resolution).
     """
+    import wfdb
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sig = np.ascontiguousarray(np.asarray(signals, dtype=np.float64).T)
