@@ -63,3 +63,79 @@ def test_backends_are_chosen_by_name_with_clear_errors():
     views = Synthesizer.angles(resolve_views("I,II,V3"))[None]
     y = torch_backend.run(x, views, np.ones((1, 3), bool), Synthesizer.angles(resolve_views("V7"))[None])
     assert y.shape == (1, 1, 800) and np.isfinite(y).all()
+
+
+def test_upsampling_rewrite_is_linear_interpolation():
+    import torch
+    import torch.nn.functional as F
+
+    from export.onnx import upsample2
+
+    x = torch.randn(3, 5, 17, dtype=torch.float64)
+    want = F.interpolate(x, scale_factor=2.0, mode="linear", align_corners=False)
+    assert torch.allclose(upsample2(x), want, atol=1e-12)
+
+
+def test_export_leaves_the_loaded_model_usable():
+    import torch
+
+    from export.onnx import plain_copy
+    from panorama import checkpoint
+    from panorama.synth import default_checkpoint
+
+    model, _ = checkpoint.load(default_checkpoint())
+    args = (torch.randn(1, 3, 64) * 0.3, Synthesizer.angles(resolve_views("I,II,V3"))[None],
+            torch.ones(1, 3, dtype=torch.bool), Synthesizer.angles(resolve_views("V7"))[None])
+    args = tuple(torch.as_tensor(a) for a in args)
+    with torch.no_grad():
+        before = model(*args)
+        plain = plain_copy(model)  # spectral norm folded in the copy only (a deep copy shared its class)
+        assert torch.equal(model(*args), before)
+        assert torch.allclose(plain(*args), before, atol=1e-6)
+
+
+def test_fp16_export_keeps_float32_io_and_matches(exported, data_dir, tmp_path):
+    from export.onnx import export_onnx
+    from panorama.synth import default_checkpoint
+
+    path = export_onnx(default_checkpoint(), tmp_path / "half.onnx", precision="fp16")
+    proto = onnx.load(str(path))
+    assert {p.key: p.value for p in proto.metadata_props}["precision"] == "fp16"
+    f32 = onnx.TensorProto.FLOAT
+    assert [i.type.tensor_type.elem_type for i in proto.graph.input] == [f32, f32, onnx.TensorProto.BOOL, f32]
+    assert proto.graph.output[0].type.tensor_type.elem_type == f32
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # some CPU builds lack half kernels; the export itself is what is tested
+        pytest.skip(f"ONNX Runtime cannot run the fp16 model here: {exc}")
+    synth = Synthesizer.load()
+    rec = read_record(data_dir / "ludb" / "ludb001")
+    x = np.stack([rec.lead(n) for n in STANDARD_12])[:, :2000]  # ONNX Runtime runs half slowly on a CPU
+    inputs, queries = resolve_views(",".join(STANDARD_12)), resolve_views("V2,V6,V7,V4R,120:45")
+    err = np.abs(_run(sess, synth, x, inputs, queries) - synth(x, inputs, queries)).max()
+    assert err < 5e-3  # mV: 5 µV (measured 0.6 µV; the geometry stays float32)
+
+
+def test_cached_onnx_exports_once_per_checkpoint_version_and_precision(tmp_path, monkeypatch):
+    from edge.backends.onnxruntime import OnnxRuntimeBackend
+    from export.onnx import EXPORT_VERSION, cached_onnx
+    from panorama import checkpoint
+    from panorama.errors import BackendError
+    from panorama.synth import default_checkpoint
+
+    monkeypatch.setenv("PANORAMA_CACHE", str(tmp_path / "cache"))
+    path = cached_onnx(default_checkpoint())
+    sha = checkpoint.read_header(default_checkpoint())["sha256"]
+    assert path == tmp_path / "cache" / "onnx" / f"{sha[:32]}-v{EXPORT_VERSION}-fp32.onnx"
+    stamp = path.stat().st_mtime_ns
+    assert cached_onnx(default_checkpoint()) == path and path.stat().st_mtime_ns == stamp  # not re-exported
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp files left
+    assert cached_onnx(path) == path  # an exported model is used as it is
+    backend = OnnxRuntimeBackend(path, threads=1)
+    assert backend.run(np.zeros((1, 3, 100), np.float32), Synthesizer.angles(resolve_views("I,II,V3"))[None],
+                       np.ones((1, 3), bool), Synthesizer.angles(resolve_views("V7"))[None]).shape == (1, 1, 100)
+    (tmp_path / "blocker").write_text("")
+    monkeypatch.setenv("PANORAMA_CACHE", str(tmp_path / "blocker"))
+    with pytest.raises(BackendError, match=r"blocker/onnx is not writable.*PANORAMA_CACHE"):
+        cached_onnx(default_checkpoint())
