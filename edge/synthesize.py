@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--views", required=True, help="views to write, e.g. V2,V6,V7,120:45")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
-    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime"),
+    p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
                    help="inference backend (default torch); calibration always uses PyTorch")
     p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
                    help="fit the inputs' angle offsets on the first SECONDS of every lead in the record "

@@ -56,8 +56,8 @@ def test_backends_are_chosen_by_name_with_clear_errors():
     from edge.backends import make_backend
     from panorama.synth import default_checkpoint
 
-    with pytest.raises(ValueError, match="unknown backend 'tensorrt'; choose one of torch, onnxruntime"):
-        make_backend("tensorrt", default_checkpoint())
+    with pytest.raises(ValueError, match="unknown backend 'tensorrt8'; choose one of torch, onnxruntime, tensorrt"):
+        make_backend("tensorrt8", default_checkpoint())
     torch_backend = make_backend("torch", default_checkpoint())
     x = np.random.default_rng(1).standard_normal((1, 3, 800)).astype(np.float32) * 0.3
     views = Synthesizer.angles(resolve_views("I,II,V3"))[None]

@@ -19,7 +19,14 @@ from panorama.errors import BackendError
 
 # name → (module, class): an explicit table, no import side effects
 BACKENDS = {"torch": ("edge.backends.torch", "TorchBackend"),
-            "onnxruntime": ("edge.backends.onnxruntime", "OnnxRuntimeBackend")}
+            "onnxruntime": ("edge.backends.onnxruntime", "OnnxRuntimeBackend"),
+            "tensorrt": ("edge.backends.tensorrt", "TensorRTBackend")}
+
+# a missing top-level module → how to get it
+INSTALL = {"onnxruntime": "pip install onnxruntime",
+           "tensorrt": "TensorRT: on a Jetson it comes with JetPack 6 (TensorRT 10.3, python3-libnvinfer); "
+                       "elsewhere pip install tensorrt; see deploy/README.md",
+           "cuda": "cuda-python: pip install cuda-python (or pip install .[jetson])"}
 
 
 class Backend(Protocol):
@@ -29,13 +36,17 @@ class Backend(Protocol):
         ...
 
 
-def make_backend(name: str, checkpoint: Path, device: str = "cpu") -> Backend:
+def make_backend(name: str, checkpoint: Path, device: str | None = None) -> Backend:
+    """The backend ``name`` for ``checkpoint`` (or an exported .onnx for onnxruntime and
+    tensorrt) on ``device`` (None: the backend's own default, cpu or cuda)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     module, cls = BACKENDS[name]
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        raise BackendError(f"backend {name!r} needs a package that is not installed ({exc.name}); "
-                           f"install it, e.g. pip install {exc.name}") from exc
-    return getattr(mod, cls)(checkpoint, device)
+        missing = (exc.name or "").split(".")[0]
+        raise BackendError(f"backend {name!r} needs {missing or exc}, which is not installed; install "
+                           f"{INSTALL.get(missing, f'it (pip install {missing})')}") from exc
+    backend = getattr(mod, cls)
+    return backend(checkpoint) if device is None else backend(checkpoint, device)
