@@ -99,9 +99,12 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if len(fit) < 2:
         return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or [])} (need 2)")
 
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    if next(model.parameters()).device != dev:
-        raise ValueError(f"the model is on {next(model.parameters()).device}, calibration asked for {dev}")
+    here = next(model.parameters()).device
+    dev = torch.device(device) if device is not None else here
+    if dev.type == here.type and dev.index is None:
+        dev = here  # "cuda" means the model's own GPU
+    if here != dev:
+        raise ValueError(f"the model is on {here}, calibration asked for {dev}")
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
     table = torch.from_numpy(descriptors([views[i] for i in usable])).to(dev)  # (n, 3)
     model.eval()
