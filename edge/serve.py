@@ -253,7 +253,6 @@ class Daemon:
                                         "patients; stream refused")
                 views = [resolve_view(n) for n in self.requested.get(key, [])] or list(self.default_views)
                 st = self.streams[key] = PatientStream(key, self.params, views)
-                st.out_seq = 0
                 self._status(st)
             before = st.state
             outcome = st.ingest(chunk.seq, chunk.t0_ns, names, data, chunk.sent_ns)
@@ -363,16 +362,18 @@ class Daemon:
     def _close(self, key, why: str) -> None:
         """Flush what a stream still holds (its last lookahead too), then forget it."""
         with self.lock:
-            st = self.streams.pop(key, None)
-            self.last_seen.pop(key, None)
-            if st is None:
+            st = self.streams.get(key)
+            if st is None or st.state == "ended":
                 return
             windows = st.due(final=True)
-            st.state = "ended"
-            self._status(st, why)
+            st.state = "ended"  # takes no more windows; chunks arriving now start a new stream below
         if windows:
-            self._synthesise(windows)
-        self.out_seq.pop(key, None)
+            self._synthesise(windows)  # published with the stream's own time base and seq
+        with self.lock:
+            self.streams.pop(key, None)
+            self.last_seen.pop(key, None)
+            self.out_seq.pop(key, None)
+            self._status(st, why)
         log.info("%s/%s ended (%s): %s", *key, why, vars(st.counts))
 
     # ---- status, errors, health ---------------------------------------------------------
