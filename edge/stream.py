@@ -203,6 +203,8 @@ class PatientStream:
 
     def slice(self, leads: list[str], start: int, stop: int) -> np.ndarray:
         """Samples [start, stop) of ``leads`` (NaN where never received)."""
+        if leads == self.leads and self.base <= start and stop <= self.end:
+            return self.buf[:, start - self.base: stop - self.base].copy()
         out = np.full((len(leads), stop - start), np.nan, dtype=np.float32)
         lo, hi = max(start, self.base), min(stop, self.end)
         for i, name in enumerate(leads):
@@ -279,23 +281,17 @@ def window_quality(x: np.ndarray, rail_run: int = 25) -> list[str]:
     ``saturated`` (held at the window's extreme for ``rail_run`` samples in a row, as an
     amplifier at its rail is), else ``ok``. A window is short and one hole makes a lead
     unusable in it; a share-of-samples rule would flag quantised real ECG here."""
-    flags = []
-    for lead in x:
-        if not np.isfinite(lead).all():
-            flags.append("missing")
-        elif lead.std() < FLAT_STD_MV:
-            flags.append("flat")
-        else:
-            flags.append("saturated" if max(_longest_run(lead == lead.max()),
-                                             _longest_run(lead == lead.min())) >= rail_run else "ok")
-    return flags
-
-
-def _longest_run(hit: np.ndarray) -> int:
-    if not hit.any():
-        return 0
-    edges = np.diff(np.concatenate([[0], hit.view(np.int8), [0]]))
-    return int((np.nonzero(edges == -1)[0] - np.nonzero(edges == 1)[0]).max())
+    x = np.atleast_2d(x)
+    finite = np.isfinite(x).all(axis=1)
+    z = np.where(finite[:, None], x, 0.0)
+    flat = z.std(axis=1) < FLAT_STD_MV
+    rail = np.zeros(len(x), dtype=bool)
+    if x.shape[1] >= rail_run:
+        for extreme in (z.max(axis=1, keepdims=True), z.min(axis=1, keepdims=True)):
+            c = np.concatenate([np.zeros((len(x), 1)), np.cumsum(z == extreme, axis=1)], axis=1)
+            rail |= (c[:, rail_run:] - c[:, :-rail_run] >= rail_run).any(axis=1)  # a run of rail_run
+    return ["missing" if not f else "flat" if fl else "saturated" if r else "ok"
+            for f, fl, r in zip(finite, flat, rail)]
 
 
 @dataclass
