@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,23 @@ import pytest
 from panorama.records import default_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
+MOSQUITTO = ("127.0.0.1", 1883)  # `.ci/run` starts one here when none listens
+
+
+def listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> str:
+    """URL of the real Mosquitto broker on loopback; skips cleanly where none listens."""
+    if not listening(*MOSQUITTO):
+        pytest.skip("no MQTT broker listens on 127.0.0.1:1883")
+    return "mqtt://127.0.0.1:1883"
 
 
 @pytest.fixture(scope="session")

@@ -13,19 +13,9 @@ import pytest
 from edge.broker import EmbeddedBroker
 from edge.mqtt import (BrokerConnectionError, Publisher, client_id, connect, make_client,
                        parse_broker_url, publish_props)
+from conftest import listening
 from edge.protocol import CONTENT_TYPE_BINARY
 from panorama.errors import BackendError
-
-MOSQUITTO = ("127.0.0.1", 1883)
-
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
 
 @pytest.fixture(scope="module")
 def embedded():
@@ -34,10 +24,8 @@ def embedded():
 
 
 @pytest.fixture(scope="module")
-def mosquitto_url():
-    if not _listening(*MOSQUITTO):
-        pytest.skip("no MQTT broker listens at 127.0.0.1:1883")
-    return "mqtt://127.0.0.1:1883"
+def mosquitto_url(mosquitto):
+    return mosquitto
 
 
 @pytest.fixture(params=["embedded-3.1.1", "mosquitto-5", "mosquitto-3.1.1"])
@@ -260,12 +248,12 @@ def test_embedded_broker_starts_and_stops_without_leaking_threads():
     before = set(threading.enumerate())
     broker = EmbeddedBroker().start()
     host, port = parse_broker_url(broker.url)
-    assert host == "127.0.0.1" and port > 0 and _listening(host, port)
+    assert host == "127.0.0.1" and port > 0 and listening(host, port)
     c = make_client(client_id("test"), "3.1.1")
     connect(c, broker.url)  # left connected on purpose: stop() must still be clean
     broker.stop()
     broker.stop()  # twice is harmless
-    assert not _listening(host, port)
+    assert not listening(host, port)
     c.loop_stop()
     assert wait_for(lambda: set(threading.enumerate()) <= before, 2), threading.enumerate()
 

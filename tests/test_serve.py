@@ -32,23 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 VIEWS = ["V7", "V8", "V3R", "V4R", "120:45"]
 
 
-def _listening(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mosquitto() -> str:
-    if not _listening("127.0.0.1", 1883):
-        pytest.skip("no MQTT broker listens on 127.0.0.1:1883")
-    return "mqtt://127.0.0.1:1883"
 
 
 class Tap:

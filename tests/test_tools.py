@@ -4,7 +4,6 @@ through Mosquitto at 127.0.0.1:1883 (skipped when nothing listens) and the embed
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -23,24 +22,9 @@ from panorama.records import find_records, read_record
 
 REPO = Path(__file__).resolve().parents[1]
 
-MOSQUITTO = "mqtt://127.0.0.1:1883"
 FS = 500.0
 T0 = 1_700_000_000_000_000_000
 
-
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def mosquitto() -> str:
-    if not _listening("127.0.0.1", 1883):
-        pytest.skip("no MQTT broker listens on 127.0.0.1:1883")
-    return MOSQUITTO
 
 
 @pytest.fixture
