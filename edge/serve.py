@@ -106,7 +106,8 @@ class Daemon:
         self.limits = Limits(max_bytes=cfg.limits.max_bytes, max_leads=cfg.limits.max_leads,
                              max_samples=cfg.limits.max_samples)
         self.params = StreamParams(context=cfg.stream.context, lookahead=cfg.stream.lookahead,
-                                   hop=cfg.stream.hop, calibrate_s=cfg.calibration.seconds)
+                                   hop=cfg.stream.hop, calibrate_s=cfg.calibration.seconds,
+                                   max_backlog=int(cfg.stream.max_backlog_s * MODEL_FS))
         ckpt = cfg.model.path or default_checkpoint()
         torch.set_num_threads(cfg.model.threads)
         self.model, self.meta = checkpoint.load(ckpt)  # for calibration, which needs gradients
@@ -318,7 +319,15 @@ class Daemon:
             self.wake.clear()
             self._expire_idle()
             with self.lock:
-                windows = [w for st in self.streams.values() for w in st.due()]
+                windows, stale = [], []
+                for st in self.streams.values():
+                    before = st.counts.skipped
+                    windows += st.due()
+                    if st.counts.skipped > before:
+                        stale.append((st.key, st.counts.skipped - before))
+            for key, n in stale:
+                self._error(key, "stale_output", f"{n} samples ({n / self.params.fs:.1f} s) of output were "
+                            "already stale when due and were skipped (calibration queue or overload)")
             if windows:
                 self._synthesise(windows)
 

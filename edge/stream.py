@@ -52,6 +52,7 @@ class StreamParams:
     calibrate_s: float = 5.0  # 0: no calibration, output from the first sample
     max_buffer_s: float = 60.0  # a stream that cannot keep up beyond this is reset
     reorder: int = 256  # samples of newer data to wait for a late chunk before giving up on it
+    max_backlog: int = 1000  # output due beyond this (samples) is skipped, not delivered late
 
     @property
     def window(self) -> int:
@@ -91,6 +92,7 @@ class Counters:
     duplicates: int = 0
     out_of_order: int = 0  # filled a hole that was still open
     late: int = 0  # arrived after its samples were already synthesised: dropped
+    skipped: int = 0  # output samples never synthesised because they were already stale
     masked_windows: int = 0
 
 
@@ -235,6 +237,12 @@ class PatientStream:
         hole = self.first_hole()
         if hole is not None and not final and self.end - hole <= self.p.lookahead + self.p.reorder:
             ready = min(ready, floor8(hole) - self.p.lookahead)  # a late chunk may still fill it
+        if not final and ready - self.emitted > self.p.max_backlog:
+            # behind (a slow calibration, an overload): what is stale is worth nothing to a
+            # bedside screen, so skip it rather than deliver it late, and count it
+            skip = ready - self.p.hop - self.emitted
+            self.counts.skipped += skip
+            self.emitted += skip
         out = []
         while self.emitted < ready:
             o0 = self.emitted

@@ -130,7 +130,8 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
     """A real record replayed by the monitor: after the 5 s calibration the streamed views
     equal ``panorama synthesize --calibrate 5`` of the same record within 1 µV RMS."""
     stream = record_stream(record_500hz, monitor_id="bed1", patient_id="p1")
-    with serve(tmp_path, mosquitto, prefix) as (proc, tap, cfg):
+    # at 4x real time the calibration's second or two is several seconds of stream: keep them
+    with serve(tmp_path, mosquitto, prefix, stream={"max_backlog_s": 60}) as (proc, tap, cfg):
         with Listener(mosquitto, topic=f"{prefix}/+/+/virtual") as lis:
             run_monitor([stream], mosquitto, prefix=prefix, views=VIEWS, speed=4.0)
             n = stream.signals.shape[1]
@@ -152,7 +153,10 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
     ref = wfdb.rdrecord(str(out / record_500hz.name)).p_signal.T
     assert got.signals.shape == (len(VIEWS), ref.shape[1] - 2500)
     err_uv = (got.signals - ref[:, 2500:]) * 1000
-    assert np.sqrt(np.mean(err_uv ** 2)) < 1.0
+    rms = float(np.sqrt(np.mean(err_uv ** 2)))
+    print(f"streamed vs offline synthesize: RMS {rms:.3f} µV, max {np.abs(err_uv).max():.3f} µV "
+          f"over {err_uv.size} samples")  # shown with pytest -s
+    assert rms < 1.0
     assert cal["state"] == "streaming" and set(cal["offsets_deg"]) == set(stream.leads)
 
 

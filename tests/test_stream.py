@@ -124,6 +124,19 @@ def test_memory_is_bounded_on_a_long_stream(backend):
     assert max(sizes[len(sizes) // 2:]) == max(sizes[:len(sizes) // 2 + 1]) <= 4 * st.p.window * 2
 
 
+def test_stale_output_is_skipped_not_delivered_late(record, backend):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0, max_backlog=500), VIEWS)
+    for k, i in enumerate(range(0, 3000, 125)):  # 6 s arrive while nothing is synthesised
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
+    windows = st.due()
+    ready = 3000 - st.p.lookahead
+    assert st.counts.skipped == ready - st.p.hop
+    assert len(windows) == 1 and windows[0].start == ready - st.p.hop and windows[0].n == st.p.hop
+    out = run_windows(backend.run, windows)[0]
+    assert out.data.shape == (len(VIEWS), st.p.hop) and np.isfinite(out.data).all()
+
+
 def test_clock_jump_restarts_the_stream():
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
     x = np.ones((12, 125), np.float32)
