@@ -128,7 +128,7 @@ def _report(args, sims, streams, listener, cal_msgs) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     got = listener.streams
-    print(f"\n{'patient':<11} {'calibration':<48} {'PSNR dB':>8} {'r':>6} {'RMSE µV':>8} "
+    print(f"\n{'patient':<11} {'calibration':<58} {'PSNR dB':>8} {'r':>6} {'RMSE µV':>8} "
           f"{'latency p50/p99 ms':>19}")
     failed = 0
     for sim, st in zip(sims, streams):
@@ -140,7 +140,7 @@ def _report(args, sims, streams, listener, cal_msgs) -> int:
             verdict = (f"{'accepted' if cal['accepted'] else 'rejected'}, median |offset| "
                        f"{np.median(np.abs(off)):.1f}°, residual {cal['residual_before_uv']}→{cal['residual_after_uv']} µV")
         if key not in got:
-            print(f"{st.patient_id:<11} {verdict:<48} no virtual leads received")
+            print(f"{st.patient_id:<11} {verdict:<58} no virtual leads received")
             failed += 1
             continue
         a = got[key]
@@ -153,7 +153,7 @@ def _report(args, sims, streams, listener, cal_msgs) -> int:
         r = np.median([v.r for v in sc.views.values()])
         rmse = np.median([v.rmse_uv for v in sc.views.values()])
         lat = a.stats.summary()["latency_ms"]
-        print(f"{st.patient_id:<11} {verdict:<48} {psnr:8.2f} {r:6.3f} {rmse:8.0f} "
+        print(f"{st.patient_id:<11} {verdict:<58} {psnr:8.2f} {r:6.3f} {rmse:8.0f} "
               f"{lat.get('p50', float('nan')):9.0f}/{lat.get('p99', float('nan')):<9.0f}")
         base = f"{st.monitor_id}_{st.patient_id}"
         write_record(args.out, base, np.nan_to_num(a.signals), a.views, a.fs,
