@@ -118,6 +118,7 @@ class Daemon:
         self.requested: dict[tuple[str, str], list[str]] = {}  # views asked for, per stream
         self.last_seen: dict[tuple[str, str], float] = {}
         self.out_seq: Counter = Counter()
+        self.fitting: set[tuple[str, str]] = set()  # streams with a calibration queued or running
         self.lock = threading.Lock()
         self.ingest_q: queue.Queue = queue.Queue(maxsize=cfg.queues.ingest)
         self.wake = threading.Event()
@@ -226,15 +227,22 @@ class Daemon:
                 raise ProtocolError("bad_views", f"{len(names)} views asked; this daemon serves at most "
                                     f"{self.cfg.stream.max_views} per patient")
             with self.lock:
-                if len(self.requested) >= 4 * self.cfg.stream.max_patients and key not in self.requested:
-                    raise ProtocolError("capacity", "too many views requests held")
-                self.requested[key] = names
+                self.requested.pop(key, None)
+                if names:
+                    if len(self.requested) >= 4 * self.cfg.stream.max_patients:  # forget an idle one
+                        idle = next((k for k in self.requested if k not in self.streams), None)
+                        if idle is None:
+                            raise ProtocolError("capacity", "too many views requests held")
+                        del self.requested[idle]
+                    self.requested[key] = names
                 if key in self.streams:
                     self.streams[key].views = [resolve_view(n) for n in names] or list(self.default_views)
             return
         if kind != "raw":
             return
         chunk = decode_any(payload, self.limits)
+        if not 0 <= chunk.t0_ns < 2**62:
+            raise ProtocolError("bad_header", f"t0_ns {chunk.t0_ns} is not a time this daemon can place")
         if chunk.fs != MODEL_FS:
             raise ProtocolError("bad_fs", f"{chunk.fs:g} Hz: this daemon takes {MODEL_FS} Hz chunks "
                                 "(resample at the monitor: panorama monitor does)")
@@ -255,14 +263,18 @@ class Daemon:
                 views = [resolve_view(n) for n in self.requested.get(key, [])] or list(self.default_views)
                 st = self.streams[key] = PatientStream(key, self.params, views)
                 self._status(st)
+            if len(set(st.leads) | set(names)) > self.limits.max_leads:
+                raise ProtocolError("too_large", f"this stream would have more than {self.limits.max_leads} "
+                                    "different leads; the new ones are refused")
             before = st.state
             outcome = st.ingest(chunk.seq, chunk.t0_ns, names, data, chunk.sent_ns)
             self.outcomes[outcome] += 1
             self.chunks_in += 1
             self.last_seen[key] = time.monotonic()
-            if st.calibration_due():
+            if st.calibration_due() and key not in self.fitting:
                 x, views = st.calibration_input()
-                self.pool.submit(self._calibrate, st, x, views)
+                self.fitting.add(key)
+                self.pool.submit(self._calibrate, st, x, views, st.generation)
             if st.state != before:
                 self._status(st)
         self.wake.set()
@@ -286,7 +298,7 @@ class Daemon:
         return rows, names
 
     # ---- calibration (pool thread) ------------------------------------------------------
-    def _calibrate(self, st: PatientStream, x: np.ndarray, views) -> None:
+    def _calibrate(self, st: PatientStream, x: np.ndarray, views, generation: int) -> None:
         names = [v.name for v in views]
         try:
             res = calibrate(self.model, x, views, seconds=self.params.calibrate_s, inputs=names,
@@ -296,6 +308,9 @@ class Daemon:
             res = None
             reason = f"calibration failed: {exc}"
         with self.lock:
+            self.fitting.discard(st.key)
+            if st.generation != generation or self.streams.get(st.key) is not st:
+                return  # the stream restarted or ended meanwhile: this fit is of a time base gone
             if res is None:
                 from panorama.calibrate import CalibrationResult
                 res = CalibrationResult(names, np.zeros((len(names), 2)), False, reason)
@@ -329,7 +344,10 @@ class Daemon:
                 self._error(key, "stale_output", f"{n} samples ({n / self.params.fs:.1f} s) of output were "
                             "already stale when due and were skipped (calibration queue or overload)")
             if windows:
-                self._synthesise(windows)
+                try:
+                    self._synthesise(windows)
+                except Exception:  # never let one batch end every patient's output
+                    log.exception("publishing %d windows failed", len(windows))
 
     def _synthesise(self, windows) -> None:
         t0 = time.perf_counter()
@@ -342,14 +360,17 @@ class Daemon:
             return
         self.inference_ms.add((time.perf_counter() - t0) * 1000)
         for out in outputs:
-            self._publish(out)
+            try:
+                self._publish(out)
+            except Exception as exc:  # one stream's bad output must not stop the others'
+                log.exception("publishing for %s/%s failed", *out.key)
+                self._error(out.key, "internal", f"{type(exc).__name__}: {exc}")
 
     def _publish(self, out: Output) -> None:
         with self.lock:
-            st = self.streams.get(out.key)
             seq = self.out_seq[out.key]
             self.out_seq[out.key] = (seq + 1) % 2**32
-            t0 = (st.t0_ns if st else 0) + int(round(out.start * 1e9 / self.params.fs))
+        t0 = out.t0_ns + int(round(out.start * 1e9 / self.params.fs))
         chunk = Chunk(seq, t0, float(self.params.fs), out.views, out.data, out.quality, out.sent_ns)
         fmt = self.cfg.mqtt.virtual_format
         payload = to_json(chunk) if fmt == "json" else encode(chunk, fmt)
@@ -371,18 +392,18 @@ class Daemon:
     def _close(self, key, why: str) -> None:
         """Flush what a stream still holds (its last lookahead too), then forget it."""
         with self.lock:
-            st = self.streams.get(key)
-            if st is None or st.state == "ended":
+            st = self.streams.pop(key, None)  # a chunk arriving from now on starts a new stream
+            self.last_seen.pop(key, None)
+            if st is None:
                 return
             windows = st.due(final=True)
-            st.state = "ended"  # takes no more windows; chunks arriving now start a new stream below
+            st.state = "ended"
+            self._status(st, why)
         if windows:
             self._synthesise(windows)  # published with the stream's own time base and seq
         with self.lock:
-            self.streams.pop(key, None)
-            self.last_seen.pop(key, None)
-            self.out_seq.pop(key, None)
-            self._status(st, why)
+            if key not in self.streams:
+                self.out_seq.pop(key, None)
         log.info("%s/%s ended (%s): %s", *key, why, vars(st.counts))
 
     # ---- status, errors, health ---------------------------------------------------------
@@ -404,6 +425,8 @@ class Daemon:
         self._error(key, code, reason, topic)
 
     def _error(self, key, code: str, reason: str, topic: str = "") -> None:
+        if len(self._warned) > 10_000:  # ids and labels come from senders: keep it bounded
+            self._warned.clear()
         n = self._warned[(key, code)]
         self._warned[(key, code)] += 1
         if n < 3 or n % 100 == 0:  # the log says it, without flooding
@@ -429,7 +452,11 @@ class Daemon:
     def _health_loop(self) -> None:
         topic = self.topics.health(self.id)
         while not self.stopping.wait(self.cfg.health.interval_s):
-            self.publisher.put(topic, json.dumps(self.health()).encode(), qos=0, content_type=CONTENT_TYPE_JSON)
+            try:
+                self.publisher.put(topic, json.dumps(self.health()).encode(), qos=0,
+                                   content_type=CONTENT_TYPE_JSON)
+            except Exception:
+                log.exception("health report failed")
 
 
 def _num(x: float):

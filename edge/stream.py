@@ -23,7 +23,7 @@ This module is pure logic (numpy, no MQTT, no model) so it is tested directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -81,6 +81,7 @@ class Window:
     quality: list[str]  # per view
     sent_ns: int  # origin publish time of the raw chunk that completed this window
     final: bool = False  # a flush at the stream's end: run alone, at its exact length
+    t0_ns: int = 0  # the stream's time base when the window was made
 
 
 @dataclass
@@ -118,6 +119,7 @@ class PatientStream:
         self.offsets: np.ndarray | None = None  # (L, 2) degrees, once calibrated
         self.calibration: CalibrationResult | None = None
         self.counts = Counters()
+        self.generation = 0  # +1 at every reset: a calibration of an earlier time base is void
 
     # ---- ingest -----------------------------------------------------------------------
     def position(self, t0_ns: int) -> int:
@@ -134,7 +136,11 @@ class PatientStream:
         n = data.shape[1]
         pos = self.position(t0_ns)
         outcome = "ok"
-        if pos < 0 or pos > self.end + int(self.p.max_buffer_s * self.p.fs):
+        jump = int(self.p.max_buffer_s * self.p.fs)
+        if -jump < pos < 0:  # from before the stream's first chunk (reordered): too late to place
+            self.counts.late += 1
+            return "late"
+        if pos <= -jump or pos > self.end + jump:
             self.reset(t0_ns)  # a clock jump or a restarted monitor
             pos, outcome = 0, "reset"
         elif pos < self.end:
@@ -151,7 +157,7 @@ class PatientStream:
             self.counts.gaps += 1
             self.counts.gap_samples += pos - self.end
         slots = [self._slot(name) for name in leads]
-        self._ensure(pos + n)
+        self._ensure(pos, pos + n)
         self.buf[slots, pos - self.base: pos + n - self.base] = data
         self.have[pos - self.base: pos + n - self.base] = True
         if outcome == "late":
@@ -166,6 +172,7 @@ class PatientStream:
         return outcome
 
     def reset(self, t0_ns: int) -> None:
+        self.generation += 1
         self.t0_ns = t0_ns
         self.buf = np.full((len(self.leads), 0), np.nan, dtype=np.float32)
         self.have = np.zeros(0, dtype=bool)
@@ -186,14 +193,14 @@ class PatientStream:
                 self.offsets = np.vstack([self.offsets, np.zeros((1, 2))])
         return self.leads.index(name)
 
-    def _ensure(self, stop: int) -> None:
+    def _ensure(self, start: int, stop: int) -> None:
         """Room for samples up to ``stop``. When the buffer is full, what no window can need
         any more is dropped (everything is kept until calibration has its seconds)."""
         if stop - self.base <= self.buf.shape[1]:
             return
         keep_from = self.base
         if self.state == "streaming":
-            keep_from = max(self.base, floor8(max(0, self.emitted - self.p.window)))
+            keep_from = max(self.base, min(floor8(max(0, self.emitted - self.p.window)), floor8(start)))
         cap = max(2 * (stop - keep_from), 4 * self.p.window)
         new = np.full((len(self.leads), cap), np.nan, dtype=np.float32)
         have = np.zeros(cap, dtype=bool)
@@ -272,7 +279,7 @@ class PatientStream:
             quality = "missing"
         return Window(self.key, x, mask, descriptors(self.lead_views, self.offsets), descriptors(self.views),
                       [v.name for v in self.views], o0 - s, o1 - o0, o0, [quality] * len(self.views),
-                      self.last_sent_ns, final)
+                      self.last_sent_ns, final, self.t0_ns or 0)
 
     def first_hole(self) -> int | None:
         """The first sample no chunk has covered, from what the next window reads on."""
@@ -312,7 +319,7 @@ class Output:
     data: np.ndarray  # (Q, n) mV
     quality: list[str]
     sent_ns: int
-    extra: dict = field(default_factory=dict)
+    t0_ns: int = 0  # the stream's time base: output sample i is at t0_ns + (start + i) / fs
 
 
 def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]:
@@ -349,5 +356,5 @@ def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]
                 if not w.mask.any():
                     data = np.zeros_like(data)
                 outputs[i] = Output(w.key, w.start, w.view_names, np.ascontiguousarray(data, np.float32),
-                                    w.quality, w.sent_ns)
+                                    w.quality, w.sent_ns, w.t0_ns)
     return [outputs[i] for i in range(len(windows))]

@@ -141,8 +141,11 @@ def test_clock_jump_restarts_the_stream():
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
     x = np.ones((12, 125), np.float32)
     st.ingest(0, T0, list(STANDARD_12), x)
-    assert st.ingest(1, T0 - 10**10, list(STANDARD_12), x) == "reset"
-    assert st.end == 125 and st.state == "waiting"
+    assert st.ingest(1, T0 - 10**9, list(STANDARD_12), x) == "late"  # reordered: dropped, counted
+    assert st.end == 125 and st.counts.late == 1
+    generation = st.generation
+    assert st.ingest(2, T0 - 10**11, list(STANDARD_12), x) == "reset"  # 100 s back: a new time base
+    assert st.end == 125 and st.state == "waiting" and st.generation == generation + 1
 
 
 def test_window_quality_flags():
@@ -154,3 +157,15 @@ def test_window_quality_flags():
     hole[5] = np.nan
     flags = window_quality(np.stack([ok, np.zeros(640), rail, hole]))
     assert flags == ["ok", "flat", "saturated", "missing"]
+
+
+def test_a_long_resent_chunk_is_placed_after_the_buffer_moved_on(record, backend):
+    """A chunk reaching back before what the buffer keeps is placed, not a crash."""
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    for k, i in enumerate(range(0, 2500, 125)):
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
+        run_windows(backend.run, st.due())
+    pos = st.base + 8
+    assert st.ingest(99, T0 + int(pos * 2e6), names, x[:, pos: 3500]) in ("ok", "late", "out_of_order")
+    assert st.end == 3500 and np.isfinite(st.slice(names, 2500, 3500)).all()
