@@ -17,7 +17,6 @@ growth ≤ 5 %.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -54,16 +53,12 @@ def run_stream(args) -> dict:
     for n in counts:
         res = bench_stream(n, args.broker, args.seconds, args.backend, args.threads)
         results.append(res)
-        _print(res)
+        print(json.dumps(res, indent=2))
         if res["sustained"]:
             best = max(best, n)
         elif args.ramp:
             break
     return {"largest_sustained_patients": best, "runs": results}
-
-
-def _print(res: dict) -> None:
-    print(json.dumps(res, indent=2))
 
 
 def _rss_mb(pid: int) -> float:

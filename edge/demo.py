@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -160,7 +159,7 @@ def _report(args, sims, streams, listener, cal_msgs) -> int:
                      [f"virtual leads streamed by panorama serve for {st.patient_id}"])
         render(a.signals, a.views, a.fs, args.out / f"{base}.png",
                title=f"{st.patient_id}: synthesised views (black) vs simulator truth (blue)", reference=truth)
-    print(f"\nlatency = monitor publish of the raw chunk that completed a virtual chunk → its receipt; "
-          f"the output also trails the input by the model's lookahead (384 ms) and one chunk (250 ms).")
+    print("\nlatency = monitor publish of the raw chunk that completed a virtual chunk → its receipt; "
+          "the output also trails the input by the model's lookahead (384 ms) and one chunk (250 ms).")
     print(f"wrote WFDB records and ECG-paper PNGs to {args.out}/")
     return 1 if failed else 0

@@ -31,8 +31,7 @@ import numpy as np
 import torch
 
 from panorama import checkpoint
-from panorama.calibrate import calibrate
-from panorama.errors import PanoramaError
+from panorama.calibrate import CalibrationResult, calibrate
 from panorama.geometry import canonical_lead_name, resolve_view
 from panorama.records import MODEL_FS
 from panorama.synth import default_checkpoint
@@ -305,15 +304,11 @@ class Daemon:
                             device=self.cfg.calibration.device)
         except Exception as exc:  # a failed fit keeps the table angles; the stream goes on
             log.exception("calibration of %s failed", st.key)
-            res = None
-            reason = f"calibration failed: {exc}"
+            res = CalibrationResult(names, np.zeros((len(names), 2)), False, f"calibration failed: {exc}")
         with self.lock:
             self.fitting.discard(st.key)
             if st.generation != generation or self.streams.get(st.key) is not st:
                 return  # the stream restarted or ended meanwhile: this fit is of a time base gone
-            if res is None:
-                from panorama.calibrate import CalibrationResult
-                res = CalibrationResult(names, np.zeros((len(names), 2)), False, reason)
             st.set_calibration(res)
             self._status(st)
         log.info("%s/%s: %s", *st.key, res.summary())
@@ -462,10 +457,3 @@ class Daemon:
 def _num(x: float):
     return None if x is None or not np.isfinite(x) else round(float(x), 2)
 
-
-def serve_in_thread(cfg: EdgeConfig) -> Daemon:
-    """Start a daemon in this process (the demo and the benchmark); call ``stop()`` after."""
-    return Daemon(cfg).start()
-
-
-__all__ = ["Daemon", "load_config", "serve_in_thread", "PanoramaError"]

@@ -287,9 +287,6 @@ class PatientStream:
         missing = np.flatnonzero(~self.have[lo - self.base: self.end - self.base])
         return int(lo + missing[0]) if missing.size else None
 
-    def input_quality(self, start: int, stop: int) -> dict[str, str]:
-        return dict(zip(self.leads, window_quality(self.slice(self.leads, start, stop))))
-
 
 def window_quality(x: np.ndarray, rail_run: int = 25) -> list[str]:
     """Per lead over one window: ``missing`` (any hole), ``flat`` (lead off),

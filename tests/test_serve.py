@@ -5,7 +5,6 @@ the monitor replaying a real record, the listener's output compared with offline
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
