@@ -33,6 +33,7 @@ class Example:
     angles: np.ndarray
     names: list[str]
     source: str
+    true_angles: np.ndarray | None = None  # simulator only: where the electrodes really were
 
 
 def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | None = None) -> list[Example]:
@@ -88,7 +89,9 @@ def simulate_example(seed: int, n_random: int = 12, seconds: float = 10.0, devic
     sig = sig - np.median(sig, axis=1, keepdims=True)
     keep = [i for i, n in enumerate(names) if n not in hidden]
     angles = np.concatenate([told, rand]).astype(np.float32)
-    return Example(f"sim{seed}", sig[keep].astype(np.float32), angles[keep], [names[i] for i in keep], "simulator")
+    really = np.concatenate([np.concatenate([true, told[:, 2:]], 1), rand]).astype(np.float32)
+    return Example(f"sim{seed}", sig[keep].astype(np.float32), angles[keep], [names[i] for i in keep], "simulator",
+                   really[keep])
 
 
 @dataclass
@@ -105,17 +108,21 @@ class AnyPairsSampler:
     """Random crops with random recorded/query splits (the paper's any-pairs pretraining).
 
     Inputs include I and II with probability ``p_limb`` (the paper fixes two limb leads as
-    reference potentials; the deployed montage I, II, V3 has them too).
+    reference potentials; the deployed montage I, II, V3 has them too). A simulated
+    patient's displaced electrodes are told their true angles with probability ``p_true``
+    (else the table's, as a real recording would be): a model that has seen where
+    electrodes really were answers to angles physically, which is what on-the-fly
+    calibration needs to find a patient's offsets.
     """
 
     def __init__(self, examples: list[Example], crop: int, max_inputs: int, max_queries: int,
-                 seed: int, p_limb: float = 0.6, gain_jitter: float = 0.2):
+                 seed: int, p_limb: float = 0.6, gain_jitter: float = 0.2, p_true: float = 0.0):
         if not examples:
             raise ValueError("no training examples")
         self.examples, self.crop = examples, crop
         self.max_inputs, self.max_queries = max_inputs, max_queries
         self.rng = np.random.default_rng(seed)
-        self.p_limb, self.gain_jitter = p_limb, gain_jitter
+        self.p_limb, self.gain_jitter, self.p_true = p_limb, gain_jitter, p_true
 
     def _one(self, ex: Example):
         rng = self.rng
@@ -132,7 +139,8 @@ class AnyPairsSampler:
         n_in = int(rng.integers(2, min(self.max_inputs, v - 1) + 1))
         ins, qs = order[:n_in], order[n_in:n_in + self.max_queries]
         gain = 1.0 + self.gain_jitter * rng.uniform(-1, 1)  # the physics is linear in amplitude
-        return sig[ins] * gain, ex.angles[ins], sig[qs] * gain, ex.angles[qs]
+        angles = ex.true_angles if ex.true_angles is not None and rng.random() < self.p_true else ex.angles
+        return sig[ins] * gain, angles[ins], sig[qs] * gain, angles[qs]
 
     def batch(self, size: int) -> Batch:
         b_l, b_q = self.max_inputs, self.max_queries

@@ -95,7 +95,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     sim = [simulate_example(cfg.seed * 1_000_003 + i, cfg.data.sim_random_views, hidden=tuple(cfg.data.hidden))
            for i in tqdm(range(cfg.data.sim_patients), desc="simulating patients", unit="pt")]
     d = cfg.data
-    samplers = {name: AnyPairsSampler(ex, d.crop_samples, d.max_inputs, d.max_queries, cfg.seed + k)
+    samplers = {name: AnyPairsSampler(ex, d.crop_samples, d.max_inputs, d.max_queries, cfg.seed + k,
+                                      p_true=d.sim_true_angles if name == "sim" else 0.0)
                 for k, (name, ex) in enumerate((("real", real_train), ("sim", sim))) if ex}
     n_sim = round(cfg.optim.batch * d.sim_weight) if "real" in samplers else cfg.optim.batch
     n_sim = n_sim if "sim" in samplers else 0
