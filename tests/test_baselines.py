@@ -34,3 +34,22 @@ def test_kors_needs_its_eight_leads():
     assert np.allclose(xyz[:, 0], [0.54, 0.13, 0.31])
     with pytest.raises(ValueError, match="needs inputs"):
         KorsMethod().predict(x[:3], resolve_views("I,II,V3"), resolve_views("VX"))
+
+
+def test_patient_least_squares_fits_the_first_5_s_and_predicts_the_rest():
+    from panorama.records import Record
+    from training.evaluate import PatientLeastSquaresMethod, Task
+
+    rng = np.random.default_rng(3)
+    task = Task(resolve_views("I,II,V3"), resolve_views("V2,V6"))
+    x = rng.standard_normal((3, 5000))
+    w = np.array([[0.3, -0.5, 1.2], [0.9, 0.1, -0.2]])
+    y = w @ x
+    y[:, 2500:] *= 2.0  # the patient's map changes after the fit window: the fit must not see it
+    rec = Record("p", np.concatenate([x, y]).astype(np.float32), ["I", "II", "V3", "V2", "V6"], 500, "test")
+    m = PatientLeastSquaresMethod()
+    with pytest.raises(ValueError, match="prepare"):
+        m.predict(x, task.inputs, task.views)
+    m.prepare(rec, task)
+    assert np.allclose(m.weights, w, atol=1e-3)  # learnt from 0-5 s only
+    assert np.allclose(m.predict(x, task.inputs, task.views)[:, 2500:], y[:, 2500:] / 2, atol=1e-3)

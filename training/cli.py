@@ -106,6 +106,8 @@ def run_eval(args) -> int:
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if "patient_lsq" in methods and protocol != "synthesis":
+        raise ValueError("patient_lsq fits on 0-5 s and scores 5-10 s: it needs the synthesis protocol")
     fit_cases = None
     if args.sim is not None:
         cases, skipped = sim_cases(args.sim, task, args.device, args.seed), {}

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("synthesis", "whole")
 RECORD_S, CALIB_S = 10.0, 5.0
-METHODS = ("zero", "dipole", "lsq", "kors", "model")
+METHODS = ("zero", "dipole", "lsq", "patient_lsq", "kors", "model")
 LSQ_FOLDS = 5
 
 
@@ -157,6 +157,32 @@ class CalibratedModelMethod(ModelMethod):
         return self.synth(x, inputs, queries, offsets=self.offsets)
 
 
+class PatientLeastSquaresMethod:
+    """Per-patient least squares from the inputs to each scored view, fitted on the first
+    ``seconds`` of the same record — with the scored views themselves, which no synthesis
+    method may see. A reference for what a patient's own linear map reaches (the data
+    README's "per-patient least squares on the first 5 s"), not a synthesis method."""
+
+    name = "patient_lsq"
+
+    def __init__(self, seconds: float = CALIB_S):
+        self.seconds = seconds
+        self.weights: np.ndarray | None = None
+
+    def prepare(self, record: Record, task: Task) -> None:
+        n = int(self.seconds * MODEL_FS)
+        x, y = _xy(Case(Path(record.name), record), task)
+        x, y = x[:, :n].astype(np.float64), y[:, :n].astype(np.float64)
+        x = x - np.median(x, axis=1, keepdims=True)
+        y = y - np.median(y, axis=1, keepdims=True)
+        self.weights = np.linalg.lstsq(x.T, y.T, rcond=None)[0].T  # (views, inputs)
+
+    def predict(self, x, inputs, queries):
+        if self.weights is None:
+            raise ValueError("per-patient least squares is fitted per record: call prepare first")
+        return (self.weights @ x.astype(np.float64)).astype(np.float32)
+
+
 def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 0.0,
                 calibrate_fit: str = "inputs") -> Method:
     if name == "model":
@@ -166,7 +192,8 @@ def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 
         if calibrate_s > 0:
             return CalibratedModelMethod(synth, calibrate_s, inputs_only=calibrate_fit == "inputs")
         return ModelMethod(synth)
-    table = {"zero": ZeroMethod, "dipole": DipoleMethod, "kors": KorsMethod, "lsq": LeastSquaresMethod}
+    table = {"zero": ZeroMethod, "dipole": DipoleMethod, "kors": KorsMethod, "lsq": LeastSquaresMethod,
+             "patient_lsq": PatientLeastSquaresMethod}
     if name not in table:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(table)}")
     return table[name]()
