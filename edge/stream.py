@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from panorama.calibrate import CalibrationResult
-from panorama.geometry import View, descriptors, resolve_view
+from panorama.geometry import View, descriptors, redundant_limb_leads, resolve_view
 from panorama.model import DOWNSAMPLE
 from panorama.records import FLAT_STD_MV, MODEL_FS
 
@@ -277,6 +277,8 @@ class PatientStream:
             self.counts.masked_windows += 1
         else:
             quality = "missing"
+        # III, aVR, aVL and aVF are sums of I and II: the model is given the two alone
+        mask &= ~redundant_limb_leads([v.name for v in self.lead_views], mask)
         return Window(self.key, x, mask, descriptors(self.lead_views, self.offsets), descriptors(self.views),
                       [v.name for v in self.views], o0 - s, o1 - o0, o0, [quality] * len(self.views),
                       self.last_sent_ns, final, self.t0_ns or 0)

@@ -60,12 +60,17 @@ def _reject(views, reason, **kw) -> CalibrationResult:
 def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, seconds: float = 5.0,
               inputs: list[str] | None = None, max_offset_deg: float = 30.0, steps: int = 40,
               lr: float = 0.08, prior_weight: float = 0.1, min_gain: float = 0.02,
-              device: str | torch.device | None = None) -> CalibrationResult:
+              move_far_field: bool = False, device: str | torch.device | None = None) -> CalibrationResult:
     """Fit angle offsets for the recorded leads ``views`` from ``x`` (leads, samples) mV.
 
     ``inputs``: the leads that synthesis will use; only their offsets are fitted, and every
     recorded lead is predicted from them (each input from the other inputs). None: all
     recorded leads are inputs (plain leave-one-out).
+
+    ``move_far_field``: also fit the limb (far-field) leads' offsets. Off by default: a limb
+    lead's direction comes from the limb electrodes, which are not misplaced on the chest,
+    and moving it bends the frontal geometry every synthesised view depends on. Limb leads
+    still take part as inputs and queries.
 
     Uses the first ``seconds`` of ``x`` (at the model rate, ``fs`` must be 500 Hz). Returns
     table angles (zero offsets) with the reason when calibration cannot help: fewer seconds
@@ -113,15 +118,18 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
         for p in model.parameters():  # only the offsets learn; restored below
             p.requires_grad_(False)
         return _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, steps, lr,
-                    prior_weight, min_gain, dev, t0)
+                    prior_weight, min_gain, move_far_field, dev, t0)
     finally:
         for p, f in zip(model.parameters(), flags_before):
             p.requires_grad_(f)
 
 
 def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, steps, lr, prior_weight,
-         min_gain, dev, t0) -> CalibrationResult:
+         min_gain, move_far_field, dev, t0) -> CalibrationResult:
     n, m = len(usable), len(fit)
+    movable = torch.ones(m, 1, device=dev) if move_far_field else (table[fit, 2:] < 0.5).float()  # (m, 1)
+    if not movable.any():
+        return _reject(views, "no chest lead among the fitted inputs (limb leads keep their table angles)")
     with torch.no_grad():
         fv = model.encode(xs[fit][None])  # (1, m, C, T'): the one encoder pass
     xin = xs[fit][None]  # (1, m, T)
@@ -141,7 +149,7 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
 
     raw = torch.zeros(m, 2, device=dev, requires_grad=True)
     opt = torch.optim.Adam([raw], lr=lr)
-    offsets = lambda: max_offset_deg * torch.tanh(raw)  # noqa: E731 - bounded by construction
+    offsets = lambda: max_offset_deg * torch.tanh(raw) * movable  # noqa: E731 - bounded by construction
     with torch.no_grad():
         before = residual(torch.zeros(m, 2, device=dev)).item()
     best, best_off, stall, step = before, torch.zeros(m, 2, device=dev), 0, 0
@@ -151,7 +159,7 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
         # MAP: Gaussian prior with the CT spread, scaled to the residual so it neither
         # vanishes nor dominates whatever the signal amplitude: offsets of one σ on every
         # lead cost ``prior_weight`` of the uncalibrated residual
-        loss = fit_err + prior_weight * before * ((off / PRIOR_SD_DEG) ** 2).mean()
+        loss = fit_err + prior_weight * before * ((off / PRIOR_SD_DEG) ** 2).sum() / (2 * movable.sum())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -170,6 +178,6 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
     if after > before * (1 - min_gain):
         return _reject(views, f"offsets lowered the residual by under {min_gain:.0%}; table angles kept", **common)
     skipped = [f"{views[i].name} {flags[i]}" for i in range(len(views)) if i not in usable]
-    reason = (f"fitted {m} lead(s) against {n} on {seconds:g} s"
+    reason = (f"fitted {int(movable.sum())} lead(s) against {n} on {seconds:g} s"
               + (f" (left out: {', '.join(skipped)})" if skipped else ""))
     return CalibrationResult([v.name for v in views], out, True, reason, **common)

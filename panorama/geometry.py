@@ -39,6 +39,8 @@ __all__ = [
     "unit_vector",
     "canonical_lead_name",
     "descriptors",
+    "LIMB_LEADS",
+    "redundant_limb_leads",
 ]
 
 
@@ -110,6 +112,9 @@ _TABLE: list[View] = [
 NAMED: dict[str, View] = {v.name: v for v in _TABLE}
 STANDARD_12: tuple[str, ...] = tuple(v.name for v in _TABLE[:12])
 FRANK: tuple[str, ...] = ("VX", "VY", "VZ")
+# The six limb leads span the frontal plane twice over: any two give the other four
+# (Einthoven's and Goldberger's equations). In order of preference as the two kept.
+LIMB_LEADS: tuple[str, ...] = ("I", "II", "III", "aVF", "aVL", "aVR")
 
 # Spellings seen in WFDB headers of the sources we read (PTB, Challenge, LUDB, SPH).
 _ALIASES = {
@@ -186,3 +191,23 @@ def angle_between(a: View, b: View) -> float:
     """Great-circle angle between two views in degrees."""
     c = float(np.clip(a.direction @ b.direction, -1.0, 1.0))
     return math.degrees(math.acos(c))
+
+
+def redundant_limb_leads(names: list[str], usable=None) -> np.ndarray:
+    """(n,) bool: the limb leads that add nothing to the others — every usable limb lead
+    after the first two in ``LIMB_LEADS`` order (any two give the other four exactly), and
+    any lead named twice. A monitor's III, aVR, aVL and aVF are sums of its I and II: the
+    model is given I and II alone, which saves a third of the encoder and keeps the montage
+    like the ones it was trained on (given all twelve leads, the pretrained model drew
+    posterior views worse on the simulator: ``tests/test_shipped_model.py``)."""
+    usable = np.ones(len(names), bool) if usable is None else np.asarray(usable, bool)
+    out = np.zeros(len(names), bool)
+    seen: set[str] = set()
+    order = sorted((LIMB_LEADS.index(n), i) for i, n in enumerate(names) if n in LIMB_LEADS and usable[i])
+    for _, i in order:
+        out[i] = len(seen) >= 2 or names[i] in seen
+        seen.add(names[i])
+    for i, n in enumerate(names):  # a non-limb lead named twice: the first is kept
+        if n not in LIMB_LEADS and usable[i] and n in names[:i]:
+            out[i] = bool(usable[[j for j in range(i) if names[j] == n]].any())
+    return out

@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint
 from .errors import CheckpointError
-from .geometry import View, descriptors
+from .geometry import View, descriptors, redundant_limb_leads
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINTS = {
@@ -57,18 +57,20 @@ class Synthesizer:
     @torch.inference_mode()
     def __call__(self, x: np.ndarray, inputs: list[View], queries: list[View],
                  offsets: np.ndarray | None = None) -> np.ndarray:
-        """x (inputs, samples) mV → (queries, samples) mV. ``offsets`` (inputs, 2) degrees."""
+        """x (inputs, samples) mV → (queries, samples) mV. ``offsets`` (inputs, 2) degrees.
+        Limb leads that are sums of two others (III, aVR, aVL, aVF beside I and II) are
+        masked off: they carry nothing more (``redundant_limb_leads``)."""
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[0] != len(inputs):
             raise ValueError(f"expected ({len(inputs)}, samples) input, got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("input holds NaN or Inf samples; mask or repair those leads first")
+        keep = ~redundant_limb_leads([v.name for v in inputs])
         if self.runner is not None:
-            mask = np.ones((1, len(inputs)), dtype=bool)
-            return self.runner(x[None], self.angles(inputs, offsets)[None], mask, self.angles(queries)[None])[0]
+            return self.runner(x[None], self.angles(inputs, offsets)[None], keep[None], self.angles(queries)[None])[0]
         dev = self.device
         xt = torch.from_numpy(x)[None].to(dev)
         ia = torch.from_numpy(self.angles(inputs, offsets))[None].to(dev)
         qa = torch.from_numpy(self.angles(queries))[None].to(dev)
-        mask = torch.ones(1, len(inputs), dtype=torch.bool, device=dev)
+        mask = torch.from_numpy(keep)[None].to(dev)
         return self.model(xt, ia, mask, qa)[0].cpu().numpy()

@@ -59,3 +59,16 @@ def test_descriptors_tell_far_field_leads_from_torso_electrodes():
     assert d.shape == (4, 3)
     assert list(d[:, 2]) == [1.0, 0.0, 1.0, 0.0]  # limb and Frank leads are far-field
     assert tuple(d[1, :2]) == (97.5, 88.0)  # offsets move θ, φ only
+
+
+def test_limb_leads_beyond_two_are_redundant_and_a_lead_off_promotes_the_next():
+    from panorama.geometry import STANDARD_12, redundant_limb_leads
+
+    names = list(STANDARD_12)
+    drop = redundant_limb_leads(names)
+    assert [n for n, d in zip(names, drop) if d] == ["III", "aVR", "aVL", "aVF"]
+    usable = np.array([n != "I" for n in names])  # lead I is off: II and III carry the plane
+    drop = redundant_limb_leads(names, usable)
+    assert [n for n, d in zip(names, drop) if not d and usable[names.index(n)]][:2] == ["II", "III"]
+    assert not redundant_limb_leads(["aVR", "aVL", "V1"]).any()  # any two limb leads are independent
+    assert list(redundant_limb_leads(["I", "I", "V1", "V1"])) == [False, True, False, True]  # named twice
