@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=30, help="timed runs (default 30)")
     p.add_argument("--onnx", action="store_true",
                    help="model: also time ONNX Runtime (CPU) on the exported checkpoint, same input")
+    p.add_argument("--identifiability", action="store_true",
+                   help="calibration: also sweep each chest lead's angle with every other lead at its true "
+                        "angle, and report how far the best-fitting angle lies from the truth")
     p.add_argument("--move-limb-leads", action="store_true",
                    help="calibration: fit the limb leads' offsets too (default: chest leads only)")
     p.add_argument("--json", type=Path, help="write the figures as JSON")
@@ -66,6 +69,8 @@ def run(args) -> int:
             res["onnxruntime_speedup"] = round(res["median_ms"] / res["onnxruntime_median_ms"], 2)
     else:
         res = bench_calibration(synth, args.patients, move_far_field=args.move_limb_leads)
+        if args.identifiability:
+            res.update(bench_identifiability(synth, args.patients))
     for k, v in res.items():
         print(f"{k:>32}: {v}")
     if args.json:
@@ -188,3 +193,48 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
     out["calibration_s_median"] = round(statistics.median(times), 3)
     out["calibration_s_max"] = round(max(times), 3)
     return out
+
+
+def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 30.0, step_deg: float = 3.0) -> dict:
+    """The best calibration could do with this model: every lead but one at its TRUE angle,
+    the one lead's θ (then φ) swept over ±``sweep_deg`` as the query; the angle where the
+    model predicts it best from the others, against where its electrode really was."""
+    from training.simulator import apply_device, render, sample_patient
+    from training.simulator.device import resolve_device
+    from training.simulator.render import lead_kind
+
+    cal_names = [n for n in STANDARD_12 if n not in ("V2", "V6")]
+    views = resolve_views(",".join(cal_names))
+    table = np.array([[v.theta, v.phi] for v in views], dtype=float)
+    chest = [i for i, n in enumerate(cal_names) if lead_kind(n) == "chest"]
+    sweep = np.arange(-sweep_deg, sweep_deg + 1e-9, step_deg)
+    found, truth = [], []
+    model = synth.model
+    for seed in tqdm(range(patients), desc="identifiability", unit="pt", leave=False):
+        rng = np.random.default_rng([seed, 4242])  # the same patients as bench_calibration
+        params = sample_patient(rng)
+        true = table.copy()
+        true[chest] += rng.normal(0, 10.6, (len(chest), 2))
+        sig = apply_device(render(params, true, cal_names, 5.0, MODEL_FS), MODEL_FS,
+                           resolve_device("diagnostic", rng), rng).astype(np.float32)
+        sig -= np.median(sig, axis=1, keepdims=True)
+        ang = Synthesizer.angles(views)
+        ang[:, :2] = true
+        for j in chest:
+            others = [k for k in range(len(views)) if k != j]
+            x = torch.from_numpy(sig[others])[None].to(synth.device)
+            ia = torch.from_numpy(ang[others])[None].to(synth.device)
+            mask = torch.ones(1, len(others), dtype=torch.bool, device=synth.device)
+            for dim in (0, 1):
+                q = np.repeat(ang[j][None], len(sweep), 0)
+                q[:, dim] = table[j, dim] + sweep
+                with torch.inference_mode():
+                    p = model(x, ia, mask, torch.from_numpy(q)[None].to(synth.device))[0].cpu().numpy()
+                e = p - sig[j]
+                err = np.abs(e - np.median(e, axis=1, keepdims=True)).mean(1)
+                found.append(sweep[err.argmin()])
+                truth.append(true[j, dim] - table[j, dim])
+    found, truth = np.array(found), np.array(truth)
+    return {"identifiability_err_median_deg": round(float(np.median(np.abs(found - truth))), 2),
+            "identifiability_table_err_median_deg": round(float(np.median(np.abs(truth))), 2),
+            "identifiability_corr": round(float(np.corrcoef(found, truth)[0, 1]), 3)}
