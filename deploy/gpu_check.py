@@ -125,12 +125,14 @@ def realistic_input(seconds: float = 10.0, fs: int = 500) -> tuple[np.ndarray, s
 
 
 def workload(x12: np.ndarray, batch: int):
-    """x (B, 12, T), in_views, mask, q_views for 8 views."""
-    from panorama.geometry import STANDARD_12, descriptors, resolve_views
+    """x (B, 12, T), in_views, mask, q_views for 8 views; III, aVR, aVL, aVF masked off as the
+    synthesizer and the daemon do."""
+    from panorama.geometry import STANDARD_12, descriptors, redundant_limb_leads, resolve_views
 
     ia = descriptors(resolve_views(",".join(STANDARD_12)))
     qa = descriptors(resolve_views(VIEWS))
-    return (np.repeat(x12[None], batch, 0), np.repeat(ia[None], batch, 0), np.ones((batch, 12), bool),
+    keep = ~redundant_limb_leads(list(STANDARD_12))
+    return (np.repeat(x12[None], batch, 0), np.repeat(ia[None], batch, 0), np.repeat(keep[None], batch, 0),
             np.repeat(qa[None], batch, 0))
 
 

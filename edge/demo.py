@@ -135,7 +135,7 @@ def _report(args, sims, streams, listener, cal_msgs) -> int:
         cal = cal_msgs.get(st.patient_id, {})
         verdict = "none"
         if cal:
-            off = np.array(list(cal["offsets_deg"].values()))
+            off = np.array([d for n, d in cal["offsets_deg"].items() if n in cal.get("fitted", [])] or [[0.0, 0.0]])
             verdict = (f"{'accepted' if cal['accepted'] else 'rejected'}, median |offset| "
                        f"{np.median(np.abs(off)):.1f}°, residual {cal['residual_before_uv']}→{cal['residual_after_uv']} µV")
         if key not in got:

@@ -315,7 +315,8 @@ class Daemon:
         doc = {"state": "streaming", "accepted": bool(res.accepted), "reason": res.reason,
                "offsets_deg": {n: [round(float(a), 2) for a in d] for n, d in zip(res.leads, res.offsets_deg)},
                "residual_before_uv": _num(res.residual_before_uv), "residual_after_uv": _num(res.residual_after_uv),
-               "seconds": self.params.calibrate_s, "fit_s": round(res.seconds, 3), "used": res.used}
+               "seconds": self.params.calibrate_s, "fit_s": round(res.seconds, 3), "used": res.used,
+               "fitted": res.fitted}
         self.publisher.put(self.topics.calibration(*st.key), json.dumps(doc).encode(), qos=1, retain=True,
                            content_type=CONTENT_TYPE_JSON)
         self.wake.set()

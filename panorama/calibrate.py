@@ -39,6 +39,7 @@ class CalibrationResult:
     steps: int = 0
     seconds: float = 0.0
     used: list[str] = field(default_factory=list)  # leads that took part
+    fitted: list[str] = field(default_factory=list)  # leads whose offsets were fitted (chest leads)
 
     def offsets_for(self, names: list[str]) -> np.ndarray:
         """Offsets for ``names`` in that order (zeros for leads not calibrated)."""
@@ -47,7 +48,7 @@ class CalibrationResult:
 
     def summary(self) -> str:
         fitted = ", ".join(f"{n} ({d[0]:+.1f}°, {d[1]:+.1f}°)" for n, d in zip(self.leads, self.offsets_deg)
-                           if n in self.used)
+                           if n in self.fitted)
         verdict = "accepted" if self.accepted else "rejected"
         return (f"calibration {verdict}: {self.reason}; residual {self.residual_before_uv:.0f} -> "
                 f"{self.residual_after_uv:.0f} µV; offsets {fitted or 'none'}")
@@ -173,8 +174,9 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
         after = residual(best_off).item()
     out = np.zeros((len(views), 2))
     out[[usable[k] for k in fit]] = best_off.cpu().numpy()
+    moved = [views[usable[k]].name for j, k in enumerate(fit) if movable[j, 0] > 0]
     common = dict(residual_before_uv=before * 1000, residual_after_uv=after * 1000, steps=step,
-                  seconds=time.perf_counter() - t0, used=[views[i].name for i in usable])
+                  seconds=time.perf_counter() - t0, used=[views[i].name for i in usable], fitted=moved)
     if after > before * (1 - min_gain):
         return _reject(views, f"offsets lowered the residual by under {min_gain:.0%}; table angles kept", **common)
     skipped = [f"{views[i].name} {flags[i]}" for i in range(len(views)) if i not in usable]

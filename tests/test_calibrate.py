@@ -72,6 +72,8 @@ def test_calibration_lowers_the_residual_of_displaced_electrodes_deterministical
     for res, _, _ in runs:
         assert res.accepted and res.residual_after_uv < 0.98 * res.residual_before_uv
         assert np.all(np.abs(res.offsets_deg) <= 30.0 + 1e-6)  # bounded
+        limb = [CAL.index(n) for n in CAL if n in ("I", "II", "III", "aVR", "aVL", "aVF")]
+        assert not res.offsets_deg[limb].any() and set(res.fitted) == {"V1", "V3", "V4", "V5"}
     again = next(_fit_displaced(shift, seeds=[0]))[0]
     assert np.array_equal(again.offsets_deg, runs[0][0].offsets_deg)  # deterministic
 

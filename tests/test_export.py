@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from panorama.geometry import STANDARD_12, resolve_views
+from panorama.geometry import STANDARD_12, redundant_limb_leads, resolve_views
 from panorama.records import read_record
 from panorama.synth import Synthesizer
 
@@ -21,7 +21,8 @@ def exported(tmp_path_factory):
 
 def _run(sess, synth, x, inputs, queries):
     feeds = {"x": x[None].astype(np.float32), "in_views": synth.angles(inputs)[None],
-             "mask": np.ones((1, len(inputs)), bool), "q_views": synth.angles(queries)[None]}
+             "mask": ~redundant_limb_leads([v.name for v in inputs])[None],  # as the synthesizer masks
+             "q_views": synth.angles(queries)[None]}
     return sess.run(None, feeds)[0][0]
 
 
