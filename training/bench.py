@@ -208,16 +208,21 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
     table = np.array([[v.theta, v.phi] for v in views], dtype=float)
     chest = [i for i, n in enumerate(cal_names) if lead_kind(n) == "chest"]
     sweep = np.arange(-sweep_deg, sweep_deg + 1e-9, step_deg)
-    found, truth = [], []
+    found, truth, model_err, change = [], [], [], []
     model = synth.model
     for seed in tqdm(range(patients), desc="identifiability", unit="pt", leave=False):
         rng = np.random.default_rng([seed, 4242])  # the same patients as bench_calibration
         params = sample_patient(rng)
         true = table.copy()
         true[chest] += rng.normal(0, 10.6, (len(chest), 2))
-        sig = apply_device(render(params, true, cal_names, 5.0, MODEL_FS), MODEL_FS,
-                           resolve_device("diagnostic", rng), rng).astype(np.float32)
+        moved = np.concatenate([true[chest] + [10.0, 0.0], true[chest] + [0.0, 10.0]])  # each lead 10° off
+        names = [*cal_names, *(f"moved{k}" for k in range(len(moved)))]
+        clean = render(params, np.concatenate([true, moved]), names, 5.0, MODEL_FS)
+        sig = apply_device(clean[: len(cal_names)], MODEL_FS, resolve_device("diagnostic", rng), rng).astype(np.float32)
         sig -= np.median(sig, axis=1, keepdims=True)
+        for k, j in enumerate(chest):  # how much 10° of displacement changes what the lead records
+            for d in (clean[len(cal_names) + k] - clean[j], clean[len(cal_names) + len(chest) + k] - clean[j]):
+                change.append(np.abs(d - np.median(d)).mean() * 1000)
         ang = Synthesizer.angles(views)
         ang[:, :2] = true
         for j in chest:
@@ -234,7 +239,10 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
                 err = np.abs(e - np.median(e, axis=1, keepdims=True)).mean(1)
                 found.append(sweep[err.argmin()])
                 truth.append(true[j, dim] - table[j, dim])
+                model_err.append(float(np.interp(truth[-1], sweep, err)) * 1000)
     found, truth = np.array(found), np.array(truth)
     return {"identifiability_err_median_deg": round(float(np.median(np.abs(found - truth))), 2),
             "identifiability_table_err_median_deg": round(float(np.median(np.abs(truth))), 2),
-            "identifiability_corr": round(float(np.corrcoef(found, truth)[0, 1]), 3)}
+            "identifiability_corr": round(float(np.corrcoef(found, truth)[0, 1]), 3),
+            "identifiability_model_err_at_truth_uv_median": round(float(np.median(model_err)), 1),
+            "identifiability_change_per_10deg_uv_median": round(float(np.median(change)), 1)}
