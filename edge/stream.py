@@ -268,17 +268,19 @@ class PatientStream:
     def _window(self, s: int, e: int, o0: int, o1: int, final: bool) -> Window:
         x = self.slice(self.leads, s, e)
         flags = window_quality(x)
-        mask = np.array([f == "ok" for f in flags], dtype=bool)
-        x = np.where(mask[:, None], np.nan_to_num(x), 0.0).astype(np.float32)
-        if mask.all():
+        ok = np.array([f == "ok" for f in flags], dtype=bool)
+        x = np.where(ok[:, None], np.nan_to_num(x), 0.0).astype(np.float32)
+        # III, aVR, aVL and aVF are sums of I and II: the model is given the two alone, and a
+        # window is "masked" only when a lead off changes what the model is given
+        names = [v.name for v in self.lead_views]
+        mask = ok & ~redundant_limb_leads(names, ok)
+        if np.array_equal(mask, ~redundant_limb_leads(names)):
             quality = "ok"
         elif mask.any():
             quality = "masked"
             self.counts.masked_windows += 1
         else:
             quality = "missing"
-        # III, aVR, aVL and aVF are sums of I and II: the model is given the two alone
-        mask &= ~redundant_limb_leads([v.name for v in self.lead_views], mask)
         return Window(self.key, x, mask, descriptors(self.lead_views, self.offsets), descriptors(self.views),
                       [v.name for v in self.views], o0 - s, o1 - o0, o0, [quality] * len(self.views),
                       self.last_sent_ns, final, self.t0_ns or 0)

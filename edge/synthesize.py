@@ -33,8 +33,9 @@ def register(sub) -> None:
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
                    help="inference backend (default torch); calibration always uses PyTorch")
     p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
-                   help="fit the inputs' angle offsets on the first SECONDS of every lead in the record "
-                   "(e.g. 5); the offsets and the verdict go into the output header's comments")
+                   help="fit the chest inputs' angle offsets on the first SECONDS of every lead in the record "
+                   "(e.g. 5; limb leads keep their table angles); the offsets and the verdict go into the "
+                   "output header's comments")
     p.set_defaults(func=run)
 
 

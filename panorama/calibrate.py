@@ -1,11 +1,14 @@
-"""On-the-fly calibration (Stage III): fit each recorded lead's angle offset (dθ, dφ).
+"""On-the-fly calibration (Stage III): fit each recorded chest lead's angle offset (dθ, dφ).
 
 Electrodes are never exactly where the angle table says. With the model frozen, the leads
 recorded in the first seconds supervise each other: each lead is predicted from all the
-others (leave-one-out), and the offsets of every lead — as an input and as a query — are
-moved to make those predictions agree with what was recorded. Only 2 numbers per lead are
-fitted; the encoder runs once (its features do not depend on angles), so each step costs
-only the geometry, fusion and head.
+others (leave-one-out), and the offsets of every chest lead — as an input and as a query —
+are moved to make those predictions agree with what was recorded. Limb leads take part but
+keep their table angles (their directions come from the limb electrodes), and III, aVR,
+aVL and aVF beside I and II are predicted but not used as inputs, exactly as synthesis
+uses the leads (``redundant_limb_leads``). Only 2 numbers per chest lead are fitted; the
+encoder runs once (its features do not depend on angles), so each step costs only the
+geometry, fusion and head.
 
 Offsets are bounded (``max_offset_deg`` through tanh) and pulled toward zero by a Gaussian
 prior with the CT-measured spread (10.6°), so an offset the data cannot identify stays
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .geometry import View, descriptors
+from .geometry import View, descriptors, redundant_limb_leads
 from .records import MODEL_FS, lead_quality
 
 PRIOR_SD_DEG = 10.6  # electrode displacement spread measured by CT (the paper's Panobench)
@@ -66,7 +69,8 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
 
     ``inputs``: the leads that synthesis will use; only their offsets are fitted, and every
     recorded lead is predicted from them (each input from the other inputs). None: all
-    recorded leads are inputs (plain leave-one-out).
+    recorded leads are inputs (plain leave-one-out). Either way the derived limb leads
+    (III, aVR, aVL, aVF beside I and II) are predicted only, never inputs.
 
     ``move_far_field``: also fit the limb (far-field) leads' offsets. Off by default: a limb
     lead's direction comes from the limb electrodes, which are not misplaced on the chest,
@@ -76,7 +80,8 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     Uses the first ``seconds`` of ``x`` (at the model rate, ``fs`` must be 500 Hz). Returns
     table angles (zero offsets) with the reason when calibration cannot help: fewer seconds
     than asked, fewer than 3 usable leads (flat, missing, saturated or noise-only leads are
-    left out), or a fit that does not lower the leave-one-out residual by ``min_gain``.
+    left out), fewer than 2 usable inputs, no chest lead among the inputs, or a fit that does
+    not lower the leave-one-out residual by ``min_gain``.
     """
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
@@ -102,8 +107,14 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
                        + ", ".join(f"{v.name} {f}" for v, f in zip(views, flags) if f != "ok"))
 
     fit = [k for k, i in enumerate(usable) if inputs is None or views[i].name in inputs]
+    # as synthesis will: III, aVR, aVL, aVF beside I and II are predicted, not inputs
+    fit = [k for k, r in zip(fit, redundant_limb_leads([views[usable[k]].name for k in fit])) if not r]
+    used = [views[i].name for i in usable]
     if len(fit) < 2:
-        return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or [])} (need 2)")
+        return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)",
+                       used=used)
+    if not move_far_field and all(descriptors([views[usable[k]]])[0, 2] > 0.5 for k in fit):
+        return _reject(views, "no chest lead among the inputs: limb leads keep their table angles", used=used)
 
     here = next(model.parameters()).device
     dev = torch.device(device) if device is not None else here
@@ -129,8 +140,6 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
          min_gain, move_far_field, dev, t0) -> CalibrationResult:
     n, m = len(usable), len(fit)
     movable = torch.ones(m, 1, device=dev) if move_far_field else (table[fit, 2:] < 0.5).float()  # (m, 1)
-    if not movable.any():
-        return _reject(views, "no chest lead among the fitted inputs (limb leads keep their table angles)")
     with torch.no_grad():
         fv = model.encode(xs[fit][None])  # (1, m, C, T'): the one encoder pass
     xin = xs[fit][None]  # (1, m, T)
@@ -178,7 +187,8 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
     common = dict(residual_before_uv=before * 1000, residual_after_uv=after * 1000, steps=step,
                   seconds=time.perf_counter() - t0, used=[views[i].name for i in usable], fitted=moved)
     if after > before * (1 - min_gain):
-        return _reject(views, f"offsets lowered the residual by under {min_gain:.0%}; table angles kept", **common)
+        return _reject(views, f"offsets lowered the residual by under {min_gain:.0%}; table angles kept",
+                       **{**common, "fitted": []})
     skipped = [f"{views[i].name} {flags[i]}" for i in range(len(views)) if i not in usable]
     reason = (f"fitted {int(movable.sum())} lead(s) against {n} on {seconds:g} s"
               + (f" (left out: {', '.join(skipped)})" if skipped else ""))

@@ -197,7 +197,7 @@ def redundant_limb_leads(names: list[str], usable=None) -> np.ndarray:
     """(n,) bool: the limb leads that add nothing to the others — every usable limb lead
     after the first two in ``LIMB_LEADS`` order (any two give the other four exactly), and
     any lead named twice. A monitor's III, aVR, aVL and aVF are sums of its I and II: the
-    model is given I and II alone, which saves a third of the encoder and keeps the montage
+    model is given I and II alone, which saves a third of the encoder in PyTorch and keeps the montage
     like the ones it was trained on (given all twelve leads, the pretrained model drew
     posterior views worse on the simulator: ``tests/test_shipped_model.py``)."""
     usable = np.ones(len(names), bool) if usable is None else np.asarray(usable, bool)

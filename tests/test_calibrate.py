@@ -44,6 +44,16 @@ def test_a_single_lead_or_flat_leads_cannot_calibrate(tiny):
     assert not res.accepted and "V1 flat" in res.reason and np.all(res.offsets_deg == 0)
 
 
+def test_limb_inputs_alone_keep_the_table_angles_unless_asked(tiny):
+    x, _ = _patient(0, 12.0)
+    views = resolve_views(",".join(CAL))
+    res = calibrate(tiny, x, views, inputs=["I", "II", "III"])
+    assert not res.accepted and "no chest lead" in res.reason and np.all(res.offsets_deg == 0)
+    assert "V1" in res.used and res.fitted == []  # the leads were usable; nothing was fitted
+    moved = calibrate(tiny, x, views, inputs=["I", "II", "V3"], move_far_field=True, min_gain=0.0)
+    assert set(moved.fitted) == {"I", "II", "V3"}  # III beside I and II is predicted, never an input
+
+
 def test_noise_only_leads_are_refused(tiny):
     noise = np.random.default_rng(1).standard_normal((len(CAL), 3000)).astype(np.float32) * 0.2
     res = calibrate(tiny, noise, resolve_views(",".join(CAL)))

@@ -99,15 +99,20 @@ def test_gap_masks_then_recovers(record, backend):
     assert after and all(q == "ok" for o in after for q in o.quality), "the stream recovers after the hole"
 
 
-def test_lead_off_is_masked_and_stream_continues(record, synth, backend):
+@pytest.mark.parametrize("lead,quality", [
+    ("V2", "masked"),
+    ("I", "masked"),  # II and III then carry the frontal plane
+    ("aVF", "ok"),  # a sum of I and II: the model never had it, so nothing it is given changes
+])
+def test_lead_off_is_masked_and_stream_continues(record, synth, backend, lead, quality):
     x, names = record
     x = x.copy()
-    v2 = names.index("V2")
+    v2 = names.index(lead)
     x[v2, 2000:] = 0.0  # electrode falls off: flat
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
     _, y, outs = stream_all(st, x, names, backend)
     late = [o for o in outs if o.start > 2500]
-    assert late and all(q == "masked" for o in late for q in o.quality)
+    assert late and all(q == quality for o in late for q in o.quality)
     keep = [i for i in range(len(names)) if i != v2]
     ref = synth(x[keep], resolve_views([names[i] for i in keep]), VIEWS)
     assert np.abs(y[:, 2600:] - ref[:, 2600:]).max() * 1000 < 1.0, "synthesised from the leads still on"
