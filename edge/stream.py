@@ -327,7 +327,9 @@ def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]
     """Synthesise ``windows`` with a backend's ``run`` (numpy, batched), in as few calls as
     their shapes allow: windows of one length are stacked (leads and views padded and masked
     off; a window's output does not depend on what else is in its batch); a final window runs
-    alone at its exact length, as the offline pass does at a record's end."""
+    alone at its exact length, as the offline pass does at a record's end. Only the leads a
+    window's mask keeps are sent: a backend with fixed shapes (ONNX Runtime, TensorRT)
+    would otherwise encode the masked ones too (III, aVR, aVL, aVF, leads off)."""
     outputs: dict[int, Output] = {}
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(windows):
@@ -335,7 +337,9 @@ def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]
     for idx in groups.values():
         for b0 in range(0, len(idx), max_batch):
             part = [windows[i] for i in idx[b0: b0 + max_batch]]
-            nl = max(w.x.shape[0] for w in part)
+            # no usable lead: the model needs one; its output is zeroed below
+            kept = [np.flatnonzero(w.mask) if w.mask.any() else np.zeros(1, int) for w in part]
+            nl = max(len(k) for k in kept)
             nq = max(w.q_views.shape[0] for w in part)
             t = part[0].x.shape[1]
             x = np.zeros((len(part), nl, t), np.float32)
@@ -343,14 +347,12 @@ def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]
             iv = np.zeros((len(part), nl, 3), np.float32)
             iv[..., 0] = 90.0  # padded slots: any valid direction (masked off)
             qv = np.zeros((len(part), nq, 3), np.float32)
-            for j, w in enumerate(part):
-                ln, qn = w.x.shape[0], w.q_views.shape[0]
-                x[j, :ln], mask[j, :ln], iv[j, :ln] = w.x, w.mask, w.in_views
-                iv[j, ln:] = iv[j, 0] if ln else iv[j, ln:]
+            for j, (w, k) in enumerate(zip(part, kept)):
+                ln, qn = len(k), w.q_views.shape[0]
+                x[j, :ln], mask[j, :ln], iv[j, :ln] = w.x[k], True, w.in_views[k]
+                iv[j, ln:] = iv[j, 0]
                 qv[j, :qn] = w.q_views
                 qv[j, qn:] = w.q_views[0]
-                if not w.mask.any():  # no usable lead: the model needs one; output is zeroed below
-                    mask[j, 0] = True
             y = run(x, iv, mask, qv)
             for j, (i, w) in enumerate(zip(idx[b0: b0 + max_batch], part)):
                 data = y[j, : w.q_views.shape[0], w.keep_from: w.keep_from + w.n]
