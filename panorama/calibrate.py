@@ -113,7 +113,9 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if len(fit) < 2:
         return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)",
                        used=used)
-    if not move_far_field and all(descriptors([views[usable[k]]])[0, 2] > 0.5 for k in fit):
+    table = descriptors([views[i] for i in usable])  # (n, 3): θ, φ, far-field flag
+    movable = np.ones(len(fit), bool) if move_far_field else table[fit, 2] < 0.5  # (m,) offsets that move
+    if not movable.any():
         return _reject(views, "no chest lead among the inputs: limb leads keep their table angles", used=used)
 
     here = next(model.parameters()).device
@@ -123,23 +125,23 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if here != dev:
         raise ValueError(f"the model is on {here}, calibration asked for {dev}")
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
-    table = torch.from_numpy(descriptors([views[i] for i in usable])).to(dev)  # (n, 3)
+    table = torch.from_numpy(table).to(dev)
     model.eval()
     flags_before = [p.requires_grad for p in model.parameters()]
     try:
         for p in model.parameters():  # only the offsets learn; restored below
             p.requires_grad_(False)
-        return _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, steps, lr,
-                    prior_weight, min_gain, move_far_field, dev, t0)
+        return _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_deg, steps, lr,
+                    prior_weight, min_gain, movable, dev, t0)
     finally:
         for p, f in zip(model.parameters(), flags_before):
             p.requires_grad_(f)
 
 
-def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, steps, lr, prior_weight,
-         min_gain, move_far_field, dev, t0) -> CalibrationResult:
+def _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_deg, steps, lr, prior_weight,
+         min_gain, movable_np, dev, t0) -> CalibrationResult:
     n, m = len(usable), len(fit)
-    movable = torch.ones(m, 1, device=dev) if move_far_field else (table[fit, 2:] < 0.5).float()  # (m, 1)
+    movable = torch.from_numpy(movable_np.astype(np.float32))[:, None].to(dev)  # (m, 1)
     with torch.no_grad():
         fv = model.encode(xs[fit][None])  # (1, m, C, T'): the one encoder pass
     xin = xs[fit][None]  # (1, m, T)
@@ -183,13 +185,13 @@ def _fit(model, xs, table, fit, usable, views, flags, seconds, max_offset_deg, s
         after = residual(best_off).item()
     out = np.zeros((len(views), 2))
     out[[usable[k] for k in fit]] = best_off.cpu().numpy()
-    moved = [views[usable[k]].name for j, k in enumerate(fit) if movable[j, 0] > 0]
+    moved = [views[usable[k]].name for k, mv in zip(fit, movable_np) if mv]
     common = dict(residual_before_uv=before * 1000, residual_after_uv=after * 1000, steps=step,
-                  seconds=time.perf_counter() - t0, used=[views[i].name for i in usable], fitted=moved)
+                  seconds=time.perf_counter() - t0, used=used, fitted=moved)
     if after > before * (1 - min_gain):
         return _reject(views, f"offsets lowered the residual by under {min_gain:.0%}; table angles kept",
                        **{**common, "fitted": []})
     skipped = [f"{views[i].name} {flags[i]}" for i in range(len(views)) if i not in usable]
-    reason = (f"fitted {int(movable.sum())} lead(s) against {n} on {seconds:g} s"
+    reason = (f"fitted {len(moved)} lead(s) against {n} on {seconds:g} s"
               + (f" (left out: {', '.join(skipped)})" if skipped else ""))
     return CalibrationResult([v.name for v in views], out, True, reason, **common)

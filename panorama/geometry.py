@@ -203,11 +203,11 @@ def redundant_limb_leads(names: list[str], usable=None) -> np.ndarray:
     usable = np.ones(len(names), bool) if usable is None else np.asarray(usable, bool)
     out = np.zeros(len(names), bool)
     seen: set[str] = set()
-    order = sorted((LIMB_LEADS.index(n), i) for i, n in enumerate(names) if n in LIMB_LEADS and usable[i])
-    for _, i in order:
-        out[i] = len(seen) >= 2 or names[i] in seen
+    limbs = 0  # limb leads kept so far
+    # limb leads in order of preference, every other lead in its own order
+    rank = lambda i: (LIMB_LEADS.index(names[i]) if names[i] in LIMB_LEADS else -1, i)  # noqa: E731
+    for i in sorted((i for i in range(len(names)) if usable[i]), key=rank):
+        out[i] = names[i] in seen or (names[i] in LIMB_LEADS and limbs >= 2)
+        limbs += names[i] in LIMB_LEADS and not out[i]
         seen.add(names[i])
-    for i, n in enumerate(names):  # a non-limb lead named twice: the first is kept
-        if n not in LIMB_LEADS and usable[i] and n in names[:i]:
-            out[i] = bool(usable[[j for j in range(i) if names[j] == n]].any())
     return out

@@ -142,26 +142,44 @@ def bench_onnxruntime(model_path, threads: int, repeats: int) -> dict:
             "onnxruntime_p90_ms": round(float(np.percentile(times, 90)), 2)}
 
 
+CAL_NAMES = [n for n in STANDARD_12 if n not in ("V2", "V6")]  # what calibration sees
+
+
+def _displaced_patient(seed: int):
+    """Simulated patient ``seed`` of the calibration benchmarks: (rng, params, true angles of
+    CAL_NAMES, indices of its chest leads), chest electrodes displaced by σ = 10.6°."""
+    from training.simulator import sample_patient
+    from training.simulator.render import lead_kind
+
+    rng = np.random.default_rng([seed, 4242])
+    params = sample_patient(rng)
+    true = np.array([[NAMED[n].theta, NAMED[n].phi] for n in CAL_NAMES], dtype=float)
+    chest = [i for i, n in enumerate(CAL_NAMES) if lead_kind(n) == "chest"]
+    true[chest] += rng.normal(0, 10.6, (len(chest), 2))
+    return rng, params, true, chest
+
+
+def _centred_mae(e: np.ndarray) -> np.ndarray:
+    """Mean absolute value of each row after removing its median (DC carries no information)."""
+    return np.abs(e - np.median(e, axis=-1, keepdims=True)).mean(-1)
+
+
 def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False) -> dict:
     """Simulated patients with chest electrodes displaced by σ = 10.6°: calibrate on 0–5 s
     of the 10 leads other than V2/V6, synthesise exact-angle V2, V6, V7, V4R from I, II, V3."""
-    from training.simulator import apply_device, render, sample_patient
+    from training.simulator import apply_device, render
     from training.simulator.device import resolve_device
     from training.simulator.render import lead_kind
 
     inputs = resolve_views("I,II,V3")
     targets = resolve_views("V2,V6,V7,V4R")
-    cal_names = [n for n in STANDARD_12 if n not in ("V2", "V6")]
+    cal_names = CAL_NAMES
     cal_views = resolve_views(",".join(cal_names))
-    table = np.array([[NAMED[n].theta, NAMED[n].phi] for n in cal_names], dtype=float)
+    table = np.array([[v.theta, v.phi] for v in cal_views], dtype=float)
     errs: dict[str, list] = {n: [] for n in cal_names if lead_kind(n) == "chest"}
     plain, calibrated, times, accepted = [], [], [], 0
     for seed in tqdm(range(patients), desc="calibration bench", unit="pt", leave=False):
-        rng = np.random.default_rng([seed, 4242])
-        params = sample_patient(rng)
-        true = table.copy()
-        chest = [i for i, n in enumerate(cal_names) if lead_kind(n) == "chest"]
-        true[chest] += rng.normal(0, 10.6, (len(chest), 2))
+        rng, params, true, chest = _displaced_patient(seed)
         exact = np.array([[v.theta, v.phi] for v in targets])
         names = [*cal_names, *(f"target{v.name}" for v in targets)]
         clean = render(params, np.concatenate([true, exact]), names, 10.0, MODEL_FS)
@@ -202,22 +220,17 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
     electrode really was. Beside it: the model's error against the noise-free lead at its
     true angle, what the device adds (noise, wander, mains), and how much 10° of
     displacement changes the noise-free lead — all mean absolute µV, median over leads."""
-    from training.simulator import apply_device, render, sample_patient
+    from training.simulator import apply_device, render
     from training.simulator.device import resolve_device
-    from training.simulator.render import lead_kind
 
-    cal_names = [n for n in STANDARD_12 if n not in ("V2", "V6")]
+    cal_names = CAL_NAMES
     views = resolve_views(",".join(cal_names))
     table = np.array([[v.theta, v.phi] for v in views], dtype=float)
-    chest = [i for i, n in enumerate(cal_names) if lead_kind(n) == "chest"]
     sweep = np.arange(-sweep_deg, sweep_deg + 1e-9, step_deg)
     found, truth, model_err, change, noise = [], [], [], [], []
     model = synth.model
     for seed in tqdm(range(patients), desc="identifiability", unit="pt", leave=False):
-        rng = np.random.default_rng([seed, 4242])  # the same patients as bench_calibration
-        params = sample_patient(rng)
-        true = table.copy()
-        true[chest] += rng.normal(0, 10.6, (len(chest), 2))
+        rng, params, true, chest = _displaced_patient(seed)  # the same patients as bench_calibration
         moved = np.concatenate([true[chest] + [10.0, 0.0], true[chest] + [0.0, 10.0]])  # each lead 10° off
         names = [*cal_names, *(f"moved{k}" for k in range(len(moved)))]
         clean = render(params, np.concatenate([true, moved]), names, 5.0, MODEL_FS)
@@ -226,7 +239,7 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
         ref = clean[: len(cal_names)] - np.median(clean[: len(cal_names)], axis=1, keepdims=True)
         for k, j in enumerate(chest):  # how much 10° of displacement changes what the lead records
             for d in (clean[len(cal_names) + k] - clean[j], clean[len(cal_names) + len(chest) + k] - clean[j]):
-                change.append(np.abs(d - np.median(d)).mean() * 1000)
+                change.append(_centred_mae(d) * 1000)
         ang = Synthesizer.angles(views)
         ang[:, :2] = true
         for j in chest:
@@ -235,20 +248,16 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
             ia = torch.from_numpy(ang[others])[None].to(synth.device)
             keep = ~redundant_limb_leads([cal_names[k] for k in others])  # as calibration does
             mask = torch.from_numpy(keep)[None].to(synth.device)
-            d = sig[j] - ref[j]
-            noise.append(np.abs(d - np.median(d)).mean() * 1000)
+            noise.append(_centred_mae(sig[j] - ref[j]) * 1000)
             for dim in (0, 1):
                 q = np.repeat(ang[j][None], len(sweep), 0)
                 q[:, dim] = table[j, dim] + sweep
                 with torch.inference_mode():
                     p = model(x, ia, mask, torch.from_numpy(q)[None].to(synth.device))[0].cpu().numpy()
-                e = p - sig[j]  # against what was recorded, as calibration sees it
-                err = np.abs(e - np.median(e, axis=1, keepdims=True)).mean(1)
-                found.append(sweep[err.argmin()])
+                found.append(sweep[_centred_mae(p - sig[j]).argmin()])  # as recorded: what calibration sees
                 truth.append(true[j, dim] - table[j, dim])
-                e = p - ref[j]  # against the noise-free signal: the model's own error
-                err = np.abs(e - np.median(e, axis=1, keepdims=True)).mean(1)
-                model_err.append(float(np.interp(truth[-1], sweep, err)) * 1000)
+                own = _centred_mae(p - ref[j])  # against the noise-free lead: the model's own error
+                model_err.append(float(np.interp(truth[-1], sweep, own)) * 1000)
     found, truth = np.array(found), np.array(truth)
     return {"identifiability_err_median_deg": round(float(np.median(np.abs(found - truth))), 2),
             "identifiability_table_err_median_deg": round(float(np.median(np.abs(truth))), 2),
