@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from panorama.calibrate import calibrate
+from panorama.transfer import fit_transfer
 from panorama.errors import PanoramaError
 from panorama.geometry import resolve_view, resolve_views
 from panorama.records import MODEL_FS, Record, find_records, lead_quality, read_record, resample, write_record
@@ -36,11 +37,17 @@ def register(sub) -> None:
                    help="fit the chest inputs' angle offsets on the first SECONDS of every lead in the record "
                    "(e.g. 5; limb leads keep their table angles); the offsets and the verdict go into the "
                    "output header's comments")
+    p.add_argument("--transfer", action="store_true",
+                   help="with --calibrate: also learn on those SECONDS what the model gets wrong about this "
+                   "patient's other recorded leads and pass it to the views near them (residual transfer; "
+                   "views far from every recorded lead are unchanged)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     inputs, views = resolve_views(args.inputs), resolve_views(args.views)
+    if args.transfer and not args.calibrate:
+        raise ValueError("--transfer fits on the calibration window: give --calibrate SECONDS too")
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":
         synth.runner = make_backend(args.backend, args.model or default_checkpoint()).run
@@ -58,7 +65,8 @@ def run(args) -> int:
                   "writing there would overwrite the recording", file=sys.stderr)
             continue
         try:
-            out = synthesize_record(synth, path, inputs, views, args.out, calibrate_s=args.calibrate)
+            out = synthesize_record(synth, path, inputs, views, args.out, calibrate_s=args.calibrate,
+                                    transfer=args.transfer)
             print(f"wrote {out}.hea")
         except (PanoramaError, ValueError, OSError) as exc:  # one bad record never stops the others
             failed += 1
@@ -69,7 +77,7 @@ def run(args) -> int:
 
 
 def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Path,
-                      calibrate_s: float = 0.0) -> Path:
+                      calibrate_s: float = 0.0, transfer: bool = False) -> Path:
     names = [v.name for v in inputs]
     # only the inputs are read, unless calibration may use every lead of the record
     every = read_record(path, fs=None) if calibrate_s > 0 else None
@@ -80,7 +88,7 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     bad = [f"{n} {f}" for n, f in zip(names, flags) if f != "ok"]
     if bad:
         raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}; choose other --inputs")
-    offsets, notes = None, []
+    offsets, notes, correction = None, [], None
     if every is not None:  # every lead of the record but the views asked for
         every = resample(every, MODEL_FS)
         keep = [i for i, n in enumerate(every.leads) if n not in {v.name for v in views}]
@@ -90,7 +98,15 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
         log.info("%s: %s", path.name, res.summary())
         notes = [res.summary()] + [f"offset {n}: dtheta {d[0]:+.2f} dphi {d[1]:+.2f} deg"
                                    for n, d in zip(names, offsets)]
+        if transfer:
+            tr = fit_transfer(synth, every.signals[keep], [resolve_view(every.leads[i]) for i in keep], names,
+                              seconds=calibrate_s, offsets=offsets)
+            log.info("%s: %s", path.name, tr.summary())
+            notes.append(tr.summary())
+            correction = tr.correction(rec.signals, views)
     y = synth(rec.signals, inputs, views, offsets=offsets)
+    if correction is not None:
+        y = y + correction
     back = resample(Record(rec.name, y, [v.name for v in views], MODEL_FS), native.fs)
     n = native.signals.shape[1]
     sig = back.signals[:, :n]

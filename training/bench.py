@@ -1,4 +1,4 @@
-"""``panorama bench model|calibration``: rerunnable speed and calibration benchmarks.
+"""``panorama bench model|calibration|stream|transfer``: rerunnable speed and calibration benchmarks.
 
 Benchmarks are commands, not tests: timings depend on the machine, so they are measured
 and reported (with the command) rather than asserted.
@@ -28,10 +28,16 @@ def register(sub) -> None:
                        "offset recovery and synthesis gain on simulated patients with displaced electrodes, "
                        "and the time of one 12-lead × 5 s calibration. stream: the daemon (a subprocess) "
                        "with --patients simulated monitors in real time through a real broker: latency, "
-                       "delivery and memory after warm-up.")
-    p.add_argument("what", choices=("model", "calibration", "stream"),
+                       "delivery and memory after warm-up. transfer: the residual-transfer kernel width "
+                       "chosen by leave-one-lead-out on real records, without V2 or V6.")
+    p.add_argument("what", choices=("model", "calibration", "stream", "transfer"),
                    help="model: latency; calibration: offset recovery and its time; stream: patients the "
-                        "daemon sustains in real time through a broker (edge/bench.py)")
+                        "daemon sustains in real time through a broker (edge/bench.py); transfer: "
+                        "leave-one-lead-out choice of the residual-transfer kernel (training/tune_transfer.py)")
+    p.add_argument("--data", nargs="+", type=Path, default=[Path("../shared/data/ecg")], metavar="PATH",
+                   help="transfer: real records (default ../shared/data/ecg)")
+    p.add_argument("--split", default="val", choices=("all", "train", "val"),
+                   help="transfer: which split of --data (default val)")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -62,6 +68,14 @@ def run(args) -> int:
         return 0
     torch.set_num_threads(args.threads)
     synth = Synthesizer.load(args.model, device=args.device)
+    if args.what == "transfer":
+        from .tune_transfer import format_tuning, tune_transfer
+
+        res = tune_transfer(synth, args.data, args.split)
+        print(format_tuning(res))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2, default=float))
+        return 0
     if args.what == "model":
         res = bench_model(synth, args.repeats)
         if args.onnx:

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate-fit", choices=("inputs", "all"), default="inputs",
                    help="inputs: fit the synthesis inputs' offsets against every recorded lead; all: fit "
                    "every recorded lead's offset, leave-one-out (default inputs)")
+    p.add_argument("--transfer", action="store_true",
+                   help="with --calibrate: also score calibration plus residual transfer (the recorded "
+                   "non-input leads' residuals passed to nearby views; panorama/transfer.py)")
     p.add_argument("--by-source", action="store_true", help="also print a table per source database")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_eval)
@@ -101,6 +104,8 @@ def run_eval(args) -> int:
     if args.calibrate and not (protocol == "synthesis" and 0 < args.calibrate <= CALIB_S):
         raise ValueError(f"--calibrate takes 0 < SECONDS <= {CALIB_S:g} under the synthesis protocol "
                          "(calibration must not reach the scored 5-10 s); whole-record scoring is uncalibrated")
+    if args.transfer and not args.calibrate:
+        raise ValueError("--transfer fits on the calibration window: give --calibrate SECONDS too")
     task = Task(inputs, views, protocol)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     for m in methods:
@@ -126,16 +131,19 @@ def run_eval(args) -> int:
     print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
     if skipped:
         print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))
-    runs = [(m, 0.0) for m in methods]
+    runs = [(m, 0.0, False) for m in methods]
     if args.calibrate > 0:
         if "model" not in methods:
             raise ValueError("--calibrate needs --method model")
-        runs.append(("model", args.calibrate))
+        runs.append(("model", args.calibrate, False))
+        if args.transfer:
+            runs.append(("model", args.calibrate, True))
     full = {}
-    for m, cal in runs:
-        label = m if cal == 0 else f"model+calib{cal:g}s"
+    for m, cal, tr in runs:
+        label = m if cal == 0 else f"model+calib{cal:g}s" + ("+transfer" if tr else "")
         full[label] = evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
-                               model_path=args.model, calibrate_s=cal, calibrate_fit=args.calibrate_fit)
+                               model_path=args.model, calibrate_s=cal, calibrate_fit=args.calibrate_fit,
+                               transfer=tr)
     results = {label: r.summary for label, r in full.items()}
     print(format_table(results))
     if args.by_source:

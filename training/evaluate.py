@@ -134,12 +134,14 @@ class CalibratedModelMethod(ModelMethod):
     """The model after on-the-fly calibration on the first ``seconds`` of every recorded
     lead except the scored views (which are never inputs, not even for calibration)."""
 
-    def __init__(self, synth, seconds: float = CALIB_S, inputs_only: bool = True):
+    def __init__(self, synth, seconds: float = CALIB_S, inputs_only: bool = True, transfer: bool = False):
         super().__init__(synth)
-        self.name = f"model+calib{seconds:g}s"
+        self.name = f"model+calib{seconds:g}s" + ("+transfer" if transfer else "")
         self.seconds = seconds
         self.inputs_only = inputs_only  # fit only the synthesis inputs' offsets
+        self.transfer = transfer  # also pass the recorded leads' residuals to nearby views
         self.offsets = None
+        self.fitted_transfer = None
 
     def prepare(self, record: Record, task: Task) -> None:
         from panorama.calibrate import calibrate
@@ -152,9 +154,18 @@ class CalibratedModelMethod(ModelMethod):
                         inputs=[v.name for v in task.inputs] if self.inputs_only else None,
                         device=self.synth.device)
         self.offsets = res.offsets_for([v.name for v in task.inputs])
+        if self.transfer:
+            from panorama.transfer import fit_transfer
+
+            self.fitted_transfer = fit_transfer(self.synth, x, [resolve_view(n) for n in names],
+                                                [v.name for v in task.inputs], seconds=self.seconds,
+                                                offsets=self.offsets)
 
     def predict(self, x, inputs, queries):
-        return self.synth(x, inputs, queries, offsets=self.offsets)
+        y = self.synth(x, inputs, queries, offsets=self.offsets)
+        if self.fitted_transfer is not None:
+            y = y + self.fitted_transfer.correction(x, queries)
+        return y
 
 
 class PatientLeastSquaresMethod:
@@ -184,13 +195,14 @@ class PatientLeastSquaresMethod:
 
 
 def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 0.0,
-                calibrate_fit: str = "inputs") -> Method:
+                calibrate_fit: str = "inputs", transfer: bool = False) -> Method:
     if name == "model":
         from panorama.synth import Synthesizer
 
         synth = Synthesizer.load(model_path)
         if calibrate_s > 0:
-            return CalibratedModelMethod(synth, calibrate_s, inputs_only=calibrate_fit == "inputs")
+            return CalibratedModelMethod(synth, calibrate_s, inputs_only=calibrate_fit == "inputs",
+                                         transfer=transfer)
         return ModelMethod(synth)
     table = {"zero": ZeroMethod, "dipole": DipoleMethod, "kors": KorsMethod, "lsq": LeastSquaresMethod,
              "patient_lsq": PatientLeastSquaresMethod}
@@ -201,12 +213,13 @@ def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 
 
 def evaluate(cases: list[Case], task: Task, method: Method | str,
              fit_cases: list[Case] | None = None, progress: bool = True, model_path: Path | None = None,
-             calibrate_s: float = 0.0, calibrate_fit: str = "inputs") -> Result:
+             calibrate_s: float = 0.0, calibrate_fit: str = "inputs", transfer: bool = False) -> Result:
     """Score ``method`` on every case. Population least squares is fitted on ``fit_cases``
     when given, else cross-fitted in folds so no record is predicted by a fit that saw it."""
     if not cases:
         raise RecordError("no record could be scored under this protocol")
-    method = make_method(method, model_path, calibrate_s, calibrate_fit) if isinstance(method, str) else method
+    method = (make_method(method, model_path, calibrate_s, calibrate_fit, transfer)
+              if isinstance(method, str) else method)
     preds: dict[str, np.ndarray] = {}
     if isinstance(method, LeastSquaresMethod):
         preds = _lsq_predictions(cases, task, fit_cases)
@@ -243,13 +256,13 @@ def _lsq_predictions(cases, task, fit_cases) -> dict[str, np.ndarray]:
 
 def format_table(rows: dict[str, dict]) -> str:
     """Rows of ``summarise`` outputs keyed by label → an aligned text table (overall + per view)."""
-    head = f"{'method':<22}{'view':<8}{'PSNR dB':>9}{'SSIM':>8}{'RMSE µV':>10}{'r':>7}{'records':>9}"
+    head = f"{'method':<24}{'view':<8}{'PSNR dB':>9}{'SSIM':>8}{'RMSE µV':>10}{'r':>7}{'records':>9}"
     lines = [head, "-" * len(head)]
     for label, s in rows.items():
         o = s["overall"]
-        lines.append(f"{label:<22}{'all':<8}{o['psnr_db']:>9.2f}{o['ssim']:>8.3f}"
+        lines.append(f"{label:<24}{'all':<8}{o['psnr_db']:>9.2f}{o['ssim']:>8.3f}"
                      f"{o['rmse_uv_median']:>10.0f}{o['r_median']:>7.3f}{o['records']:>9d}")
         for v, pv in s["per_view"].items():
-            lines.append(f"{'':<22}{v:<8}{pv['psnr_db']:>9.2f}{pv['ssim']:>8.3f}"
+            lines.append(f"{'':<24}{v:<8}{pv['psnr_db']:>9.2f}{pv['ssim']:>8.3f}"
                          f"{pv['rmse_uv_median']:>10.0f}{pv['r_median']:>7.3f}")
     return "\n".join(lines)
