@@ -38,9 +38,9 @@ def register(sub) -> None:
                    "(e.g. 5; limb leads keep their table angles); the offsets and the verdict go into the "
                    "output header's comments")
     p.add_argument("--transfer", action="store_true",
-                   help="with --calibrate: also learn on those SECONDS what the model gets wrong about this "
-                   "patient's other recorded leads and pass it to the views near them (residual transfer; "
-                   "views far from every recorded lead are unchanged)")
+                   help="with --calibrate: also continue this patient's other recorded leads past those SECONDS "
+                   "(the model plus a residual filter fitted on them) and give each view its nearest one within "
+                   "45 deg as an extra input (neighbour transfer; views with none that near are unchanged)")
     p.set_defaults(func=run)
 
 
@@ -88,7 +88,7 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     bad = [f"{n} {f}" for n, f in zip(names, flags) if f != "ok"]
     if bad:
         raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}; choose other --inputs")
-    offsets, notes, correction = None, [], None
+    offsets, notes, transfer_fit = None, [], None
     if every is not None:  # every lead of the record but the views asked for
         every = resample(every, MODEL_FS)
         keep = [i for i, n in enumerate(every.leads) if n not in {v.name for v in views}]
@@ -103,10 +103,11 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
                               seconds=calibrate_s, offsets=offsets)
             log.info("%s: %s", path.name, tr.summary())
             notes.append(tr.summary())
-            correction = tr.correction(rec.signals, views)
-    y = synth(rec.signals, inputs, views, offsets=offsets)
-    if correction is not None:
-        y = y + correction
+            transfer_fit = tr
+    if transfer_fit is not None:
+        y = transfer_fit.synthesize(synth, rec.signals, views, offsets=offsets)
+    else:
+        y = synth(rec.signals, inputs, views, offsets=offsets)
     back = resample(Record(rec.name, y, [v.name for v in views], MODEL_FS), native.fs)
     n = native.signals.shape[1]
     sig = back.signals[:, :n]

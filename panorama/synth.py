@@ -65,6 +65,8 @@ class Synthesizer:
             raise ValueError(f"expected ({len(inputs)}, samples) input, got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("input holds NaN or Inf samples; mask or repair those leads first")
+        if not queries:
+            return np.zeros((0, x.shape[1]), dtype=np.float32)
         keep = ~redundant_limb_leads([v.name for v in inputs])
         if self.runner is not None:
             return self.runner(x[None], self.angles(inputs, offsets)[None], keep[None], self.angles(queries)[None])[0]

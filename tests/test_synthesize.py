@@ -58,14 +58,14 @@ def test_onnxruntime_backend_writes_the_same_views_as_torch(cli, data_dir, tmp_p
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached by hash
 
 
-def test_synthesize_with_residual_transfer_changes_near_views_only(cli, data_dir, tmp_path):
+def test_synthesize_with_neighbour_transfer_changes_near_views_only(cli, data_dir, tmp_path):
     rec = data_dir / "ludb" / "ludb001"
     for tag, extra in (("cal", []), ("transfer", ["--transfer"])):
         proc = cli("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V8", "--calibrate", "5", *extra,
                    "--out", tmp_path / tag)
         assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "transfer" / "ludb001")).comments
-    assert any(c.startswith("residual transfer from") and "V1" in c for c in comments)
+    assert any(c.startswith("neighbour transfer from") and "V1" in c for c in comments)
     cal = read_record(tmp_path / "cal" / "ludb001").signals
     tr = read_record(tmp_path / "transfer" / "ludb001").signals
     assert np.abs(tr[0] - cal[0]).max() > 0.02  # V2, between V1 and V3: corrected

