@@ -7,7 +7,9 @@ Threads, each with one job, joined by bounded queues (nothing grows without limi
     calibration pool: each patient's first seconds → angle offsets (off the hot path)
     inference thread: every stream's due windows, batched across patients → backend
     publisher thread (edge.mqtt.Publisher): the only one that publishes
-    health thread: retained status, periodic health JSON, Prometheus gauges
+    health thread: periodic health JSON, Prometheus gauges
+
+Status, calibration verdicts and refusals are worded in ``edge/reporting.py``.
 
 A patient's stream goes waiting → calibrating → streaming (→ ended when it falls silent).
 Bad input (a malformed payload, a wrong version, NaN, unknown leads, an absurd rate or
@@ -23,7 +25,7 @@ import queue
 import signal
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from .backends import make_backend
 from .config import EdgeConfig, load_config
 from .protocol import (CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Chunk, Limits, ProtocolError, Topics,
                        decode_any, encode, parse_views_request, to_json)
+from .reporting import LatencyWindow, Reporter
 from .stream import Output, PatientStream, StreamParams, run_windows
 
 log = logging.getLogger("panorama.serve")
@@ -80,23 +83,6 @@ def run(args) -> int:
     return 0
 
 
-class _Window:
-    """Recent values for percentiles, bounded."""
-
-    def __init__(self, n: int = 4096):
-        self.values: deque[float] = deque(maxlen=n)
-
-    def add(self, v: float) -> None:
-        self.values.append(v)
-
-    def percentiles(self) -> dict:
-        if not self.values:
-            return {"p50": None, "p99": None, "n": 0}
-        a = np.fromiter(self.values, float)
-        return {"p50": round(float(np.percentile(a, 50)), 2), "p99": round(float(np.percentile(a, 99)), 2),
-                "n": int(a.size)}
-
-
 class Daemon:
     def __init__(self, cfg: EdgeConfig):
         self.cfg = cfg
@@ -123,16 +109,15 @@ class Daemon:
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.pool = ThreadPoolExecutor(cfg.calibration.workers, thread_name_prefix="calibrate")
-        self.rejected: Counter = Counter()
         self.outcomes: Counter = Counter()
         self.dropped_ingest = 0
         self.chunks_in = self.chunks_out = 0
-        self.latency_ms = _Window()  # origin publish → virtual chunk handed to the publisher
-        self.inference_ms = _Window()
+        self.latency_ms = LatencyWindow()  # origin publish → virtual chunk handed to the publisher
+        self.inference_ms = LatencyWindow()
         self.started = time.time()
-        self._warned: Counter = Counter()
         self.client = mq.make_client(mq.client_id("serve"), cfg.mqtt.protocol)
         self.publisher = mq.Publisher(self.client, maxsize=cfg.queues.publish, protocol=cfg.mqtt.protocol)
+        self.report = Reporter(self.publisher, self.topics, self.id)
         self.threads: list[threading.Thread] = []
         self.metrics = None
 
@@ -186,7 +171,7 @@ class Daemon:
         self.client.loop_stop()  # network thread first: paho 2.2 logs a spurious error otherwise
         self.client.disconnect()
         log.info("stopped: %d chunks in, %d virtual chunks out, %d rejected", self.chunks_in,
-                 self.chunks_out, sum(self.rejected.values()))
+                 self.chunks_out, sum(self.report.rejected.values()))
 
     # ---- MQTT callbacks (network thread: enqueue only) ----------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
@@ -212,10 +197,10 @@ class Daemon:
             try:
                 self._handle(topic, payload)
             except ProtocolError as exc:
-                self._reject(topic, exc.code, str(exc))
+                self.report.reject(topic, exc.code, str(exc))
             except Exception as exc:  # never let one message take the daemon down
                 log.exception("unexpected error on %s", topic)
-                self._reject(topic, "internal", f"{type(exc).__name__}: {exc}")
+                self.report.reject(topic, "internal", f"{type(exc).__name__}: {exc}")
 
     def _handle(self, topic: str, payload: bytes) -> None:
         monitor, patient, kind = self.topics.parse(topic)
@@ -261,7 +246,7 @@ class Daemon:
                                         "patients; stream refused")
                 views = [resolve_view(n) for n in self.requested.get(key, [])] or list(self.default_views)
                 st = self.streams[key] = PatientStream(key, self.params, views)
-                self._status(st)
+                self.report.status(st)
             if len(set(st.leads) | set(names)) > self.limits.max_leads:
                 raise ProtocolError("too_large", f"this stream would have more than {self.limits.max_leads} "
                                     "different leads; the new ones are refused")
@@ -275,7 +260,7 @@ class Daemon:
                 self.fitting.add(key)
                 self.pool.submit(self._calibrate, st, x, views, st.generation)
             if st.state != before:
-                self._status(st)
+                self.report.status(st)
         self.wake.set()
 
     def _known_leads(self, key, chunk: Chunk) -> tuple[list[int], list[str]]:
@@ -286,11 +271,7 @@ class Daemon:
                 try:
                     name = resolve_view(label).name
                 except ValueError:
-                    self.rejected["unknown_lead"] += 1
-                    if self._warned[(key, label)] == 0:  # once per stream and label
-                        self._error(key, "unknown_lead", f"lead {label!r} is not a known lead or "
-                                    "THETA:PHI direction; ignored, the others are used")
-                    self._warned[(key, label)] += 1
+                    self.report.unknown_lead(key, label)
                     continue
             rows.append(i)
             names.append(name)
@@ -310,15 +291,9 @@ class Daemon:
             if st.generation != generation or self.streams.get(st.key) is not st:
                 return  # the stream restarted or ended meanwhile: this fit is of a time base gone
             st.set_calibration(res)
-            self._status(st)
+            self.report.status(st)
         log.info("%s/%s: %s", *st.key, res.summary())
-        doc = {"state": "streaming", "accepted": bool(res.accepted), "reason": res.reason,
-               "offsets_deg": {n: [round(float(a), 2) for a in d] for n, d in zip(res.leads, res.offsets_deg)},
-               "residual_before_uv": _num(res.residual_before_uv), "residual_after_uv": _num(res.residual_after_uv),
-               "seconds": self.params.calibrate_s, "fit_s": round(res.seconds, 3), "used": res.used,
-               "fitted": res.fitted}
-        self.publisher.put(self.topics.calibration(*st.key), json.dumps(doc).encode(), qos=1, retain=True,
-                           content_type=CONTENT_TYPE_JSON)
+        self.report.calibration(st.key, res, self.params.calibrate_s)
         self.wake.set()
 
     # ---- inference ----------------------------------------------------------------------
@@ -337,7 +312,7 @@ class Daemon:
                     if st.counts.skipped > before:
                         stale.append((st.key, st.counts.skipped - before))
             for key, n in stale:
-                self._error(key, "stale_output", f"{n} samples ({n / self.params.fs:.1f} s) of output were "
+                self.report.error(key, "stale_output", f"{n} samples ({n / self.params.fs:.1f} s) of output were "
                             "already stale when due and were skipped (calibration queue or overload)")
             if windows:
                 try:
@@ -352,7 +327,7 @@ class Daemon:
         except Exception as exc:  # a backend failure loses these windows, not the daemon
             log.exception("inference failed for %d windows", len(windows))
             for key in {w.key for w in windows}:
-                self._error(key, "inference", f"{type(exc).__name__}: {exc}")
+                self.report.error(key, "inference", f"{type(exc).__name__}: {exc}")
             return
         self.inference_ms.add((time.perf_counter() - t0) * 1000)
         for out in outputs:
@@ -360,7 +335,7 @@ class Daemon:
                 self._publish(out)
             except Exception as exc:  # one stream's bad output must not stop the others'
                 log.exception("publishing for %s/%s failed", *out.key)
-                self._error(out.key, "internal", f"{type(exc).__name__}: {exc}")
+                self.report.error(out.key, "internal", f"{type(exc).__name__}: {exc}")
 
     def _publish(self, out: Output) -> None:
         with self.lock:
@@ -394,7 +369,7 @@ class Daemon:
                 return
             windows = st.due(final=True)
             st.state = "ended"
-            self._status(st, why)
+            self.report.status(st, why)
         if windows:
             self._synthesise(windows)  # published with the stream's own time base and seq
         with self.lock:
@@ -402,36 +377,7 @@ class Daemon:
                 self.out_seq.pop(key, None)
         log.info("%s/%s ended (%s): %s", *key, why, vars(st.counts))
 
-    # ---- status, errors, health ---------------------------------------------------------
-    def _status(self, st: PatientStream, why: str = "") -> None:
-        doc = {"state": st.state, "leads": st.leads, "views": [v.name for v in st.views],
-               "t_ns": time.time_ns(), "counts": vars(st.counts)}
-        if why:
-            doc["reason"] = why
-        self.publisher.put(self.topics.status(*st.key), json.dumps(doc).encode(), qos=1, retain=True,
-                           content_type=CONTENT_TYPE_JSON)
-
-    def _reject(self, topic: str, code: str, reason: str) -> None:
-        self.rejected[code] += 1
-        try:
-            monitor, patient, _ = self.topics.parse(topic)
-            key = (monitor, patient)
-        except ProtocolError:
-            key = ("?", "?")
-        self._error(key, code, reason, topic)
-
-    def _error(self, key, code: str, reason: str, topic: str = "") -> None:
-        if len(self._warned) > 10_000:  # ids and labels come from senders: keep it bounded
-            self._warned.clear()
-        n = self._warned[(key, code)]
-        self._warned[(key, code)] += 1
-        if n < 3 or n % 100 == 0:  # the log says it, without flooding
-            log.warning("%s/%s %s: %s%s", *key, code, reason, f" (seen {n + 1} times)" if n else "")
-        doc = {"monitor": key[0], "patient": key[1], "topic": topic, "code": code, "reason": reason,
-               "t_ns": time.time_ns()}
-        self.publisher.put(self.topics.errors(self.id), json.dumps(doc).encode(), qos=1,
-                           content_type=CONTENT_TYPE_JSON)
-
+    # ---- health ----------------------------------------------------------------------
     def health(self) -> dict:
         with self.lock:
             states = Counter(st.state for st in self.streams.values())
@@ -443,7 +389,7 @@ class Daemon:
                 "latency_ms": self.latency_ms.percentiles(), "inference_ms": self.inference_ms.percentiles(),
                 "queues": {"ingest": self.ingest_q.qsize(), "publish": self.publisher.queued},
                 "drops": {"ingest": self.dropped_ingest, "publish": self.publisher.dropped},
-                "rejected": dict(self.rejected), "stream_counts": dict(counts), "backend": self.backend.name}
+                "rejected": dict(self.report.rejected), "stream_counts": dict(counts), "backend": self.backend.name}
 
     def _health_loop(self) -> None:
         topic = self.topics.health(self.id)
@@ -453,8 +399,4 @@ class Daemon:
                                    content_type=CONTENT_TYPE_JSON)
             except Exception:
                 log.exception("health report failed")
-
-
-def _num(x: float):
-    return None if x is None or not np.isfinite(x) else round(float(x), 2)
 

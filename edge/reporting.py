@@ -1,0 +1,97 @@
+"""What the daemon says besides virtual leads: each stream's status, its calibration
+verdict, refusals on the errors topic (rate-limited in the log), and the bounded latency
+windows its health report summarises. Everything goes out through the ``Publisher``, the
+only thread that publishes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, deque
+
+import numpy as np
+
+from panorama.calibrate import CalibrationResult
+
+from .mqtt import Publisher
+from .protocol import CONTENT_TYPE_JSON, ProtocolError, Topics
+
+log = logging.getLogger("panorama.serve")
+
+
+class LatencyWindow:
+    """Recent values for percentiles, bounded."""
+
+    def __init__(self, n: int = 4096):
+        self.values: deque[float] = deque(maxlen=n)
+
+    def add(self, v: float) -> None:
+        self.values.append(v)
+
+    def percentiles(self) -> dict:
+        if not self.values:
+            return {"p50": None, "p99": None, "n": 0}
+        a = np.fromiter(self.values, float)
+        return {"p50": round(float(np.percentile(a, 50)), 2), "p99": round(float(np.percentile(a, 99)), 2),
+                "n": int(a.size)}
+
+
+class Reporter:
+    """Retained status and calibration per stream, errors per daemon; counts refusals by code."""
+
+    def __init__(self, publisher: Publisher, topics: Topics, daemon_id: str):
+        self.publisher, self.topics, self.id = publisher, topics, daemon_id
+        self.rejected: Counter = Counter()
+        self._seen: Counter = Counter()  # (stream, code or label) → times, to keep the log quiet
+
+    def status(self, st, why: str = "") -> None:
+        doc = {"state": st.state, "leads": st.leads, "views": [v.name for v in st.views],
+               "t_ns": time.time_ns(), "counts": vars(st.counts)}
+        if why:
+            doc["reason"] = why
+        self._json(self.topics.status(*st.key), doc, qos=1, retain=True)
+
+    def calibration(self, key, res: CalibrationResult, seconds: float) -> None:
+        doc = {"state": "streaming", "accepted": bool(res.accepted), "reason": res.reason,
+               "offsets_deg": {n: [round(float(a), 2) for a in d] for n, d in zip(res.leads, res.offsets_deg)},
+               "residual_before_uv": _num(res.residual_before_uv), "residual_after_uv": _num(res.residual_after_uv),
+               "seconds": seconds, "fit_s": round(res.seconds, 3), "used": res.used, "fitted": res.fitted}
+        self._json(self.topics.calibration(*key), doc, qos=1, retain=True)
+
+    def reject(self, topic: str, code: str, reason: str) -> None:
+        """A message refused: counted, and said on the errors topic for its stream."""
+        self.rejected[code] += 1
+        try:
+            monitor, patient, _ = self.topics.parse(topic)
+            key = (monitor, patient)
+        except ProtocolError:
+            key = ("?", "?")
+        self.error(key, code, reason, topic)
+
+    def unknown_lead(self, key, label: str) -> None:
+        """A lead label no one knows: counted each time, said once per stream and label."""
+        self.rejected["unknown_lead"] += 1
+        if self._seen[(key, label)] == 0:
+            self.error(key, "unknown_lead", f"lead {label!r} is not a known lead or THETA:PHI direction; "
+                       "ignored, the others are used")
+        self._seen[(key, label)] += 1
+
+    def error(self, key, code: str, reason: str, topic: str = "") -> None:
+        if len(self._seen) > 10_000:  # ids and labels come from senders: keep it bounded
+            self._seen.clear()
+        n = self._seen[(key, code)]
+        self._seen[(key, code)] += 1
+        if n < 3 or n % 100 == 0:  # the log says it, without flooding
+            log.warning("%s/%s %s: %s%s", *key, code, reason, f" (seen {n + 1} times)" if n else "")
+        doc = {"monitor": key[0], "patient": key[1], "topic": topic, "code": code, "reason": reason,
+               "t_ns": time.time_ns()}
+        self._json(self.topics.errors(self.id), doc, qos=1)
+
+    def _json(self, topic: str, doc: dict, **kw) -> None:
+        self.publisher.put(topic, json.dumps(doc).encode(), content_type=CONTENT_TYPE_JSON, **kw)
+
+
+def _num(x: float):
+    return None if x is None or not np.isfinite(x) else round(float(x), 2)
