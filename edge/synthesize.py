@@ -35,12 +35,14 @@ def register(sub) -> None:
                    help="inference backend (default torch); calibration always uses PyTorch")
     p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
                    help="fit the chest inputs' angle offsets on the first SECONDS of every lead in the record "
-                   "(e.g. 5; limb leads keep their table angles); the offsets and the verdict go into the "
-                   "output header's comments")
+                   "but the views asked for (e.g. 5; limb leads keep their table angles; a recorded lead asked "
+                   "for as a view is never used, so the output can be compared with it); the offsets and the "
+                   "verdict go into the output header's comments")
     p.add_argument("--transfer", action="store_true",
-                   help="with --calibrate: also continue this patient's other recorded leads past those SECONDS "
-                   "(the model plus a residual filter fitted on them) and give each view its nearest one within "
-                   "45 deg as an extra input (neighbour transfer; views with none that near are unchanged)")
+                   help="with --calibrate: also continue the same recorded leads past those SECONDS (the model "
+                   "plus a residual filter fitted on them) and give each view its nearest one within 45 deg as an "
+                   "extra input (neighbour transfer; views with none that near are unchanged; asking for a "
+                   "recorded lead as a view takes it away from its neighbours)")
     p.set_defaults(func=run)
 
 

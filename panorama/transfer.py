@@ -44,27 +44,25 @@ def _kind(v: View) -> str:
 
 
 def _lagged(x: np.ndarray, lags=LAGS) -> np.ndarray:
-    """(n, T) → (n·lags, T): row (i, l) is x[i] delayed by l samples, zero-filled."""
+    """(n, T) → (lags·n, T): row j·n + i is x[i] delayed by lags[j] samples; the ends are
+    held at their edge values, so the first and last samples keep every tap."""
     n, t = x.shape
-    out = np.zeros((len(lags), n, t), dtype=np.float64)
-    for j, lag in enumerate(lags):
-        if lag >= 0:
-            out[j, :, lag:] = x[:, : t - lag]
-        else:
-            out[j, :, :lag] = x[:, -lag:]
-    return out.reshape(len(lags) * n, t)
+    pad = max(abs(lag) for lag in lags)
+    xp = np.pad(x, ((0, 0), (pad, pad)), mode="edge")
+    return np.concatenate([xp[:, pad - lag: pad - lag + t] for lag in lags]).astype(np.float64, copy=False)
 
 
 @dataclass
 class Transfer:
     inputs: list[View]
     leads: list[View] = field(default_factory=list)  # recorded non-input leads with a fitted residual
-    filters: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (leads, inputs·lags)
+    filters: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # (leads, lags·inputs)
     reason: str = ""
     residual_before_uv: float = float("nan")  # mean |truth − model| of those leads over the fit window
     residual_after_uv: float = float("nan")  # the same after their own fitted correction
     max_neighbour_deg: float = MAX_NEIGHBOUR_DEG
     per_view: int = 1  # neighbours given to each view
+    lags: tuple[int, ...] = LAGS  # the filters' taps, samples
 
     @property
     def fitted(self) -> bool:
@@ -79,7 +77,7 @@ class Transfer:
         base = np.asarray(synth(x, self.inputs, self.leads, offsets=offsets), dtype=np.float64)
         if not self.fitted:
             return base.astype(np.float32)
-        return (base + self.filters @ _lagged(_centre(x.astype(np.float64)))).astype(np.float32)
+        return (base + self.filters @ _lagged(_centre(x.astype(np.float64)), self.lags)).astype(np.float32)
 
     def neighbours(self, queries: list[View]) -> list[tuple[int, ...]]:
         """For each query, the indices in ``leads`` of its ``per_view`` nearest fitted leads of
@@ -87,7 +85,8 @@ class Transfer:
         nearest first."""
         out = []
         for q in queries:
-            near = sorted((angle_between(q, v), i) for i, v in enumerate(self.leads) if _kind(v) == _kind(q))
+            near = sorted((angle_between(q, v), i) for i, v in enumerate(self.leads)
+                          if _kind(v) == _kind(q) and v.name != q.name)  # never a view's own recording
             out.append(tuple(i for d, i in near[: self.per_view] if d <= self.max_neighbour_deg))
         return out
 
@@ -119,21 +118,28 @@ class Transfer:
 
 def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs: float = MODEL_FS,
                  seconds: float = 5.0, offsets: np.ndarray | None = None,
-                 max_neighbour_deg: float = MAX_NEIGHBOUR_DEG, ridge: float = RIDGE) -> Transfer:
+                 max_neighbour_deg: float = MAX_NEIGHBOUR_DEG, ridge: float = RIDGE,
+                 lags: tuple[int, ...] = LAGS) -> Transfer:
     """Fit the residual filters of the recorded leads ``views`` (x: (leads, samples) mV at
     500 Hz, the first ``seconds`` are used) that are not among ``inputs``.
 
     ``synth`` is a :class:`~panorama.synth.Synthesizer`; ``offsets`` (inputs, 2) are the
-    calibrated angle offsets synthesis will use. Returns an empty transfer with the reason
-    when it cannot be fitted: fewer seconds than asked, an input absent or unusable, or no
-    usable recorded lead beside the inputs. Never give it a lead you will score.
+    calibrated angle offsets synthesis will use. Limb leads are not fitted when the inputs
+    already hold two usable ones (the other four follow from those two). Returns an empty
+    transfer with the reason when it cannot be fitted: fewer seconds than asked, an input
+    unusable in them, or no usable recorded lead beside the inputs. An input that is not
+    among ``views``, or a lead named twice, is a ValueError. Never give it a lead you will
+    score.
     """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] != len(views):
         raise ValueError(f"expected ({len(views)}, samples) signals, got {x.shape}")
     if fs != MODEL_FS:
-        raise ValueError(f"residual transfer runs at the model rate ({MODEL_FS} Hz); resample first (got {fs})")
+        raise ValueError(f"neighbour transfer runs at the model rate ({MODEL_FS} Hz); resample first (got {fs})")
     names = [v.name for v in views]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"lead(s) named more than once: {', '.join(twice)}")
     by_name = {v.name: v for v in views}
     missing = [n for n in inputs if n not in by_name]
     if missing:
@@ -149,6 +155,8 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     if bad:
         return Transfer(in_views, reason=f"input lead(s) unusable in the first {seconds:g} s: {', '.join(bad)}")
     others = [i for i, n in enumerate(names) if n not in inputs and flags[n] == "ok"]
+    if sum(by_name[n].group == "limb" for n in inputs) >= 2:  # the frontal plane is recorded
+        others = [i for i in others if views[i].group != "limb"]
     if not others:
         return Transfer(in_views, reason="no usable recorded lead beside the inputs")
 
@@ -156,10 +164,10 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     targets = [views[i] for i in others]
     pred = np.asarray(synth(xin.astype(np.float32), in_views, targets, offsets=offsets), dtype=np.float64)
     residual = _centre(x[others]) - _centre(pred)  # (leads, T)
-    lag = _lagged(_centre(xin))  # (inputs·lags, T)
+    lag = _lagged(_centre(xin), lags)  # (lags·inputs, T)
     a = lag @ lag.T
     a += ridge * np.trace(a) / len(a) * np.eye(len(a))
-    filters = np.linalg.solve(a, lag @ residual.T).T  # (leads, inputs·lags)
+    filters = np.linalg.solve(a, lag @ residual.T).T  # (leads, lags·inputs)
     after = residual - filters @ lag
-    return Transfer(in_views, targets, filters, "fitted",
-                    float(np.mean(np.abs(residual)) * 1000), float(np.mean(np.abs(after)) * 1000), max_neighbour_deg)
+    return Transfer(in_views, targets, filters, "fitted", float(np.mean(np.abs(residual)) * 1000),
+                    float(np.mean(np.abs(after)) * 1000), max_neighbour_deg, lags=tuple(lags))

@@ -28,7 +28,7 @@ def test_views_take_their_nearest_recorded_neighbour_far_views_none(synth):
     x, _ = _record(3)
     tr = fit_transfer(synth, x, resolve_views(",".join(CAL)), INPUTS)
     names = [v.name for v in tr.leads]
-    assert tr.fitted and names == [n for n in CAL if n not in INPUTS]
+    assert tr.fitted and names == ["V1", "V4", "V5"]  # III, aVR, aVL, aVF follow from the inputs I, II
     assert tr.residual_after_uv < tr.residual_before_uv
     near = [tuple(names[k] for k in ks) for ks in tr.neighbours(resolve_views("V2,V6,V4R,V8,VX"))]
     assert near == [("V1",), ("V5",), ("V1",), (), ()]  # V8 is 90 deg from V5; VX is a vector lead
@@ -95,3 +95,30 @@ def test_refusals_are_clean(synth):
         fit_transfer(synth, x, views, ["I", "II", "V9"], seconds=2)
     with pytest.raises(ValueError, match="model rate"):
         fit_transfer(synth, x, views, INPUTS, fs=250)
+
+
+def test_a_view_never_takes_its_own_recording_and_odd_inputs_are_handled(synth):
+    x, _ = _record(7)
+    views = resolve_views(",".join(CAL))
+    tr = fit_transfer(synth, x, views, ["V3", "aVF"])  # one limb input: limb leads are fitted too
+    names = [v.name for v in tr.leads]
+    assert "aVL" in names and "V1" in names
+    near = [tuple(names[k] for k in ks) for ks in tr.neighbours(resolve_views("V1,aVL"))]
+    assert near[0] != ("V1",) and near[1] != ("aVL",)  # a recorded view is never its own neighbour
+    xin = x[[CAL.index("V3"), CAL.index("aVF")]]
+    assert tr.synthesize(synth, xin[:, :15], resolve_views("V2")).shape == (1, 15)  # shorter than the lags
+    dup = np.concatenate([x, x[:1]])
+    with pytest.raises(ValueError, match="named more than once: I"):
+        fit_transfer(synth, dup, [*views, views[0]], INPUTS)
+
+
+def test_eval_never_fits_a_scored_view(synth, data_dir):
+    from training.evaluate import CalibratedModelMethod, Task, load_cases
+
+    task = Task(resolve_views("I,II,V3"), resolve_views("V2,V6"))
+    cases, _ = load_cases([data_dir / "ludb" / "ludb001"], task, progress=False)
+    method = CalibratedModelMethod(synth, 5.0, transfer=True)
+    method.prepare(cases[0].record, task)
+    fitted = {v.name for v in method.fitted_transfer.leads}
+    assert fitted and not fitted & {"V2", "V6"}
+    assert method.notes == {"transfer fitted": 1}

@@ -38,6 +38,8 @@ def register(sub) -> None:
                    help="transfer: real records (default ../shared/data/ecg)")
     p.add_argument("--split", default="val", choices=("all", "train", "val"),
                    help="transfer: which split of --data (default val)")
+    p.add_argument("--filter-sweep", action="store_true",
+                   help="transfer: also sweep the residual filter's span and ridge (one neighbour)")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -69,10 +71,15 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     synth = Synthesizer.load(args.model, device=args.device)
     if args.what == "transfer":
-        from .tune_transfer import format_tuning, tune_transfer
+        from .tune_transfer import format_tuning, sweep_filters, tune_transfer
 
         res = tune_transfer(synth, args.data, args.split)
         print(format_tuning(res))
+        if args.filter_sweep:
+            res["filters_mean_psnr_db"] = sweep_filters(synth, args.data, args.split)
+            print("one neighbour, mean dB by filter span and ridge:")
+            for k, v in res["filters_mean_psnr_db"].items():
+                print(f"  {k:<22}{v:>7.2f}")
         if args.json:
             args.json.write_text(json.dumps(res, indent=2, default=float))
         return 0

@@ -147,6 +147,9 @@ def run_eval(args) -> int:
                                transfer=tr)
     results = {label: r.summary for label, r in full.items()}
     print(format_table(results))
+    for label, r in full.items():
+        if r.notes:
+            print(f"{label}: " + ", ".join(f"{k} ({v} records)" for k, v in sorted(r.notes.items())))
     if args.by_source:
         for src in next(iter(full.values())).by_source:
             print(f"\n{src}:")

@@ -71,6 +71,7 @@ class Result:
     scores: dict[str, RecordScore]
     skipped: Counter = field(default_factory=Counter)
     by_source: dict[str, dict] = field(default_factory=dict)
+    notes: Counter = field(default_factory=Counter)  # what the method said per record, counted
 
 
 def eligible(rec: Record, task: Task) -> tuple[Record | None, str]:
@@ -142,6 +143,7 @@ class CalibratedModelMethod(ModelMethod):
         self.transfer = transfer  # also give each view its reconstructed recorded neighbour
         self.offsets = None
         self.fitted_transfer = None
+        self.notes: Counter = Counter()  # per-record outcomes of the transfer fit
 
     def prepare(self, record: Record, task: Task) -> None:
         from panorama.calibrate import calibrate
@@ -149,7 +151,7 @@ class CalibratedModelMethod(ModelMethod):
 
         scored = {v.name for v in task.views}
         names = [n for n in record.leads if n not in scored]
-        x = np.stack([record.lead(n) for n in names])[:, : int(self.seconds * MODEL_FS)]
+        x = np.stack([record.lead(n) for n in names])[:, : int(round(self.seconds * MODEL_FS))]
         res = calibrate(self.synth.model, x, [resolve_view(n) for n in names], seconds=self.seconds,
                         inputs=[v.name for v in task.inputs] if self.inputs_only else None,
                         device=self.synth.device)
@@ -157,9 +159,13 @@ class CalibratedModelMethod(ModelMethod):
         if self.transfer:
             from panorama.transfer import fit_transfer
 
-            self.fitted_transfer = fit_transfer(self.synth, x, [resolve_view(n) for n in names],
-                                                [v.name for v in task.inputs], seconds=self.seconds,
-                                                offsets=self.offsets)
+            self.fitted_transfer = tr = fit_transfer(self.synth, x, [resolve_view(n) for n in names],
+                                                     [v.name for v in task.inputs], seconds=self.seconds,
+                                                     offsets=self.offsets)
+            leaked = {v.name for v in tr.leads} & scored
+            if leaked:  # cannot happen with the filter above; a refactor must never make it
+                raise AssertionError(f"scored view(s) {', '.join(sorted(leaked))} reached the transfer fit")
+            self.notes["transfer fitted" if tr.fitted else f"transfer not used: {tr.reason}"] += 1
 
     def predict(self, x, inputs, queries):
         if self.fitted_transfer is not None:
@@ -234,7 +240,8 @@ def evaluate(cases: list[Case], task: Task, method: Method | str,
     sources = {c.record.name: c.record.source.split(" (")[0] or "unknown" for c in cases}
     by_source = {src: summarise([sc for n, sc in scores.items() if sources[n] == src])
                  for src in sorted(set(sources.values()))}
-    return Result(summarise(list(scores.values())), scores, by_source=by_source)
+    return Result(summarise(list(scores.values())), scores, by_source=by_source,
+                  notes=Counter(getattr(method, "notes", {})))
 
 
 def _lsq_predictions(cases, task, fit_cases) -> dict[str, np.ndarray]:

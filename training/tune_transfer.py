@@ -64,6 +64,37 @@ def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES) 
     return {"records": len(cases), "split": split, "table": table, "best_neighbours": best}
 
 
+FILTERS = {"no lags": (0,), "±20 ms": tuple(range(-10, 11, 2)), "±40 ms": tuple(range(-20, 21, 4)),
+           "±80 ms": tuple(range(-40, 41, 8)), "±120 ms": tuple(range(-60, 61, 10))}
+RIDGES = (0.01, 0.03, 0.1)
+
+
+def sweep_filters(synth, data: list[Path], split: str = "val") -> dict:
+    """Mean leave-one-lead-out PSNR (one neighbour) for each filter span and ridge."""
+    paths = splits.select(find_records(*data), split)
+    task = Task(resolve_views(",".join(INPUTS)), resolve_views(",".join(HELD)))
+    cases, _ = load_cases(paths, task, progress=False)
+    if not cases:
+        raise ValueError(f"no record of split {split!r} can be scored under the synthesis protocol")
+    others = [n for n in STANDARD_12 if n not in SCORED]
+    cal, sl = slice(0, int(CALIB_S * MODEL_FS)), slice(int(CALIB_S * MODEL_FS), int(RECORD_S * MODEL_FS))
+    grid = [(f, r) for f in FILTERS for r in RIDGES]
+    scores = {(g, h): {} for g in grid for h in HELD}
+    for case in tqdm(cases, desc="filter sweep", unit="rec", disable=not sys.stderr.isatty(), leave=False):
+        rec = case.record
+        x_in = np.stack([rec.lead(n) for n in INPUTS])
+        scale = np.stack([rec.lead(n) for n in others])[:, sl]
+        for h in HELD:
+            names = [n for n in others if n != h]
+            x, views = np.stack([rec.lead(n) for n in names])[:, cal], [resolve_view(n) for n in names]
+            for f, r in grid:
+                tr = fit_transfer(synth, x, views, list(INPUTS), ridge=r, lags=FILTERS[f])
+                pred = tr.synthesize(synth, x_in, [resolve_view(h)])
+                scores[((f, r), h)][rec.name] = score_record(rec.lead(h)[None, sl], pred[:, sl], scale, [h])
+    return {f"{f}, ridge {r:g}": round(float(np.mean([summarise(list(scores[((f, r), h)].values()))["overall"]
+                                                       ["psnr_db"] for h in HELD])), 2) for f, r in grid}
+
+
 def format_tuning(res: dict) -> str:
     lines = [f"leave one lead out, inputs {','.join(INPUTS)}, {res['records']} records (split {res['split']}); "
              "V2, V6 unused", f"{'neighbours':>10}" + "".join(f"{h + ' dB / r':>16}" for h in HELD) + f"{'mean dB':>10}"]
