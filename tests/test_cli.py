@@ -83,9 +83,10 @@ def test_simulate_writes_records_that_eval_can_score(cli, tmp_path):
     assert json.loads(out.read_text())["overall"]["records"] == 3
     proc = cli("eval", "--data", tmp_path, "--method", "model", "--calibrate", "5", "--transfer")
     assert proc.returncode == 0, proc.stderr
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("model")]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("model") and ":" not in line]
     assert [r[0] for r in rows] == ["model", "model+calib5s", "model+calib5s+transfer"]
     assert all(r[-1] == "3" for r in rows)  # every record scored by every row
+    assert "model+calib5s+transfer: transfer fitted (3 records)" in proc.stdout
     _assert_clean_error(cli("eval", "--data", tmp_path, "--method", "model", "--transfer"),
                         "give --calibrate SECONDS too")
 
