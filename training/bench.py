@@ -40,6 +40,8 @@ def register(sub) -> None:
                    help="transfer: which split of --data (default val)")
     p.add_argument("--filter-sweep", action="store_true",
                    help="transfer: also sweep the residual filter's span and ridge (one neighbour)")
+    p.add_argument("--figure", type=Path, metavar="PNG",
+                   help="transfer: also draw the validation record with the median gain from transfer")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -80,6 +82,11 @@ def run(args) -> int:
             print("one neighbour, mean dB by filter span and ridge:")
             for k, v in res["filters_mean_psnr_db"].items():
                 print(f"  {k:<22}{v:>7.2f}")
+        if args.figure:
+            from .transfer_figure import plot_transfer_example
+
+            res["figure"] = plot_transfer_example(synth, args.data, args.figure, args.split)
+            print(f"wrote {args.figure}: {res['figure']['record']} (gain {res['figure']['gain_db']:+.2f} dB)")
         if args.json:
             args.json.write_text(json.dumps(res, indent=2, default=float))
         return 0
