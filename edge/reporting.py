@@ -1,7 +1,8 @@
-"""What the daemon says besides virtual leads: each stream's status, its calibration
-verdict, refusals on the errors topic (rate-limited in the log), and the bounded latency
-windows its health report summarises. Everything goes out through the ``Publisher``, the
-only thread that publishes.
+"""Per-stream reports besides virtual leads: each stream's status, its calibration
+verdict, refusals on the errors topic (counted, and rate-limited in the log), and the
+bounded latency windows the daemon's health report summarises. Everything goes out through
+the ``Publisher``, the only thread that publishes; the daemon's own online/offline status
+and health JSON stay in ``edge/serve.py``.
 """
 
 from __future__ import annotations

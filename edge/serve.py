@@ -9,7 +9,8 @@ Threads, each with one job, joined by bounded queues (nothing grows without limi
     publisher thread (edge.mqtt.Publisher): the only one that publishes
     health thread: periodic health JSON, Prometheus gauges
 
-Status, calibration verdicts and refusals are worded in ``edge/reporting.py``.
+Stream status, calibration verdicts and refusals are published (and counted) through
+``edge/reporting.py``.
 
 A patient's stream goes waiting → calibrating → streaming (→ ended when it falls silent).
 Bad input (a malformed payload, a wrong version, NaN, unknown leads, an absurd rate or

@@ -40,8 +40,8 @@ def register(sub) -> None:
                    "verdict go into the output header's comments")
     p.add_argument("--transfer", action="store_true",
                    help="with --calibrate: also continue the same recorded leads past those SECONDS (the model "
-                   "plus a residual filter fitted on them) and give each view its nearest one within 45 deg as an "
-                   "extra input (neighbour transfer; views with none that near are unchanged; asking for a "
+                   "plus a residual filter fitted on them) and give each view its nearest one of the same kind within "
+                   "45 deg as an extra input (neighbour transfer; views with none that near are unchanged; asking for a "
                    "recorded lead as a view takes it away from its neighbours)")
     p.set_defaults(func=run)
 
@@ -91,9 +91,10 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     if bad:
         raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}; choose other --inputs")
     offsets, notes, transfer_fit = None, [], None
-    if every is not None:  # every lead of the record but the views asked for
+    if every is not None:  # every lead of the record but the views asked for (inputs always)
         every = resample(every, MODEL_FS)
-        keep = [i for i, n in enumerate(every.leads) if n not in {v.name for v in views}]
+        asked = {v.name for v in views}
+        keep = [i for i, n in enumerate(every.leads) if n in names or n not in asked]
         res = calibrate(synth.model, every.signals[keep], [resolve_view(every.leads[i]) for i in keep],
                         seconds=calibrate_s, inputs=names, device=synth.device)
         offsets = res.offsets_for(names)

@@ -11,8 +11,8 @@ the model predicts k from the inputs, and the patient's residual (truth − pred
 the first N s is fitted as a short linear filter of the inputs (lags ±40 ms, ridge): k's
 continuation is model + filter. A queried view then gets, as an extra input, the
 reconstruction of the nearest such lead of its own kind (torso electrode, limb or Frank
-lead) within 45°; a view with none that near (posterior V8, V9; Frank) is drawn from the
-inputs alone, as before.
+lead) within 45°; a view with none that near (with I, II, V3 as inputs: V8, V9, V5R, Frank
+leads, and V7 unless V6 is recorded) is drawn from the inputs alone, as before.
 
 One neighbour rather than two or three was chosen by leave-one-lead-out on real records
 without V2 or V6 (`panorama bench transfer`; README). A first version added the recorded

@@ -72,3 +72,12 @@ def test_synthesize_with_neighbour_transfer_changes_near_views_only(cli, data_di
     assert np.abs(tr[1] - cal[1]).max() < 0.01  # V8, posterior: as the model drew it
     proc = cli("synthesize", rec, "--views", "V2", "--transfer", "--out", tmp_path / "no")
     assert proc.returncode != 0 and "give --calibrate SECONDS too" in proc.stderr
+
+
+def test_an_input_asked_for_as_a_view_still_calibrates(cli, data_dir, tmp_path):
+    proc = cli("synthesize", data_dir / "ludb" / "ludb001", "--inputs", "I,II,V3", "--views", "V3,V7",
+               "--calibrate", "5", "--transfer", "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    comments = wfdb.rdheader(str(tmp_path / "ludb001")).comments
+    assert not any("no chest lead" in c for c in comments)  # V3 stays an input of the fit
+    assert any(c.startswith("neighbour transfer from") for c in comments)

@@ -49,8 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "every recorded lead's offset, leave-one-out (default inputs)")
     p.add_argument("--transfer", action="store_true",
                    help="with --calibrate: also score calibration plus neighbour transfer (each view gets its "
-                   "nearest recorded non-input lead, continued past the calibration window, as an extra input; "
-                   "panorama/transfer.py)")
+                   "nearest recorded non-input lead of the same kind within 45 deg, continued past the calibration "
+                   "window, as an extra input; views with none that near are unchanged; panorama/transfer.py)")
     p.add_argument("--by-source", action="store_true", help="also print a table per source database")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_eval)

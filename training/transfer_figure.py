@@ -1,8 +1,8 @@
-"""A typical validation record with and without neighbour transfer, for people who would
-rather look than read: ``panorama bench transfer --figure docs/transfer_example.png``.
+"""A typical record with and without neighbour transfer, for people who would rather look
+than read: ``panorama bench transfer --figure docs/transfer_example.png``.
 
 "Typical" is chosen, not picked: the record whose PSNR gain from transfer is the median
-over the validation split. It shows the scored 5–10 s of V2 and V6 (never inputs, never
+over the split (validation by default). It shows the scored 5–10 s of V2 and V6 (never inputs, never
 fitted), the recorded truth against the calibrated model and the model with transfer.
 """
 
@@ -57,7 +57,7 @@ def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val"
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("time (s): the scored 5-10 s")
-    fig.suptitle(f"{name} ({rec.source.split(' (')[0]}), inputs I, II, V3; the validation record with the "
+    fig.suptitle(f"{name} ({rec.source.split(' (')[0]}), inputs I, II, V3; the {split}-split record with the "
                  f"median gain from transfer ({gain:+.2f} dB)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

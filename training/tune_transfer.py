@@ -3,8 +3,9 @@ without the scored leads.
 
 Leave one lead out on real records: the synthesis inputs stay I, II, V3; one of the other
 recorded chest leads (V1, V4, V5) is held out in turn and synthesised, with neighbour
-transfer fitted on 0–5 s of the remaining leads. V2 and V6 take no part at all: they are
-neither calibration leads, nor scored, nor in the PSNR scale (the ten other leads set it).
+transfer fitted on 0–5 s of the remaining leads (no angle calibration). V2 and V6 are
+neither transfer-fit leads, nor scored, nor in the PSNR scale (the ten other leads set it);
+they only have to be present and not flat for a record to be eligible.
 The held-out lead is scored over 5–10 s as the protocol scores V2 and V6. The fit does not
 depend on the number of neighbours, so each record is fitted once and every choice is
 scored from it.
