@@ -14,6 +14,7 @@ scored from it.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +44,22 @@ def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES) 
     others = [n for n in STANDARD_12 if n not in SCORED]
     cal, sl = slice(0, int(CALIB_S * MODEL_FS)), slice(int(CALIB_S * MODEL_FS), int(RECORD_S * MODEL_FS))
     scores = {(k, h): {} for k in choices for h in HELD}
+    times = {"fit": [], **{k: [] for k in choices}}  # ms: one fit, one 10 s synthesis per choice
     for case in tqdm(cases, desc="leave one lead out", unit="rec", disable=not sys.stderr.isatty(), leave=False):
         rec = case.record
         x_in = np.stack([rec.lead(n) for n in INPUTS])
         scale = np.stack([rec.lead(n) for n in others])[:, sl]
         for h in HELD:
             names = [n for n in others if n != h]
+            t0 = time.perf_counter()
             tr = fit_transfer(synth, np.stack([rec.lead(n) for n in names])[:, cal],
                               [resolve_view(n) for n in names], list(INPUTS))
+            times["fit"].append((time.perf_counter() - t0) * 1000)
             for k in choices:
                 tr.per_view = k
+                t0 = time.perf_counter()
                 pred = tr.synthesize(synth, x_in, [resolve_view(h)])
+                times[k].append((time.perf_counter() - t0) * 1000)
                 scores[(k, h)][rec.name] = score_record(rec.lead(h)[None, sl], pred[:, sl], scale, [h])
     table = {}
     for k in choices:
@@ -62,7 +68,9 @@ def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES) 
                     "r_median": {h: round(row[h]["r_median"], 3) for h in HELD},
                     "mean_psnr_db": round(float(np.mean([row[h]["psnr_db"] for h in HELD])), 2)}
     best = max(choices, key=lambda k: table[k]["mean_psnr_db"])
-    return {"records": len(cases), "split": split, "table": table, "best_neighbours": best}
+    return {"records": len(cases), "split": split, "table": table, "best_neighbours": best,
+            "fit_ms_median": round(float(np.median(times["fit"])), 1),
+            "synthesis_ms_median": {k: round(float(np.median(times[k])), 1) for k in choices}}
 
 
 FILTERS = {"no lags": (0,), "±20 ms": tuple(range(-10, 11, 2)), "±40 ms": tuple(range(-20, 21, 4)),
@@ -103,4 +111,6 @@ def format_tuning(res: dict) -> str:
         cells = "".join(f"{row['psnr_db'][h]:>9.2f} / {row['r_median'][h]:.3f}" for h in HELD)
         lines.append(f"{'off' if k == 0 else k:>10}{cells}{row['mean_psnr_db']:>10.2f}")
     lines.append(f"best: {res['best_neighbours']} neighbour(s) per view")
+    syn = ", ".join(f"{'off' if k == 0 else k} {v:g}" for k, v in res["synthesis_ms_median"].items())
+    lines.append(f"median time: fit {res['fit_ms_median']:g} ms (9 leads x 5 s); one view from 10 s: {syn} ms")
     return "\n".join(lines)
