@@ -157,3 +157,16 @@ def test_figure_writes_png(tmp_path):
     path = plot_sim_vs_real(rec.signals, rec.clean, rec.fs, rec.names, tmp_path / "f.png")
     assert path.stat().st_size > 10_000
     plot_sim_vs_real(rec.signals, None, rec.fs, rec.names, tmp_path / "g.png")
+
+
+def test_realism_compares_neighbouring_leads_and_marks_the_hidden_ones(data_dir):
+    from training.realism import compare_realism, format_realism
+
+    res = compare_realism([data_dir / "ludb"], "val", patients=4)
+    rows = res["pairs"]
+    assert {"V1-V3", "V4-V5", "V5-V6"} <= set(rows)
+    assert rows["V5-V6"]["hidden"] and not rows["V1-V3"]["hidden"]
+    for r in rows.values():
+        assert -1 <= r["corr_sim"] <= 1 and -1 <= r["corr_real"] <= 1 and r["rms_ratio_real"] > 0
+        assert r["real_records"] >= 10
+    assert "never tune" in format_realism(res)

@@ -1,4 +1,4 @@
-"""``panorama bench model|calibration|stream|transfer``: rerunnable speed and calibration benchmarks.
+"""``panorama bench model|calibration|stream|transfer|realism``: rerunnable speed and calibration benchmarks.
 
 Benchmarks are commands, not tests: timings depend on the machine, so they are measured
 and reported (with the command) rather than asserted.
@@ -29,15 +29,17 @@ def register(sub) -> None:
                        "and the time of one 12-lead × 5 s calibration. stream: the daemon (a subprocess) "
                        "with --patients simulated monitors in real time through a real broker: latency, "
                        "delivery and memory after warm-up. transfer: how many reconstructed neighbours "
-                       "a view gets, chosen by leave-one-lead-out on real records without V2 or V6.")
-    p.add_argument("what", choices=("model", "calibration", "stream", "transfer"),
+                       "a view gets, chosen by leave-one-lead-out on real records without V2 or V6. realism: how alike "
+                       "the simulator's neighbouring leads are, against real records.")
+    p.add_argument("what", choices=("model", "calibration", "stream", "transfer", "realism"),
                    help="model: latency; calibration: offset recovery and its time; stream: patients the "
                         "daemon sustains in real time through a broker (edge/bench.py); transfer: "
-                        "leave-one-lead-out choice of neighbour transfer (training/tune_transfer.py)")
+                        "leave-one-lead-out choice of neighbour transfer (training/tune_transfer.py); realism: "
+                        "the simulator's neighbouring leads against real records (training/realism.py)")
     p.add_argument("--data", nargs="+", type=Path, default=[Path("../shared/data/ecg")], metavar="PATH",
-                   help="transfer: real records (default ../shared/data/ecg)")
+                   help="transfer, realism: real records (default ../shared/data/ecg)")
     p.add_argument("--split", default="val", choices=("all", "train", "val"),
-                   help="transfer: which split of --data (default val)")
+                   help="transfer, realism: which split of --data (default val)")
     p.add_argument("--filter-sweep", action="store_true",
                    help="transfer: also sweep the residual filter's span and ridge (one neighbour)")
     p.add_argument("--figure", type=Path, metavar="PNG",
@@ -45,7 +47,8 @@ def register(sub) -> None:
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    p.add_argument("--patients", type=int, default=40, help="simulated patients for calibration (default 40)")
+    p.add_argument("--patients", type=int, default=40,
+                   help="simulated patients for calibration and realism (default 40)")
     p.add_argument("--repeats", type=int, default=30, help="timed runs (default 30)")
     p.add_argument("--onnx", action="store_true",
                    help="model: also time ONNX Runtime (CPU) on the exported checkpoint, same input")
@@ -69,6 +72,14 @@ def run(args) -> int:
         print(f"largest number of patients sustained: {res['largest_sustained_patients']}")
         if args.json:
             args.json.write_text(json.dumps(res, indent=2, default=float))
+        return 0
+    if args.what == "realism":
+        from .realism import compare_realism, format_realism
+
+        res = compare_realism(args.data, args.split, args.patients)
+        print(format_realism(res))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
         return 0
     torch.set_num_threads(args.threads)
     synth = Synthesizer.load(args.model, device=args.device)
