@@ -95,15 +95,14 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
         every = resample(every, MODEL_FS)
         asked = {v.name for v in views}
         keep = [i for i, n in enumerate(every.leads) if n in names or n not in asked]
-        res = calibrate(synth.model, every.signals[keep], [resolve_view(every.leads[i]) for i in keep],
-                        seconds=calibrate_s, inputs=names, device=synth.device)
+        x_cal, cal_views = every.signals[keep], [resolve_view(every.leads[i]) for i in keep]
+        res = calibrate(synth.model, x_cal, cal_views, seconds=calibrate_s, inputs=names, device=synth.device)
         offsets = res.offsets_for(names)
         log.info("%s: %s", path.name, res.summary())
         notes = [res.summary()] + [f"offset {n}: dtheta {d[0]:+.2f} dphi {d[1]:+.2f} deg"
                                    for n, d in zip(names, offsets)]
         if transfer:
-            tr = fit_transfer(synth, every.signals[keep], [resolve_view(every.leads[i]) for i in keep], names,
-                              seconds=calibrate_s, offsets=offsets)
+            tr = fit_transfer(synth, x_cal, cal_views, names, seconds=calibrate_s, offsets=offsets)
             log.info("%s: %s", path.name, tr.summary())
             notes.append(tr.summary())
             transfer_fit = tr

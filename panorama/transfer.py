@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .geometry import View, angle_between
+from .metrics import centre
 from .records import MODEL_FS, lead_quality
 
 __all__ = ["Transfer", "fit_transfer", "LAGS", "MAX_NEIGHBOUR_DEG"]
@@ -33,10 +34,6 @@ __all__ = ["Transfer", "fit_transfer", "LAGS", "MAX_NEIGHBOUR_DEG"]
 MAX_NEIGHBOUR_DEG = 45.0
 LAGS = tuple(range(-20, 21, 4))  # samples at 500 Hz: ±40 ms in 8 ms steps
 RIDGE = 0.03  # relative to the mean eigenvalue of the inputs' lagged covariance
-
-
-def _centre(x: np.ndarray) -> np.ndarray:
-    return x - np.median(x, axis=-1, keepdims=True)
 
 
 def _kind(v: View) -> str:
@@ -77,7 +74,7 @@ class Transfer:
         base = np.asarray(synth(x, self.inputs, self.leads, offsets=offsets), dtype=np.float64)
         if not self.fitted:
             return base.astype(np.float32)
-        return (base + self.filters @ _lagged(_centre(x.astype(np.float64)), self.lags)).astype(np.float32)
+        return (base + self.filters @ _lagged(centre(x), self.lags)).astype(np.float32)
 
     def neighbours(self, queries: list[View]) -> list[tuple[int, ...]]:
         """For each query, the indices in ``leads`` of its ``per_view`` nearest fitted leads of
@@ -163,8 +160,8 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     xin = np.stack([x[names.index(n)] for n in inputs])
     targets = [views[i] for i in others]
     pred = np.asarray(synth(xin.astype(np.float32), in_views, targets, offsets=offsets), dtype=np.float64)
-    residual = _centre(x[others]) - _centre(pred)  # (leads, T)
-    lag = _lagged(_centre(xin), lags)  # (lags·inputs, T)
+    residual = centre(x[others]) - centre(pred)  # (leads, T)
+    lag = _lagged(centre(xin), lags)  # (lags·inputs, T)
     a = lag @ lag.T
     a += ridge * np.trace(a) / len(a) * np.eye(len(a))
     filters = np.linalg.solve(a, lag @ residual.T).T  # (leads, lags·inputs)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from panorama.calibrate import calibrate
 from panorama.geometry import NAMED, STANDARD_12, redundant_limb_leads, resolve_views
-from panorama.metrics import score_record, summarise
+from panorama.metrics import centre, score_record, summarise
 from panorama.records import MODEL_FS
 from panorama.synth import Synthesizer
 
@@ -200,7 +200,7 @@ def _displaced_patient(seed: int):
 
 def _centred_mae(e: np.ndarray) -> np.ndarray:
     """Mean absolute value of each row after removing its median (DC carries no information)."""
-    return np.abs(e - np.median(e, axis=-1, keepdims=True)).mean(-1)
+    return np.abs(centre(e)).mean(-1)
 
 
 def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False) -> dict:

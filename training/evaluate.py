@@ -21,7 +21,7 @@ from tqdm import tqdm
 from panorama.baselines import DipoleMethod, KorsMethod, LeastSquaresMethod, Method, ZeroMethod
 from panorama.errors import RecordError
 from panorama.geometry import FRANK, STANDARD_12, View
-from panorama.metrics import RecordScore, score_record, summarise
+from panorama.metrics import RecordScore, centre, score_record, summarise
 from panorama.records import MODEL_FS, Record, lead_quality, read_record
 
 log = logging.getLogger(__name__)
@@ -151,20 +151,17 @@ class CalibratedModelMethod(ModelMethod):
 
         scored = {v.name for v in task.views}
         names = [n for n in record.leads if n not in scored]
+        views = [resolve_view(n) for n in names]
+        inputs = [v.name for v in task.inputs]
         x = np.stack([record.lead(n) for n in names])[:, : int(round(self.seconds * MODEL_FS))]
-        res = calibrate(self.synth.model, x, [resolve_view(n) for n in names], seconds=self.seconds,
-                        inputs=[v.name for v in task.inputs] if self.inputs_only else None,
-                        device=self.synth.device)
-        self.offsets = res.offsets_for([v.name for v in task.inputs])
+        res = calibrate(self.synth.model, x, views, seconds=self.seconds,
+                        inputs=inputs if self.inputs_only else None, device=self.synth.device)
+        self.offsets = res.offsets_for(inputs)
         if self.transfer:
             from panorama.transfer import fit_transfer
 
-            self.fitted_transfer = tr = fit_transfer(self.synth, x, [resolve_view(n) for n in names],
-                                                     [v.name for v in task.inputs], seconds=self.seconds,
-                                                     offsets=self.offsets)
-            leaked = {v.name for v in tr.leads} & scored
-            if leaked:  # cannot happen with the filter above; a refactor must never make it
-                raise AssertionError(f"scored view(s) {', '.join(sorted(leaked))} reached the transfer fit")
+            tr = fit_transfer(self.synth, x, views, inputs, seconds=self.seconds, offsets=self.offsets)
+            self.fitted_transfer = tr
             self.notes["transfer fitted" if tr.fitted else f"transfer not used: {tr.reason}"] += 1
 
     def predict(self, x, inputs, queries):
@@ -186,11 +183,9 @@ class PatientLeastSquaresMethod:
         self.weights: np.ndarray | None = None
 
     def prepare(self, record: Record, task: Task) -> None:
-        n = int(self.seconds * MODEL_FS)
+        n = int(round(self.seconds * MODEL_FS))
         x, y = _xy(Case(Path(record.name), record), task)
-        x, y = x[:, :n].astype(np.float64), y[:, :n].astype(np.float64)
-        x = x - np.median(x, axis=1, keepdims=True)
-        y = y - np.median(y, axis=1, keepdims=True)
+        x, y = centre(x[:, :n]), centre(y[:, :n])
         self.weights = np.linalg.lstsq(x.T, y.T, rcond=None)[0].T  # (views, inputs)
 
     def predict(self, x, inputs, queries):

@@ -16,7 +16,7 @@ from panorama.geometry import resolve_views
 from panorama.records import MODEL_FS, find_records
 
 from . import splits
-from .evaluate import CALIB_S, RECORD_S, CalibratedModelMethod, Task, evaluate, load_cases
+from .evaluate import CALIB_S, CalibratedModelMethod, Task, evaluate, load_cases
 
 
 def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val") -> dict:
@@ -37,7 +37,7 @@ def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val"
     case = next(c for c in cases if c.record.name == name)
     rec = case.record
     x = np.stack([rec.lead(v.name) for v in task.inputs])
-    sl = slice(int(CALIB_S * MODEL_FS), int(RECORD_S * MODEL_FS))
+    sl = task.scored_slice
     t = np.arange(sl.start, sl.stop) / MODEL_FS
     preds = {}
     for tr, m in runs.items():

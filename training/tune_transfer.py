@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-from panorama.geometry import STANDARD_12, resolve_view, resolve_views
+from panorama.geometry import STANDARD_12, View, resolve_view, resolve_views
 from panorama.metrics import score_record, summarise
 from panorama.records import MODEL_FS, find_records
 from panorama.transfer import fit_transfer
@@ -32,43 +34,74 @@ INPUTS = ("I", "II", "V3")
 HELD = ("V1", "V4", "V5")
 SCORED = ("V2", "V6")  # the protocol's scored views: never touched here
 CHOICES = (0, 1, 2, 3)  # neighbours per view (0: no transfer)
+FIT, SCORE = slice(0, int(CALIB_S * MODEL_FS)), slice(int(CALIB_S * MODEL_FS), int(RECORD_S * MODEL_FS))
+
+
+class Fold(NamedTuple):
+    """One record with one lead held out: what the transfer is fitted on and scored against."""
+
+    record: str
+    held: View
+    x_cal: np.ndarray  # (leads, 0–5 s) every lead but the held one, V2 and V6
+    views: list[View]  # their views
+    x_in: np.ndarray  # (inputs, 0–10 s)
+    truth: np.ndarray  # (1, 5–10 s) the held-out lead
+    scale: np.ndarray  # (10 leads, 5–10 s) the PSNR scale: every lead but V2 and V6
+
+
+def _folds(data: list[Path], split: str, desc: str) -> tuple[int, Iterator[Fold]]:
+    """The number of records of ``split`` the protocol can score, and their folds."""
+    task = Task(resolve_views(",".join(INPUTS)), resolve_views(",".join(HELD)))
+    cases, _ = load_cases(splits.select(find_records(*data), split), task, progress=sys.stderr.isatty())
+    if not cases:
+        raise ValueError(f"no record of split {split!r} can be scored under the synthesis protocol")
+    others = [n for n in STANDARD_12 if n not in SCORED]
+
+    def folds():
+        for case in tqdm(cases, desc=desc, unit="rec", disable=not sys.stderr.isatty(), leave=False):
+            rec = case.record
+            x_in = np.stack([rec.lead(n) for n in INPUTS])
+            scale = np.stack([rec.lead(n) for n in others])[:, SCORE]
+            for h in HELD:
+                names = [n for n in others if n != h]
+                yield Fold(rec.name, resolve_view(h), np.stack([rec.lead(n) for n in names])[:, FIT],
+                           [resolve_view(n) for n in names], x_in, rec.lead(h)[None, SCORE], scale)
+
+    return len(cases), folds()
+
+
+def _score(fold: Fold, pred: np.ndarray):
+    return score_record(fold.truth, pred[:, SCORE], fold.scale, [fold.held.name])
+
+
+def _mean_psnr(scores: dict) -> float:
+    """Mean over the held-out leads of their PSNR; ``scores``: lead → record → RecordScore."""
+    return round(float(np.mean([summarise(list(s.values()))["overall"]["psnr_db"] for s in scores.values()])), 2)
 
 
 def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES) -> dict:
     """PSNR and r of each held-out lead for each number of neighbours; the best by mean PSNR."""
-    paths = splits.select(find_records(*data), split)
-    task = Task(resolve_views(",".join(INPUTS)), resolve_views(",".join(HELD)))
-    cases, _ = load_cases(paths, task, progress=sys.stderr.isatty())
-    if not cases:
-        raise ValueError(f"no record of split {split!r} can be scored under the synthesis protocol")
-    others = [n for n in STANDARD_12 if n not in SCORED]
-    cal, sl = slice(0, int(CALIB_S * MODEL_FS)), slice(int(CALIB_S * MODEL_FS), int(RECORD_S * MODEL_FS))
-    scores = {(k, h): {} for k in choices for h in HELD}
+    n_records, folds = _folds(data, split, "leave one lead out")
+    scores = {k: {h: {} for h in HELD} for k in choices}
     times = {"fit": [], **{k: [] for k in choices}}  # ms: one fit, one 10 s synthesis per choice
-    for case in tqdm(cases, desc="leave one lead out", unit="rec", disable=not sys.stderr.isatty(), leave=False):
-        rec = case.record
-        x_in = np.stack([rec.lead(n) for n in INPUTS])
-        scale = np.stack([rec.lead(n) for n in others])[:, sl]
-        for h in HELD:
-            names = [n for n in others if n != h]
+    for fold in folds:
+        t0 = time.perf_counter()
+        tr = fit_transfer(synth, fold.x_cal, fold.views, list(INPUTS))
+        times["fit"].append((time.perf_counter() - t0) * 1000)
+        for k in choices:
+            tr.per_view = k
             t0 = time.perf_counter()
-            tr = fit_transfer(synth, np.stack([rec.lead(n) for n in names])[:, cal],
-                              [resolve_view(n) for n in names], list(INPUTS))
-            times["fit"].append((time.perf_counter() - t0) * 1000)
-            for k in choices:
-                tr.per_view = k
-                t0 = time.perf_counter()
-                pred = tr.synthesize(synth, x_in, [resolve_view(h)])
-                times[k].append((time.perf_counter() - t0) * 1000)
-                scores[(k, h)][rec.name] = score_record(rec.lead(h)[None, sl], pred[:, sl], scale, [h])
+            pred = tr.synthesize(synth, fold.x_in, [fold.held])
+            times[k].append((time.perf_counter() - t0) * 1000)
+            scores[k][fold.held.name][fold.record] = _score(fold, pred)
     table = {}
     for k in choices:
-        row = {h: summarise(list(scores[(k, h)].values()))["overall"] for h in HELD}
+        row = {h: summarise(list(scores[k][h].values()))["overall"] for h in HELD}
         table[k] = {"psnr_db": {h: round(row[h]["psnr_db"], 2) for h in HELD},
                     "r_median": {h: round(row[h]["r_median"], 3) for h in HELD},
-                    "mean_psnr_db": round(float(np.mean([row[h]["psnr_db"] for h in HELD])), 2)}
+                    "mean_psnr_db": _mean_psnr(scores[k])}
     best = max(choices, key=lambda k: table[k]["mean_psnr_db"])
-    return {"records": len(cases), "split": split, "table": table, "best_neighbours": best,
+    return {"records": n_records, "split": split, "table": table, "best_neighbours": best,
             "fit_ms_median": round(float(np.median(times["fit"])), 1),
             "synthesis_ms_median": {k: round(float(np.median(times[k])), 1) for k in choices}}
 
@@ -80,28 +113,14 @@ RIDGES = (0.01, 0.03, 0.1)
 
 def sweep_filters(synth, data: list[Path], split: str = "val") -> dict:
     """Mean leave-one-lead-out PSNR (one neighbour) for each filter span and ridge."""
-    paths = splits.select(find_records(*data), split)
-    task = Task(resolve_views(",".join(INPUTS)), resolve_views(",".join(HELD)))
-    cases, _ = load_cases(paths, task, progress=False)
-    if not cases:
-        raise ValueError(f"no record of split {split!r} can be scored under the synthesis protocol")
-    others = [n for n in STANDARD_12 if n not in SCORED]
-    cal, sl = slice(0, int(CALIB_S * MODEL_FS)), slice(int(CALIB_S * MODEL_FS), int(RECORD_S * MODEL_FS))
+    _, folds = _folds(data, split, "filter sweep")
     grid = [(f, r) for f in FILTERS for r in RIDGES]
-    scores = {(g, h): {} for g in grid for h in HELD}
-    for case in tqdm(cases, desc="filter sweep", unit="rec", disable=not sys.stderr.isatty(), leave=False):
-        rec = case.record
-        x_in = np.stack([rec.lead(n) for n in INPUTS])
-        scale = np.stack([rec.lead(n) for n in others])[:, sl]
-        for h in HELD:
-            names = [n for n in others if n != h]
-            x, views = np.stack([rec.lead(n) for n in names])[:, cal], [resolve_view(n) for n in names]
-            for f, r in grid:
-                tr = fit_transfer(synth, x, views, list(INPUTS), ridge=r, lags=FILTERS[f])
-                pred = tr.synthesize(synth, x_in, [resolve_view(h)])
-                scores[((f, r), h)][rec.name] = score_record(rec.lead(h)[None, sl], pred[:, sl], scale, [h])
-    return {f"{f}, ridge {r:g}": round(float(np.mean([summarise(list(scores[((f, r), h)].values()))["overall"]
-                                                       ["psnr_db"] for h in HELD])), 2) for f, r in grid}
+    scores = {g: {h: {} for h in HELD} for g in grid}
+    for fold in folds:
+        for f, r in grid:
+            tr = fit_transfer(synth, fold.x_cal, fold.views, list(INPUTS), ridge=r, lags=FILTERS[f])
+            scores[(f, r)][fold.held.name][fold.record] = _score(fold, tr.synthesize(synth, fold.x_in, [fold.held]))
+    return {f"{f}, ridge {r:g}": _mean_psnr(scores[(f, r)]) for f, r in grid}
 
 
 def format_tuning(res: dict) -> str:
