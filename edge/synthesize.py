@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from panorama.adapt import adapt, synthesize_split
 from panorama.calibrate import calibrate
-from panorama.transfer import fit_transfer
 from panorama.errors import PanoramaError
 from panorama.geometry import resolve_view, resolve_views
 from panorama.records import MODEL_FS, Record, find_records, lead_quality, read_record, resample, write_record
 from panorama.synth import Synthesizer, default_checkpoint
+from panorama.transfer import fit_transfer
 
 from .backends import make_backend
 
@@ -43,13 +44,20 @@ def register(sub) -> None:
                    "plus a residual filter fitted on them) and give each view its nearest one of the same kind within "
                    "45 deg as an extra input (neighbour transfer; views with none that near are unchanged; asking for a "
                    "recorded lead as a view takes it away from its neighbours)")
+    p.add_argument("--adapt", action="store_true",
+                   help="with --calibrate: first fine-tune a copy of the model's fusion blocks on the same leads and "
+                   "SECONDS (patient adaptation: each recorded chest lead predicted from what synthesis would give it; "
+                   "about 0.6 s a record; PyTorch backend only)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     inputs, views = resolve_views(args.inputs), resolve_views(args.views)
-    if args.transfer and not args.calibrate:
-        raise ValueError("--transfer fits on the calibration window: give --calibrate SECONDS too")
+    for flag in ("transfer", "adapt"):
+        if getattr(args, flag) and not args.calibrate:
+            raise ValueError(f"--{flag} fits on the calibration window: give --calibrate SECONDS too")
+    if args.adapt and args.backend != "torch":
+        raise ValueError("--adapt fine-tunes the PyTorch model for each record: use --backend torch")
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":
         synth.runner = make_backend(args.backend, args.model or default_checkpoint()).run
@@ -68,7 +76,7 @@ def run(args) -> int:
             continue
         try:
             out = synthesize_record(synth, path, inputs, views, args.out, calibrate_s=args.calibrate,
-                                    transfer=args.transfer)
+                                    transfer=args.transfer, adapt_model=args.adapt)
             print(f"wrote {out}.hea")
         except (PanoramaError, ValueError, OSError) as exc:  # one bad record never stops the others
             failed += 1
@@ -79,7 +87,7 @@ def run(args) -> int:
 
 
 def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Path,
-                      calibrate_s: float = 0.0, transfer: bool = False) -> Path:
+                      calibrate_s: float = 0.0, transfer: bool = False, adapt_model: bool = False) -> Path:
     names = [v.name for v in inputs]
     # only the inputs are read, unless calibration may use every lead of the record
     every = read_record(path, fs=None) if calibrate_s > 0 else None
@@ -90,7 +98,7 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     bad = [f"{n} {f}" for n, f in zip(names, flags) if f != "ok"]
     if bad:
         raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}; choose other --inputs")
-    offsets, notes, transfer_fit = None, [], None
+    offsets, notes, transfers, adaptation, shared = None, [], {}, None, synth
     if every is not None:  # every lead of the record but the views asked for (inputs always)
         every = resample(every, MODEL_FS)
         asked = {v.name for v in views}
@@ -101,15 +109,30 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
         log.info("%s: %s", path.name, res.summary())
         notes = [res.summary()] + [f"offset {n}: dtheta {d[0]:+.2f} dphi {d[1]:+.2f} deg"
                                    for n, d in zip(names, offsets)]
-        if transfer:
-            tr = fit_transfer(synth, x_cal, cal_views, names, seconds=calibrate_s, offsets=offsets)
-            log.info("%s: %s", path.name, tr.summary())
-            notes.append(tr.summary())
-            transfer_fit = tr
-    if transfer_fit is not None:
-        y = transfer_fit.synthesize(synth, rec.signals, views, offsets=offsets)
-    else:
-        y = synth(rec.signals, inputs, views, offsets=offsets)
+        if adapt_model:
+            if synth.runner is not None:
+                raise ValueError("patient adaptation needs the PyTorch backend")
+            adaptation = adapt(synth.model, x_cal, cal_views, names, seconds=calibrate_s, offsets=offsets,
+                               device=synth.device)
+            log.info("%s: %s", path.name, adaptation.summary())
+            notes.append(adaptation.summary())
+            if adaptation.accepted:  # this record's own copy; the shared model is untouched
+                synth = Synthesizer(adaptation.model, synth.meta, synth.device)
+                far = [v.name for v in views if not adaptation.covers(v)]
+                if far:
+                    notes.append(f"views beyond 45 deg of the adapted leads, drawn by the shared model: {','.join(far)}")
+        if transfer:  # fitted with the model that will use it (the adapted copy, and the shared one)
+            for s in dict.fromkeys([synth, shared]):
+                transfers[s] = fit_transfer(s, x_cal, cal_views, names, seconds=calibrate_s, offsets=offsets)
+            log.info("%s: %s", path.name, transfers[synth].summary())
+            notes.append(transfers[synth].summary())
+
+    def draw(s):
+        if s in transfers:
+            return lambda qs: transfers[s].synthesize(s, rec.signals, qs, offsets=offsets)
+        return lambda qs: s(rec.signals, inputs, qs, offsets=offsets)
+
+    y = synthesize_split(adaptation, draw(synth), draw(shared), views, rec.signals.shape[1])
     back = resample(Record(rec.name, y, [v.name for v in views], MODEL_FS), native.fs)
     n = native.signals.shape[1]
     sig = back.signals[:, :n]

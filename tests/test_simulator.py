@@ -169,4 +169,8 @@ def test_realism_compares_neighbouring_leads_and_marks_the_hidden_ones(data_dir)
     for r in rows.values():
         assert -1 <= r["corr_sim"] <= 1 and -1 <= r["corr_real"] <= 1 and r["rms_ratio_real"] > 0
         assert r["real_records"] >= 10
-    assert "never tune" in format_realism(res)
+    pol = res["polarity"]
+    assert {"V1", "V3", "V5"} <= set(pol) and pol["V6"]["hidden"] and not pol["V1"]["hidden"]
+    assert pol["V1"]["real"] < 0 < pol["V5"]["real"]  # real V1 sees mostly S, V5 mostly R
+    assert all(-1 <= p["sim"] <= 1 for p in pol.values())
+    assert "never tune" in format_realism(res) and "QRS polarity" in format_realism(res)

@@ -74,6 +74,25 @@ def test_synthesize_with_neighbour_transfer_changes_near_views_only(cli, data_di
     assert proc.returncode != 0 and "give --calibrate SECONDS too" in proc.stderr
 
 
+def test_synthesize_with_patient_adaptation_notes_it_and_changes_the_views(cli, data_dir, tmp_path):
+    rec = data_dir / "ludb" / "ludb001"
+    for tag, extra in (("transfer", []), ("adapt", ["--adapt"])):
+        proc = cli("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V6", "--calibrate", "5", "--transfer",
+                   *extra, "--out", tmp_path / tag)
+        assert proc.returncode == 0, proc.stderr
+    comments = wfdb.rdheader(str(tmp_path / "adapt" / "ludb001")).comments
+    assert any(c.startswith("patient adaptation on V1, V3, V4, V5: residual") for c in comments), comments
+    assert any(c.startswith("neighbour transfer from") for c in comments)
+    tr = read_record(tmp_path / "transfer" / "ludb001").signals
+    ad = read_record(tmp_path / "adapt" / "ludb001").signals
+    assert ad.shape == tr.shape and np.abs(ad - tr).max() > 0.01
+    proc = cli("synthesize", rec, "--views", "V2", "--adapt", "--out", tmp_path / "no")
+    assert proc.returncode != 0 and "give --calibrate SECONDS too" in proc.stderr
+    proc = cli("synthesize", rec, "--views", "V2", "--calibrate", "5", "--adapt", "--backend", "onnxruntime",
+               "--out", tmp_path / "no")
+    assert proc.returncode != 0 and "use --backend torch" in proc.stderr
+
+
 def test_an_input_asked_for_as_a_view_still_calibrates(cli, data_dir, tmp_path):
     proc = cli("synthesize", data_dir / "ludb" / "ludb001", "--inputs", "I,II,V3", "--views", "V3,V7",
                "--calibrate", "5", "--transfer", "--out", tmp_path)

@@ -30,16 +30,18 @@ def register(sub) -> None:
                        "with --patients simulated monitors in real time through a real broker: latency, "
                        "delivery and memory after warm-up. transfer: how many reconstructed neighbours "
                        "a view gets, chosen by leave-one-lead-out on real records without V2 or V6. realism: how alike "
-                       "the simulator's neighbouring leads are, against real records.")
-    p.add_argument("what", choices=("model", "calibration", "stream", "transfer", "realism"),
+                       "the simulator's neighbouring leads are, against real records. adapt: which part of the "
+                       "model patient adaptation fine-tunes, on the training split's never-supervised V2/V6.")
+    p.add_argument("what", choices=("model", "calibration", "stream", "transfer", "realism", "adapt"),
                    help="model: latency; calibration: offset recovery and its time; stream: patients the "
                         "daemon sustains in real time through a broker (edge/bench.py); transfer: "
                         "leave-one-lead-out choice of neighbour transfer (training/tune_transfer.py); realism: "
-                        "the simulator's neighbouring leads against real records (training/realism.py)")
+                        "the simulator's neighbouring leads against real records (training/realism.py); adapt: "
+                        "which part patient adaptation fine-tunes (training/tune_adapt.py)")
     p.add_argument("--data", nargs="+", type=Path, default=[Path("../shared/data/ecg")], metavar="PATH",
                    help="transfer, realism: real records (default ../shared/data/ecg)")
-    p.add_argument("--split", default="val", choices=("all", "train", "val"),
-                   help="transfer, realism: which split of --data (default val)")
+    p.add_argument("--split", default=None, choices=("all", "train", "val"),
+                   help="transfer, realism, adapt: which split of --data (default val; adapt: train)")
     p.add_argument("--filter-sweep", action="store_true",
                    help="transfer: also sweep the residual filter's span and ridge (one neighbour)")
     p.add_argument("--figure", type=Path, metavar="PNG",
@@ -73,30 +75,39 @@ def run(args) -> int:
         if args.json:
             args.json.write_text(json.dumps(res, indent=2, default=float))
         return 0
+    split = args.split or ("train" if args.what == "adapt" else "val")
     if args.what == "realism":
         from .realism import compare_realism, format_realism
 
-        res = compare_realism(args.data, args.split, args.patients)
+        res = compare_realism(args.data, split, args.patients)
         print(format_realism(res))
         if args.json:
             args.json.write_text(json.dumps(res, indent=2))
         return 0
     torch.set_num_threads(args.threads)
     synth = Synthesizer.load(args.model, device=args.device)
+    if args.what == "adapt":
+        from .tune_adapt import format_adapt_tuning, tune_adapt
+
+        res = tune_adapt(synth, args.data, split)
+        print(format_adapt_tuning(res))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2, default=float))
+        return 0
     if args.what == "transfer":
         from .tune_transfer import format_tuning, sweep_filters, tune_transfer
 
-        res = tune_transfer(synth, args.data, args.split)
+        res = tune_transfer(synth, args.data, split)
         print(format_tuning(res))
         if args.filter_sweep:
-            res["filters_mean_psnr_db"] = sweep_filters(synth, args.data, args.split)
+            res["filters_mean_psnr_db"] = sweep_filters(synth, args.data, split)
             print("one neighbour, mean dB by filter span and ridge:")
             for k, v in res["filters_mean_psnr_db"].items():
                 print(f"  {k:<22}{v:>7.2f}")
         if args.figure:
             from .transfer_figure import plot_transfer_example
 
-            res["figure"] = plot_transfer_example(synth, args.data, args.figure, args.split)
+            res["figure"] = plot_transfer_example(synth, args.data, args.figure, split)
             print(f"wrote {args.figure}: {res['figure']['record']} (gain {res['figure']['gain_db']:+.2f} dB)")
         if args.json:
             args.json.write_text(json.dumps(res, indent=2, default=float))

@@ -13,7 +13,8 @@ from panorama.geometry import FRANK, STANDARD_12, resolve_views
 from panorama.records import MODEL_FS, Record, find_records
 
 from . import splits
-from .evaluate import CALIB_S, METHODS, PROTOCOLS, Case, Task, default_protocol, eligible, evaluate, format_table, load_cases
+from .evaluate import (CALIB_S, METHODS, PROTOCOLS, Case, Task, default_protocol, eligible, evaluate, format_table,
+                       load_cases, method_label)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --calibrate: also score calibration plus neighbour transfer (each view gets its "
                    "nearest recorded non-input lead of the same kind within 45 deg, continued past the calibration "
                    "window, as an extra input; views with none that near are unchanged; panorama/transfer.py)")
+    p.add_argument("--adapt", action="store_true",
+                   help="with --calibrate: also score the model after patient adaptation (a copy of its fusion "
+                   "blocks fine-tuned for 30 steps on the calibration window, each recorded chest lead predicted "
+                   "from what synthesis would give it; with --transfer, before the neighbours are continued; "
+                   "panorama/adapt.py)")
     p.add_argument("--by-source", action="store_true", help="also print a table per source database")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_eval)
@@ -105,8 +111,9 @@ def run_eval(args) -> int:
     if args.calibrate and not (protocol == "synthesis" and 0 < args.calibrate <= CALIB_S):
         raise ValueError(f"--calibrate takes 0 < SECONDS <= {CALIB_S:g} under the synthesis protocol "
                          "(calibration must not reach the scored 5-10 s); whole-record scoring is uncalibrated")
-    if args.transfer and not args.calibrate:
-        raise ValueError("--transfer fits on the calibration window: give --calibrate SECONDS too")
+    for flag in ("transfer", "adapt"):
+        if getattr(args, flag) and not args.calibrate:
+            raise ValueError(f"--{flag} fits on the calibration window: give --calibrate SECONDS too")
     task = Task(inputs, views, protocol)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     for m in methods:
@@ -132,19 +139,21 @@ def run_eval(args) -> int:
     print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
     if skipped:
         print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))
-    runs = [(m, 0.0, False) for m in methods]
+    runs = [(m, 0.0, False, False) for m in methods]
     if args.calibrate > 0:
         if "model" not in methods:
             raise ValueError("--calibrate needs --method model")
-        runs.append(("model", args.calibrate, False))
+        runs.append(("model", args.calibrate, False, False))
         if args.transfer:
-            runs.append(("model", args.calibrate, True))
+            runs.append(("model", args.calibrate, True, False))
+        if args.adapt:
+            runs.append(("model", args.calibrate, args.transfer, True))
     full = {}
-    for m, cal, tr in runs:
-        label = m if cal == 0 else f"model+calib{cal:g}s" + ("+transfer" if tr else "")
+    for m, cal, tr, ad in runs:
+        label = m if cal == 0 else method_label(cal, tr, ad)
         full[label] = evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
                                model_path=args.model, calibrate_s=cal, calibrate_fit=args.calibrate_fit,
-                               transfer=tr)
+                               transfer=tr, adapt=ad)
     results = {label: r.summary for label, r in full.items()}
     print(format_table(results))
     for label, r in full.items():

@@ -135,15 +135,21 @@ class CalibratedModelMethod(ModelMethod):
     """The model after on-the-fly calibration on the first ``seconds`` of every recorded
     lead except the scored views (which are never inputs, not even for calibration)."""
 
-    def __init__(self, synth, seconds: float = CALIB_S, inputs_only: bool = True, transfer: bool = False):
+    def __init__(self, synth, seconds: float = CALIB_S, inputs_only: bool = True, transfer: bool = False,
+                 adapt: bool = False, adapt_options: dict | None = None):
         super().__init__(synth)
-        self.name = f"model+calib{seconds:g}s" + ("+transfer" if transfer else "")
+        self.name = method_label(seconds, transfer, adapt)
         self.seconds = seconds
         self.inputs_only = inputs_only  # fit only the synthesis inputs' offsets
         self.transfer = transfer  # also give each view its reconstructed recorded neighbour
+        self.adapt = adapt  # fine-tune a copy of the model's fusion blocks on the patient first
+        self.adapt_options = adapt_options or {}  # passed to panorama.adapt.adapt (part, steps, lr)
         self.offsets = None
         self.fitted_transfer = None
-        self.notes: Counter = Counter()  # per-record outcomes of the transfer fit
+        self.shared_transfer = None
+        self.adaptation = None
+        self.active = synth  # this record's synthesizer: the shared one, or its adapted copy
+        self.notes: Counter = Counter()  # per-record outcomes of adaptation and transfer
 
     def prepare(self, record: Record, task: Task) -> None:
         from panorama.calibrate import calibrate
@@ -157,17 +163,38 @@ class CalibratedModelMethod(ModelMethod):
         res = calibrate(self.synth.model, x, views, seconds=self.seconds,
                         inputs=inputs if self.inputs_only else None, device=self.synth.device)
         self.offsets = res.offsets_for(inputs)
+        self.active = self.synth
+        if self.adapt:
+            from panorama.adapt import adapt
+            from panorama.synth import Synthesizer
+
+            ad = adapt(self.synth.model, x, views, inputs, seconds=self.seconds, offsets=self.offsets,
+                       device=self.synth.device, **self.adapt_options)
+            self.adaptation = ad
+            self.notes["adapted" if ad.accepted else f"adaptation not used: {ad.reason}"] += 1
+            if ad.accepted:
+                self.active = Synthesizer(ad.model, self.synth.meta, self.synth.device)
         if self.transfer:
             from panorama.transfer import fit_transfer
 
-            tr = fit_transfer(self.synth, x, views, inputs, seconds=self.seconds, offsets=self.offsets)
+            tr = fit_transfer(self.active, x, views, inputs, seconds=self.seconds, offsets=self.offsets)
             self.fitted_transfer = tr
+            # views the adaptation does not cover are drawn by the shared model, with neighbours
+            # continued by it (only limb or Frank views can have one: every torso lead is covered)
+            self.shared_transfer = tr if self.active is self.synth else fit_transfer(
+                self.synth, x, views, inputs, seconds=self.seconds, offsets=self.offsets)
             self.notes["transfer fitted" if tr.fitted else f"transfer not used: {tr.reason}"] += 1
 
     def predict(self, x, inputs, queries):
-        if self.fitted_transfer is not None:
-            return self.fitted_transfer.synthesize(self.synth, x, queries, offsets=self.offsets)
-        return self.synth(x, inputs, queries, offsets=self.offsets)
+        from panorama.adapt import synthesize_split
+
+        def draw(synth, transfer):
+            if transfer is not None:
+                return lambda qs: transfer.synthesize(synth, x, qs, offsets=self.offsets)
+            return lambda qs: synth(x, inputs, qs, offsets=self.offsets)
+
+        return synthesize_split(self.adaptation, draw(self.active, self.fitted_transfer),
+                                draw(self.synth, self.shared_transfer), queries, x.shape[1])
 
 
 class PatientLeastSquaresMethod:
@@ -194,15 +221,22 @@ class PatientLeastSquaresMethod:
         return (self.weights @ x.astype(np.float64)).astype(np.float32)
 
 
+def method_label(calibrate_s: float, transfer: bool = False, adapt: bool = False) -> str:
+    """The evaluation table's row name for the model with these Stage III steps."""
+    if calibrate_s <= 0:
+        return "model"
+    return f"model+calib{calibrate_s:g}s" + ("+adapt" if adapt else "") + ("+transfer" if transfer else "")
+
+
 def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 0.0,
-                calibrate_fit: str = "inputs", transfer: bool = False) -> Method:
+                calibrate_fit: str = "inputs", transfer: bool = False, adapt: bool = False) -> Method:
     if name == "model":
         from panorama.synth import Synthesizer
 
         synth = Synthesizer.load(model_path)
         if calibrate_s > 0:
             return CalibratedModelMethod(synth, calibrate_s, inputs_only=calibrate_fit == "inputs",
-                                         transfer=transfer)
+                                         transfer=transfer, adapt=adapt)
         return ModelMethod(synth)
     table = {"zero": ZeroMethod, "dipole": DipoleMethod, "kors": KorsMethod, "lsq": LeastSquaresMethod,
              "patient_lsq": PatientLeastSquaresMethod}
@@ -213,12 +247,13 @@ def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 
 
 def evaluate(cases: list[Case], task: Task, method: Method | str,
              fit_cases: list[Case] | None = None, progress: bool = True, model_path: Path | None = None,
-             calibrate_s: float = 0.0, calibrate_fit: str = "inputs", transfer: bool = False) -> Result:
+             calibrate_s: float = 0.0, calibrate_fit: str = "inputs", transfer: bool = False,
+             adapt: bool = False) -> Result:
     """Score ``method`` on every case. Population least squares is fitted on ``fit_cases``
     when given, else cross-fitted in folds so no record is predicted by a fit that saw it."""
     if not cases:
         raise RecordError("no record could be scored under this protocol")
-    method = (make_method(method, model_path, calibrate_s, calibrate_fit, transfer)
+    method = (make_method(method, model_path, calibrate_s, calibrate_fit, transfer, adapt)
               if isinstance(method, str) else method)
     preds: dict[str, np.ndarray] = {}
     if isinstance(method, LeastSquaresMethod):
@@ -257,13 +292,14 @@ def _lsq_predictions(cases, task, fit_cases) -> dict[str, np.ndarray]:
 
 def format_table(rows: dict[str, dict]) -> str:
     """Rows of ``summarise`` outputs keyed by label → an aligned text table (overall + per view)."""
-    head = f"{'method':<24}{'view':<8}{'PSNR dB':>9}{'SSIM':>8}{'RMSE µV':>10}{'r':>7}{'records':>9}"
+    w = max(24, *(len(label) + 2 for label in rows))
+    head = f"{'method':<{w}}{'view':<8}{'PSNR dB':>9}{'SSIM':>8}{'RMSE µV':>10}{'r':>7}{'records':>9}"
     lines = [head, "-" * len(head)]
     for label, s in rows.items():
         o = s["overall"]
-        lines.append(f"{label:<24}{'all':<8}{o['psnr_db']:>9.2f}{o['ssim']:>8.3f}"
+        lines.append(f"{label:<{w}}{'all':<8}{o['psnr_db']:>9.2f}{o['ssim']:>8.3f}"
                      f"{o['rmse_uv_median']:>10.0f}{o['r_median']:>7.3f}{o['records']:>9d}")
         for v, pv in s["per_view"].items():
-            lines.append(f"{'':<24}{v:<8}{pv['psnr_db']:>9.2f}{pv['ssim']:>8.3f}"
+            lines.append(f"{'':<{w}}{v:<8}{pv['psnr_db']:>9.2f}{pv['ssim']:>8.3f}"
                          f"{pv['rmse_uv_median']:>10.0f}{pv['r_median']:>7.3f}")
     return "\n".join(lines)
