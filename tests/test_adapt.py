@@ -104,3 +104,14 @@ def test_adaptation_improves_v2_and_v6_on_real_validation_records(data_dir):
     assert ad["records"] == tr["records"] >= 10
     assert ad["psnr_db"] > tr["psnr_db"] + 0.5, (tr, ad)  # 31.83 -> 32.91 dB, r 0.952 -> 0.967
     assert ad["r_median"] > tr["r_median"]
+
+
+def test_the_example_figure_shows_the_median_record(synth, data_dir, tmp_path):
+    from training.transfer_figure import plot_transfer_example
+
+    recs = [data_dir / "ludb" / n for n in ("ludb001", "ludb002", "ludb003")]
+    for adapt_too in (False, True):
+        out = tmp_path / f"example_{adapt_too}.png"
+        res = plot_transfer_example(synth, recs, out, split="all", adapt=adapt_too)
+        assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+        assert res["record"] in {"ludb001", "ludb002", "ludb003"} and np.isfinite(res["gain_db"])

@@ -1,9 +1,11 @@
-"""A typical record with and without neighbour transfer, for people who would rather look
-than read: ``panorama bench transfer --figure docs/transfer_example.png``.
+"""A typical record with and without a Stage III step, for people who would rather look than
+read: ``panorama bench transfer --figure docs/transfer_example.png`` (neighbour transfer
+against calibration alone) and ``panorama bench adapt --figure docs/adapt_example.png
+--split val`` (patient adaptation against calibration + transfer).
 
-"Typical" is chosen, not picked: the record whose PSNR gain from transfer is the median
-over the split (validation by default). It shows the scored 5–10 s of V2 and V6 (never inputs, never
-fitted), the recorded truth against the calibrated model and the model with transfer.
+"Typical" is chosen, not picked: the record whose PSNR gain from the step is the median
+over the split (validation by default). It shows the scored 5–10 s of V2 and V6 (never
+inputs, never fitted), the recorded truth against the pipeline without and with the step.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from . import splits
 from .evaluate import CALIB_S, CalibratedModelMethod, Task, evaluate, load_cases
 
 
-def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val") -> dict:
+def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val", adapt: bool = False) -> dict:
+    """``adapt``: compare calibration + transfer with and without patient adaptation; else
+    calibration with and without transfer."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -29,7 +33,10 @@ def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val"
     cases, _ = load_cases(splits.select(find_records(*data), split), task, progress=False)
     if not cases:
         raise ValueError(f"no record of split {split!r} can be scored under the synthesis protocol")
-    runs = {tr: CalibratedModelMethod(synth, CALIB_S, transfer=tr) for tr in (False, True)}
+    runs = {on: CalibratedModelMethod(synth, CALIB_S, transfer=adapt or on, adapt=adapt and on) for on in (False, True)}
+    step = "patient adaptation" if adapt else "neighbour transfer"
+    names = ("calibration + transfer", "+ patient adaptation") if adapt else ("model + calibration",
+                                                                             "+ neighbour transfer")
     scores = {tr: evaluate(cases, task, m, progress=False).scores for tr, m in runs.items()}
     gains = sorted((scores[True][c.record.name].psnr_db - scores[False][c.record.name].psnr_db, c.record.name)
                    for c in cases)
@@ -50,15 +57,14 @@ def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val"
         ax.plot(t, centred(rec.lead(v.name)), color="black", lw=1.4, label=f"recorded {v.name} (never an input)")
         for tr, colour in ((False, "tab:blue"), (True, "tab:red")):
             score = scores[tr][name]
-            label = ("model + calibration" if not tr else "+ neighbour transfer") + \
-                f": {score.views[v.name].psnr_db:.1f} dB, r {score.views[v.name].r:.3f}"
+            label = names[tr] + f": {score.views[v.name].psnr_db:.1f} dB, r {score.views[v.name].r:.3f}"
             ax.plot(t, centred(preds[tr][i]), color=colour, lw=1.0, alpha=0.85, label=label)
         ax.set_ylabel(f"{v.name} (mV)")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("time (s): the scored 5-10 s")
     fig.suptitle(f"{name} ({rec.source.split(' (')[0]}), inputs I, II, V3; the {split}-split record with the "
-                 f"median gain from transfer ({gain:+.2f} dB)", fontsize=10)
+                 f"median gain from {step} ({gain:+.2f} dB)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
