@@ -99,6 +99,8 @@ def adapt(model, x: np.ndarray, views: list[View], inputs: list[str], fs: float 
     with the reason, when adaptation cannot help: fewer seconds than asked, an input unusable,
     no usable torso lead recorded beside the inputs, or a fit that lowers the residual by less
     than ``min_gain``. A lead named twice, or an input missing from ``views``, is a ValueError.
+    ``part`` (a key of ``PARTS``) is what learns; ``neighbours`` how many recorded non-input
+    chest leads each task adds (neighbour transfer adds one). Both default to what ships.
     """
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
