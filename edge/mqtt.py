@@ -43,7 +43,7 @@ class BrokerConnectionError(BackendError, ConnectionError):
 def client_id(role: str) -> str:
     """A client id unique per host and process (duplicate ids make brokers kick clients in turn)."""
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
-    return f"panorama-{role}-{host}-{os.getpid()}-{secrets.token_hex(2)}"
+    return f"panorama-{role}-{host}-{os.getpid()}-{secrets.token_hex(6)}"
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
