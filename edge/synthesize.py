@@ -121,11 +121,15 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
                 far = [v.name for v in views if not adaptation.covers(v)]
                 if far:
                     notes.append(f"views beyond 45 deg of the adapted leads, drawn by the shared model: {','.join(far)}")
-        if transfer:  # fitted with the model that will use it (the adapted copy, and the shared one)
-            for s in dict.fromkeys([synth, shared]):
-                transfers[s] = fit_transfer(s, x_cal, cal_views, names, seconds=calibrate_s, offsets=offsets)
-            log.info("%s: %s", path.name, transfers[synth].summary())
-            notes.append(transfers[synth].summary())
+        if transfer:  # fitted with the model that will use it: the adapted copy, and the shared one
+            transfers[synth] = tr = fit_transfer(synth, x_cal, cal_views, names, seconds=calibrate_s,
+                                                 offsets=offsets)
+            far = [v for v in views if adaptation is not None and not adaptation.covers(v)]
+            if shared is not synth and any(tr.neighbours(far)):  # rare: only limb or Frank views
+                transfers[shared] = fit_transfer(shared, x_cal, cal_views, names, seconds=calibrate_s,
+                                                 offsets=offsets)
+            log.info("%s: %s", path.name, tr.summary())
+            notes.append(tr.summary())
 
     def draw(s):
         if s in transfers:

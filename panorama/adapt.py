@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from .geometry import View, angle_between, descriptors, redundant_limb_leads
-from .records import MODEL_FS, lead_quality
-from .transfer import MAX_NEIGHBOUR_DEG
+from .records import MODEL_FS, check_fit_window, lead_quality
+from .transfer import MAX_NEIGHBOUR_DEG, view_kind
 
 __all__ = ["Adaptation", "adapt", "synthesize_split", "PARTS", "STEPS", "LR"]
 
@@ -68,7 +68,7 @@ class Adaptation:
         """Whether ``view`` lies within ``max_deg`` of a torso lead the adaptation learned on.
         Only such views are drawn by the adapted copy: on the simulator, adaptation harms
         far views (V8, V9, V5R) that no recorded lead vouches for (README)."""
-        return self.accepted and _kind(view) == "torso" and any(
+        return self.accepted and view_kind(view) == "torso" and any(
             angle_between(view, q) <= self.max_deg for q in self.queries)
 
     def split(self, views: list[View]) -> tuple[list[int], list[int]]:
@@ -81,10 +81,6 @@ class Adaptation:
             return f"patient adaptation not used: {self.reason}"
         return (f"patient adaptation on {', '.join(q.name for q in self.queries)}: residual {self.residual_before_uv:.0f} -> "
                 f"{self.residual_after_uv:.0f} µV in {self.steps} steps ({self.seconds:.2f} s)")
-
-
-def _kind(v: View) -> str:
-    return v.group if v.group in ("limb", "frank") else "torso"
 
 
 def adapt(model, x: np.ndarray, views: list[View], inputs: list[str], fs: float = MODEL_FS,
@@ -104,17 +100,8 @@ def adapt(model, x: np.ndarray, views: list[View], inputs: list[str], fs: float 
     """
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] != len(views):
-        raise ValueError(f"expected ({len(views)}, samples) signals, got {x.shape}")
-    if fs != MODEL_FS:
-        raise ValueError(f"patient adaptation runs at the model rate ({MODEL_FS} Hz); resample first (got {fs})")
+    check_fit_window(x, views, fs, "patient adaptation", inputs)
     names = [v.name for v in views]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"lead(s) named more than once: {', '.join(twice)}")
-    missing = [n for n in inputs if n not in names]
-    if missing:
-        raise ValueError(f"input lead(s) {', '.join(missing)} not among the recorded leads")
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
     if steps < 1 or not lr > 0:
@@ -130,7 +117,7 @@ def adapt(model, x: np.ndarray, views: list[View], inputs: list[str], fs: float 
         return keep(f"input lead(s) unusable in the first {seconds:g} s: {', '.join(bad)}")
     usable = [i for i, f in enumerate(flags) if f == "ok"]
     pool = [i for i, r in zip(usable, redundant_limb_leads([names[i] for i in usable])) if not r]
-    torso = [i for i in pool if _kind(views[i]) == "torso"]
+    torso = [i for i in pool if view_kind(views[i]) == "torso"]
     chest_inputs = [i for i in torso if names[i] in inputs]
     others = [i for i in torso if names[i] not in inputs]
     if not others:
@@ -139,7 +126,7 @@ def adapt(model, x: np.ndarray, views: list[View], inputs: list[str], fs: float 
     off = {n: np.asarray(o, np.float32) for n, o in zip(inputs, offsets)} if offsets is not None else {}
     table = descriptors([views[i] for i in pool], np.stack([off.get(names[i], np.zeros(2, np.float32))
                                                             for i in pool]))
-    far = [i for i in pool if _kind(views[i]) != "torso"]  # limb (and Frank) leads: always given
+    far = [i for i in pool if view_kind(views[i]) != "torso"]  # limb (and Frank) leads: always given
     masks = []
     for j in torso:  # what synthesis would give lead j: limb leads, chest inputs, one neighbour
         near = sorted((angle_between(views[j], views[k]), k) for k in others if k != j)[:neighbours]

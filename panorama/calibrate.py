@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .geometry import View, descriptors, redundant_limb_leads
-from .records import MODEL_FS, lead_quality
+from .records import MODEL_FS, check_fit_window, lead_quality
 
 PRIOR_SD_DEG = 10.6  # electrode displacement spread measured by CT (the paper's Panobench)
 NOISE_CORR = 0.3  # a lead whose |r| with every other lead stays below this carries no ECG
@@ -85,10 +85,7 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     """
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[0] != len(views):
-        raise ValueError(f"expected ({len(views)}, samples) signals, got {x.shape}")
-    if fs != MODEL_FS:
-        raise ValueError(f"calibration runs at the model rate ({MODEL_FS} Hz); resample first (got {fs})")
+    check_fit_window(x, views, fs, "calibration")
     need = int(round(seconds * fs))
     if x.shape[1] < need:
         return _reject(views, f"only {x.shape[1] / fs:.1f} s recorded, {seconds:g} s asked")

@@ -162,6 +162,25 @@ def lead_quality(signals: np.ndarray, flat_std_mv: float = FLAT_STD_MV) -> list[
     return flags
 
 
+def check_fit_window(x: np.ndarray, views: list, fs: float, purpose: str, inputs: list[str] | None = None) -> None:
+    """The checks every per-patient fit (calibration, neighbour transfer, patient adaptation)
+    makes of its recording: ``x`` (leads, samples) with one row per view, at the model rate;
+    with ``inputs``, no lead named twice and every input among the views. ValueError if not."""
+    if x.ndim != 2 or x.shape[0] != len(views):
+        raise ValueError(f"expected ({len(views)}, samples) signals, got {x.shape}")
+    if fs != MODEL_FS:
+        raise ValueError(f"{purpose} runs at the model rate ({MODEL_FS} Hz); resample first (got {fs})")
+    if inputs is None:
+        return
+    names = [v.name for v in views]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"lead(s) named more than once: {', '.join(twice)}")
+    missing = [n for n in inputs if n not in names]
+    if missing:
+        raise ValueError(f"input lead(s) {', '.join(missing)} not among the recorded leads")
+
+
 def write_record(out_dir: str | Path, name: str, signals: np.ndarray, leads: list[str], fs: float,
                  comments: list[str] | None = None) -> Path:
     """Write float mV signals (leads, samples) as a WFDB format-16 record; returns its base path.

@@ -27,7 +27,7 @@ import numpy as np
 
 from .geometry import View, angle_between
 from .metrics import centre
-from .records import MODEL_FS, lead_quality
+from .records import MODEL_FS, check_fit_window, lead_quality
 
 __all__ = ["Transfer", "fit_transfer", "LAGS", "MAX_NEIGHBOUR_DEG"]
 
@@ -36,7 +36,8 @@ LAGS = tuple(range(-20, 21, 4))  # samples at 500 Hz: ±40 ms in 8 ms steps
 RIDGE = 0.03  # relative to the mean eigenvalue of the inputs' lagged covariance
 
 
-def _kind(v: View) -> str:
+def view_kind(v: View) -> str:
+    """'torso' (an electrode on the chest or back), 'limb' or 'frank'."""
     return v.group if v.group in ("limb", "frank") else "torso"
 
 
@@ -83,7 +84,7 @@ class Transfer:
         out = []
         for q in queries:
             near = sorted((angle_between(q, v), i) for i, v in enumerate(self.leads)
-                          if _kind(v) == _kind(q) and v.name != q.name)  # never a view's own recording
+                          if view_kind(v) == view_kind(q) and v.name != q.name)  # never a view's own recording
             out.append(tuple(i for d, i in near[: self.per_view] if d <= self.max_neighbour_deg))
         return out
 
@@ -129,18 +130,9 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     score.
     """
     x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[0] != len(views):
-        raise ValueError(f"expected ({len(views)}, samples) signals, got {x.shape}")
-    if fs != MODEL_FS:
-        raise ValueError(f"neighbour transfer runs at the model rate ({MODEL_FS} Hz); resample first (got {fs})")
+    check_fit_window(x, views, fs, "neighbour transfer", inputs)
     names = [v.name for v in views]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"lead(s) named more than once: {', '.join(twice)}")
     by_name = {v.name: v for v in views}
-    missing = [n for n in inputs if n not in by_name]
-    if missing:
-        raise ValueError(f"input lead(s) {', '.join(missing)} not among the recorded leads")
     in_views = [by_name[n] for n in inputs]
     need = int(round(seconds * fs))
     if x.shape[1] < need:

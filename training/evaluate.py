@@ -180,9 +180,13 @@ class CalibratedModelMethod(ModelMethod):
             tr = fit_transfer(self.active, x, views, inputs, seconds=self.seconds, offsets=self.offsets)
             self.fitted_transfer = tr
             # views the adaptation does not cover are drawn by the shared model, with neighbours
-            # continued by it (only limb or Frank views can have one: every torso lead is covered)
-            self.shared_transfer = tr if self.active is self.synth else fit_transfer(
-                self.synth, x, views, inputs, seconds=self.seconds, offsets=self.offsets)
+            # continued by it; only limb or Frank views can have one (every torso lead is
+            # covered), so that second fit is rare
+            self.shared_transfer = tr
+            if self.active is not self.synth:
+                far = [v for v in task.views if not self.adaptation.covers(v)]
+                self.shared_transfer = fit_transfer(self.synth, x, views, inputs, seconds=self.seconds,
+                                                    offsets=self.offsets) if any(tr.neighbours(far)) else None
             self.notes["transfer fitted" if tr.fitted else f"transfer not used: {tr.reason}"] += 1
 
     def predict(self, x, inputs, queries):
