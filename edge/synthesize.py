@@ -15,6 +15,7 @@ from panorama.geometry import resolve_view, resolve_views
 from panorama.records import MODEL_FS, Record, find_records, lead_quality, read_record, resample, write_record
 from panorama.synth import Synthesizer, default_checkpoint
 from panorama.transfer import fit_transfer
+from panorama.wander import WANDER
 
 from .backends import make_backend
 
@@ -48,6 +49,11 @@ def register(sub) -> None:
                    help="with --calibrate: first fine-tune a copy of the model's fusion blocks on the same leads and "
                    "SECONDS (patient adaptation: each recorded chest lead predicted from what synthesis would give it; "
                    "about 0.6 s a record; PyTorch backend only)")
+    p.add_argument("--wander", action="store_true",
+                   help="draw chest views from the leads without their baseline drift (below 0.67 Hz; with "
+                   "--calibrate the fitted seconds too) and give them back the drift chest leads share, that of "
+                   "the chest inputs (panorama/wander.py); needs a chest lead among --inputs; limb and Frank views "
+                   "are drawn as without it")
     p.set_defaults(func=run)
 
 
@@ -76,7 +82,7 @@ def run(args) -> int:
             continue
         try:
             out = synthesize_record(synth, path, inputs, views, args.out, calibrate_s=args.calibrate,
-                                    transfer=args.transfer, adapt_model=args.adapt)
+                                    transfer=args.transfer, adapt_model=args.adapt, wander=args.wander)
             print(f"wrote {out}.hea")
         except (PanoramaError, ValueError, OSError) as exc:  # one bad record never stops the others
             failed += 1
@@ -87,7 +93,8 @@ def run(args) -> int:
 
 
 def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Path,
-                      calibrate_s: float = 0.0, transfer: bool = False, adapt_model: bool = False) -> Path:
+                      calibrate_s: float = 0.0, transfer: bool = False, adapt_model: bool = False,
+                      wander: bool = False) -> Path:
     names = [v.name for v in inputs]
     # only the inputs are read, unless calibration may use every lead of the record
     every = read_record(path, fs=None) if calibrate_s > 0 else None
@@ -104,6 +111,8 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
         asked = {v.name for v in views}
         keep = [i for i, n in enumerate(every.leads) if n in names or n not in asked]
         x_cal, cal_views = every.signals[keep], [resolve_view(every.leads[i]) for i in keep]
+        if wander:  # the fit window alone, so that nothing after it leaks in
+            x_cal = WANDER.strip(x_cal[:, :int(round(calibrate_s * MODEL_FS))])
         res = calibrate(synth.model, x_cal, cal_views, seconds=calibrate_s, inputs=names, device=synth.device)
         offsets = res.offsets_for(names)
         log.info("%s: %s", path.name, res.summary())
@@ -131,12 +140,19 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
             log.info("%s: %s", path.name, tr.summary())
             notes.append(tr.summary())
 
-    def draw(s):
-        if s in transfers:
-            return lambda qs: transfers[s].synthesize(s, rec.signals, qs, offsets=offsets)
-        return lambda qs: s(rec.signals, inputs, qs, offsets=offsets)
+    def draw(x, qs):
+        def via(s):
+            if s in transfers:
+                return lambda q: transfers[s].synthesize(s, x, q, offsets=offsets)
+            return lambda q: s(x, inputs, q, offsets=offsets)
+        return synthesize_split(adaptation, via(synth), via(shared), qs, x.shape[1])
 
-    y = synthesize_split(adaptation, draw(synth), draw(shared), views, rec.signals.shape[1])
+    if wander:
+        y = WANDER.synthesize(draw, rec.signals, inputs, views)
+        changed = [v.name for v in views if WANDER.applies(v, inputs)]
+        notes.append(f"wander: {WANDER.summary()} ({','.join(changed) or 'no chest view, or no chest input: none'})")
+    else:
+        y = draw(rec.signals, views)
     back = resample(Record(rec.name, y, [v.name for v in views], MODEL_FS), native.fs)
     n = native.signals.shape[1]
     sig = back.signals[:, :n]

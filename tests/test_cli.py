@@ -81,10 +81,11 @@ def test_simulate_writes_records_that_eval_can_score(cli, tmp_path):
     proc = cli("eval", "--data", tmp_path, "--method", "dipole", "--json", out)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["overall"]["records"] == 3
-    proc = cli("eval", "--data", tmp_path, "--method", "model", "--calibrate", "5", "--transfer", "--adapt")
+    proc = cli("eval", "--data", tmp_path, "--method", "model", "--calibrate", "5", "--transfer", "--adapt", "--wander")
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("model") and ":" not in line]
-    assert [r[0] for r in rows] == ["model", "model+calib5s", "model+calib5s+transfer", "model+calib5s+adapt+transfer"]
+    assert [r[0] for r in rows] == ["model", "model+calib5s", "model+calib5s+transfer", "model+calib5s+adapt+transfer",
+                                    "model+calib5s+adapt+transfer+wander"]
     assert all(r[-1] == "3" for r in rows)  # every record scored by every row
     assert "model+calib5s+transfer: transfer fitted (3 records)" in proc.stdout
     assert "model+calib5s+adapt+transfer: adapted (3 records), transfer fitted (3 records)" in proc.stdout
@@ -92,6 +93,7 @@ def test_simulate_writes_records_that_eval_can_score(cli, tmp_path):
                         "give --calibrate SECONDS too")
     _assert_clean_error(cli("eval", "--data", tmp_path, "--method", "model", "--adapt"),
                         "--adapt fits on the calibration window")
+    _assert_clean_error(cli("eval", "--data", tmp_path, "--method", "dipole", "--wander"), "--wander needs --method model")
 
 
 def test_demo_streams_through_the_embedded_broker(cli, tmp_path):

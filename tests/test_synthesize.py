@@ -93,6 +93,23 @@ def test_synthesize_with_patient_adaptation_notes_it_and_changes_the_views(cli, 
     assert proc.returncode != 0 and "use --backend torch" in proc.stderr
 
 
+def test_synthesize_with_wander_changes_chest_views_only_and_says_so(cli, data_dir, tmp_path):
+    rec = data_dir / "ludb" / "ludb001"
+    for tag, extra in (("plain", []), ("wander", ["--wander"])):
+        proc = cli("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V7,VX", *extra, "--out", tmp_path / tag)
+        assert proc.returncode == 0, proc.stderr
+    comments = wfdb.rdheader(str(tmp_path / "wander" / "ludb001")).comments
+    assert any(c.startswith("wander: baseline below 0.67 Hz removed") and c.endswith("(V2,V7)") for c in comments), comments
+    plain = read_record(tmp_path / "plain" / "ludb001").signals
+    wa = read_record(tmp_path / "wander" / "ludb001").signals
+    assert np.abs(wa[:2] - plain[:2]).max() > 0.02  # chest views: drawn without the drift, shared drift back
+    assert np.array_equal(wa[2], plain[2])  # the Frank lead: as drawn from the recording
+    proc = cli("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V6", "--calibrate", "5", "--transfer",
+               "--adapt", "--wander", "--out", tmp_path / "all")
+    assert proc.returncode == 0, proc.stderr
+    assert read_record(tmp_path / "all" / "ludb001").signals.shape[0] == 2
+
+
 def test_an_input_asked_for_as_a_view_still_calibrates(cli, data_dir, tmp_path):
     proc = cli("synthesize", data_dir / "ludb" / "ludb001", "--inputs", "I,II,V3", "--views", "V3,V7",
                "--calibrate", "5", "--transfer", "--out", tmp_path)

@@ -57,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "blocks fine-tuned for 30 steps on the calibration window, each recorded chest lead predicted "
                    "from what synthesis would give it; with --transfer, before the neighbours are continued; "
                    "panorama/adapt.py)")
+    p.add_argument("--wander", action="store_true",
+                   help="also score the most complete model row with baseline wander handled: every lead loses "
+                   "its drift below 0.67 Hz before anything is fitted or drawn (the calibration window on its own), "
+                   "and chest views get back the drift chest leads share, that of the chest inputs "
+                   "(panorama/wander.py; gains fitted by `panorama bench wander`)")
     p.add_argument("--by-source", action="store_true", help="also print a table per source database")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_eval)
@@ -139,21 +144,23 @@ def run_eval(args) -> int:
     print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
     if skipped:
         print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))
-    runs = [(m, 0.0, False, False) for m in methods]
+    runs = [(m, 0.0, False, False, False) for m in methods]
+    if (args.calibrate > 0 or args.wander) and "model" not in methods:
+        raise ValueError(f"--{'calibrate' if args.calibrate > 0 else 'wander'} needs --method model")
     if args.calibrate > 0:
-        if "model" not in methods:
-            raise ValueError("--calibrate needs --method model")
-        runs.append(("model", args.calibrate, False, False))
+        runs.append(("model", args.calibrate, False, False, False))
         if args.transfer:
-            runs.append(("model", args.calibrate, True, False))
+            runs.append(("model", args.calibrate, True, False, False))
         if args.adapt:
-            runs.append(("model", args.calibrate, args.transfer, True))
+            runs.append(("model", args.calibrate, args.transfer, True, False))
+    if args.wander:  # on top of the most complete model row
+        runs.append([r for r in runs if r[0] == "model"][-1][:4] + (True,))
     full = {}
-    for m, cal, tr, ad in runs:
-        label = m if cal == 0 else method_label(cal, tr, ad)
+    for m, cal, tr, ad, wa in runs:
+        label = method_label(cal, tr, ad, wa) if m == "model" else m
         full[label] = evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
                                model_path=args.model, calibrate_s=cal, calibrate_fit=args.calibrate_fit,
-                               transfer=tr, adapt=ad)
+                               transfer=tr, adapt=ad, wander=wa)
     results = {label: r.summary for label, r in full.items()}
     print(format_table(results))
     for label, r in full.items():

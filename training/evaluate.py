@@ -124,10 +124,18 @@ class ModelMethod:
 
     name = "model"
 
-    def __init__(self, synth):
+    def __init__(self, synth, wander=None):
         self.synth = synth
+        self.wander = wander  # panorama.wander.Wander: drift stripped before, restored after; or None
+        if wander is not None:
+            self.name = "model+wander"
 
     def predict(self, x, inputs, queries):
+        if self.wander is None:
+            return self.draw(x, inputs, queries)
+        return self.wander.synthesize(lambda xx, qs: self.draw(xx, inputs, qs), x, inputs, queries)
+
+    def draw(self, x, inputs, queries):
         return self.synth(x, inputs, queries)
 
 
@@ -136,9 +144,9 @@ class CalibratedModelMethod(ModelMethod):
     lead except the scored views (which are never inputs, not even for calibration)."""
 
     def __init__(self, synth, seconds: float = CALIB_S, inputs_only: bool = True, transfer: bool = False,
-                 adapt: bool = False, adapt_options: dict | None = None):
-        super().__init__(synth)
-        self.name = method_label(seconds, transfer, adapt)
+                 adapt: bool = False, adapt_options: dict | None = None, wander=None):
+        super().__init__(synth, wander)
+        self.name = method_label(seconds, transfer, adapt, wander is not None)
         self.seconds = seconds
         self.inputs_only = inputs_only  # fit only the synthesis inputs' offsets
         self.transfer = transfer  # also give each view its reconstructed recorded neighbour
@@ -160,6 +168,8 @@ class CalibratedModelMethod(ModelMethod):
         views = [resolve_view(n) for n in names]
         inputs = [v.name for v in task.inputs]
         x = np.stack([record.lead(n) for n in names])[:, : int(round(self.seconds * MODEL_FS))]
+        if self.wander is not None:  # the fit window alone: nothing after it leaks in
+            x = self.wander.strip(x)
         res = calibrate(self.synth.model, x, views, seconds=self.seconds,
                         inputs=inputs if self.inputs_only else None, device=self.synth.device)
         self.offsets = res.offsets_for(inputs)
@@ -189,16 +199,16 @@ class CalibratedModelMethod(ModelMethod):
                                                     offsets=self.offsets) if any(tr.neighbours(far)) else None
             self.notes["transfer fitted" if tr.fitted else f"transfer not used: {tr.reason}"] += 1
 
-    def predict(self, x, inputs, queries):
+    def draw(self, x, inputs, queries):
         from panorama.adapt import synthesize_split
 
-        def draw(synth, transfer):
+        def via(synth, transfer):
             if transfer is not None:
                 return lambda qs: transfer.synthesize(synth, x, qs, offsets=self.offsets)
             return lambda qs: synth(x, inputs, qs, offsets=self.offsets)
 
-        return synthesize_split(self.adaptation, draw(self.active, self.fitted_transfer),
-                                draw(self.synth, self.shared_transfer), queries, x.shape[1])
+        return synthesize_split(self.adaptation, via(self.active, self.fitted_transfer),
+                                via(self.synth, self.shared_transfer), queries, x.shape[1])
 
 
 class PatientLeastSquaresMethod:
@@ -225,23 +235,27 @@ class PatientLeastSquaresMethod:
         return (self.weights @ x.astype(np.float64)).astype(np.float32)
 
 
-def method_label(calibrate_s: float, transfer: bool = False, adapt: bool = False) -> str:
+def method_label(calibrate_s: float, transfer: bool = False, adapt: bool = False, wander: bool = False) -> str:
     """The evaluation table's row name for the model with these Stage III steps."""
+    tail = "+wander" if wander else ""
     if calibrate_s <= 0:
-        return "model"
-    return f"model+calib{calibrate_s:g}s" + ("+adapt" if adapt else "") + ("+transfer" if transfer else "")
+        return "model" + tail
+    return f"model+calib{calibrate_s:g}s" + ("+adapt" if adapt else "") + ("+transfer" if transfer else "") + tail
 
 
 def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 0.0,
-                calibrate_fit: str = "inputs", transfer: bool = False, adapt: bool = False) -> Method:
+                calibrate_fit: str = "inputs", transfer: bool = False, adapt: bool = False,
+                wander: bool = False) -> Method:
     if name == "model":
         from panorama.synth import Synthesizer
+        from panorama.wander import WANDER
 
         synth = Synthesizer.load(model_path)
+        w = WANDER if wander else None
         if calibrate_s > 0:
             return CalibratedModelMethod(synth, calibrate_s, inputs_only=calibrate_fit == "inputs",
-                                         transfer=transfer, adapt=adapt)
-        return ModelMethod(synth)
+                                         transfer=transfer, adapt=adapt, wander=w)
+        return ModelMethod(synth, w)
     table = {"zero": ZeroMethod, "dipole": DipoleMethod, "kors": KorsMethod, "lsq": LeastSquaresMethod,
              "patient_lsq": PatientLeastSquaresMethod}
     if name not in table:
@@ -252,12 +266,12 @@ def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 
 def evaluate(cases: list[Case], task: Task, method: Method | str,
              fit_cases: list[Case] | None = None, progress: bool = True, model_path: Path | None = None,
              calibrate_s: float = 0.0, calibrate_fit: str = "inputs", transfer: bool = False,
-             adapt: bool = False) -> Result:
+             adapt: bool = False, wander: bool = False) -> Result:
     """Score ``method`` on every case. Population least squares is fitted on ``fit_cases``
     when given, else cross-fitted in folds so no record is predicted by a fit that saw it."""
     if not cases:
         raise RecordError("no record could be scored under this protocol")
-    method = (make_method(method, model_path, calibrate_s, calibrate_fit, transfer, adapt)
+    method = (make_method(method, model_path, calibrate_s, calibrate_fit, transfer, adapt, wander)
               if isinstance(method, str) else method)
     preds: dict[str, np.ndarray] = {}
     if isinstance(method, LeastSquaresMethod):

@@ -45,7 +45,7 @@ class Fold(NamedTuple):
     x_cal: np.ndarray  # (leads, 0–5 s) every lead but the held one, V2 and V6
     views: list[View]  # their views
     x_in: np.ndarray  # (inputs, 0–10 s)
-    truth: np.ndarray  # (1, 5–10 s) the held-out lead
+    truth: np.ndarray  # (1, 0–10 s) the held-out lead (scored over 5–10 s)
     scale: np.ndarray  # (10 leads, 5–10 s) the PSNR scale: every lead but V2 and V6
 
 
@@ -65,13 +65,13 @@ def _folds(data: list[Path], split: str, desc: str) -> tuple[int, Iterator[Fold]
             for h in HELD:
                 names = [n for n in others if n != h]
                 yield Fold(rec.name, resolve_view(h), np.stack([rec.lead(n) for n in names])[:, FIT],
-                           [resolve_view(n) for n in names], x_in, rec.lead(h)[None, SCORE], scale)
+                           [resolve_view(n) for n in names], x_in, rec.lead(h)[None], scale)
 
     return len(cases), folds()
 
 
 def _score(fold: Fold, pred: np.ndarray):
-    return score_record(fold.truth, pred[:, SCORE], fold.scale, [fold.held.name])
+    return score_record(fold.truth[:, SCORE], pred[:, SCORE], fold.scale, [fold.held.name])
 
 
 def _mean_psnr(scores: dict) -> float:

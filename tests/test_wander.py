@@ -1,0 +1,104 @@
+"""Baseline wander (panorama/wander.py): what is stripped and restored and what is left alone,
+how the gains are fitted, and that on real validation records it helps V2 and V6."""
+
+import numpy as np
+import pytest
+
+from panorama.geometry import resolve_views
+from panorama.records import MODEL_FS
+from panorama.wander import WANDER, Wander, slow_part
+from training.tune_wander import fit_gains
+
+T = int(10 * MODEL_FS)
+t = np.arange(T) / MODEL_FS
+SLOW = 0.3 * np.sin(2 * np.pi * 0.2 * t)  # breathing-like drift, mV
+FAST = 0.8 * np.sin(2 * np.pi * 8.0 * t)  # QRS-band content
+
+
+def test_slow_part_keeps_drift_and_drops_the_heart_band():
+    s = slow_part(np.stack([SLOW, FAST]))
+    mid = slice(MODEL_FS, T - MODEL_FS)  # away from the ends
+    assert np.abs(s[0, mid] - SLOW[mid]).max() < 0.03  # 0.2 Hz: kept (within 10 %)
+    assert np.abs(s[1, mid]).max() < 0.01 * 0.8  # 8 Hz: gone
+    assert np.allclose(slow_part(SLOW + FAST), s.sum(0))  # linear
+    assert np.allclose(slow_part(np.full((1, 40), 0.5)), 0.5)  # short signals work: a constant is all slow
+    short = np.ones((1, 2))
+    assert np.array_equal(slow_part(short), short)  # too short to filter: returned whole
+
+
+def test_restore_changes_only_chest_views_with_a_chest_input():
+    inputs = resolve_views("I,II,V3")
+    x = np.stack([FAST, FAST, FAST + SLOW])
+    queries = resolve_views("V2,V6,V8,aVL,VX")
+    pred = np.stack([FAST + 2 * SLOW] * len(queries))
+    out = WANDER.restore(pred, queries, x, inputs)
+    assert out.dtype == np.float32 and out.shape == pred.shape
+    assert np.allclose(out[3:], pred[3:])  # limb and Frank views untouched
+    mid = slice(MODEL_FS, T - MODEL_FS)
+    want = FAST + (2 * WANDER.model_gain + WANDER.common_gain) * SLOW
+    assert np.abs(out[:3, mid] - want[mid]).max() < 0.03  # chest views, posterior V8 too
+    # the heart's band is left as drawn: the 8 Hz component of every view is unchanged
+    basis = np.stack([np.sin(2 * np.pi * 8 * t), np.cos(2 * np.pi * 8 * t)])[:, mid]
+    amp = lambda s: basis @ s[mid] * 2 / basis.shape[1]  # noqa: E731
+    for i in range(len(queries)):
+        assert np.allclose(amp(out[i]), amp(pred[i]), atol=2e-3)
+    # no chest input, no common drift to lean on: everything as drawn
+    limbs = resolve_views("I,II")
+    assert np.array_equal(WANDER.restore(pred, queries, x[:2], limbs), pred.astype(np.float32))
+    # gains 1 and 0 are the identity
+    assert np.allclose(Wander(1.0, 0.0).restore(pred, queries, x, inputs), pred, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        WANDER.restore(pred[:2], queries, x, inputs)
+    with pytest.raises(ValueError, match="do not match"):
+        WANDER.restore(pred, queries, x[:, :100], inputs)
+
+
+def test_synthesize_draws_chest_views_from_stripped_inputs_and_the_rest_as_recorded():
+    inputs = resolve_views("I,II,V3")
+    x = np.stack([FAST + SLOW, FAST - SLOW, 2 * FAST + SLOW])
+    seen = []
+
+    def draw(xx, qs):  # a stand-in "model": every view is the mean of the inputs
+        seen.append((xx.copy(), [q.name for q in qs]))
+        return np.repeat(xx.mean(axis=0, keepdims=True), len(qs), axis=0)
+
+    w = Wander(model_gain=0.5, common_gain=0.25)
+    out = w.synthesize(draw, x, inputs, resolve_views("V2,aVL,V7"))
+    (stripped, chest), (raw, rest) = seen
+    assert chest == ["V2", "V7"] and rest == ["aVL"]
+    assert np.array_equal(raw, x) and np.abs(slow_part(stripped)[:, MODEL_FS:-MODEL_FS]).max() < 0.01
+    mid = slice(MODEL_FS, T - MODEL_FS)
+    assert np.abs(out[1] - x.mean(0))[mid].max() < 1e-5  # aVL as drawn from the recording
+    want = 4 / 3 * FAST + 0.25 * SLOW  # the inputs' mean heart band + 0.25 x V3's drift
+    assert np.abs(out[[0, 2]][:, mid] - want[mid]).max() < 0.01
+    assert w.strip(x).dtype == np.float32
+
+
+def test_fit_gains_recovers_known_gains():
+    rng = np.random.default_rng(0)
+    preds, truths, commons = [], [], []
+    for _ in range(6):
+        drift = np.cumsum(rng.normal(0, 0.002, T))  # slow random walks
+        common = np.cumsum(rng.normal(0, 0.002, T))
+        pred = FAST * rng.uniform(0.5, 1.5) + drift
+        preds.append(pred)
+        commons.append(common)
+        truths.append(pred + (0.4 - 1.0) * slow_part(pred) + 0.3 * slow_part(common))
+    w = fit_gains(preds, truths, commons, 0.67)
+    assert (w.model_gain, w.common_gain) == (0.4, 0.3)
+
+
+def test_wander_helps_v2_and_v6_on_real_validation_records(data_dir):
+    from training import splits
+    from training.evaluate import Task, evaluate, load_cases
+
+    paths = splits.select(sorted(p.with_suffix("") for p in (data_dir / "ludb").glob("*.hea")), "val")[:12]
+    task = Task(resolve_views("I,II,V3"), resolve_views("V2,V6"))
+    cases, _ = load_cases(paths, task, progress=False)
+    base = evaluate(cases, task, "model", progress=False, calibrate_s=5, transfer=True)
+    wa = evaluate(cases, task, "model", progress=False, calibrate_s=5, transfer=True, wander=True)
+    assert wa.summary["overall"]["records"] == base.summary["overall"]["records"] >= 10
+    for v in ("V2", "V6"):
+        b, w = base.summary["per_view"][v], wa.summary["per_view"][v]
+        assert w["rmse_uv_median"] < b["rmse_uv_median"], (v, b, w)
+    assert wa.summary["overall"]["psnr_db"] > base.summary["overall"]["psnr_db"], (base.summary, wa.summary)
