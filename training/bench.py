@@ -47,8 +47,8 @@ def register(sub) -> None:
     p.add_argument("--filter-sweep", action="store_true",
                    help="transfer: also sweep the residual filter's span and ridge (one neighbour)")
     p.add_argument("--figure", type=Path, metavar="PNG",
-                   help="transfer: also draw the --split record with the median gain from transfer; adapt: draw "
-                   "the --split record with the median gain from adaptation, instead of the table")
+                   help="transfer: also draw the --split record with the median gain from transfer; adapt, wander: "
+                   "draw the --split record with the median gain from that step, instead of the table")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
@@ -89,10 +89,10 @@ def run(args) -> int:
         return 0
     torch.set_num_threads(args.threads)
     synth = Synthesizer.load(args.model, device=args.device)
-    if args.what == "adapt" and args.figure:
+    if args.what in ("adapt", "wander") and args.figure:
         from .transfer_figure import plot_transfer_example
 
-        res = plot_transfer_example(synth, args.data, args.figure, split, adapt=True)
+        res = plot_transfer_example(synth, args.data, args.figure, split, step=args.what)
         print(f"wrote {args.figure}: {res['record']} (gain {res['gain_db']:+.2f} dB)")
         return 0
     if args.what == "wander":

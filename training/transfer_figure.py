@@ -1,7 +1,9 @@
 """A typical record with and without a Stage III step, for people who would rather look than
 read: ``panorama bench transfer --figure docs/transfer_example.png`` (neighbour transfer
-against calibration alone) and ``panorama bench adapt --figure docs/adapt_example.png
---split val`` (patient adaptation against calibration + transfer).
+against calibration alone), ``panorama bench adapt --figure docs/adapt_example.png --split
+val`` (patient adaptation against calibration + transfer) and ``panorama bench wander
+--figure docs/wander_example.png`` (baseline wander against calibration + adaptation +
+transfer).
 
 "Typical" is chosen, not picked: the record whose PSNR gain from the step is the median
 over the split (validation by default). It shows the scored 5–10 s of V2 and V6 (never
@@ -21,9 +23,28 @@ from . import splits
 from .evaluate import CALIB_S, CalibratedModelMethod, Task, evaluate, load_cases
 
 
-def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val", adapt: bool = False) -> dict:
-    """``adapt``: compare calibration + transfer with and without patient adaptation; else
-    calibration with and without transfer."""
+STEPS = {  # step → (what it is called, the pipeline without it, what adding it is called)
+    "transfer": ("neighbour transfer", "model + calibration", "+ neighbour transfer"),
+    "adapt": ("patient adaptation", "calibration + transfer", "+ patient adaptation"),
+    "wander": ("baseline wander", "calibration + adaptation + transfer", "+ baseline wander"),
+}
+
+
+def _pipeline(synth, step: str, on: bool) -> CalibratedModelMethod:
+    if step == "transfer":
+        return CalibratedModelMethod(synth, CALIB_S, transfer=on)
+    if step == "adapt":
+        return CalibratedModelMethod(synth, CALIB_S, transfer=True, adapt=on)
+    from panorama.wander import WANDER
+
+    return CalibratedModelMethod(synth, CALIB_S, transfer=True, adapt=True, wander=WANDER if on else None)
+
+
+def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val", step: str = "transfer") -> dict:
+    """The pipeline with and without ``step`` (a key of ``STEPS``) on the record with the
+    median gain from it."""
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; choose from {', '.join(STEPS)}")
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -33,10 +54,8 @@ def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val"
     cases, _ = load_cases(splits.select(find_records(*data), split), task, progress=False)
     if not cases:
         raise ValueError(f"no record of split {split!r} can be scored under the synthesis protocol")
-    runs = {on: CalibratedModelMethod(synth, CALIB_S, transfer=adapt or on, adapt=adapt and on) for on in (False, True)}
-    step = "patient adaptation" if adapt else "neighbour transfer"
-    names = ("calibration + transfer", "+ patient adaptation") if adapt else ("model + calibration",
-                                                                             "+ neighbour transfer")
+    runs = {on: _pipeline(synth, step, on) for on in (False, True)}
+    called, *names = STEPS[step]
     scores = {tr: evaluate(cases, task, m, progress=False).scores for tr, m in runs.items()}
     gains = sorted((scores[True][c.record.name].psnr_db - scores[False][c.record.name].psnr_db, c.record.name)
                    for c in cases)
@@ -64,7 +83,7 @@ def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val"
         ax.legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("time (s): the scored 5-10 s")
     fig.suptitle(f"{name} ({rec.source.split(' (')[0]}), inputs I, II, V3; the {split}-split record with the "
-                 f"median gain from {step} ({gain:+.2f} dB)", fontsize=10)
+                 f"median gain from {called} ({gain:+.2f} dB)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -79,6 +79,14 @@ def _mean_psnr(scores: dict) -> float:
     return round(float(np.mean([summarise(list(s.values()))["overall"]["psnr_db"] for s in scores.values()])), 2)
 
 
+def _held_row(scores: dict) -> dict:
+    """PSNR and median r per held-out lead, and their mean PSNR; ``scores`` as for ``_mean_psnr``."""
+    over = {h: summarise(list(scores[h].values()))["overall"] for h in HELD}
+    return {"psnr_db": {h: round(over[h]["psnr_db"], 2) for h in HELD},
+            "r_median": {h: round(over[h]["r_median"], 3) for h in HELD},
+            "mean_psnr_db": _mean_psnr(scores)}
+
+
 def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES) -> dict:
     """PSNR and r of each held-out lead for each number of neighbours; the best by mean PSNR."""
     n_records, folds = _folds(data, split, "leave one lead out")
@@ -94,12 +102,7 @@ def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES) 
             pred = tr.synthesize(synth, fold.x_in, [fold.held])
             times[k].append((time.perf_counter() - t0) * 1000)
             scores[k][fold.held.name][fold.record] = _score(fold, pred)
-    table = {}
-    for k in choices:
-        row = {h: summarise(list(scores[k][h].values()))["overall"] for h in HELD}
-        table[k] = {"psnr_db": {h: round(row[h]["psnr_db"], 2) for h in HELD},
-                    "r_median": {h: round(row[h]["r_median"], 3) for h in HELD},
-                    "mean_psnr_db": _mean_psnr(scores[k])}
+    table = {k: _held_row(scores[k]) for k in choices}
     best = max(choices, key=lambda k: table[k]["mean_psnr_db"])
     return {"records": n_records, "split": split, "table": table, "best_neighbours": best,
             "fit_ms_median": round(float(np.median(times["fit"])), 1),

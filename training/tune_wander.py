@@ -18,13 +18,12 @@ from __future__ import annotations
 import numpy as np
 
 from panorama.geometry import resolve_views
-from panorama.metrics import summarise
 from panorama.records import MODEL_FS, Record
 from panorama.transfer import view_kind
 from panorama.wander import Wander, slow_part
 
 from .evaluate import CALIB_S, CalibratedModelMethod, Task
-from .tune_transfer import HELD, INPUTS, SCORE, _folds, _mean_psnr, _score
+from .tune_transfer import HELD, INPUTS, SCORE, _folds, _held_row, _score
 
 CUTOFFS = (0.5, 0.67, 1.0)
 
@@ -77,10 +76,7 @@ def _row(done, w: Wander | None) -> dict:
     for fold, pred in done:
         p = pred if w is None else w.restore(pred, [fold.held], fold.x_in, inputs)
         scores[fold.held.name][fold.record] = _score(fold, p)
-    over = {h: summarise(list(scores[h].values()))["overall"] for h in HELD}
-    row = {"psnr_db": {h: round(over[h]["psnr_db"], 2) for h in HELD},
-           "r_median": {h: round(over[h]["r_median"], 3) for h in HELD},
-           "mean_psnr_db": _mean_psnr(scores)}
+    row = _held_row(scores)
     if w is not None:
         row.update(model_gain=w.model_gain, common_gain=w.common_gain)
     return row
