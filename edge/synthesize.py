@@ -50,7 +50,7 @@ def register(sub) -> None:
                    "SECONDS (patient adaptation: each recorded chest lead predicted from what synthesis would give it; "
                    "about 0.6 s a record; PyTorch backend only)")
     p.add_argument("--wander", action="store_true",
-                   help="draw chest views from the leads without their baseline drift (below 0.67 Hz; with "
+                   help=f"draw chest views from the leads without their baseline drift (below {WANDER.cutoff_hz:g} Hz; with "
                    "--calibrate the fitted seconds too) and give them back the drift chest leads share, that of "
                    "the chest inputs (panorama/wander.py); needs a chest lead among --inputs; limb and Frank views "
                    "are drawn as without it")

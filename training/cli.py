@@ -11,6 +11,7 @@ from pathlib import Path
 from panorama.errors import RecordError
 from panorama.geometry import FRANK, STANDARD_12, resolve_views
 from panorama.records import MODEL_FS, Record, find_records
+from panorama.wander import WANDER
 
 from . import splits
 from .evaluate import (CALIB_S, METHODS, PROTOCOLS, Case, Task, default_protocol, eligible, evaluate, format_table,
@@ -59,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "panorama/adapt.py)")
     p.add_argument("--wander", action="store_true",
                    help="also score the most complete model row with baseline wander handled: every lead loses "
-                   "its drift below 0.67 Hz before anything is fitted or drawn (the calibration window on its own), "
+                   f"its drift below {WANDER.cutoff_hz:g} Hz before anything is fitted or drawn (the calibration window on its own), "
                    "and chest views get back the drift chest leads share, that of the chest inputs "
                    "(panorama/wander.py; gains fitted by `panorama bench wander`)")
     p.add_argument("--by-source", action="store_true", help="also print a table per source database")

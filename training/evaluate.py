@@ -127,8 +127,7 @@ class ModelMethod:
     def __init__(self, synth, wander=None):
         self.synth = synth
         self.wander = wander  # panorama.wander.Wander: drift stripped before, restored after; or None
-        if wander is not None:
-            self.name = "model+wander"
+        self.name = method_label(0.0, wander=wander is not None)
 
     def predict(self, x, inputs, queries):
         if self.wander is None:
