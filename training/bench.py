@@ -95,19 +95,13 @@ def run(args) -> int:
         res = plot_transfer_example(synth, args.data, args.figure, split, step=args.what)
         print(f"wrote {args.figure}: {res['record']} (gain {res['gain_db']:+.2f} dB)")
         return 0
-    if args.what == "wander":
+    if args.what in ("adapt", "wander"):
+        from .tune_adapt import format_adapt_tuning, tune_adapt
         from .tune_wander import format_wander_tuning, tune_wander
 
-        res = tune_wander(synth, args.data, split)
-        print(format_wander_tuning(res))
-        if args.json:
-            args.json.write_text(json.dumps(res, indent=2, default=float))
-        return 0
-    if args.what == "adapt":
-        from .tune_adapt import format_adapt_tuning, tune_adapt
-
-        res = tune_adapt(synth, args.data, split)
-        print(format_adapt_tuning(res))
+        tune, fmt = {"adapt": (tune_adapt, format_adapt_tuning), "wander": (tune_wander, format_wander_tuning)}[args.what]
+        res = tune(synth, args.data, split)
+        print(fmt(res))
         if args.json:
             args.json.write_text(json.dumps(res, indent=2, default=float))
         return 0

@@ -87,6 +87,11 @@ def _held_row(scores: dict) -> dict:
             "mean_psnr_db": _mean_psnr(scores)}
 
 
+def _held_cells(row: dict) -> str:
+    """A ``_held_row`` as table cells: dB / r per held-out lead."""
+    return "".join(f"{row['psnr_db'][h]:>9.2f} / {row['r_median'][h]:.3f}" for h in HELD)
+
+
 def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES) -> dict:
     """PSNR and r of each held-out lead for each number of neighbours; the best by mean PSNR."""
     n_records, folds = _folds(data, split, "leave one lead out")
@@ -130,8 +135,7 @@ def format_tuning(res: dict) -> str:
     lines = [f"leave one lead out, inputs {','.join(INPUTS)}, {res['records']} records (split {res['split']}); "
              "V2, V6 unused", f"{'neighbours':>10}" + "".join(f"{h + ' dB / r':>16}" for h in HELD) + f"{'mean dB':>10}"]
     for k, row in res["table"].items():
-        cells = "".join(f"{row['psnr_db'][h]:>9.2f} / {row['r_median'][h]:.3f}" for h in HELD)
-        lines.append(f"{'off' if k == 0 else k:>10}{cells}{row['mean_psnr_db']:>10.2f}")
+        lines.append(f"{'off' if k == 0 else k:>10}{_held_cells(row)}{row['mean_psnr_db']:>10.2f}")
     lines.append(f"best: {res['best_neighbours']} neighbour(s) per view")
     syn = ", ".join(f"{'off' if k == 0 else k} {v:g}" for k, v in res["synthesis_ms_median"].items())
     lines.append(f"median time: fit {res['fit_ms_median']:g} ms (9 leads x 5 s); one view from 10 s: {syn} ms")

@@ -7,7 +7,8 @@ record V1, V4 and V5 are held out in turn and drawn by the whole pipeline of the
 and V6) from I, II, V3, every lead stripped of its slow part first. For each cutoff the two
 gains are the least-squares ones for the held-out leads' 5-10 s as recorded (with a free
 offset each: the protocol centres every lead), pooled over leads and records, and every
-cutoff is scored with its own gains; "off" is the pipeline without stripping. V2 and V6 are
+cutoff is scored with its own gains; "off" is the pipeline without stripping. The records
+are read once. V2 and V6 are
 neither fitted, nor scored, nor in the PSNR scale. Not the training split: the model has
 learned those records' V1, V4 and V5, drift included, so its errors there are smaller than
 on a view it never saw (the gains fitted there keep most of the model's drift).
@@ -15,7 +16,10 @@ on a view it never saw (the gains fitted there keep most of the model's drift).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+from tqdm import tqdm
 
 from panorama.geometry import resolve_views
 from panorama.records import MODEL_FS, Record
@@ -23,7 +27,7 @@ from panorama.transfer import view_kind
 from panorama.wander import Wander, slow_part
 
 from .evaluate import CALIB_S, CalibratedModelMethod, Task
-from .tune_transfer import HELD, INPUTS, SCORE, _folds, _held_row, _score
+from .tune_transfer import HELD, INPUTS, SCORE, _folds, _held_cells, _held_row, _score
 
 CUTOFFS = (0.5, 0.67, 1.0)
 
@@ -47,33 +51,33 @@ def fit_gains(preds: list[np.ndarray], truths: list[np.ndarray], commons: list[n
 def tune_wander(synth, data, split: str = "val", cutoffs=CUTOFFS) -> dict:
     inputs = resolve_views(",".join(INPUTS))
     chest = [i for i, v in enumerate(inputs) if view_kind(v) == "torso"]
-    runs = {}  # cutoff (None: no stripping) → [(fold, prediction over 0-10 s)]
+    n_records, folds = _folds(data, split, "reading records")
+    folds = list(folds)  # read once, drawn once per cutoff
+    if not folds:
+        raise ValueError(f"no record of split {split!r} can be scored under the synthesis protocol")
+    runs = {}  # cutoff (None: no stripping) → predictions over 0-10 s, one per fold
     for cut in (None, *cutoffs):
-        n_records, folds = _folds(data, split, f"leave one lead out, {'no stripping' if cut is None else f'{cut:g} Hz'}")
         strip = None if cut is None else Wander(1.0, 0.0, cut)  # strip, restore nothing
         method = CalibratedModelMethod(synth, CALIB_S, transfer=True, adapt=True, wander=strip)
         runs[cut] = []
-        for fold in folds:
+        for fold in tqdm(folds, desc=f"leave one lead out, {'no stripping' if cut is None else f'{cut:g} Hz'}",
+                         unit="fold", disable=not sys.stderr.isatty(), leave=False):
             method.prepare(Record(fold.record, fold.x_cal, [v.name for v in fold.views], MODEL_FS),
                            Task(inputs, [fold.held]))
-            runs[cut].append((fold, method.predict(fold.x_in, inputs, [fold.held])))
-    if not runs[None]:
-        raise ValueError(f"no record of split {split!r} can be scored under the synthesis protocol")
-    table = {"off": _row(runs[None], None)}
+            runs[cut].append(method.predict(fold.x_in, inputs, [fold.held]))
+    table = {"off": _row(folds, runs[None], inputs, None)}
     for cut in cutoffs:
-        done = runs[cut]
-        w = fit_gains([p[0] for _, p in done], [f.truth[0] for f, _ in done],
-                      [f.x_in[chest].mean(axis=0) for f, _ in done], cut)
-        table[f"{cut:g} Hz"] = _row(done, w)
+        w = fit_gains([p[0] for p in runs[cut]], [f.truth[0] for f in folds],
+                      [f.x_in[chest].mean(axis=0) for f in folds], cut)
+        table[f"{cut:g} Hz"] = _row(folds, runs[cut], inputs, w)
     best = max((k for k in table if k != "off"), key=lambda k: table[k]["mean_psnr_db"])
     return {"records": n_records, "split": split, "table": table, "best": best}
 
 
-def _row(done, w: Wander | None) -> dict:
+def _row(folds, preds, inputs, w: Wander | None) -> dict:
     """Scores of the held-out leads: the predictions as drawn (``w`` None) or restored by ``w``."""
-    inputs = resolve_views(",".join(INPUTS))
     scores = {h: {} for h in HELD}
-    for fold, pred in done:
+    for fold, pred in zip(folds, preds):
         p = pred if w is None else w.restore(pred, [fold.held], fold.x_in, inputs)
         scores[fold.held.name][fold.record] = _score(fold, p)
     row = _held_row(scores)
@@ -88,7 +92,6 @@ def format_wander_tuning(res: dict) -> str:
              f"{'cutoff':<9}{'model':>7}{'common':>8}" + "".join(f"{h + ' dB / r':>16}" for h in HELD) + f"{'mean dB':>10}"]
     for k, row in res["table"].items():
         gains = f"{row['model_gain']:>7.2f}{row['common_gain']:>8.2f}" if "model_gain" in row else f"{'1':>7}{'0':>8}"
-        cells = "".join(f"{row['psnr_db'][h]:>9.2f} / {row['r_median'][h]:.3f}" for h in HELD)
-        lines.append(f"{k:<9}{gains}{cells}{row['mean_psnr_db']:>10.2f}")
+        lines.append(f"{k:<9}{gains}{_held_cells(row)}{row['mean_psnr_db']:>10.2f}")
     lines.append(f"best: {res['best']}")
     return "\n".join(lines)
