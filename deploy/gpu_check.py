@@ -7,7 +7,9 @@ Prints one table: for each backend (PyTorch CPU as the reference, PyTorch CUDA, 
 CPU and CUDA, TensorRT fp32 and fp16) the largest error against PyTorch CPU in µV on a
 realistic 10 s 12-lead input, and the median latency of 8 views × 10 s × 12 leads at batch 1
 and batch 32; TensorRT's cold build and its second start from the engine cache; calibration
-(12 leads × 5 s) on the CPU and on CUDA with their offsets compared. What is missing is a
+(12 leads × 5 s) on the CPU and on CUDA with their offsets compared; the whole per-patient Stage
+III (calibration, patient adaptation, neighbour transfer, baseline wander) on both, step by
+step, with the views they draw compared. What is missing is a
 row saying why. A failing section prints its error in its row and the check goes on. With
 $OUT set, the table is also written to $OUT/gpu_check.json.
 
@@ -289,6 +291,89 @@ def calibration_rows(model) -> None:
         failed("calibration", exc)
 
 
+def stage3_chain(model, x10: np.ndarray, device: str) -> tuple[np.ndarray, dict]:
+    """The whole per-patient Stage III of ``panorama synthesize --calibrate 5 --adapt --transfer
+    --wander`` on one record: (views drawn over 10 s, seconds per step). Recorded: the 12 leads
+    but V2 and V6; inputs I, II, V3; views V2, V6, V7, V4R."""
+    import torch
+
+    from panorama.adapt import adapt, synthesize_split
+    from panorama.calibrate import calibrate
+    from panorama.geometry import STANDARD_12, resolve_views
+    from panorama.synth import Synthesizer
+    from panorama.transfer import fit_transfer
+    from panorama.wander import WANDER
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    names = [n for n in STANDARD_12 if n not in ("V2", "V6")]
+    views, inputs, queries = resolve_views(",".join(names)), ["I", "II", "V3"], resolve_views("V2,V6,V7,V4R")
+    in_views = resolve_views(",".join(inputs))
+    rec = x10[[STANDARD_12.index(n) for n in names]]
+    x = rec[[names.index(n) for n in inputs]]
+    synth = Synthesizer(model, device=device)
+    times = {}
+    t0 = time.perf_counter()
+    fit = WANDER.strip(rec[:, :2500])
+    cal = calibrate(synth.model, fit, views, inputs=inputs, device=device)
+    sync()
+    times["calibrate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ad = adapt(synth.model, fit, views, inputs, offsets=cal.offsets_for(inputs), device=device)
+    sync()
+    times["adapt"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    own = Synthesizer(ad.model, device=device) if ad.accepted else synth
+    offsets = cal.offsets_for(inputs)
+    tr = fit_transfer(own, fit, views, inputs, offsets=offsets)
+    times["transfer"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+
+    def draw(xx, qs):
+        near = (lambda q: tr.synthesize(own, xx, q, offsets=offsets)) if tr.fitted else \
+            (lambda q: own(xx, in_views, q, offsets=offsets))
+        return synthesize_split(ad, near, lambda q: synth(xx, in_views, q, offsets=offsets), qs, xx.shape[1])
+
+    y = WANDER.synthesize(draw, x, in_views, queries)
+    sync()
+    times["synthesize"] = time.perf_counter() - t0
+    times["verdicts"] = (f"calibration {'accepted' if cal.accepted else 'rejected'}, adaptation "
+                         f"{'accepted' if ad.accepted else 'rejected'}, transfer {'fitted' if tr.fitted else 'not used'}")
+    return y, times
+
+
+def stage3_rows(model) -> None:
+    """Calibration, patient adaptation, neighbour transfer and baseline wander for one patient,
+    on the CPU and on CUDA: seconds per step, and the views both draw compared."""
+    try:
+        import copy
+
+        import torch
+
+        x10, source = realistic_input(10.0)
+        out = {}
+        for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            if out_of_time():
+                add(f"Stage III chain {device}", note="skipped: time budget spent")
+                continue
+            m = copy.deepcopy(model).to(device)
+            stage3_chain(m, x10, device)  # warm-up: kernels, allocator
+            out[device], t = stage3_chain(m, x10, device)
+            total = sum(v for v in t.values() if isinstance(v, float))
+            add(f"Stage III chain {device}", seconds=total,
+                note=f"calibrate {t['calibrate']:.2f} s, adapt {t['adapt']:.2f} s, transfer {t['transfer']:.2f} s, "
+                f"synthesize {t['synthesize']:.2f} s ({source}; 10 leads x 5 s fit, I,II,V3 -> V2,V6,V7,V4R "
+                f"over 10 s); {t['verdicts']}")
+        if "cuda" not in out:
+            add("Stage III cpu vs cuda", note="CUDA unavailable")
+            return
+        err = float(np.abs(out["cpu"] - out["cuda"]).max() * 1000)
+        add("Stage III cpu vs cuda", err_uv=err,
+            note=f"max |y_cpu - y_cuda| over the 4 views; {'agree' if err <= 5 else 'DIFFER'} (5 µV allowed: "
+            "40 Adam steps of the adapted blocks amplify float rounding)")
+    except Exception as exc:
+        failed("Stage III chain", exc)
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 def environment() -> dict:
@@ -354,6 +439,7 @@ def main() -> int:
         onnxruntime_rows(paths.get("fp32"), x12, ref["y"])
         tensorrt_rows(paths, x12, ref["y"], work)
     calibration_rows(model)
+    stage3_rows(model)
     print_table(env)
     out = os.environ.get("OUT")
     if out:
