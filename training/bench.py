@@ -60,6 +60,9 @@ def register(sub) -> None:
     p.add_argument("--identifiability", action="store_true",
                    help="calibration: also sweep each chest lead's angle with every other lead at its true "
                         "angle, and report how far the best-fitting angle lies from the truth")
+    p.add_argument("--axes", default=None, metavar="theta,phi",
+                   help="calibration: which angles of each electrode are fitted (default: panorama.calibrate's, "
+                   "phi only; theta,phi fits both)")
     p.add_argument("--move-limb-leads", action="store_true",
                    help="calibration: fit the limb leads' offsets too (default: chest leads only)")
     p.add_argument("--json", type=Path, help="write the figures as JSON")
@@ -129,7 +132,7 @@ def run(args) -> int:
             res.update(bench_onnxruntime(args.model, args.threads, args.repeats))
             res["onnxruntime_speedup"] = round(res["median_ms"] / res["onnxruntime_median_ms"], 2)
     else:
-        res = bench_calibration(synth, args.patients, move_far_field=args.move_limb_leads)
+        res = bench_calibration(synth, args.patients, move_far_field=args.move_limb_leads, axes=args.axes)
         if args.identifiability:
             res.update(bench_identifiability(synth, args.patients))
     for k, v in res.items():
@@ -225,7 +228,7 @@ def _centred_mae(e: np.ndarray) -> np.ndarray:
     return np.abs(centre(e)).mean(-1)
 
 
-def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False) -> dict:
+def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False, axes: str | None = None) -> dict:
     """Simulated patients with chest electrodes displaced by σ = 10.6°: calibrate on 0–5 s
     of the 10 leads other than V2/V6, synthesise exact-angle V2, V6, V7, V4R from I, II, V3."""
     from training.simulator import apply_device, render
@@ -249,7 +252,7 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
         x = rec[[cal_names.index(v.name) for v in inputs]]
         t0 = time.perf_counter()
         cal = calibrate(synth.model, rec[:, : 5 * MODEL_FS], cal_views, device=synth.device,
-                        move_far_field=move_far_field)
+                        move_far_field=move_far_field, **({"axes": axes} if axes else {}))
         times.append(time.perf_counter() - t0)
         accepted += cal.accepted
         for i in chest:
@@ -320,8 +323,13 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
                 own = _centred_mae(p - ref[j])  # against the noise-free lead: the model's own error
                 model_err.append(float(np.interp(truth[-1], sweep, own)) * 1000)
     found, truth = np.array(found), np.array(truth)
+    per_axis = {}
+    for k, axis in enumerate(("theta", "phi")):  # found and truth alternate θ, φ
+        per_axis[f"identifiability_err_{axis}_median_deg"] = round(float(np.median(np.abs(found[k::2] - truth[k::2]))), 2)
+        per_axis[f"identifiability_table_err_{axis}_median_deg"] = round(float(np.median(np.abs(truth[k::2]))), 2)
     return {"identifiability_err_median_deg": round(float(np.median(np.abs(found - truth))), 2),
             "identifiability_table_err_median_deg": round(float(np.median(np.abs(truth))), 2),
+            **per_axis,
             "identifiability_corr": round(float(np.corrcoef(found, truth)[0, 1]), 3),
             "identifiability_model_err_at_truth_uv_median": round(float(np.median(model_err)), 1),
             "identifiability_change_per_10deg_uv_median": round(float(np.median(change)), 1),
