@@ -97,6 +97,9 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
     check_fit_window(x, views, fs, "calibration")
+    cols = [a.strip() for a in axes.split(",") if a.strip()]
+    if not cols or set(cols) - {"theta", "phi"}:
+        raise ValueError(f"axes must name theta, phi or both, got {axes!r}")
     need = int(round(seconds * fs))
     if x.shape[1] < need:
         return _reject(views, f"only {x.shape[1] / fs:.1f} s recorded, {seconds:g} s asked")
@@ -126,9 +129,6 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if not movable.any():
         return _reject(views, "no chest lead among the inputs: limb leads keep their table angles", used=used)
 
-    cols = [a.strip() for a in axes.split(",") if a.strip()]
-    if not cols or set(cols) - {"theta", "phi"}:
-        raise ValueError(f"axes must name theta, phi or both, got {axes!r}")
     here = next(model.parameters()).device
     dev = torch.device(device) if device is not None else here
     if dev.type == here.type and dev.index is None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from panorama.calibrate import calibrate
+from panorama.calibrate import AXES, calibrate
 from panorama.geometry import NAMED, STANDARD_12, redundant_limb_leads, resolve_views
 from panorama.metrics import centre, score_record, summarise
 from panorama.records import MODEL_FS
@@ -60,7 +60,7 @@ def register(sub) -> None:
     p.add_argument("--identifiability", action="store_true",
                    help="calibration: also sweep each chest lead's angle with every other lead at its true "
                         "angle, and report how far the best-fitting angle lies from the truth")
-    p.add_argument("--axes", default=None, metavar="theta,phi",
+    p.add_argument("--axes", default=AXES, metavar="theta,phi",
                    help="calibration: which angles of each electrode are fitted (default: panorama.calibrate's, "
                    "phi only; theta,phi fits both)")
     p.add_argument("--move-limb-leads", action="store_true",
@@ -228,7 +228,7 @@ def _centred_mae(e: np.ndarray) -> np.ndarray:
     return np.abs(centre(e)).mean(-1)
 
 
-def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False, axes: str | None = None) -> dict:
+def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False, axes: str = AXES) -> dict:
     """Simulated patients with chest electrodes displaced by σ = 10.6°: calibrate on 0–5 s
     of the 10 leads other than V2/V6, synthesise exact-angle V2, V6, V7, V4R from I, II, V3."""
     from training.simulator import apply_device, render
@@ -252,7 +252,7 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
         x = rec[[cal_names.index(v.name) for v in inputs]]
         t0 = time.perf_counter()
         cal = calibrate(synth.model, rec[:, : 5 * MODEL_FS], cal_views, device=synth.device,
-                        move_far_field=move_far_field, **({"axes": axes} if axes else {}))
+                        move_far_field=move_far_field, axes=axes)
         times.append(time.perf_counter() - t0)
         accepted += cal.accepted
         for i in chest:
