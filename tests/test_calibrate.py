@@ -105,3 +105,29 @@ def test_recovers_a_known_displacement():
     shift = np.array([0.0, 12.0])
     errs = [np.abs(res.offsets_deg[chest] - off[chest]).mean() for res, off, chest in _fit_displaced(shift)]
     assert np.mean(errs) < 3.0  # the table itself is 6 deg off on average per component
+
+
+def test_the_calibration_bench_reports_its_ceiling():
+    """bench calibration scores no calibration, the fitted offsets, and the inputs' real
+    offsets (what a perfect fit would give this model) on the same simulated patients."""
+    from training.bench import bench_calibration
+
+    res = bench_calibration(Synthesizer.load(DEFAULT_CHECKPOINTS["pretrained"]), patients=2)
+    assert res["patients"] == 2 and 0 <= res["accepted"] <= 2
+    for key in ("gain_db", "gain_exact_offsets_db", "gain_V2_db", "offset_err_chest_median_deg",
+                "calibration_12_leads_s_median", "warm_up_s"):
+        assert np.isfinite(res[key]), key
+    # the real offsets are the truth the model was trained to read: they never hurt much
+    assert res["gain_exact_offsets_db"] > -0.1
+    assert res["psnr_uncalibrated_db"] + res["gain_exact_offsets_db"] > 20
+
+
+def test_warm_up_runs_a_fit_and_leaves_the_model_as_it_was(tiny):
+    from panorama.calibrate import warm_up
+
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    flags = [p.requires_grad for p in tiny.parameters()]
+    res = warm_up(tiny)
+    assert res.steps > 0 and len(res.used) == 12  # the synthetic recording passes every check
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert [p.requires_grad for p in tiny.parameters()] == flags

@@ -144,6 +144,7 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
         assert proc.wait(30) == 0, "SIGTERM drains and exits 0"
         assert tap.wait(lambda: tap.payloads("_daemon/test/status")[-1] == b"offline")
         cal = json.loads(tap.payloads("bed1/p1/calibration")[-1])
+        assert "calibration warmed up in" in proc.stdout.read()  # before the patient's fit, same result
     assert got.views == VIEWS and got.stats.gaps == 0
     out = tmp_path / "offline"
     r = cli("synthesize", record_500hz, "--inputs", ",".join(stream.leads), "--views", ",".join(VIEWS),
