@@ -121,7 +121,6 @@ class Daemon:
         self.report = Reporter(self.publisher, self.topics, self.id)
         self.threads: list[threading.Thread] = []
         self.metrics = None
-        self.calibration_warm_s: float | None = None  # set once the calibration warm-up has run
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> "Daemon":
@@ -283,16 +282,14 @@ class Daemon:
 
     # ---- calibration (pool thread) ------------------------------------------------------
     def _warm_up(self) -> None:
-        """The first fit in a process pays for PyTorch's lazy start-up (1.6 s where later fits
-        take 0.46 s on 2 CPU cores); pay it here, before any patient waits for it."""
+        """Pay PyTorch's lazy start-up (``panorama.calibrate.warm_up``) before any patient waits for it."""
         t0 = time.perf_counter()
         try:
             warm_up(self.model, device=self.cfg.calibration.device)
         except Exception:  # only the first patient's fit is slower for it
             log.exception("calibration warm-up failed")
             return
-        self.calibration_warm_s = time.perf_counter() - t0
-        log.info("calibration warmed up in %.2f s", self.calibration_warm_s)
+        log.info("calibration warmed up in %.2f s", time.perf_counter() - t0)
 
     def _calibrate(self, st: PatientStream, x: np.ndarray, views, generation: int) -> None:
         names = [v.name for v in views]

@@ -228,6 +228,13 @@ def _centred_mae(e: np.ndarray) -> np.ndarray:
     return np.abs(centre(e)).mean(-1)
 
 
+def _clocked(fn, *args, **kw):
+    """(fn's result, seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
 def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False, axes: str = AXES) -> dict:
     """Simulated patients with chest electrodes displaced by σ = 10.6°: calibrate on 0–5 s
     of the 10 leads other than V2/V6, synthesise exact-angle V2, V6, V7, V4R from I, II, V3:
@@ -246,9 +253,7 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
     errs: dict[str, list] = {n: [] for n in cal_names if lead_kind(n) == "chest"}
     plain, calibrated, oracle, times, times12, accepted = [], [], [], [], [], 0
     all12 = [*cal_views, *targets[:2]]  # V2, V6 last
-    t0 = time.perf_counter()
-    warm_up(synth.model, device=synth.device)  # as the daemon does at start: timings are per patient
-    warm_s = time.perf_counter() - t0
+    _, warm_s = _clocked(warm_up, synth.model, device=synth.device)  # as the daemon does at start
     for seed in tqdm(range(patients), desc="calibration bench", unit="pt", leave=False):
         rng, params, true, chest = _displaced_patient(seed)
         exact = np.array([[v.theta, v.phi] for v in targets])
@@ -257,16 +262,13 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
         sig = apply_device(clean, MODEL_FS, resolve_device("diagnostic", rng), rng).astype(np.float32)
         rec, truth = sig[: len(cal_names)], sig[len(cal_names):]
         x = rec[[cal_names.index(v.name) for v in inputs]]
-        t0 = time.perf_counter()
-        cal = calibrate(synth.model, rec[:, : 5 * MODEL_FS], cal_views, device=synth.device,
-                        move_far_field=move_far_field, axes=axes)
-        times.append(time.perf_counter() - t0)
+        kw = dict(device=synth.device, move_far_field=move_far_field, axes=axes)
+        cal, s = _clocked(calibrate, synth.model, rec[:, : 5 * MODEL_FS], cal_views, **kw)
+        times.append(s)
         accepted += cal.accepted
         # the speed target's case: all 12 leads (V2 and V6 here at their table angles), timed only
         x12 = np.concatenate([rec[:, : 5 * MODEL_FS], truth[:2, : 5 * MODEL_FS]])
-        t0 = time.perf_counter()
-        calibrate(synth.model, x12, all12, device=synth.device, move_far_field=move_far_field, axes=axes)
-        times12.append(time.perf_counter() - t0)
+        times12.append(_clocked(calibrate, synth.model, x12, all12, **kw)[1])
         for i in chest:
             errs[cal_names[i]].append(np.abs(cal.offsets_deg[i] - (true[i] - table[i])))
         scale = np.concatenate([rec, truth[:2]])[:, 2500:]  # 10 recorded leads + V2/V6 set the scale
