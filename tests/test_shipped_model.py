@@ -43,3 +43,12 @@ def test_more_recorded_leads_do_not_make_the_views_worse(scores):
     three, twelve = scores["three"], scores["twelve"]
     assert twelve["overall"]["psnr_db"] > three["overall"]["psnr_db"] - PSNR_SLACK_DB
     assert np.isfinite(twelve["overall"]["rmse_uv_median"])
+
+
+def test_the_speed_bench_measures_the_shipped_model():
+    """panorama bench model: what it reports (the speed itself is a benchmark, not a test)."""
+    from training.bench import bench_model
+
+    res = bench_model(Synthesizer.load(DEFAULT_CHECKPOINTS["pretrained"]), repeats=2)
+    assert res["parameters"] == 81_510  # the README's count
+    assert res["views"] == 8 and res["median_ms"] > 0 and res["gflop_per_call"] > 0
