@@ -259,7 +259,7 @@ def calibration_rows(model) -> None:
     try:
         import torch
 
-        from panorama.calibrate import calibrate
+        from panorama.calibrate import calibrate, warm_up
         from panorama.geometry import STANDARD_12, resolve_views
     except ImportError as exc:
         add("calibration", note=f"{exc.name} not installed")
@@ -273,7 +273,10 @@ def calibration_rows(model) -> None:
             import copy
 
             m = copy.deepcopy(model).to(device)
-            calibrate(m, x, views, device=device, steps=2)  # warm-up: kernels, allocator
+            t0 = time.perf_counter()
+            warm_up(m, device=device)  # as panorama serve does at start: kernels, allocator, autograd
+            add(f"calibration warm-up {device}", seconds=time.perf_counter() - t0,
+                note="panorama.calibrate.warm_up: the first fit in a process")
             t0 = time.perf_counter()
             results[device] = calibrate(m, x, views, device=device)
             add(f"calibration {device}", seconds=time.perf_counter() - t0,
