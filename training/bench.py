@@ -253,6 +253,9 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
     errs: dict[str, list] = {n: [] for n in cal_names if lead_kind(n) == "chest"}
     plain, calibrated, oracle, times, times12, accepted = [], [], [], [], [], 0
     all12 = [*cal_views, *targets[:2]]  # V2, V6 last
+    rows = [cal_names.index(v.name) for v in inputs]  # the inputs among the recorded leads
+    kw = dict(device=synth.device, move_far_field=move_far_field, axes=axes)
+    fit_n = 5 * MODEL_FS  # calibration window
     _, warm_s = _clocked(warm_up, synth.model, device=synth.device)  # as the daemon does at start
     for seed in tqdm(range(patients), desc="calibration bench", unit="pt", leave=False):
         rng, params, true, chest = _displaced_patient(seed)
@@ -261,18 +264,16 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
         clean = render(params, np.concatenate([true, exact]), names, 10.0, MODEL_FS)
         sig = apply_device(clean, MODEL_FS, resolve_device("diagnostic", rng), rng).astype(np.float32)
         rec, truth = sig[: len(cal_names)], sig[len(cal_names):]
-        x = rec[[cal_names.index(v.name) for v in inputs]]
-        kw = dict(device=synth.device, move_far_field=move_far_field, axes=axes)
-        cal, s = _clocked(calibrate, synth.model, rec[:, : 5 * MODEL_FS], cal_views, **kw)
+        x = rec[rows]
+        cal, s = _clocked(calibrate, synth.model, rec[:, :fit_n], cal_views, **kw)
         times.append(s)
         accepted += cal.accepted
         # the speed target's case: all 12 leads (V2 and V6 here at their table angles), timed only
-        x12 = np.concatenate([rec[:, : 5 * MODEL_FS], truth[:2, : 5 * MODEL_FS]])
-        times12.append(_clocked(calibrate, synth.model, x12, all12, **kw)[1])
+        times12.append(_clocked(calibrate, synth.model, np.concatenate([rec, truth[:2]])[:, :fit_n], all12, **kw)[1])
         for i in chest:
             errs[cal_names[i]].append(np.abs(cal.offsets_deg[i] - (true[i] - table[i])))
         scale = np.concatenate([rec, truth[:2]])[:, 2500:]  # 10 recorded leads + V2/V6 set the scale
-        told = (true - table)[[cal_names.index(v.name) for v in inputs]]  # the inputs' real offsets
+        told = (true - table)[rows]  # the inputs' real offsets
         for offsets, bucket in ((None, plain), (cal.offsets_for([v.name for v in inputs]), calibrated),
                                 (told, oracle)):
             pred = synth(x, inputs, targets, offsets=offsets)
