@@ -104,6 +104,8 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     cols = [a.strip() for a in axes.split(",") if a.strip()]
     if not cols or set(cols) - {"theta", "phi"}:
         raise ValueError(f"axes must name theta, phi or both, got {axes!r}")
+    if patience < 1 or steps < 1:
+        raise ValueError(f"patience and steps must be at least 1, got {patience} and {steps}")
     need = int(round(seconds * fs))
     if x.shape[1] < need:
         return _reject(views, f"only {x.shape[1] / fs:.1f} s recorded, {seconds:g} s asked")

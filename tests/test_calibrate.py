@@ -68,6 +68,8 @@ def test_bad_arguments_are_value_errors(tiny):
         calibrate(tiny, x, resolve_views(",".join(CAL)), fs=250)
     with pytest.raises(ValueError, match="axes"):
         calibrate(tiny, x, resolve_views(",".join(CAL)), axes="psi")
+    with pytest.raises(ValueError, match="patience"):
+        calibrate(tiny, x, resolve_views(",".join(CAL)), patience=0)
 
 
 def _fit_displaced(shift, seeds=range(4), **kw):
