@@ -103,7 +103,10 @@ def test_synthesize_with_wander_changes_chest_views_only_and_says_so(cli, data_d
     plain = read_record(tmp_path / "plain" / "ludb001").signals
     wa = read_record(tmp_path / "wander" / "ludb001").signals
     assert np.abs(wa[:2] - plain[:2]).max() > 0.02  # chest views: drawn without the drift, shared drift back
-    assert np.array_equal(wa[2], plain[2])  # the Frank lead: as drawn from the recording
+    # the Frank lead: as drawn from the recording. Not bit-equal: it is drawn in a batch of its
+    # own there, and PyTorch's kernels may sum in another order for another batch shape
+    # (0.04 uV on 2 of 5000 samples with the packages of session 9)
+    assert np.abs(wa[2] - plain[2]).max() < 1e-3
     proc = cli("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V6", "--calibrate", "5", "--transfer",
                "--adapt", "--wander", "--out", tmp_path / "all")
     assert proc.returncode == 0, proc.stderr
