@@ -22,7 +22,7 @@ demo: venv
 	$(BIN)/panorama demo
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=12
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
