@@ -93,7 +93,7 @@ def test_fit_gains_recovers_known_gains():
 
 
 def test_wander_helps_v2_and_v6_on_the_real_validation_split(data_dir):
-    """The whole validation split (about 80 s): the gain comes from the records with drift;
+    """The whole validation split (165 s on 2 cores in session 9): the gain comes from the records with drift;
     on clean ones it changes little either way (the first 12 LUDB records: -0.06 dB)."""
     from panorama.records import find_records
     from training import splits
