@@ -255,29 +255,30 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
     all12 = [*cal_views, *targets[:2]]  # V2, V6 last
     rows = [cal_names.index(v.name) for v in inputs]  # the inputs among the recorded leads
     kw = dict(device=synth.device, move_far_field=move_far_field, axes=axes)
-    fit_n = 5 * MODEL_FS  # calibration window
+    fit_n = 5 * MODEL_FS  # calibration window; synthesis is scored on what follows it
+    exact = np.array([[v.theta, v.phi] for v in targets])  # the targets at their exact angles
+    names = [*cal_names, *(f"target{v.name}" for v in targets)]
+    in_names, target_names = [v.name for v in inputs], [v.name for v in targets]
     _, warm_s = _clocked(warm_up, synth.model, device=synth.device)  # as the daemon does at start
     for seed in tqdm(range(patients), desc="calibration bench", unit="pt", leave=False):
         rng, params, true, chest = _displaced_patient(seed)
-        exact = np.array([[v.theta, v.phi] for v in targets])
-        names = [*cal_names, *(f"target{v.name}" for v in targets)]
         clean = render(params, np.concatenate([true, exact]), names, 10.0, MODEL_FS)
         sig = apply_device(clean, MODEL_FS, resolve_device("diagnostic", rng), rng).astype(np.float32)
         rec, truth = sig[: len(cal_names)], sig[len(cal_names):]
+        rec12 = np.concatenate([rec, truth[:2]])  # the 10 recorded leads, then V2 and V6
         x = rec[rows]
         cal, s = _clocked(calibrate, synth.model, rec[:, :fit_n], cal_views, **kw)
         times.append(s)
         accepted += cal.accepted
         # the speed target's case: all 12 leads (V2 and V6 here at their table angles), timed only
-        times12.append(_clocked(calibrate, synth.model, np.concatenate([rec, truth[:2]])[:, :fit_n], all12, **kw)[1])
+        times12.append(_clocked(calibrate, synth.model, rec12[:, :fit_n], all12, **kw)[1])
         for i in chest:
             errs[cal_names[i]].append(np.abs(cal.offsets_deg[i] - (true[i] - table[i])))
-        scale = np.concatenate([rec, truth[:2]])[:, 2500:]  # 10 recorded leads + V2/V6 set the scale
+        scale = rec12[:, fit_n:]  # 10 recorded leads + V2/V6 set the scale
         told = (true - table)[rows]  # the inputs' real offsets
-        for offsets, bucket in ((None, plain), (cal.offsets_for([v.name for v in inputs]), calibrated),
-                                (told, oracle)):
+        for offsets, bucket in ((None, plain), (cal.offsets_for(in_names), calibrated), (told, oracle)):
             pred = synth(x, inputs, targets, offsets=offsets)
-            bucket.append(score_record(truth[:, 2500:], pred[:, 2500:], scale, [v.name for v in targets]))
+            bucket.append(score_record(truth[:, fit_n:], pred[:, fit_n:], scale, target_names))
     p, c, o = summarise(plain), summarise(calibrated), summarise(oracle)
     out = {"patients": patients, "accepted": accepted,
            "psnr_uncalibrated_db": round(p["overall"]["psnr_db"], 2),
