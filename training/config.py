@@ -5,11 +5,12 @@ Relative paths are relative to the working directory (the repo root in the READM
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from panorama.errors import ConfigError
 from panorama.geometry import resolve_views
@@ -66,6 +67,15 @@ class OptimConfig(Strict):
     steps: int = Field(20_000, ge=1, le=10_000_000)
     warmup: int = Field(500, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    minutes: float | None = Field(None, gt=0, description="wall-clock budget: during warm-up the step count is "
+                                  "cut to what fits at the measured speed, validation included (a lent GPU's "
+                                  "time); the run then equals one configured with that many steps")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.minutes is not None and self.warmup < 100:
+            raise ValueError("optim.minutes needs optim.warmup >= 100: the speed is measured during warm-up")
+        return self
 
 
 class ValConfig(Strict):
@@ -85,11 +95,19 @@ class TrainConfig(Strict):
     out: Path = Field(Path("runs/stage1"), description="run folder: checkpoints and logs")
     init: Path | None = Field(None, description="checkpoint to start from (required for stage 2)")
     device_id: str | None = Field(None, description="the target device's name (stage 2)")
-    threads: int = Field(2, ge=1, le=256, description="torch CPU threads")
+    threads: int = Field(2, ge=1, le=256, description="torch CPU threads (and simulator processes)")
+    device: str = Field("cpu", description="torch device to train on: cpu, cuda or cuda:N")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelSection = Field(default_factory=ModelSection)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     val: ValConfig = Field(default_factory=ValConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device {v!r}: use cpu, cuda or cuda:N")
+        return v
 
     @model_validator(mode="after")
     def _check(self):

@@ -103,6 +103,10 @@ class Batch:
     y: torch.Tensor  # (B, Q, T) targets, mV
     q_mask: torch.Tensor  # (B, Q) bool
 
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(t.to(device, non_blocking=True) for t in
+                       (self.x, self.in_angles, self.mask, self.q_angles, self.y, self.q_mask)))
+
 
 class AnyPairsSampler:
     """Random crops with random recorded/query splits (the paper's any-pairs pretraining).

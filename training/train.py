@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +80,39 @@ def _load_state(path: Path, opt: torch.optim.Optimizer) -> tuple[int, float, lis
     return json.loads(meta["step"]), json.loads(meta["best"]), json.loads(meta["rng"])
 
 
+PROBE_FROM, PROBE_TO = 20, 100  # steps timed for optim.minutes (the first ones warm up CUDA and caches)
+
+
+def simulate_pool(cfg: TrainConfig) -> list:
+    """The simulated patients, in ``cfg.threads`` processes when there are many (each patient
+    depends on its seed alone, so the pool is the same however it is made)."""
+    d = cfg.data
+    make = partial(simulate_example, n_random=d.sim_random_views, hidden=tuple(d.hidden))
+    seeds = [cfg.seed * 1_000_003 + i for i in range(d.sim_patients)]
+    bar = dict(total=len(seeds), desc="simulating patients", unit="pt")
+    if cfg.threads == 1 or len(seeds) < 64:
+        return [make(s) for s in tqdm(seeds, **bar)]
+    with ProcessPoolExecutor(cfg.threads, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(make, seeds, chunksize=16), **bar))
+
+
+def fit_steps(cfg: TrainConfig, done: int, elapsed_s: float, step_s: float, val_s: float) -> int:
+    """The step count that ends the run within ``cfg.optim.minutes``: ``done`` steps taken,
+    ``elapsed_s`` spent since the run started, each further step ``step_s`` and each
+    validation ``val_s`` (one every ``val.every`` steps and one at the end), 3 % spare."""
+    left = 0.97 * cfg.optim.minutes * 60 - elapsed_s - val_s
+    more = max(0, int(left / (step_s + val_s / cfg.val.every)))
+    return max(done + 1, min(cfg.optim.steps, done + more))
+
+
 def run(cfg: TrainConfig, resume: bool = False) -> Path:
     # --- setup
+    t_start = time.time()
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {cfg.device}: this torch sees no CUDA GPU")
+    dev = torch.device(cfg.device)
     out = cfg.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
@@ -92,8 +124,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         log.info("real training records: %d", len(real_train))
         if not real_train:
             raise ConfigError(f"no usable training records in {cfg.data.real} (sources {cfg.data.sources or 'any'})")
-    sim = [simulate_example(cfg.seed * 1_000_003 + i, cfg.data.sim_random_views, hidden=tuple(cfg.data.hidden))
-           for i in tqdm(range(cfg.data.sim_patients), desc="simulating patients", unit="pt")]
+    sim = simulate_pool(cfg)
     d = cfg.data
     samplers = {name: AnyPairsSampler(ex, d.crop_samples, d.max_inputs, d.max_queries, cfg.seed + k,
                                       p_true=d.sim_true_angles if name == "sim" else 0.0)
@@ -118,6 +149,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         log.info("initialised from %s", cfg.init)
     else:
         model = NefNetV2(ModelConfig(**cfg.model.model_dump()))
+    model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     step, best = 0, -math.inf
     state_path = out / "train_state.safetensors"
@@ -139,21 +171,25 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             "training_data": {"real": str(cfg.data.real) if cfg.data.real else None, "split": "train",
                               "sources": cfg.data.sources, "hidden_leads": cfg.data.hidden,
                               "real_records": len(real_train), "sim_patients": len(sim)},
-            "init": str(cfg.init) if cfg.init else None}
+            "init": str(cfg.init) if cfg.init else None, "device": cfg.device}
+
+    def validate() -> dict:
+        model.eval()
+        return evaluate(val_cases, task, ModelMethod(Synthesizer(model, device=cfg.device)), progress=False).summary
 
     # --- loop
     log_file = (out / "log.jsonl").open("a")
     bar = tqdm(total=cfg.optim.steps, initial=step, desc=f"stage {cfg.stage}", unit="step")
-    t0, losses = time.time(), []
+    t0, t_probe, losses = time.time(), None, []
     while step < cfg.optim.steps:
         model.train()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         parts = []
         if n_sim:
-            parts.append(samplers["sim"].batch(n_sim))
+            parts.append(samplers["sim"].batch(n_sim).to(dev))
         if cfg.optim.batch - n_sim > 0:
-            parts.append(samplers["real"].batch(cfg.optim.batch - n_sim))
+            parts.append(samplers["real"].batch(cfg.optim.batch - n_sim).to(dev))
         loss = sum(masked_l1(model(b.x, b.in_angles, b.mask, b.q_angles), b.y, b.q_mask) * len(b.x)
                    for b in parts) / cfg.optim.batch
         opt.zero_grad(set_to_none=True)
@@ -163,18 +199,33 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         step += 1
         losses.append(loss.item())
         bar.update(1)
+        if step == PROBE_FROM:
+            t_probe = time.time()
+        if step == PROBE_TO and cfg.optim.minutes is not None and t_probe is not None:
+            step_s = (time.time() - t_probe) / (PROBE_TO - PROBE_FROM)
+            t_val = time.time()
+            if val_cases:
+                validate()
+            val_s = time.time() - t_val
+            steps = fit_steps(cfg, step, time.time() - t_start, step_s, val_s)
+            log.info("budget %.1f min: %.1f ms a step, %.1f s a validation -> %d steps (config: %d)",
+                     cfg.optim.minutes, step_s * 1000, val_s, steps, cfg.optim.steps)
+            log_file.write(json.dumps({"step": step, "budget_min": cfg.optim.minutes, "step_ms": step_s * 1000,
+                                       "val_s": val_s, "steps": steps}) + "\n")
+            cfg.optim.steps = steps
+            (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+            bar.total = steps
         if step % cfg.val.every == 0 or step == cfg.optim.steps:
             rec = {"step": step, "loss": float(np.mean(losses)), "lr": lr_at(step, cfg),
                    "elapsed_s": round(time.time() - t0, 1)}
             losses = []
             if val_cases:
-                model.eval()
-                res = evaluate(val_cases, task, ModelMethod(Synthesizer(model)), progress=False)
-                rec["val_psnr_db"] = res.summary["overall"]["psnr_db"]
-                rec["val_r_median"] = res.summary["overall"]["r_median"]
+                summary = validate()
+                rec["val_psnr_db"] = summary["overall"]["psnr_db"]
+                rec["val_r_median"] = summary["overall"]["r_median"]
                 if rec["val_psnr_db"] > best:
                     best = rec["val_psnr_db"]
-                    checkpoint.save(model, out / "best.safetensors", {**meta, "step": step, "val": res.summary})
+                    checkpoint.save(model, out / "best.safetensors", {**meta, "step": step, "val": summary})
             checkpoint.save(model, out / "last.safetensors", {**meta, "step": step})
             _save_state(state_path, opt, step, best, [s.rng.bit_generator.state for s in samplers.values()])
             bar.set_postfix(loss=f"{rec['loss']:.4f}", val=f"{rec.get('val_psnr_db', float('nan')):.2f}")
