@@ -1,7 +1,9 @@
 """Training plumbing: the split, the config, and a short real run end to end."""
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from panorama import checkpoint
@@ -63,3 +65,66 @@ def test_a_short_run_trains_validates_and_resumes(data_dir, tmp_path):
     more = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"steps": 9})})
     run(more, resume=True)
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_config_names_the_training_device_and_the_budget_needs_a_warm_up():
+    assert TrainConfig.model_validate({"data": {"sim_patients": 4}, "device": "cuda:1"}).device == "cuda:1"
+    with pytest.raises(ValueError, match="use cpu, cuda or cuda:N"):
+        TrainConfig.model_validate({"data": {"sim_patients": 4}, "device": "gpu"})
+    with pytest.raises(ValueError, match="warmup >= 100"):
+        TrainConfig.model_validate({"data": {"sim_patients": 4}, "optim": {"minutes": 5, "warmup": 50}})
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_training_on_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    from training.train import run
+
+    cfg = TrainConfig.model_validate({"out": str(tmp_path / "run"), "device": "cuda", "data": {"sim_patients": 4}})
+    with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_the_budget_fits_steps_and_validations_into_the_minutes_left():
+    from training.train import fit_steps
+
+    cfg = TrainConfig.model_validate({"data": {"sim_patients": 4}, "val": {"every": 1000},
+                                      "optim": {"steps": 200_000, "minutes": 10}})
+    # 600 s: 60 spent, 3 % spare and the final validation (2 s) off the rest, then 0.1 s a step
+    # plus 2 s every 1000 steps
+    assert fit_steps(cfg, 100, 60.0, 0.1, 2.0) == 100 + int((0.97 * 600 - 60 - 2) / (0.1 + 0.002))
+    assert fit_steps(cfg, 100, 60.0, 1e-6, 0.0) == 200_000  # never more than the config's steps
+    assert fit_steps(cfg, 100, 700.0, 0.1, 2.0) == 101  # out of time: stop at the next step
+
+
+def test_a_run_within_minutes_fixes_its_step_count_during_warm_up(tmp_path):
+    from training.train import PROBE_TO, run
+
+    cfg = TrainConfig.model_validate({
+        "out": str(tmp_path / "run"), "seed": 1, "threads": 1,
+        "data": {"sim_patients": 6, "crop_samples": 256},
+        "model": {"channels": 8, "embed_dim": 8, "heads": 2, "blocks": 1, "encoder_blocks": 2},
+        "optim": {"steps": 1_000_000, "batch": 2, "warmup": 100, "minutes": 0.1}, "val": {"every": 50}})
+    run(cfg)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    budget = [r for r in log if "budget_min" in r]
+    assert len(budget) == 1 and budget[0]["step"] == PROBE_TO
+    steps = budget[0]["steps"]
+    assert PROBE_TO < steps < 1_000_000
+    assert log[-1]["step"] == steps  # the run ended at the step count it chose
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["optim"]["steps"] == steps  # so the folder's config reproduces the run
+
+
+def test_simulated_patients_made_in_processes_equal_those_made_in_one(monkeypatch):
+    from training import train
+
+    cfg = TrainConfig.model_validate({"threads": 2, "data": {"sim_patients": 3, "sim_random_views": 2}})
+    monkeypatch.setattr(train, "POOL_MIN", 2)
+    pooled = train.simulate_pool(cfg)
+    monkeypatch.setattr(train, "POOL_MIN", 10_000)
+    serial = train.simulate_pool(cfg)
+    assert [p.name for p in pooled] == [p.name for p in serial]
+    for a, b in zip(pooled, serial):
+        np.testing.assert_array_equal(a.signals, b.signals)
+        np.testing.assert_array_equal(a.true_angles, b.true_angles)

@@ -81,6 +81,7 @@ def _load_state(path: Path, opt: torch.optim.Optimizer) -> tuple[int, float, lis
 
 
 PROBE_FROM, PROBE_TO = 20, 100  # steps timed for optim.minutes (the first ones warm up CUDA and caches)
+POOL_MIN = 64  # fewer simulated patients than this are made in this process: spawning costs more
 
 
 def simulate_pool(cfg: TrainConfig) -> list:
@@ -90,7 +91,7 @@ def simulate_pool(cfg: TrainConfig) -> list:
     make = partial(simulate_example, n_random=d.sim_random_views, hidden=tuple(d.hidden))
     seeds = [cfg.seed * 1_000_003 + i for i in range(d.sim_patients)]
     bar = dict(total=len(seeds), desc="simulating patients", unit="pt")
-    if cfg.threads == 1 or len(seeds) < 64:
+    if cfg.threads == 1 or len(seeds) < POOL_MIN:
         return [make(s) for s in tqdm(seeds, **bar)]
     with ProcessPoolExecutor(cfg.threads, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(tqdm(pool.map(make, seeds, chunksize=16), **bar))
