@@ -42,7 +42,7 @@ def test_config_refuses_to_supervise_the_validation_views():
 
 
 def test_shipped_configs_validate(cli, data_dir):  # the configs name ../shared/data/ecg
-    for name in ("stage1.yaml", "stage2_ludb.yaml"):
+    for name in ("stage1.yaml", "stage1_cuda.yaml", "stage2_ludb.yaml"):
         proc = cli("train", "--config", Path("training/configs") / name, "--validate-config")
         assert proc.returncode == 0, proc.stderr
         assert "valid" in proc.stdout
@@ -128,3 +128,21 @@ def test_simulated_patients_made_in_processes_equal_those_made_in_one(monkeypatc
     for a, b in zip(pooled, serial):
         np.testing.assert_array_equal(a.signals, b.signals)
         np.testing.assert_array_equal(a.true_angles, b.true_angles)
+
+
+def test_log_rmse_loss_is_the_metrics_psnr_up_to_constants():
+    import torch
+
+    from training.data import LOSSES, masked_log_rmse
+
+    assert set(LOSSES) == {"l1", "log_rmse"}
+    y = torch.zeros(1, 3, 400)
+    err = torch.randn(1, 3, 400) * 0.1
+    mask = torch.tensor([[True, True, False]])
+    base = masked_log_rmse(y + err, y, mask, floor_mv=0.0)
+    centred = err - err.median(-1, keepdim=True).values
+    expect = torch.log(centred[0, :2].square().mean(-1).sqrt()).mean()
+    assert torch.isclose(base, expect, atol=1e-6)  # the third view is masked out
+    assert torch.isclose(masked_log_rmse(y + err + 0.7, y, mask, floor_mv=0.0), base, atol=1e-6)  # DC is free
+    # a record at 4x the amplitude only adds log 4: its views weigh as much as before
+    assert torch.isclose(masked_log_rmse(4 * (y + err), 4 * y, mask, floor_mv=0.0), base + np.log(4), atol=1e-5)

@@ -61,6 +61,8 @@ class ModelSection(Strict):
 
 
 class OptimConfig(Strict):
+    loss: Literal["l1", "log_rmse"] = Field("l1", description="l1: mean absolute error; log_rmse: each "
+                                            "view's log RMSE, the PSNR the metric averages (training/data.py)")
     lr: float = Field(2e-3, gt=0, le=1)
     weight_decay: float = Field(0.01, ge=0, le=1)
     batch: int = Field(32, ge=1, le=1024)

@@ -29,7 +29,7 @@ from panorama.synth import Synthesizer
 from panorama.errors import ConfigError
 
 from .config import TrainConfig
-from .data import AnyPairsSampler, load_real, masked_l1, simulate_example
+from .data import LOSSES, AnyPairsSampler, load_real, simulate_example
 from .evaluate import ModelMethod, Task, evaluate, load_cases
 from . import splits
 
@@ -191,7 +191,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             parts.append(samplers["sim"].batch(n_sim).to(dev))
         if cfg.optim.batch - n_sim > 0:
             parts.append(samplers["real"].batch(cfg.optim.batch - n_sim).to(dev))
-        loss = sum(masked_l1(model(b.x, b.in_angles, b.mask, b.q_angles), b.y, b.q_mask) * len(b.x)
+        loss_fn = LOSSES[cfg.optim.loss]
+        loss = sum(loss_fn(model(b.x, b.in_angles, b.mask, b.q_angles), b.y, b.q_mask) * len(b.x)
                    for b in parts) / cfg.optim.batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
