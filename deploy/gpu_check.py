@@ -9,14 +9,17 @@ realistic 10 s 12-lead input, and the median latency of 8 views × 10 s × 12 le
 and batch 32; TensorRT's cold build and its second start from the engine cache; calibration
 (12 leads × 5 s) on the CPU and on CUDA with their offsets compared; the whole per-patient Stage
 III (calibration, patient adaptation, neighbour transfer, baseline wander) on both, step by
-step, with the views they draw compared. What is missing is a
+step, with the views they draw compared; and a short ``panorama train`` run on both, its time
+a step and its losses compared. What is missing is a
 row saying why. A failing section prints its error in its row and the check goes on. With
 $OUT set, the table is also written to $OUT/gpu_check.json.
 
 Needs torch and numpy; uses onnx, onnxruntime, tensorrt and cuda-python where present. It
 reads the checkpoint without the safetensors package if that is missing (the format is a
 length, a JSON header and raw tensors) and does not need wfdb, pydantic or the training code
-(the simulator makes the input when scipy is present; otherwise a dipole-model input).
+(the simulator makes the input when scipy is present; otherwise a dipole-model input). Only
+the training rows need pydantic (carry its wheels to a machine without it); without it they
+say so.
 """
 
 from __future__ import annotations
@@ -377,6 +380,49 @@ def stage3_rows(model) -> None:
         failed("Stage III chain", exc)
 
 
+def training_rows(work: Path, steps: int = 60) -> None:
+    """``panorama train`` on each device: the same short Stage I run (simulator only, seed 0,
+    the shipped model shape, batch 32) on the CPU and on CUDA, its time a step and its loss
+    over the last 20 steps, which should agree (the batches are the same; float rounding
+    differs)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the table is the output
+    try:
+        import torch
+
+        from training.config import TrainConfig
+        from training.train import run
+    except ImportError as exc:
+        add("training", note=f"{exc.name} not installed (the training side needs it)")
+        return
+    losses = {}
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        if out_of_time():
+            add(f"training {device}", note="skipped: the check's time budget is spent")
+            return
+        try:
+            out = work / f"train-{device}"
+            cfg = TrainConfig.model_validate({
+                "out": str(out), "seed": 0, "device": device, "threads": 2,
+                "data": {"sim_patients": 8}, "optim": {"steps": steps, "batch": 32, "warmup": 10},
+                "val": {"every": steps - 20}})
+            t0 = time.perf_counter()
+            run(cfg)
+            log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+            losses[device] = log[-1]["loss"]
+            step_ms = (log[-1]["elapsed_s"] - log[0]["elapsed_s"]) / 20 * 1000
+            add(f"training {device}", seconds=time.perf_counter() - t0,
+                note=f"panorama train, {steps} steps of 32 (simulator only): {step_ms:.0f} ms a step over the "
+                f"last 20; loss {losses[device]:.4f}")
+        except Exception as exc:
+            failed(f"training {device}", exc)
+    if "cuda" not in losses:
+        add("training cuda", note="CUDA unavailable")
+    elif "cpu" in losses:
+        rel = abs(losses["cuda"] - losses["cpu"]) / losses["cpu"]
+        add("training cpu vs cuda", note=f"losses {'agree' if rel < 0.05 else 'DIFFER'} "
+            f"({rel:.1%} apart over the last 20 steps; 5 % allowed)")
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 def environment() -> dict:
@@ -443,6 +489,7 @@ def main() -> int:
         tensorrt_rows(paths, x12, ref["y"], work)
     calibration_rows(model)
     stage3_rows(model)
+    training_rows(work)
     print_table(env)
     out = os.environ.get("OUT")
     if out:
