@@ -2,6 +2,8 @@
 """GPU check: every inference backend this machine has, against PyTorch on the CPU.
 
     python3 deploy/gpu_check.py            (from the repository root; about a minute or two)
+    python3 deploy/gpu_check.py --quick    (3 repetitions a timing, a shorter training run:
+                                            checks that every section runs, not the speed)
 
 Prints one table: for each backend (PyTorch CPU as the reference, PyTorch CUDA, ONNX Runtime
 CPU and CUDA, TensorRT fp32 and fp16) the largest error against PyTorch CPU in µV on a
@@ -24,6 +26,8 @@ say so.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import platform
@@ -38,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+QUICK = "--quick" in sys.argv[1:]
 BUDGET_S = 200  # sections after this are skipped: the whole check must stay under 4 minutes
 VIEWS = "V2,V6,V7,V8,V9,V3R,V4R,120:45"  # the bench's 8 views
 START = time.perf_counter()
@@ -60,6 +65,8 @@ def out_of_time() -> bool:
 
 def median_ms(fn, sync=lambda: None, budget_s: float = 4.0, reps: int = 20, warmup: int = 2) -> float:
     """Median milliseconds per call, at least 3 calls, about ``budget_s`` seconds at most."""
+    if QUICK:
+        reps, budget_s, warmup = 3, 0.0, 1
     for _ in range(warmup):
         fn()
     sync()
@@ -383,9 +390,9 @@ def stage3_rows(model) -> None:
 def training_rows(work: Path, steps: int = 60) -> None:
     """``panorama train`` on each device: the same short Stage I run (simulator only, seed 0,
     the shipped model shape, batch 32) on the CPU and on CUDA, its time a step and its loss
-    over the last 20 steps, which should agree (the batches are the same; float rounding
-    differs)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the table is the output
+    over the last third of the steps, which should agree (the batches are the same; float
+    rounding differs)."""
+    tail = steps // 3
     try:
         import torch
 
@@ -404,15 +411,16 @@ def training_rows(work: Path, steps: int = 60) -> None:
             cfg = TrainConfig.model_validate({
                 "out": str(out), "seed": 0, "device": device, "threads": 2,
                 "data": {"sim_patients": 8}, "optim": {"steps": steps, "batch": 32, "warmup": 10},
-                "val": {"every": steps - 20}})
+                "val": {"every": steps - tail}})
             t0 = time.perf_counter()
-            run(cfg)
+            with contextlib.redirect_stderr(io.StringIO()):  # its progress bars: the table is the output
+                run(cfg)
             log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
             losses[device] = log[-1]["loss"]
-            step_ms = (log[-1]["elapsed_s"] - log[0]["elapsed_s"]) / 20 * 1000
+            step_ms = (log[-1]["elapsed_s"] - log[0]["elapsed_s"]) / tail * 1000
             add(f"training {device}", seconds=time.perf_counter() - t0,
                 note=f"panorama train, {steps} steps of 32 (simulator only): {step_ms:.0f} ms a step over the "
-                f"last 20; loss {losses[device]:.4f}")
+                f"last {tail}; loss {losses[device]:.4f}")
         except Exception as exc:
             failed(f"training {device}", exc)
     if "cuda" not in losses:
@@ -420,7 +428,7 @@ def training_rows(work: Path, steps: int = 60) -> None:
     elif "cpu" in losses:
         rel = abs(losses["cuda"] - losses["cpu"]) / losses["cpu"]
         add("training cpu vs cuda", note=f"losses {'agree' if rel < 0.05 else 'DIFFER'} "
-            f"({rel:.1%} apart over the last 20 steps; 5 % allowed)")
+            f"({rel:.1%} apart over the last {tail} steps; 5 % allowed)")
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -489,7 +497,7 @@ def main() -> int:
         tensorrt_rows(paths, x12, ref["y"], work)
     calibration_rows(model)
     stage3_rows(model)
-    training_rows(work)
+    training_rows(work, 30 if QUICK else 60)
     print_table(env)
     out = os.environ.get("OUT")
     if out:
