@@ -114,6 +114,9 @@ def test_a_run_within_minutes_fixes_its_step_count_during_warm_up(tmp_path):
     assert log[-1]["step"] == steps  # the run ended at the step count it chose
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["optim"]["steps"] == steps  # so the folder's config reproduces the run
+    assert cfg.optim.steps == 1_000_000  # the caller's config is left as given
+    run(cfg, resume=True)  # resuming keeps the step count the budget chose: nothing more to do
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == len(log)
 
 
 def test_simulated_patients_made_in_processes_equal_those_made_in_one(monkeypatch):

@@ -109,6 +109,7 @@ def fit_steps(cfg: TrainConfig, done: int, elapsed_s: float, step_s: float, val_
 def run(cfg: TrainConfig, resume: bool = False) -> Path:
     # --- setup
     t_start = time.time()
+    cfg = cfg.model_copy(deep=True)  # optim.minutes may fix optim.steps: the caller's config stays as given
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -160,6 +161,11 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         last, last_meta = checkpoint.load(out / "last.safetensors")
         model.load_state_dict(last.state_dict())
         step, best, rng_states = _load_state(state_path, opt)
+        log_path = out / "log.jsonl"
+        budgeted = [r for r in map(json.loads, log_path.read_text().splitlines()) if "budget_min" in r] \
+            if log_path.is_file() else []
+        if budgeted and cfg.optim.minutes is not None:  # the step count the budget chose, not the config's
+            cfg.optim.steps = budgeted[-1]["steps"]
         if last_meta.get("step") != step:
             raise ConfigError(f"--resume: {out} holds last.safetensors at step {last_meta.get('step')} but "
                               f"optimizer state at step {step} (interrupted while saving); start afresh")
@@ -182,6 +188,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     log_file = (out / "log.jsonl").open("a")
     bar = tqdm(total=cfg.optim.steps, initial=step, desc=f"stage {cfg.stage}", unit="step")
     t0, t_probe, losses = time.time(), None, []
+    loss_fn = LOSSES[cfg.optim.loss]
     while step < cfg.optim.steps:
         model.train()
         for g in opt.param_groups:
@@ -191,7 +198,6 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             parts.append(samplers["sim"].batch(n_sim).to(dev))
         if cfg.optim.batch - n_sim > 0:
             parts.append(samplers["real"].batch(cfg.optim.batch - n_sim).to(dev))
-        loss_fn = LOSSES[cfg.optim.loss]
         loss = sum(loss_fn(model(b.x, b.in_angles, b.mask, b.q_angles), b.y, b.q_mask) * len(b.x)
                    for b in parts) / cfg.optim.batch
         opt.zero_grad(set_to_none=True)
