@@ -42,7 +42,7 @@ def test_config_refuses_to_supervise_the_validation_views():
 
 
 def test_shipped_configs_validate(cli, data_dir):  # the configs name ../shared/data/ecg
-    for name in ("stage1.yaml", "stage1_cuda.yaml", "stage2_ludb.yaml"):
+    for name in ("stage1.yaml", "stage2_ludb.yaml"):
         proc = cli("train", "--config", Path("training/configs") / name, "--validate-config")
         assert proc.returncode == 0, proc.stderr
         assert "valid" in proc.stdout
@@ -65,6 +65,15 @@ def test_a_short_run_trains_validates_and_resumes(data_dir, tmp_path):
     more = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"steps": 9})})
     run(more, resume=True)
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_train_command_overrides_device_and_minutes(cli, data_dir):
+    proc = cli("train", "--config", "training/configs/stage1.yaml", "--validate-config",
+               "--device", "cuda", "--minutes", "7")
+    assert proc.returncode == 0, proc.stderr
+    assert "12000 steps within 7 min on cuda" in proc.stdout
+    proc = cli("train", "--config", "training/configs/stage1.yaml", "--validate-config", "--device", "tpu")
+    assert proc.returncode != 0 and "use cpu, cuda or cuda:N" in proc.stderr
 
 
 def test_config_names_the_training_device_and_the_budget_needs_a_warm_up():

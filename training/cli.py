@@ -75,6 +75,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     p.add_argument("--validate-config", action="store_true", help="check the config and exit")
     p.add_argument("--ship", type=Path, metavar="PATH", help="copy the chosen checkpoint here when done")
+    p.add_argument("--device", help="train on this torch device instead of the config's (cpu, cuda, cuda:N)")
+    p.add_argument("--minutes", type=float, metavar="M",
+                   help="fit the run into M minutes: the step count is fixed during warm-up from the measured "
+                   "speed (optim.minutes; the run folder's config.json records it)")
     p.set_defaults(func=run_train)
 
     p = sub.add_parser(
@@ -203,9 +207,11 @@ def run_train(args) -> int:
     from .config import load_config
     from .train import run
 
-    cfg = load_config(args.config)
+    overrides = {k: v for k, v in (("device", args.device), ("optim.minutes", args.minutes)) if v is not None}
+    cfg = load_config(args.config, overrides)
     if args.validate_config:
-        print(f"{args.config}: valid (stage {cfg.stage}, {cfg.optim.steps} steps, out {cfg.out})")
+        budget = f" within {cfg.optim.minutes:g} min" if cfg.optim.minutes else ""
+        print(f"{args.config}: valid (stage {cfg.stage}, {cfg.optim.steps} steps{budget} on {cfg.device}, out {cfg.out})")
         return 0
     final = run(cfg, resume=args.resume)
     if args.ship:

@@ -128,7 +128,8 @@ class TrainConfig(Strict):
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """Parse and validate; every error is reported at once with its location in the YAML."""
+    """Parse and validate; every error is reported at once with its location in the YAML.
+    ``overrides`` replace keys before validation, dotted for nested ones ("optim.minutes")."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -138,8 +139,14 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    for key, value in (overrides or {}).items():
-        raw[key] = value
+    for key, value in (overrides or {}).items():  # "optim.minutes" sets raw["optim"]["minutes"]
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: {part} must be a mapping to override {key}")
+        node[leaf] = value
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
