@@ -93,8 +93,10 @@ def test_fit_gains_recovers_known_gains():
 
 
 def test_wander_helps_v2_and_v6_on_the_real_validation_split(data_dir):
-    """The whole validation split (165 s on 2 cores in session 9): the gain comes from the records with drift;
-    on clean ones it changes little either way (the first 12 LUDB records: -0.06 dB)."""
+    """The whole validation split, on calibration + neighbour transfer (28 s on 2 cores in session
+    10; with patient adaptation as well, the README's row, it took 79-165 s, the suite's slowest
+    test): the gain comes from the records with drift; on clean ones it changes little either
+    way (the first 12 LUDB records: -0.06 dB)."""
     from panorama.records import find_records
     from training import splits
     from training.evaluate import Task, evaluate, load_cases
@@ -102,12 +104,13 @@ def test_wander_helps_v2_and_v6_on_the_real_validation_split(data_dir):
     paths = splits.select(find_records(data_dir), "val")
     task = Task(resolve_views("I,II,V3"), resolve_views("V2,V6"))
     cases, _ = load_cases(paths, task, progress=False)
-    kw = dict(progress=False, calibrate_s=5, transfer=True, adapt=True)
+    kw = dict(progress=False, calibrate_s=5, transfer=True)
     base = evaluate(cases, task, "model", **kw).summary
     wa = evaluate(cases, task, "model", wander=True, **kw).summary
     assert wa["overall"]["records"] == base["overall"]["records"] >= 50
-    # README (calibration fitting phi): 30.68 -> 31.04 dB, r 0.918 -> 0.932. The median RMSE
-    # does not fall with it (90.0 -> 92.3 uV): the gain is on the drifting records, the
+    # Session 10: 29.86 -> 30.17 dB, r 0.914 -> 0.928, median RMSE 100.6 -> 98.7 uV, V6 30.45 ->
+    # 31.02 dB. With adaptation too (README): 30.68 -> 31.04 dB, r 0.918 -> 0.932, and there the
+    # median RMSE rises a little (90.0 -> 92.3 uV): the gain is on the drifting records, the
     # median record is clean and loses a little of its slow content to the filter.
     assert wa["overall"]["psnr_db"] > base["overall"]["psnr_db"] + 0.2, (base["overall"], wa["overall"])
     assert wa["overall"]["r_median"] > base["overall"]["r_median"] + 0.01
