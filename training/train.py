@@ -86,7 +86,8 @@ POOL_MIN = 64  # fewer simulated patients than this are made in this process: sp
 
 def simulate_pool(cfg: TrainConfig) -> list:
     """The simulated patients, in ``cfg.threads`` processes when there are many (each patient
-    depends on its seed alone, so the pool is the same however it is made)."""
+    depends on its seed alone, so the pool is the same however it is made). The processes are
+    spawned, so a script that calls ``run`` needs the usual ``if __name__ == "__main__":``."""
     d = cfg.data
     make = partial(simulate_example, n_random=d.sim_random_views, hidden=tuple(d.hidden))
     seeds = [cfg.seed * 1_000_003 + i for i in range(d.sim_patients)]
