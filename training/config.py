@@ -60,6 +60,9 @@ class ModelSection(Strict):
         return self
 
 
+PROBE_STEPS = (20, 100)  # optim.minutes times the steps between these (the first warm up CUDA and caches)
+
+
 class OptimConfig(Strict):
     loss: Literal["l1", "log_rmse"] = Field("l1", description="l1: mean absolute error; log_rmse: each "
                                             "view's log RMSE, the PSNR the metric averages (training/data.py)")
@@ -75,8 +78,9 @@ class OptimConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.minutes is not None and self.warmup < 100:
-            raise ValueError("optim.minutes needs optim.warmup >= 100: the speed is measured during warm-up")
+        if self.minutes is not None and self.warmup < PROBE_STEPS[1]:
+            raise ValueError(f"optim.minutes needs optim.warmup >= {PROBE_STEPS[1]}: the speed is measured "
+                             "during warm-up")
         return self
 
 

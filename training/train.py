@@ -28,7 +28,7 @@ from panorama.synth import Synthesizer
 
 from panorama.errors import ConfigError
 
-from .config import TrainConfig
+from .config import PROBE_STEPS, TrainConfig
 from .data import LOSSES, AnyPairsSampler, load_real, simulate_example
 from .evaluate import ModelMethod, Task, evaluate, load_cases
 from . import splits
@@ -80,7 +80,7 @@ def _load_state(path: Path, opt: torch.optim.Optimizer) -> tuple[int, float, lis
     return json.loads(meta["step"]), json.loads(meta["best"]), json.loads(meta["rng"])
 
 
-PROBE_FROM, PROBE_TO = 20, 100  # steps timed for optim.minutes (the first ones warm up CUDA and caches)
+PROBE_FROM, PROBE_TO = PROBE_STEPS
 POOL_MIN = 64  # fewer simulated patients than this are made in this process: spawning costs more
 
 
