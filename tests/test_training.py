@@ -42,7 +42,7 @@ def test_config_refuses_to_supervise_the_validation_views():
 
 
 def test_shipped_configs_validate(cli, data_dir):  # the configs name ../shared/data/ecg
-    for name in ("stage1.yaml", "stage2_ludb.yaml"):
+    for name in ("stage1.yaml", "stage1_v2_finetune.yaml", "stage2_ludb.yaml"):
         proc = cli("train", "--config", Path("training/configs") / name, "--validate-config")
         assert proc.returncode == 0, proc.stderr
         assert "valid" in proc.stdout

@@ -54,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--patients", type=int, default=40,
                    help="simulated patients for calibration and realism (default 40)")
+    p.add_argument("--anatomy", default="v1", choices=("v1", "v2"),
+                   help="calibration, realism: the simulator's ventricular sources (training/simulator/sources.py; "
+                   "default v1)")
     p.add_argument("--repeats", type=int, default=30, help="timed runs (default 30)")
     p.add_argument("--onnx", action="store_true",
                    help="model: also time ONNX Runtime (CPU) on the exported checkpoint, same input")
@@ -85,7 +88,7 @@ def run(args) -> int:
     if args.what == "realism":
         from .realism import compare_realism, format_realism
 
-        res = compare_realism(args.data, split, args.patients)
+        res = compare_realism(args.data, split, args.patients, anatomy=args.anatomy)
         print(format_realism(res))
         if args.json:
             args.json.write_text(json.dumps(res, indent=2))
@@ -132,9 +135,10 @@ def run(args) -> int:
             res.update(bench_onnxruntime(args.model, args.threads, args.repeats))
             res["onnxruntime_speedup"] = round(res["median_ms"] / res["onnxruntime_median_ms"], 2)
     else:
-        res = bench_calibration(synth, args.patients, move_far_field=args.move_limb_leads, axes=args.axes)
+        res = bench_calibration(synth, args.patients, move_far_field=args.move_limb_leads, axes=args.axes,
+                                anatomy=args.anatomy)
         if args.identifiability:
-            res.update(bench_identifiability(synth, args.patients))
+            res.update(bench_identifiability(synth, args.patients, anatomy=args.anatomy))
     for k, v in res.items():
         print(f"{k:>32}: {v}")
     if args.json:
@@ -209,14 +213,14 @@ def bench_onnxruntime(model_path, threads: int, repeats: int) -> dict:
 CAL_NAMES = [n for n in STANDARD_12 if n not in ("V2", "V6")]  # what calibration sees
 
 
-def _displaced_patient(seed: int):
+def _displaced_patient(seed: int, anatomy: str = "v1"):
     """Simulated patient ``seed`` of the calibration benchmarks: (rng, params, true angles of
     CAL_NAMES, indices of its chest leads), chest electrodes displaced by σ = 10.6°."""
     from training.simulator import sample_patient
     from training.simulator.render import lead_kind
 
     rng = np.random.default_rng([seed, 4242])
-    params = sample_patient(rng)
+    params = sample_patient(rng, anatomy=anatomy)
     true = np.array([[NAMED[n].theta, NAMED[n].phi] for n in CAL_NAMES], dtype=float)
     chest = [i for i, n in enumerate(CAL_NAMES) if lead_kind(n) == "chest"]
     true[chest] += rng.normal(0, 10.6, (len(chest), 2))
@@ -235,7 +239,8 @@ def _clocked(fn, *args, **kw):
     return out, time.perf_counter() - t0
 
 
-def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False, axes: str = AXES) -> dict:
+def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False, axes: str = AXES,
+                      anatomy: str = "v1") -> dict:
     """Simulated patients with chest electrodes displaced by σ = 10.6°: calibrate on 0–5 s
     of the 10 leads other than V2/V6, synthesise exact-angle V2, V6, V7, V4R from I, II, V3:
     uncalibrated, calibrated, and told the inputs' real offsets (the most calibration could
@@ -261,7 +266,7 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
     in_names, target_names = [v.name for v in inputs], [v.name for v in targets]
     _, warm_s = _clocked(warm_up, synth.model, device=synth.device)  # as the daemon does at start
     for seed in tqdm(range(patients), desc="calibration bench", unit="pt", leave=False):
-        rng, params, true, chest = _displaced_patient(seed)
+        rng, params, true, chest = _displaced_patient(seed, anatomy)
         clean = render(params, np.concatenate([true, exact]), names, 10.0, MODEL_FS)
         sig = apply_device(clean, MODEL_FS, resolve_device("diagnostic", rng), rng).astype(np.float32)
         rec, truth = sig[: len(cal_names)], sig[len(cal_names):]
@@ -300,7 +305,8 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
     return out
 
 
-def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 30.0, step_deg: float = 3.0) -> dict:
+def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 30.0, step_deg: float = 3.0,
+                          anatomy: str = "v1") -> dict:
     """The best calibration could do with this model: every lead but one at its TRUE angle,
     the one lead's θ (then φ) swept over ±``sweep_deg`` as the query; the angle where the
     model predicts it best from the others (as recorded, noise included), against where its
@@ -317,7 +323,7 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
     found, truth, model_err, change, noise = [], [], [], [], []
     model = synth.model
     for seed in tqdm(range(patients), desc="identifiability", unit="pt", leave=False):
-        rng, params, true, chest = _displaced_patient(seed)  # the same patients as bench_calibration
+        rng, params, true, chest = _displaced_patient(seed, anatomy)  # the same patients as bench_calibration
         moved = np.concatenate([true[chest] + [10.0, 0.0], true[chest] + [0.0, 10.0]])  # each lead 10° off
         names = [*cal_names, *(f"moved{k}" for k in range(len(moved)))]
         clean = render(params, np.concatenate([true, moved]), names, 5.0, MODEL_FS)

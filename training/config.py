@@ -28,6 +28,9 @@ class DataConfig(Strict):
     sim_patients: int = Field(1500, ge=0, le=100_000, description="simulated patients in the pool")
     sim_random_views: int = Field(12, ge=0, le=64, description="random-angle views per simulated patient")
     sim_weight: float = Field(0.5, ge=0, le=1, description="share of batches drawn from the simulator")
+    sim_anatomy: Literal["v1", "v2"] = Field("v1", description="the simulator's ventricular sources "
+                                             "(training/simulator/sources.py: v2 puts the RV and septum "
+                                             "against the chest)")
     sim_true_angles: float = Field(0.0, ge=0, le=1, description="probability that a simulated patient's "
                                    "displaced electrodes are told their true angles rather than the table's")
     crop_samples: int = Field(1024, ge=256, le=10_000, description="training crop length at 500 Hz")

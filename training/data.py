@@ -67,7 +67,7 @@ def random_directions(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def simulate_example(seed: int, n_random: int = 12, seconds: float = 10.0, device: str = "random",
-                     displacement_deg: float = 10.6, hidden: tuple[str, ...] = ()) -> Example:
+                     displacement_deg: float = 10.6, hidden: tuple[str, ...] = (), anatomy: str = "v1") -> Example:
     """One simulated patient: the 12 standard leads (chest electrodes displaced, angles as
     the table says, like a real recording) but the ``hidden`` ones, plus ``n_random`` views
     at exact random angles (which may fall anywhere, as physics, not as a named lead)."""
@@ -76,7 +76,7 @@ def simulate_example(seed: int, n_random: int = 12, seconds: float = 10.0, devic
     from .simulator.render import lead_kind
 
     rng = np.random.default_rng([seed, 7])
-    params = sample_patient(rng)
+    params = sample_patient(rng, anatomy=anatomy)
     told = descriptors([NAMED[n] for n in STANDARD_12]).astype(float)
     true = told[:, :2].copy()
     chest = [i for i, n in enumerate(STANDARD_12) if lead_kind(n) == "chest"]

@@ -55,12 +55,13 @@ def _stats(leads: dict[str, np.ndarray]) -> dict:
     return out
 
 
-def compare_realism(data: list[Path], split: str = "val", patients: int = 60, seed: int = 2000) -> dict:
+def compare_realism(data: list[Path], split: str = "val", patients: int = 60, seed: int = 2000,
+                    anatomy: str = "v1") -> dict:
     from .simulator import simulate
 
     names = sorted({n for p in PAIRS for n in p} | set(POLARITY_LEADS))
     sim = [_stats({n: s.lead(n) for n in names})
-           for s in (simulate(seed + i, views=names, duration_s=10.0) for i in range(patients))]
+           for s in (simulate(seed + i, views=names, duration_s=10.0, anatomy=anatomy) for i in range(patients))]
     real = []
     for path in splits.select(find_records(*data), split):
         try:
@@ -88,11 +89,12 @@ def compare_realism(data: list[Path], split: str = "val", patients: int = 60, se
         if s and r:
             polarity[n] = {"sim": round(float(np.median(s)), 2), "real": round(float(np.median(r)), 2),
                            "hidden": n in HIDDEN}
-    return {"patients": patients, "split": split, "pairs": rows, "polarity": polarity}
+    return {"patients": patients, "split": split, "anatomy": anatomy, "pairs": rows, "polarity": polarity}
 
 
 def format_realism(res: dict) -> str:
-    lines = [f"{res['patients']} simulated patients against real records (split {res['split']}); medians, "
+    lines = [f"{res['patients']} simulated patients (anatomy {res.get('anatomy', 'v1')}) against real records "
+             f"(split {res['split']}); medians, "
              f"high-passed at {HIGHPASS_HZ} Hz",
              f"{'pair':<8}{'corr sim':>10}{'corr real':>11}{'rms a/b sim':>13}{'rms a/b real':>14}"]
     for pair, r in res["pairs"].items():

@@ -89,7 +89,7 @@ def simulate_pool(cfg: TrainConfig) -> list:
     depends on its seed alone, so the pool is the same however it is made). The processes are
     spawned, so a script that calls ``run`` needs the usual ``if __name__ == "__main__":``."""
     d = cfg.data
-    make = partial(simulate_example, n_random=d.sim_random_views, hidden=tuple(d.hidden))
+    make = partial(simulate_example, n_random=d.sim_random_views, hidden=tuple(d.hidden), anatomy=d.sim_anatomy)
     seeds = [cfg.seed * 1_000_003 + i for i in range(d.sim_patients)]
     bar = dict(total=len(seeds), desc="simulating patients", unit="pt")
     if cfg.threads == 1 or len(seeds) < POOL_MIN:

@@ -18,7 +18,9 @@ from panorama.geometry import unit_vector
 
 from . import sources
 from .sources import BeatTemplate
-from .torso import CONDUCTIVITY, TORSO_SEMI_AXES
+from .torso import CONDUCTIVITY, SOFTENING_CM, TORSO_SEMI_AXES
+
+SOFTENING_BY_ANATOMY = {"v1": SOFTENING_CM, "v2": 1.0}  # cm, wavefront size (sources.ANATOMIES)
 
 # Probabilities when no rhythm is forced: mostly sinus, as in a diagnostic ECG population.
 RHYTHMS: dict[str, float] = {
@@ -53,11 +55,14 @@ class PatientParams:
     af_moment: np.ndarray = field(default_factory=lambda: np.zeros(3))  # mV·cm², heart frame
     af_pos: np.ndarray = field(default_factory=lambda: np.array([-2.0, -1.0, 3.0]))
     schedule_seed: int = 0  # draws RR intervals and f-waves inside render()
+    softening_cm: float = SOFTENING_CM  # wavefront size in the lead field (SOFTENING_BY_ANATOMY)
     details: dict = field(default_factory=dict)  # labels for meta: BBB kind, injury region, ...
 
 
-def sample_patient(rng: np.random.Generator, rhythm: str | None = None) -> PatientParams:
-    """Draw one patient; ``rhythm`` forces one of ``RHYTHMS`` (else drawn with its probability)."""
+def sample_patient(rng: np.random.Generator, rhythm: str | None = None, anatomy: str = "v1") -> PatientParams:
+    """Draw one patient; ``rhythm`` forces one of ``RHYTHMS`` (else drawn with its probability).
+    ``anatomy`` chooses the ventricular sources (``sources.ANATOMIES``); it draws nothing, so a
+    seed gives the same patient under either, with its sources placed differently."""
     if rhythm is None:
         rhythm = str(rng.choice(list(RHYTHMS), p=list(RHYTHMS.values())))
     elif rhythm not in RHYTHMS:
@@ -68,10 +73,10 @@ def sample_patient(rng: np.random.Generator, rhythm: str | None = None) -> Patie
     if rhythm == "af":
         hr = float(np.clip(rng.normal(95, 20), 60, 150))  # AF is often poorly rate-controlled
 
-    beat = sources.normal_beat(p_wave=rhythm != "af")
+    beat = sources.normal_beat(p_wave=rhythm != "af", anatomy=anatomy)
     if rhythm == "wide_qrs":
         details["bundle_branch_block"] = kind = str(rng.choice(["lbbb", "rbbb"]))
-        beat = sources.bundle_branch_beat(kind, p_wave=True)
+        beat = sources.bundle_branch_beat(kind, p_wave=True, anatomy=anatomy)
     beat = sources.perturb(beat, rng, amp_sd=0.25, time_sd=0.004, width_sd=0.12, dir_deg=12.0, pos_cm=0.8)
     # Whole-wave scale factors: patients differ mostly in overall QRS, T and P size.
     beat = beat.scaled(beat.select("Q"), float(np.exp(rng.normal(0, 0.25))))
@@ -98,6 +103,7 @@ def sample_patient(rng: np.random.Generator, rhythm: str | None = None) -> Patie
         rsa=float(rng.uniform(0.0, 0.05)),
         resp_hz=float(rng.uniform(0.15, 0.4)),
         schedule_seed=int(rng.integers(2**31)),
+        softening_cm=SOFTENING_BY_ANATOMY[anatomy],
         details=details,
     )
     if rhythm == "af":

@@ -64,7 +64,7 @@ def render(params: PatientParams, angles_deg: np.ndarray, names: list[str],
     def coefficients(t: BeatTemplate) -> np.ndarray:  # (n_rows, n_comp)
         pos = centre + t.pos @ rot.T
         mom = t.moment @ rot.T
-        c = np.einsum("edk,dk->ed", lead_field(electrodes, pos, params.conductivity), mom) * gain[:, None]
+        c = np.einsum("edk,dk->ed", lead_field(electrodes, pos, params.conductivity, params.softening_cm), mom) * gain[:, None]
         frank = np.stack([FRANK_AXES[k] for k in FRANK]) @ mom.T * FRANK_GAIN
         return np.concatenate([c, frank])
 

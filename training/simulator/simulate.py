@@ -41,13 +41,14 @@ class SimRecord:
 
 def simulate(seed: int, views: list[str] | list[View] | str | None = None, duration_s: float = 10.0,
              fs: int = 500, rhythm: str | None = None, displacement_deg: float = DEFAULT_DISPLACEMENT_DEG,
-             device: str | DeviceProfile | None = "ideal") -> SimRecord:
+             device: str | DeviceProfile | None = "ideal", anatomy: str = "v1") -> SimRecord:
     """Simulate one patient's ECG at ``views`` (None → the 12 standard leads).
 
     Views are table names (``V7``), ``THETA:PHI`` strings, or ``View`` objects. Chest and
     arbitrary electrodes are displaced from their nominal angle by N(0, ``displacement_deg``)
     in θ and φ; limb and Frank leads are not (far-field, so placement hardly matters).
     ``device``: a name in ``DEVICE_PROFILES``, ``"random"``, a ``DeviceProfile``, or None.
+    ``anatomy``: the ventricular sources, ``sources.ANATOMIES``.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -62,7 +63,7 @@ def simulate(seed: int, views: list[str] | list[View] | str | None = None, durat
     view_list = _resolve(views)
 
     patient_ss, device_ss = np.random.SeedSequence(seed).spawn(2)
-    params = sample_patient(np.random.default_rng(patient_ss), rhythm)
+    params = sample_patient(np.random.default_rng(patient_ss), rhythm, anatomy)
     device_rng = np.random.default_rng(device_ss)
     profile = resolve_device(device, device_rng)
 

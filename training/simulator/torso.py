@@ -78,7 +78,8 @@ def limb_positions(heart_nominal: np.ndarray, jitter_cm: np.ndarray) -> np.ndarr
     return heart_nominal + LIMB_DISTANCE * _LIMB_DIRS + jitter_cm
 
 
-def lead_field(electrodes: np.ndarray, dipoles: np.ndarray, conductivity: np.ndarray) -> np.ndarray:
+def lead_field(electrodes: np.ndarray, dipoles: np.ndarray, conductivity: np.ndarray,
+               softening_cm: float = SOFTENING_CM) -> np.ndarray:
     """(n_e, n_d, 3): potential at electrode e per unit moment of dipole d.
 
     Unbounded medium with a diagonal conductivity tensor Σ (relative; 1 = isotropic):
@@ -86,10 +87,10 @@ def lead_field(electrodes: np.ndarray, dipoles: np.ndarray, conductivity: np.nda
     ∇·(Σ∇φ) = ∇·J for a point dipole. Low lateral conductivity stands in for the lungs on
     either side of the heart, which bend the chest leads' lead vectors toward the left
     (as Frank's torso-model and Dower's transfer coefficients show).
-    ``SOFTENING_CM`` smooths r² → r² + ε²: a region's wavefront is a few cm across, and a
-    point dipole overstates its potential at electrodes closer than that.
+    ``softening_cm`` (ε, default ``SOFTENING_CM``) smooths r² → r² + ε²: a region's wavefront is
+    a few cm across, and a point dipole overstates its potential at electrodes closer than that.
     """
     inv = 1.0 / np.asarray(conductivity, dtype=float)
     diff = electrodes[:, None, :] - dipoles[None, :, :]
-    q = np.einsum("edk,k,edk->ed", diff, inv, diff)[..., None] + SOFTENING_CM**2
+    q = np.einsum("edk,k,edk->ed", diff, inv, diff)[..., None] + softening_cm**2
     return diff * inv / (np.sqrt(np.prod(1.0 / inv)) * q**1.5)
