@@ -195,3 +195,9 @@ def test_anatomy_v2_draws_v1_and_v3_less_alike():
     assert v1.meta == v2.meta and not np.allclose(v1.signals, v2.signals)  # the same patient, other sources
     with pytest.raises(ValueError, match="unknown anatomy"):
         simulate(0, anatomy="v3")
+    from typing import get_args
+
+    from training.config import DataConfig
+    from training.simulator.sources import ANATOMIES
+    # the config's choices are written out (a Literal); they must stay the simulator's
+    assert get_args(DataConfig.model_fields["sim_anatomy"].annotation) == ANATOMIES
