@@ -162,12 +162,16 @@ class AnyPairsSampler:
         return Batch(t(x), t(ia), t(m), t(qa), t(y), t(qm))
 
 
+def _centred_error(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """pred − y with each view's median removed (DC carries no information, as in the metric)."""
+    err = pred - y
+    return err - err.median(dim=-1, keepdim=True).values
+
+
 def masked_l1(pred: torch.Tensor, y: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
     """Mean absolute error over valid queries, ignoring each view's DC offset (median of the
     error), as the metric does."""
-    err = pred - y
-    err = err - err.median(dim=-1, keepdim=True).values
-    per_view = err.abs().mean(-1)
+    per_view = _centred_error(pred, y).abs().mean(-1)
     return (per_view * q_mask).sum() / q_mask.sum().clamp(min=1)
 
 
@@ -176,9 +180,7 @@ def masked_log_rmse(pred: torch.Tensor, y: torch.Tensor, q_mask: torch.Tensor, f
     error). The metric's PSNR is −20·log10 of a view's RMSE over a per-record scale, averaged
     over views: this is that, up to constants (the scale only adds one per record). The floor
     (5 µV) keeps a view drawn almost exactly from outweighing the rest."""
-    err = pred - y
-    err = err - err.median(dim=-1, keepdim=True).values
-    per_view = torch.log(torch.sqrt(err.square().mean(-1) + floor_mv ** 2))
+    per_view = torch.log(torch.sqrt(_centred_error(pred, y).square().mean(-1) + floor_mv ** 2))
     return (per_view * q_mask).sum() / q_mask.sum().clamp(min=1)
 
 

@@ -167,6 +167,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             if log_path.is_file() else []
         if budgeted and cfg.optim.minutes is not None:  # the step count the budget chose, not the config's
             cfg.optim.steps = budgeted[-1]["steps"]
+            (out / "config.json").write_text(cfg.model_dump_json(indent=2))  # as the first run left it
         if last_meta.get("step") != step:
             raise ConfigError(f"--resume: {out} holds last.safetensors at step {last_meta.get('step')} but "
                               f"optimizer state at step {step} (interrupted while saving); start afresh")

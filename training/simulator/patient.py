@@ -20,8 +20,6 @@ from . import sources
 from .sources import BeatTemplate
 from .torso import CONDUCTIVITY, SOFTENING_CM, TORSO_SEMI_AXES
 
-SOFTENING_BY_ANATOMY = {"v1": SOFTENING_CM, "v2": 1.0}  # cm, wavefront size (sources.ANATOMIES)
-
 # Probabilities when no rhythm is forced: mostly sinus, as in a diagnostic ECG population.
 RHYTHMS: dict[str, float] = {
     "sinus": 0.50,
@@ -55,7 +53,7 @@ class PatientParams:
     af_moment: np.ndarray = field(default_factory=lambda: np.zeros(3))  # mV·cm², heart frame
     af_pos: np.ndarray = field(default_factory=lambda: np.array([-2.0, -1.0, 3.0]))
     schedule_seed: int = 0  # draws RR intervals and f-waves inside render()
-    softening_cm: float = SOFTENING_CM  # wavefront size in the lead field (SOFTENING_BY_ANATOMY)
+    softening_cm: float = SOFTENING_CM  # wavefront size in the lead field (sources.SOFTENING_BY_ANATOMY)
     details: dict = field(default_factory=dict)  # labels for meta: BBB kind, injury region, ...
 
 
@@ -103,7 +101,7 @@ def sample_patient(rng: np.random.Generator, rhythm: str | None = None, anatomy:
         rsa=float(rng.uniform(0.0, 0.05)),
         resp_hz=float(rng.uniform(0.15, 0.4)),
         schedule_seed=int(rng.integers(2**31)),
-        softening_cm=SOFTENING_BY_ANATOMY[anatomy],
+        softening_cm=sources.SOFTENING_BY_ANATOMY[anatomy],
         details=details,
     )
     if rhythm == "af":

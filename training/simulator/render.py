@@ -64,7 +64,8 @@ def render(params: PatientParams, angles_deg: np.ndarray, names: list[str],
     def coefficients(t: BeatTemplate) -> np.ndarray:  # (n_rows, n_comp)
         pos = centre + t.pos @ rot.T
         mom = t.moment @ rot.T
-        c = np.einsum("edk,dk->ed", lead_field(electrodes, pos, params.conductivity, params.softening_cm), mom) * gain[:, None]
+        per_moment = lead_field(electrodes, pos, params.conductivity, params.softening_cm)
+        c = np.einsum("edk,dk->ed", per_moment, mom) * gain[:, None]
         frank = np.stack([FRANK_AXES[k] for k in FRANK]) @ mom.T * FRANK_GAIN
         return np.concatenate([c, frank])
 
