@@ -337,7 +337,9 @@ def stage3_chain(model, x10: np.ndarray, device: str) -> tuple[np.ndarray, dict]
     t0 = time.perf_counter()
     own = Synthesizer(ad.model, device=device) if ad.accepted else synth
     offsets = cal.offsets_for(inputs)
-    tr = fit_transfer(own, fit, views, inputs, offsets=offsets)
+    every = calibrate(synth.model, fit, views, device=device)  # the neighbours' own angles
+    tr = fit_transfer(own, fit, views, inputs, offsets=offsets, view_offsets=every.offsets_deg)
+    sync()
     times["transfer"] = time.perf_counter() - t0
     t0 = time.perf_counter()
 
@@ -373,8 +375,8 @@ def stage3_rows(model) -> None:
             out[device], t = stage3_chain(m, x10, device)
             total = sum(v for v in t.values() if isinstance(v, float))
             add(f"Stage III chain {device}", seconds=total,
-                note=f"calibrate {t['calibrate']:.2f} s, adapt {t['adapt']:.2f} s, transfer {t['transfer']:.2f} s, "
-                f"synthesize {t['synthesize']:.2f} s ({source}; 10 leads x 5 s fit, I,II,V3 -> V2,V6,V7,V4R "
+                note=f"calibrate {t['calibrate']:.2f} s, adapt {t['adapt']:.2f} s, transfer {t['transfer']:.2f} s "
+                f"(the neighbours' fit included), synthesize {t['synthesize']:.2f} s ({source}; 10 leads x 5 s fit, I,II,V3 -> V2,V6,V7,V4R "
                 f"over 10 s); {t['verdicts']}")
         if "cuda" not in out:
             add("Stage III cpu vs cuda", note="CUDA unavailable")

@@ -43,8 +43,9 @@ def register(sub) -> None:
     p.add_argument("--transfer", action="store_true",
                    help="with --calibrate: also continue the same recorded leads past those SECONDS (the model "
                    "plus a residual filter fitted on them) and give each view its nearest one of the same kind within "
-                   "45 deg as an extra input (neighbour transfer; views with none that near are unchanged; asking for a "
-                   "recorded lead as a view takes it away from its neighbours)")
+                   "45 deg as an extra input, at the angle a second, leave-one-out calibration of those leads fits (neighbour "
+                   "transfer; views with none that near are unchanged; asking for a recorded lead as a view takes it away "
+                   "from its neighbours)")
     p.add_argument("--adapt", action="store_true",
                    help="with --calibrate: first fine-tune a copy of the model's fusion blocks on the same leads and "
                    "SECONDS (patient adaptation: each recorded chest lead predicted from what synthesis would give it; "
@@ -131,14 +132,22 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
                 if far:
                     notes.append(f"views beyond 45 deg of the adapted leads, drawn by the shared model: {','.join(far)}")
         if transfer:  # fitted with the model that will use it: the adapted copy, and the shared one
+            # the neighbours enter synthesis at their own angles, from a second fit of every
+            # recorded lead leave-one-out (the inputs keep the fit above)
+            every_fit = calibrate(shared.model, x_cal, cal_views, seconds=calibrate_s, device=shared.device)
+            log.info("%s: neighbours' %s", path.name, every_fit.summary())
             transfers[synth] = tr = fit_transfer(synth, x_cal, cal_views, names, seconds=calibrate_s,
-                                                 offsets=offsets)
+                                                 offsets=offsets, view_offsets=every_fit.offsets_deg)
             far = [v for v in views if adaptation is not None and not adaptation.covers(v)]
             if shared is not synth and any(tr.neighbours(far)):  # rare: only limb or Frank views
                 transfers[shared] = fit_transfer(shared, x_cal, cal_views, names, seconds=calibrate_s,
-                                                 offsets=offsets)
+                                                 offsets=offsets, view_offsets=every_fit.offsets_deg)
             log.info("%s: %s", path.name, tr.summary())
             notes.append(tr.summary())
+            if tr.fitted:
+                notes += [f"neighbour offset {v.name}: dtheta {d[0]:+.2f} dphi {d[1]:+.2f} deg "
+                          f"(leave-one-out fit, {'accepted' if every_fit.accepted else 'rejected'})"
+                          for v, d in zip(tr.leads, tr.lead_offsets)]
 
     def draw(x, qs):
         def via(s):

@@ -66,6 +66,9 @@ def test_synthesize_with_neighbour_transfer_changes_near_views_only(cli, data_di
         assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "transfer" / "ludb001")).comments
     assert any(c.startswith("neighbour transfer from") and "V1" in c for c in comments)
+    # the neighbours' own offsets, from the leave-one-out fit of every lead but V2 and V8
+    assert any(c.startswith("neighbour offset V1: dtheta +0.00 dphi ") and "(leave-one-out fit, " in c
+               for c in comments), comments
     cal = read_record(tmp_path / "cal" / "ludb001").signals
     tr = read_record(tmp_path / "transfer" / "ludb001").signals
     assert np.abs(tr[0] - cal[0]).max() > 0.02  # V2, between V1 and V3: corrected

@@ -63,6 +63,31 @@ def test_transfer_improves_an_unseen_neighbour_on_simulated_patients(synth):
     assert np.mean(after) < 0.98 * np.mean(before), (before, after)  # 0.0931 -> 0.0901 mV
 
 
+def test_neighbours_enter_synthesis_at_their_own_fitted_angles(synth):
+    x, _ = _record(3)
+    views = resolve_views(",".join(CAL))
+    xin = x[[CAL.index(n) for n in INPUTS]]
+    ins = resolve_views(",".join(INPUTS))
+    queries = resolve_views("V2,V8")
+    plain = fit_transfer(synth, x, views, INPUTS)
+    zero = fit_transfer(synth, x, views, INPUTS, view_offsets=np.zeros((len(CAL), 2)))
+    assert np.array_equal(zero.synthesize(synth, xin, queries), plain.synthesize(synth, xin, queries))
+    moved = np.zeros((len(CAL), 2))
+    moved[CAL.index("V1")] = (0.0, 12.0)
+    moved[CAL.index("V3")] = (0.0, -20.0)  # an input's row: synthesis takes the inputs' offsets from `offsets`
+    tr = fit_transfer(synth, x, views, INPUTS, view_offsets=moved)
+    assert tr.lead_offsets.tolist() == [[0.0, 12.0], [0.0, 0.0], [0.0, 0.0]]  # V1, V4, V5
+    got = tr.synthesize(synth, xin, queries)
+    v1 = tr.reconstruct(synth, xin)[[v.name for v in tr.leads].index("V1")]
+    want = synth(np.concatenate([xin, v1[None]]), [*ins, *resolve_views("V1")], queries[:1],
+                 offsets=np.array([[0, 0], [0, 0], [0, 0], [0, 12.0]], np.float32))[0]
+    assert np.allclose(got[0], want, atol=1e-5)  # V2 from I, II, V3 and V1 at its fitted angle
+    assert np.abs(got[0] - plain.synthesize(synth, xin, queries[:1])[0]).max() > 1e-3
+    assert np.array_equal(got[1], plain.synthesize(synth, xin, queries)[1])  # V8 has no neighbour
+    with pytest.raises(ValueError, match=r"view_offsets must be \(10, 2\)"):
+        fit_transfer(synth, x, views, INPUTS, view_offsets=np.zeros((3, 2)))
+
+
 def test_transfer_improves_v2_and_v6_on_real_validation_records(data_dir):
     from training import splits
     from training.evaluate import Task, evaluate, load_cases
@@ -121,4 +146,7 @@ def test_eval_never_fits_a_scored_view(synth, data_dir):
     method.prepare(cases[0].record, task)
     fitted = {v.name for v in method.fitted_transfer.leads}
     assert fitted and not fitted & {"V2", "V6"}
+    # the neighbours' offsets come from a fit of the recorded leads alone, one row for each
+    assert method.view_offsets.shape == (len(cases[0].record.leads) - 2, 2)
+    assert method.fitted_transfer.lead_offsets.shape == (len(fitted), 2)
     assert method.notes == {"transfer fitted": 1}

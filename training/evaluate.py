@@ -152,6 +152,7 @@ class CalibratedModelMethod(ModelMethod):
         self.adapt = adapt  # fine-tune a copy of the model's fusion blocks on the patient first
         self.adapt_options = adapt_options or {}  # passed to panorama.adapt.adapt (part, steps, lr)
         self.offsets = None
+        self.view_offsets = None  # (recorded leads, 2) for transfer's neighbours, from a leave-one-out fit
         self.fitted_transfer = None
         self.shared_transfer = None
         self.adaptation = None
@@ -172,6 +173,11 @@ class CalibratedModelMethod(ModelMethod):
         res = calibrate(self.synth.model, x, views, seconds=self.seconds,
                         inputs=inputs if self.inputs_only else None, device=self.synth.device)
         self.offsets = res.offsets_for(inputs)
+        self.view_offsets = None
+        if self.transfer:  # the neighbours' own angles: every recorded lead fitted leave-one-out
+            every = res if not self.inputs_only else calibrate(self.synth.model, x, views, seconds=self.seconds,
+                                                               device=self.synth.device)
+            self.view_offsets = every.offsets_deg
         self.active = self.synth
         if self.adapt:
             from panorama.adapt import adapt
@@ -186,7 +192,8 @@ class CalibratedModelMethod(ModelMethod):
         if self.transfer:
             from panorama.transfer import fit_transfer
 
-            tr = fit_transfer(self.active, x, views, inputs, seconds=self.seconds, offsets=self.offsets)
+            tr = fit_transfer(self.active, x, views, inputs, seconds=self.seconds, offsets=self.offsets,
+                              view_offsets=self.view_offsets)
             self.fitted_transfer = tr
             # views the adaptation does not cover are drawn by the shared model, with neighbours
             # continued by it; only limb or Frank views can have one (every torso lead is
@@ -194,8 +201,9 @@ class CalibratedModelMethod(ModelMethod):
             self.shared_transfer = tr
             if self.active is not self.synth:
                 far = [v for v in task.views if not self.adaptation.covers(v)]
-                self.shared_transfer = fit_transfer(self.synth, x, views, inputs, seconds=self.seconds,
-                                                    offsets=self.offsets) if any(tr.neighbours(far)) else None
+                self.shared_transfer = fit_transfer(
+                    self.synth, x, views, inputs, seconds=self.seconds, offsets=self.offsets,
+                    view_offsets=self.view_offsets) if any(tr.neighbours(far)) else None
             self.notes["transfer fitted" if tr.fitted else f"transfer not used: {tr.reason}"] += 1
 
     def draw(self, x, inputs, queries):
