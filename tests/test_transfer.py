@@ -98,7 +98,7 @@ def test_transfer_improves_v2_and_v6_on_real_validation_records(data_dir):
     cal = evaluate(cases, task, "model", progress=False, calibrate_s=5).summary["overall"]
     tr = evaluate(cases, task, "model", progress=False, calibrate_s=5, transfer=True).summary["overall"]
     assert tr["records"] == cal["records"] >= 10
-    assert tr["psnr_db"] > cal["psnr_db"] + 0.3, (cal, tr)  # 31.23 -> 31.83 dB, r 0.936 -> 0.953
+    assert tr["psnr_db"] > cal["psnr_db"] + 0.3, (cal, tr)  # session 12: 31.36 -> 32.26 dB, r 0.934 -> 0.953
     assert tr["r_median"] > cal["r_median"]
 
 
