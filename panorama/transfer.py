@@ -105,13 +105,9 @@ class Transfer:
             if not ks:
                 out[idx] = synth(x, self.inputs, qs, offsets=offsets)
                 continue
-            off = None
-            if offsets is not None or self.lead_offsets is not None:
-                own = (np.zeros((len(self.inputs), 2), np.float32) if offsets is None
-                       else np.asarray(offsets, np.float32))
-                near_off = (np.zeros((len(ks), 2), np.float32) if self.lead_offsets is None
-                            else np.asarray(self.lead_offsets, np.float32)[list(ks)])
-                off = np.concatenate([own, near_off])
+            own = np.zeros((len(self.inputs), 2)) if offsets is None else np.asarray(offsets)
+            nb = np.zeros((len(ks), 2)) if self.lead_offsets is None else self.lead_offsets[list(ks)]
+            off = np.concatenate([own, nb]).astype(np.float32)
             out[idx] = synth(np.concatenate([x, recon[list(ks)]]), [*self.inputs, *(self.leads[k] for k in ks)], qs,
                              offsets=off)
         return out
