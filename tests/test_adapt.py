@@ -102,7 +102,7 @@ def test_adaptation_improves_v2_and_v6_on_real_validation_records(data_dir):
     ad = evaluate(cases, task, "model", progress=False, calibrate_s=5, transfer=True, adapt=True)
     tr, ad = tr.summary["overall"], ad.summary["overall"]
     assert ad["records"] == tr["records"] >= 10
-    assert ad["psnr_db"] > tr["psnr_db"] + 0.5, (tr, ad)  # 31.83 -> 32.91 dB, r 0.952 -> 0.967
+    assert ad["psnr_db"] > tr["psnr_db"] + 0.5, (tr, ad)  # session 12: 32.26 -> 33.26 dB, r 0.953 -> 0.963
     assert ad["r_median"] > tr["r_median"]
 
 
