@@ -376,8 +376,8 @@ def stage3_rows(model) -> None:
             total = sum(v for v in t.values() if isinstance(v, float))
             add(f"Stage III chain {device}", seconds=total,
                 note=f"calibrate {t['calibrate']:.2f} s, adapt {t['adapt']:.2f} s, transfer {t['transfer']:.2f} s "
-                f"(the neighbours' fit included), synthesize {t['synthesize']:.2f} s ({source}; 10 leads x 5 s fit, I,II,V3 -> V2,V6,V7,V4R "
-                f"over 10 s); {t['verdicts']}")
+                f"(the neighbours' fit included), synthesize {t['synthesize']:.2f} s ({source}; 10 leads x 5 s "
+                f"fit, I,II,V3 -> V2,V6,V7,V4R over 10 s); {t['verdicts']}")
         if "cuda" not in out:
             add("Stage III cpu vs cuda", note="CUDA unavailable")
             return

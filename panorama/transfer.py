@@ -121,8 +121,8 @@ class Transfer:
 
 def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs: float = MODEL_FS,
                  seconds: float = 5.0, offsets: np.ndarray | None = None,
-                 view_offsets: np.ndarray | None = None, max_neighbour_deg: float = MAX_NEIGHBOUR_DEG, ridge: float = RIDGE,
-                 lags: tuple[int, ...] = LAGS) -> Transfer:
+                 view_offsets: np.ndarray | None = None, max_neighbour_deg: float = MAX_NEIGHBOUR_DEG,
+                 ridge: float = RIDGE, lags: tuple[int, ...] = LAGS) -> Transfer:
     """Fit the residual filters of the recorded leads ``views`` (x: (leads, samples) mV at
     500 Hz, the first ``seconds`` are used) that are not among ``inputs``.
 
@@ -130,13 +130,13 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     calibrated angle offsets synthesis will use. ``view_offsets`` (views, 2), optional:
     offsets for every lead of ``views`` (those of the inputs are ignored); a fitted lead
     given as a neighbour input takes its own row, so it enters synthesis at its calibrated
-    angle rather than the table's. The model still draws it from the inputs as queried at
-    the table angle (the residual filter absorbs the difference). Limb leads are not fitted when the inputs
-    already hold two usable ones (the other four follow from those two). Returns an empty
-    transfer with the reason when it cannot be fitted: fewer seconds than asked, an input
-    unusable in them, or no usable recorded lead beside the inputs. An input that is not
-    among ``views``, or a lead named twice, is a ValueError. Never give it a lead you will
-    score.
+    angle rather than the table's. Its continuation is still the model's view at the table
+    angle plus the residual filter, which is fitted to the recording itself either way.
+    Limb leads are not fitted when the inputs already hold two usable ones (the other four
+    follow from those two). Returns an empty transfer with the reason when it cannot be
+    fitted: fewer seconds than asked, an input unusable in them, or no usable recorded lead
+    beside the inputs. An input that is not among ``views``, a lead named twice, or
+    ``view_offsets`` of another shape is a ValueError. Never give it a lead you will score.
     """
     x = np.asarray(x, dtype=np.float64)
     check_fit_window(x, views, fs, "neighbour transfer", inputs)
