@@ -314,7 +314,7 @@ def stage3_chain(model, x10: np.ndarray, device: str) -> tuple[np.ndarray, dict]
     from panorama.calibrate import calibrate
     from panorama.geometry import STANDARD_12, resolve_views
     from panorama.synth import Synthesizer
-    from panorama.transfer import fit_transfer
+    from panorama.transfer import fit_neighbour_offsets, fit_transfer
     from panorama.wander import WANDER
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -337,7 +337,7 @@ def stage3_chain(model, x10: np.ndarray, device: str) -> tuple[np.ndarray, dict]
     t0 = time.perf_counter()
     own = Synthesizer(ad.model, device=device) if ad.accepted else synth
     offsets = cal.offsets_for(inputs)
-    every = calibrate(synth.model, fit, views, device=device)  # the neighbours' own angles
+    every = fit_neighbour_offsets(synth.model, fit, views, device=device)  # the neighbours' own angles
     tr = fit_transfer(own, fit, views, inputs, offsets=offsets, view_offsets=every.offsets_deg)
     sync()
     times["transfer"] = time.perf_counter() - t0

@@ -14,7 +14,7 @@ from panorama.errors import PanoramaError
 from panorama.geometry import resolve_view, resolve_views
 from panorama.records import MODEL_FS, Record, find_records, lead_quality, read_record, resample, write_record
 from panorama.synth import Synthesizer, default_checkpoint
-from panorama.transfer import fit_transfer
+from panorama.transfer import fit_neighbour_offsets, fit_transfer
 from panorama.wander import WANDER
 
 from .backends import make_backend
@@ -134,7 +134,8 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
         if transfer:  # fitted with the model that will use it: the adapted copy, and the shared one
             # the neighbours enter synthesis at their own angles, from a second fit of every
             # recorded lead leave-one-out (the inputs keep the fit above)
-            every_fit = calibrate(shared.model, x_cal, cal_views, seconds=calibrate_s, device=shared.device)
+            every_fit = fit_neighbour_offsets(shared.model, x_cal, cal_views, seconds=calibrate_s,
+                                              device=shared.device)
             log.info("%s: neighbours' %s", path.name, every_fit.summary())
             transfers[synth] = tr = fit_transfer(synth, x_cal, cal_views, names, seconds=calibrate_s,
                                                  offsets=offsets, view_offsets=every_fit.offsets_deg)

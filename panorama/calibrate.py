@@ -1,6 +1,8 @@
 """On-the-fly calibration (Stage III): fit each recorded chest lead's angle offset (dθ, dφ).
 
-By default only dφ (the azimuth, around the chest) is fitted and dθ stays 0: see ``axes``.
+What moves depends on the montage (see ``axes``): where every recorded torso lead is a
+synthesis input (a monitor), dθ and dφ; where other recorded leads only supervise a subset
+of inputs, dφ alone, dθ staying 0.
 
 Electrodes are never exactly where the angle table says. With the model frozen, the leads
 recorded in the first seconds supervise each other: each lead is predicted from all the
@@ -29,7 +31,9 @@ import torch
 from .geometry import STANDARD_12, View, descriptors, redundant_limb_leads, resolve_views, unit_vector
 from .records import MODEL_FS, check_fit_window, lead_quality
 
-AXES = "phi"  # fitted angles; theta stays at the table (see calibrate's docstring)
+# (fitted angles, prior weight) by montage; see calibrate's docstring and the README
+EVERY_LEAD = ("theta,phi", 0.03)  # every recorded torso lead is a synthesis input (a monitor)
+SUBSET = ("phi", 0.1)  # other recorded torso leads supervise a subset of inputs; theta stays put
 PRIOR_SD_DEG = 10.6  # electrode displacement spread measured by CT (the paper's Panobench)
 NOISE_CORR = 0.3  # a lead whose |r| with every other lead stays below this carries no ECG
 
@@ -44,6 +48,7 @@ class CalibrationResult:
     residual_after_uv: float = float("nan")
     steps: int = 0
     seconds: float = 0.0
+    axes: str = ""  # the angles that were free to move
     used: list[str] = field(default_factory=list)  # leads that took part
     fitted: list[str] = field(default_factory=list)  # leads whose offsets were fitted (chest leads)
 
@@ -57,7 +62,7 @@ class CalibrationResult:
                            if n in self.fitted)
         verdict = "accepted" if self.accepted else "rejected"
         return (f"calibration {verdict}: {self.reason}; residual {self.residual_before_uv:.0f} -> "
-                f"{self.residual_after_uv:.0f} µV; offsets {fitted or 'none'}")
+                f"{self.residual_after_uv:.0f} µV; offsets{f' ({self.axes})' if fitted else ''} {fitted or 'none'}")
 
 
 def _reject(views, reason, **kw) -> CalibrationResult:
@@ -66,8 +71,8 @@ def _reject(views, reason, **kw) -> CalibrationResult:
 
 def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, seconds: float = 5.0,
               inputs: list[str] | None = None, max_offset_deg: float = 30.0, steps: int = 40,
-              lr: float = 0.08, prior_weight: float = 0.1, min_gain: float = 0.02, patience: int = 3,
-              move_far_field: bool = False, axes: str = AXES,
+              lr: float = 0.08, prior_weight: float | None = None, min_gain: float = 0.02, patience: int = 3,
+              move_far_field: bool = False, axes: str | None = None,
               device: str | torch.device | None = None) -> CalibrationResult:
     """Fit angle offsets for the recorded leads ``views`` from ``x`` (leads, samples) mV.
 
@@ -81,12 +86,18 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     and moving it bends the frontal geometry every synthesised view depends on. Limb leads
     still take part as inputs and queries.
 
-    ``axes``: which angles move, "phi" (the default), "theta" or "theta,phi". Only the
-    azimuth φ is fitted by default: the shipped model's response to a chest electrode's
-    elevation θ is not reliable enough to place it. With every other lead at its true angle
-    it puts a simulated electrode's θ 11.6° from the truth where the table is 8.3° off (φ:
-    7.4° against 7.1°; ``panorama bench calibration --identifiability``), and fitting θ too
-    lowered synthesis on the simulator and on both splits of the real records (README).
+    ``axes``: which angles move, "phi", "theta" or "theta,phi"; ``prior_weight``: how hard
+    the prior holds them. None (the default) chooses both by montage, measured on both
+    splits of the real records and on the simulator (README):
+
+    - every usable torso lead is an input (``inputs`` None, or a monitor synthesising from
+      all it records): ``EVERY_LEAD``, θ and φ, prior weight 0.03. Every chest electrode
+      moves as an input and as a query; fitting θ as well, with a lighter prior, lifted the
+      10 leads without V2/V6 -> V2, V6 from +0.42 to +0.85 dB on validation.
+    - other recorded torso leads supervise a subset of inputs (I, II, V3 with V1, V4, V5
+      beside them): ``SUBSET``, φ only, prior weight 0.1. There the shipped model cannot
+      place θ (it puts a simulated electrode's θ 11.6° from the truth where the table is 8.3°
+      off; ``panorama bench calibration --identifiability``) and fitting it lowered synthesis.
 
     ``patience``: stop after this many steps without a 0.1 % lower objective (at most
     ``steps`` in all). 3 rather than 6 cut the time by about a third with the same result on
@@ -101,9 +112,8 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     t0 = time.perf_counter()
     x = np.asarray(x, dtype=np.float32)
     check_fit_window(x, views, fs, "calibration")
-    cols = [a.strip() for a in axes.split(",") if a.strip()]
-    if not cols or set(cols) - {"theta", "phi"}:
-        raise ValueError(f"axes must name theta, phi or both, got {axes!r}")
+    if axes is not None:
+        _axis_columns(axes)
     if patience < 1 or steps < 1:
         raise ValueError(f"patience and steps must be at least 1, got {patience} and {steps}")
     need = int(round(seconds * fs))
@@ -127,10 +137,15 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     # as synthesis will: III, aVR, aVL, aVF beside I and II are predicted, not inputs
     fit = [k for k, r in zip(fit, redundant_limb_leads([views[usable[k]].name for k in fit])) if not r]
     used = [views[i].name for i in usable]
+    table = descriptors([views[i] for i in usable])  # (n, 3): θ, φ, far-field flag
+    # a monitor: no recorded torso lead beyond the inputs (limb leads are functions of I, II)
+    every = all(k in fit or table[k, 2] >= 0.5 for k in range(len(usable)))
+    default_axes, default_prior = EVERY_LEAD if every else SUBSET
+    axes = default_axes if axes is None else axes
+    prior_weight = default_prior if prior_weight is None else prior_weight
     if len(fit) < 2:
         return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)",
                        used=used)
-    table = descriptors([views[i] for i in usable])  # (n, 3): θ, φ, far-field flag
     movable = np.ones(len(fit), bool) if move_far_field else table[fit, 2] < 0.5  # (m,) offsets that move
     if not movable.any():
         return _reject(views, "no chest lead among the inputs: limb leads keep their table angles", used=used)
@@ -141,6 +156,7 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
         dev = here  # "cuda" means the model's own GPU
     if here != dev:
         raise ValueError(f"the model is on {here}, calibration asked for {dev}")
+    cols = _axis_columns(axes)
     movable = movable[:, None] & np.array(["theta" in cols, "phi" in cols])[None]  # (m, 2)
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
     table = torch.from_numpy(table).to(dev)
@@ -149,11 +165,20 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     try:
         for p in model.parameters():  # only the offsets learn; restored below
             p.requires_grad_(False)
-        return _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_deg, steps, lr,
-                    prior_weight, min_gain, patience, movable, dev, t0)
+        res = _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_deg, steps, lr,
+                   prior_weight, min_gain, patience, movable, dev, t0)
+        res.axes = axes
+        return res
     finally:
         for p, f in zip(model.parameters(), flags_before):
             p.requires_grad_(f)
+
+
+def _axis_columns(axes: str) -> list[str]:
+    cols = [a.strip() for a in axes.split(",") if a.strip()]
+    if not cols or set(cols) - {"theta", "phi"}:
+        raise ValueError(f"axes must name theta, phi or both, got {axes!r}")
+    return cols
 
 
 def _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_deg, steps, lr, prior_weight,

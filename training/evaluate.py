@@ -175,8 +175,9 @@ class CalibratedModelMethod(ModelMethod):
         self.offsets = res.offsets_for(inputs)
         self.view_offsets = None
         if self.transfer:  # the neighbours' own angles: every recorded lead fitted leave-one-out
-            every = res if not self.inputs_only else calibrate(self.synth.model, x, views, seconds=self.seconds,
-                                                               device=self.synth.device)
+            from panorama.transfer import fit_neighbour_offsets
+
+            every = fit_neighbour_offsets(self.synth.model, x, views, seconds=self.seconds, device=self.synth.device)
             self.view_offsets = every.offsets_deg
         self.active = self.synth
         if self.adapt:
