@@ -42,6 +42,9 @@ __all__ = ["Adaptation", "adapt", "synthesize_split", "PARTS", "STEPS", "LR"]
 
 STEPS = 30
 LR = 1e-3
+# With every recorded torso lead an input (a monitor), each chest input is predicted from the
+# others; under this many there is too little to learn from (a conservative choice, not measured)
+MIN_LEAVE_ONE_OUT = 3
 # What may learn: the fusion blocks (the default), the reconstruction head, or everything
 # after the encoder; ``panorama bench adapt`` compares them.
 PARTS = {
@@ -91,10 +94,12 @@ def adapt(model, x: np.ndarray, views: list[View], inputs: list[str], fs: float 
 
     ``views`` name the rows of ``x``; ``inputs`` are the leads synthesis will use (all among
     ``views``), ``offsets`` (inputs, 2) their calibrated angle offsets. Only the first
-    ``seconds`` are used. Never give it a lead you will score. Returns the model unchanged,
-    with the reason, when adaptation cannot help: fewer seconds than asked, an input unusable,
-    no usable torso lead recorded beside the inputs, or a fit that lowers the residual by less
-    than ``min_gain``. A lead named twice, or an input missing from ``views``, is a ValueError.
+    ``seconds`` are used. Never give it a lead you will score. With every recorded torso
+    lead an input (a monitor), there is no neighbour to add: each chest input is predicted from
+    the others. Returns the model unchanged, with the reason, when adaptation cannot help:
+    fewer seconds than asked, an input unusable, no usable torso lead recorded beside the
+    inputs and fewer than ``MIN_LEAVE_ONE_OUT`` chest inputs, or a fit that lowers the
+    residual by less than ``min_gain``. A lead named twice, or an input missing from ``views``, is a ValueError.
     ``part`` (a key of ``PARTS``) is what learns; ``neighbours`` how many recorded non-input
     chest leads each task adds (neighbour transfer adds one). Both default to what ships.
     """
@@ -120,8 +125,9 @@ def adapt(model, x: np.ndarray, views: list[View], inputs: list[str], fs: float 
     torso = [i for i in pool if view_kind(views[i]) == "torso"]
     chest_inputs = [i for i in torso if names[i] in inputs]
     others = [i for i in torso if names[i] not in inputs]
-    if not others:
-        return keep("no usable torso lead recorded beside the inputs")
+    if not others and len(chest_inputs) < MIN_LEAVE_ONE_OUT:
+        return keep(f"no usable torso lead recorded beside the inputs, and under {MIN_LEAVE_ONE_OUT} chest "
+                    "inputs to predict from each other")
 
     off = {n: np.asarray(o, np.float32) for n, o in zip(inputs, offsets)} if offsets is not None else {}
     table = descriptors([views[i] for i in pool], np.stack([off.get(names[i], np.zeros(2, np.float32))

@@ -58,13 +58,30 @@ def test_adaptation_fits_a_copy_of_the_blocks_only(synth):
     assert err(a.model) < err(synth.model)
 
 
+def test_a_monitor_learns_each_chest_input_from_the_others(synth):
+    """Every recorded lead an input: no neighbour beside them, so each chest input is
+    predicted from the others (never from itself), and that prediction improves."""
+    x = _record(12)
+    views = resolve_views(",".join(CAL))
+    a = adapt(synth.model, x, views, CAL)
+    assert a.accepted, a.summary()
+    assert [v.name for v in a.queries] == ["V1", "V3", "V4", "V5"]
+    assert a.residual_after_uv < 0.98 * a.residual_before_uv
+    rest = [n for n in CAL if n != "V4"]  # V4 from everything else, as the fit asked of it
+    xin, ins, v4 = x[[CAL.index(n) for n in rest]], resolve_views(",".join(rest)), resolve_views("V4")
+    truth = x[CAL.index("V4"), :2500]
+    err = lambda model: np.mean(np.abs(  # noqa: E731
+        (e := Synthesizer(model)(xin, ins, v4)[0, :2500] - truth) - np.median(e)))
+    assert err(a.model) < err(synth.model)
+
+
 def test_refusals_are_clean(synth):
     x = _record(12, seconds=3.0)
     views = resolve_views(",".join(CAL))
     short = adapt(synth.model, x, views, INPUTS)
     assert not short.accepted and short.model is synth.model and "only 3.0 s recorded, 5 s asked" in short.reason
     alone = adapt(synth.model, x[[0, 1, CAL.index("V3")]], resolve_views("I,II,V3"), INPUTS, seconds=2)
-    assert not alone.accepted and "no usable torso lead recorded beside the inputs" in alone.reason
+    assert not alone.accepted and "no usable torso lead recorded beside the inputs, and under 3 chest" in alone.reason
     flat = x.copy()
     flat[CAL.index("V3")] = 0.0
     off = adapt(synth.model, flat, views, INPUTS, seconds=2)
