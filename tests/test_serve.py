@@ -158,6 +158,7 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
           f"over {err_uv.size} samples")  # shown with pytest -s
     assert rms < 1.0
     assert cal["state"] == "streaming" and set(cal["offsets_deg"]) == set(stream.leads)
+    assert cal["axes"] == ["theta", "phi"]  # every recorded lead is an input: both angles move
 
 
 def test_bad_input_is_refused_and_harms_no_other_stream(mosquitto, prefix, tmp_path):
