@@ -171,6 +171,6 @@ def test_a_monitors_calibration_improves_v2_and_v6_on_real_validation_records(da
     plain = evaluate(cases, task, "model", progress=False).summary["overall"]
     cal = evaluate(cases, task, "model", progress=False, calibrate_s=5).summary["overall"]
     assert cal["records"] == plain["records"] >= 10
-    # session 13: 30.43 -> 31.70 dB, median RMSE 88 -> 78 µV (median r 0.956 -> 0.955)
+    # session 13 (40 steps): 30.43 -> 31.70 dB, median RMSE 88 -> 78 µV (median r 0.956 -> 0.955)
     assert cal["psnr_db"] > plain["psnr_db"] + 0.5, (plain, cal)
     assert cal["rmse_uv_median"] < plain["rmse_uv_median"] - 5
