@@ -273,6 +273,7 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
     fit_n = 5 * MODEL_FS  # calibration window; synthesis is scored on what follows it
     exact = np.array([[v.theta, v.phi] for v in targets])  # the targets at their exact angles
     names = [*cal_names, *(f"target{v.name}" for v in targets)]
+    twelve = [cal_names.index(n) if n in cal_names else len(cal_names) + target_names.index(n) for n in STANDARD_12]
     _, warm_s = _clocked(warm_up, synth.model, device=synth.device)  # as the daemon does at start
     for seed in tqdm(range(patients), desc="calibration bench", unit="pt", leave=False):
         rng, params, true, chest = _displaced_patient(seed, anatomy, cal_names)
@@ -291,7 +292,7 @@ def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = 
         free = np.array(["theta" in cal.axes, "phi" in cal.axes])
         errs += list(np.abs(cal.offsets_deg[fitted] - (true[fitted] - table[fitted]))[:, free].ravel())
         table_errs += list(np.abs(true[fitted] - table[fitted])[:, free].ravel())
-        scale = np.concatenate([rec, truth])[:, fit_n:]  # the recorded leads and the views set the scale
+        scale = np.concatenate([rec, truth])[twelve, fit_n:]  # the 12 standard leads set the scale
         told = (true - table)[rows]  # the inputs' real offsets
         for offsets, bucket in ((None, plain), (cal.offsets_for(in_names), calibrated), (told, oracle)):
             pred = synth(rec[rows], inputs, targets, offsets=offsets)
