@@ -95,11 +95,12 @@ def adapt(model, x: np.ndarray, views: list[View], inputs: list[str], fs: float 
     ``views`` name the rows of ``x``; ``inputs`` are the leads synthesis will use (all among
     ``views``), ``offsets`` (inputs, 2) their calibrated angle offsets. Only the first
     ``seconds`` are used. Never give it a lead you will score. With every recorded torso
-    lead an input (a monitor), there is no neighbour to add: each chest input is predicted from
-    the others. Returns the model unchanged, with the reason, when adaptation cannot help:
-    fewer seconds than asked, an input unusable, no usable torso lead recorded beside the
-    inputs and fewer than ``MIN_LEAVE_ONE_OUT`` chest inputs, or a fit that lowers the
-    residual by less than ``min_gain``. A lead named twice, or an input missing from ``views``, is a ValueError.
+    lead an input (a monitor), there is no neighbour to add: each chest input is predicted
+    from the others. Returns the model unchanged, with the reason, when adaptation cannot
+    help: fewer seconds than asked, an input unusable, no usable torso lead recorded beside
+    the inputs and fewer than ``MIN_LEAVE_ONE_OUT`` chest inputs, or a fit that lowers the
+    residual by less than ``min_gain``. A lead named twice, or an input missing from
+    ``views``, is a ValueError.
     ``part`` (a key of ``PARTS``) is what learns; ``neighbours`` how many recorded non-input
     chest leads each task adds (neighbour transfer adds one). Both default to what ships.
     """

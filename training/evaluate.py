@@ -175,7 +175,7 @@ class CalibratedModelMethod(ModelMethod):
         self.offsets = res.offsets_for(inputs)
         self.view_offsets = None
         if self.transfer:  # the neighbours' own angles: every recorded lead fitted leave-one-out
-            from panorama.transfer import fit_neighbour_offsets
+            from panorama.transfer import fit_neighbour_offsets, fit_transfer
 
             every = fit_neighbour_offsets(self.synth.model, x, views, seconds=self.seconds, device=self.synth.device)
             self.view_offsets = every.offsets_deg
@@ -191,8 +191,6 @@ class CalibratedModelMethod(ModelMethod):
             if ad.accepted:
                 self.active = Synthesizer(ad.model, self.synth.meta, self.synth.device)
         if self.transfer:
-            from panorama.transfer import fit_transfer
-
             tr = fit_transfer(self.active, x, views, inputs, seconds=self.seconds, offsets=self.offsets,
                               view_offsets=self.view_offsets)
             self.fitted_transfer = tr
