@@ -70,7 +70,7 @@ def _reject(views, reason, **kw) -> CalibrationResult:
 
 
 def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, seconds: float = 5.0,
-              inputs: list[str] | None = None, max_offset_deg: float = 30.0, steps: int = 25,
+              inputs: list[str] | None = None, max_offset_deg: float = 30.0, steps: int = 15,
               lr: float = 0.08, prior_weight: float | None = None, min_gain: float = 0.02, patience: int = 3,
               move_far_field: bool = False, axes: str | None = None,
               device: str | torch.device | None = None) -> CalibrationResult:
@@ -101,9 +101,10 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
 
     ``patience``: stop after this many steps without a 0.1 % lower objective (at most
     ``steps`` in all). 3 rather than 6 cut the time by about a third with the same result on
-    the simulator and on both splits of the real records (README). ``steps`` 25 rather than
-    40 bounds the monitor's longer θ-and-φ fits (worst 12-lead fit 1.7-1.9 s -> 0.9-1.2 s on 2
-    slow CPU cores) with the same validation PSNR; the subset's fits rarely reach it.
+    the simulator and on both splits of the real records (README). ``steps`` 15 rather than
+    40 bounds the monitor's longer θ-and-φ fits (worst 12-lead fit on 2 CPU cores 1.7 s with
+    40, 1.1 s with 25, 0.5-0.7 s with 15, one window) with the same PSNR on both splits and
+    on the simulator; the subset's fits rarely reach it.
 
     Uses the first ``seconds`` of ``x`` (at the model rate, ``fs`` must be 500 Hz). Returns
     table angles (zero offsets) with the reason when calibration cannot help: fewer seconds

@@ -113,14 +113,14 @@ def test_the_fit_stops_after_patience_steps_without_progress():
     short = next(_fit_displaced(shift, seeds=[0], patience=1))[0]
     long = next(_fit_displaced(shift, seeds=[0], patience=6))[0]
     # the same deterministic path: the longer wait runs at least 5 steps past where the
-    # shorter one stopped (or up to the 40-step limit), and never ends worse
-    assert short.steps < long.steps and (long.steps >= short.steps + 5 or long.steps == 40)
+    # shorter one stopped (or up to the step limit), and never ends worse
+    assert short.steps < long.steps and (long.steps >= short.steps + 5 or long.steps == 15)
     assert long.residual_after_uv <= short.residual_after_uv * 1.02
 
 
 @pytest.mark.xfail(strict=True, reason="issue 4 target not reached yet: the shipped model does not "
                    "identify electrode displacements (panorama bench calibration --montage 12: median error "
-                   "8.5 deg where the table is 7.3 off; --identifiability: 9.3)")
+                   "8.3 deg where the table is 7.3 off; --identifiability: 9.3)")
 def test_recovers_a_known_displacement():
     shift = np.array([0.0, 12.0])
     errs = [np.abs(res.offsets_deg[chest] - off[chest]).mean() for res, off, chest in _fit_displaced(shift)]
@@ -161,7 +161,7 @@ def test_warm_up_runs_a_fit_and_leaves_the_model_as_it_was(tiny):
 
 def test_a_monitors_calibration_improves_v2_and_v6_on_real_validation_records(data_dir):
     """Every recorded lead but the scored V2, V6 an input: fitting theta and phi of every chest
-    electrode lifts the unseen views on real records (README: +0.85 dB on all 59)."""
+    electrode lifts the unseen views on real records (README: +0.88 dB on all 59)."""
     from training import splits
     from training.evaluate import Task, evaluate, load_cases
 
@@ -171,6 +171,6 @@ def test_a_monitors_calibration_improves_v2_and_v6_on_real_validation_records(da
     plain = evaluate(cases, task, "model", progress=False).summary["overall"]
     cal = evaluate(cases, task, "model", progress=False, calibrate_s=5).summary["overall"]
     assert cal["records"] == plain["records"] >= 10
-    # session 13 (40 steps): 30.43 -> 31.70 dB, median RMSE 88 -> 78 µV (median r 0.956 -> 0.955)
+    # session 14 (15 steps): 30.43 -> 31.77 dB, median RMSE 88 -> 78 µV (median r 0.956 -> 0.955)
     assert cal["psnr_db"] > plain["psnr_db"] + 0.5, (plain, cal)
     assert cal["rmse_uv_median"] < plain["rmse_uv_median"] - 5
