@@ -36,8 +36,9 @@ def register(sub) -> None:
     p.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "tensorrt"),
                    help="inference backend (default torch); calibration always uses PyTorch")
     p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
-                   help="fit the chest inputs' angle offsets on the first SECONDS of every lead in the record "
-                   "but the views asked for (e.g. 5; limb leads keep their table angles; a recorded lead asked "
+                   help="fit the inputs' angle offsets on the first SECONDS of every lead in the record "
+                   "but the views asked for (e.g. 5; limb leads keep their table angles unless every recorded "
+                   "lead is an input; a recorded lead asked "
                    "for as a view, unless it is an input, is not used, so the output can be compared with it); "
                    "the offsets and the verdict go into the output header's comments")
     p.add_argument("--transfer", action="store_true",

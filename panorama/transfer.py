@@ -41,14 +41,15 @@ RIDGE = 0.03  # relative to the mean eigenvalue of the inputs' lagged covariance
 
 def fit_neighbour_offsets(model, x: np.ndarray, views: list[View], seconds: float = 5.0, device=None):
     """The recorded leads' own angle offsets, for ``fit_transfer``'s ``view_offsets``: every
-    lead fitted leave-one-out, φ only under the subset montage's prior (``calibrate.SUBSET``).
-    Not the monitor's θ and φ under a lighter prior, which a leave-one-out fit would choose
-    by default: with those the whole pipeline fell from 31.09 to 31.00 dB on validation
-    (README). Returns the ``CalibrationResult``."""
+    lead fitted leave-one-out, φ only under the subset montage's prior, limb leads at their
+    table angles (``calibrate.SUBSET``). Not the monitor's settings, which a leave-one-out
+    fit would choose by default: with its θ and φ under a lighter prior the whole pipeline
+    fell from 31.09 to 31.00 dB on validation (README). Returns the ``CalibrationResult``."""
     from .calibrate import SUBSET, calibrate
 
-    axes, prior = SUBSET
-    return calibrate(model, x, views, seconds=seconds, axes=axes, prior_weight=prior, device=device)
+    axes, prior, limb = SUBSET
+    return calibrate(model, x, views, seconds=seconds, axes=axes, prior_weight=prior, move_far_field=limb,
+                     device=device)
 
 
 def view_kind(v: View) -> str:

@@ -86,8 +86,11 @@ def test_calibration_lowers_the_residual_of_displaced_electrodes_deterministical
     for res, _, _ in runs:
         assert res.accepted and res.residual_after_uv < 0.98 * res.residual_before_uv
         assert np.all(np.abs(res.offsets_deg) <= 30.0 + 1e-6)  # bounded
-        limb = [CAL.index(n) for n in CAL if n in ("I", "II", "III", "aVR", "aVL", "aVF")]
-        assert not res.offsets_deg[limb].any() and set(res.fitted) == {"V1", "V3", "V4", "V5"}
+        # a monitor's montage: I and II move too; the leads derived from them are never inputs
+        derived = [CAL.index(n) for n in ("III", "aVR", "aVL", "aVF")]
+        assert not res.offsets_deg[derived].any() and set(res.fitted) == {"I", "II", "V1", "V3", "V4", "V5"}
+        kept = next(_fit_displaced(shift, seeds=[0], move_far_field=False))[0]
+        assert set(kept.fitted) == {"V1", "V3", "V4", "V5"} and not kept.offsets_deg[[0, 1]].any()
     again = next(_fit_displaced(shift, seeds=[0]))[0]
     assert np.array_equal(again.offsets_deg, runs[0][0].offsets_deg)  # deterministic
 
@@ -120,7 +123,7 @@ def test_the_fit_stops_after_patience_steps_without_progress():
 
 @pytest.mark.xfail(strict=True, reason="issue 4 target not reached yet: the shipped model does not "
                    "identify electrode displacements (panorama bench calibration --montage 12: median error "
-                   "8.3 deg where the table is 7.3 off; --identifiability: 9.3)")
+                   "8.4 deg where the table is 7.3 off; --identifiability: 9.3)")
 def test_recovers_a_known_displacement():
     shift = np.array([0.0, 12.0])
     errs = [np.abs(res.offsets_deg[chest] - off[chest]).mean() for res, off, chest in _fit_displaced(shift)]

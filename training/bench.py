@@ -6,6 +6,7 @@ and reported (with the command) rather than asserted.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -70,8 +71,9 @@ def register(sub) -> None:
                    help="calibration: 3, I, II, V3 -> V2, V6, V7, V4R with V1, V4, V5 and the limb leads "
                    "supervising the fit (the evaluation protocol's); 12, a 12-lead monitor drawing V7-V9 "
                    "and V3R-V5R from all it records (the daemon's case) (default 3)")
-    p.add_argument("--move-limb-leads", action="store_true",
-                   help="calibration: fit the limb leads' offsets too (default: chest leads only)")
+    p.add_argument("--move-limb-leads", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibration: fit the limb input leads' offsets too, or not (default: panorama.calibrate's "
+                   "choice by montage: chest leads only for 3, limb leads too for 12)")
     p.add_argument("--json", type=Path, help="write the figures as JSON")
     from edge.bench import add_arguments  # the stream benchmark lives with the daemon
 
@@ -250,7 +252,7 @@ def _clocked(fn, *args, **kw):
     return out, time.perf_counter() - t0
 
 
-def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool = False, axes: str | None = None,
+def bench_calibration(synth: Synthesizer, patients: int, move_far_field: bool | None = None, axes: str | None = None,
                       anatomy: str = "v1", montage: str = "3") -> dict:
     """Simulated patients with chest electrodes displaced by σ = 10.6°: calibrate on 0–5 s
     of the recorded leads of ``montage`` (MONTAGES) as synthesis would, synthesise its
