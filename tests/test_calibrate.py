@@ -89,8 +89,8 @@ def test_calibration_lowers_the_residual_of_displaced_electrodes_deterministical
         # a monitor's montage: I and II move too; the leads derived from them are never inputs
         derived = [CAL.index(n) for n in ("III", "aVR", "aVL", "aVF")]
         assert not res.offsets_deg[derived].any() and set(res.fitted) == {"I", "II", "V1", "V3", "V4", "V5"}
-        kept = next(_fit_displaced(shift, seeds=[0], move_far_field=False))[0]
-        assert set(kept.fitted) == {"V1", "V3", "V4", "V5"} and not kept.offsets_deg[[0, 1]].any()
+    kept = next(_fit_displaced(shift, seeds=[0], move_far_field=False))[0]  # asked: chest leads only
+    assert set(kept.fitted) == {"V1", "V3", "V4", "V5"} and not kept.offsets_deg[[0, 1]].any()
     again = next(_fit_displaced(shift, seeds=[0]))[0]
     assert np.array_equal(again.offsets_deg, runs[0][0].offsets_deg)  # deterministic
 
@@ -163,8 +163,8 @@ def test_warm_up_runs_a_fit_and_leaves_the_model_as_it_was(tiny):
 
 
 def test_a_monitors_calibration_improves_v2_and_v6_on_real_validation_records(data_dir):
-    """Every recorded lead but the scored V2, V6 an input: fitting theta and phi of every chest
-    electrode lifts the unseen views on real records (README: +0.88 dB on all 59)."""
+    """Every recorded lead but the scored V2, V6 an input: fitting theta and phi of every input
+    lead, I and II included, lifts the unseen views on real records (README: +1.08 dB on all 59)."""
     from training import splits
     from training.evaluate import Task, evaluate, load_cases
 
@@ -174,6 +174,7 @@ def test_a_monitors_calibration_improves_v2_and_v6_on_real_validation_records(da
     plain = evaluate(cases, task, "model", progress=False).summary["overall"]
     cal = evaluate(cases, task, "model", progress=False, calibrate_s=5).summary["overall"]
     assert cal["records"] == plain["records"] >= 10
-    # session 14 (15 steps): 30.43 -> 31.77 dB, median RMSE 88 -> 78 µV (median r 0.956 -> 0.955)
+    # session 14 (15 steps, I and II moving): 30.43 -> 31.71 dB, median RMSE 88 -> 82 µV (median
+    # r 0.956 -> 0.961); with I and II at the table 31.77 dB, 78 µV
     assert cal["psnr_db"] > plain["psnr_db"] + 0.5, (plain, cal)
-    assert cal["rmse_uv_median"] < plain["rmse_uv_median"] - 5
+    assert cal["rmse_uv_median"] < plain["rmse_uv_median"] - 4
