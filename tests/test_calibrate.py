@@ -111,6 +111,20 @@ def test_the_montage_chooses_which_angles_move():
     assert "(theta,phi)" in every.summary() and "(phi)" in asked.summary()
 
 
+def test_a_monitor_with_few_chest_leads_holds_its_offsets_harder(tiny):
+    """A monitor with fewer than 4 chest leads (all inputs) fits under the heavier prior
+    (README: with V1, V3, V5 it lifted V2, V4, V6 on validation and spared the posterior
+    views on the simulator); with 4 or more, and in a subset, the weights as before."""
+    x, _ = _patient(0, np.array([0.0, 12.0]))
+    few = [CAL.index(n) for n in ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V3", "V5")]
+    res = calibrate(tiny, x[few], resolve_views(",".join(CAL[i] for i in few)), min_gain=0.0)
+    assert res.axes == "theta,phi" and res.prior_weight == 0.3 and {"I", "II"} <= set(res.fitted)
+    every = calibrate(tiny, x, resolve_views(",".join(CAL)), min_gain=0.0)
+    assert every.axes == "theta,phi" and every.prior_weight == 0.03
+    subset = calibrate(tiny, x, resolve_views(",".join(CAL)), inputs=["I", "II", "V3"], min_gain=0.0)
+    assert subset.axes == "phi" and subset.prior_weight == 0.1 and subset.fitted == ["V3"]
+
+
 def test_the_fit_stops_after_patience_steps_without_progress():
     shift = np.array([0.0, 12.0])
     short = next(_fit_displaced(shift, seeds=[0], patience=1))[0]
