@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,11 +32,17 @@ import torch
 from .geometry import STANDARD_12, View, descriptors, redundant_limb_leads, resolve_views, unit_vector
 from .records import MODEL_FS, check_fit_window, lead_quality
 
-# (fitted angles, prior weight, limb leads move too) by montage; see calibrate's docstring and the README
-EVERY_LEAD = ("theta,phi", 0.03, True)  # every recorded torso lead is a synthesis input (a monitor)
-FEW_CHEST = ("theta,phi", 0.3, True)  # such a monitor with fewer than MONITOR_MIN_CHEST chest inputs
+class FitSettings(NamedTuple):
+    """What a fit moves and how hard the prior holds it, chosen by montage (calibrate's docstring, README)."""
+    axes: str  # "phi", "theta" or "theta,phi"
+    prior_weight: float
+    move_limb_leads: bool  # I and II move too (``move_far_field``)
+
+
+EVERY_LEAD = FitSettings("theta,phi", 0.03, True)  # every recorded torso lead is a synthesis input (a monitor)
+FEW_CHEST = FitSettings("theta,phi", 0.3, True)  # such a monitor with fewer than MONITOR_MIN_CHEST chest inputs
 MONITOR_MIN_CHEST = 4
-SUBSET = ("phi", 0.1, False)  # other recorded torso leads supervise a subset of inputs; theta stays put
+SUBSET = FitSettings("phi", 0.1, False)  # other torso leads supervise a subset of inputs; theta stays put
 PRIOR_SD_DEG = 10.6  # electrode displacement spread measured by CT (the paper's Panobench)
 NOISE_CORR = 0.3  # a lead whose |r| with every other lead stays below this carries no ECG
 
@@ -153,10 +160,10 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     every = all(k in fit or table[k, 2] >= 0.5 for k in range(len(usable)))
     chest = table[fit, 2] < 0.5
     many = chest.sum() >= MONITOR_MIN_CHEST
-    default_axes, default_prior, default_limb = (EVERY_LEAD if many else FEW_CHEST) if every else SUBSET
-    axes = default_axes if axes is None else axes
-    prior_weight = default_prior if prior_weight is None else prior_weight
-    move_far_field = default_limb if move_far_field is None else move_far_field
+    chosen = (EVERY_LEAD if many else FEW_CHEST) if every else SUBSET
+    axes = chosen.axes if axes is None else axes
+    prior_weight = chosen.prior_weight if prior_weight is None else prior_weight
+    move_far_field = chosen.move_limb_leads if move_far_field is None else move_far_field
     if len(fit) < 2:
         return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)",
                        used=used)

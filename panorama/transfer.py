@@ -47,9 +47,8 @@ def fit_neighbour_offsets(model, x: np.ndarray, views: list[View], seconds: floa
     fell from 31.09 to 31.00 dB on validation (README). Returns the ``CalibrationResult``."""
     from .calibrate import SUBSET, calibrate
 
-    axes, prior, limb = SUBSET
-    return calibrate(model, x, views, seconds=seconds, axes=axes, prior_weight=prior, move_far_field=limb,
-                     device=device)
+    return calibrate(model, x, views, seconds=seconds, axes=SUBSET.axes, prior_weight=SUBSET.prior_weight,
+                     move_far_field=SUBSET.move_limb_leads, device=device)
 
 
 def view_kind(v: View) -> str:
