@@ -71,6 +71,36 @@ def test_same_seed_same_arrays_different_seed_differs():
     np.testing.assert_array_equal(d.clean[1], a.clean[0])
 
 
+def test_exact_views_sit_at_their_angles_and_leave_the_rest_alone():
+    views = "I,II,V1,V3,V7,V4R"
+    a = simulate(7, views=views, device="diagnostic")
+    b = simulate(7, views=views, device="diagnostic", exact=["V7"])
+    v7 = a.names.index("V7")
+    assert np.abs(a.true_angles[v7] - a.nominal_angles[v7]).max() > 1  # displaced by default
+    np.testing.assert_array_equal(b.true_angles[v7], b.nominal_angles[v7])
+    assert not np.allclose(a.signals[v7], b.signals[v7])
+    others = [i for i in range(len(a.names)) if i != v7]  # same patient, electrodes and device noise
+    np.testing.assert_array_equal(a.signals[others], b.signals[others])
+    np.testing.assert_array_equal(a.true_angles[others], b.true_angles[others])
+    with pytest.raises(ValueError, match="exact names views not simulated: V9"):
+        simulate(7, views=views, exact=["V9"])
+
+
+def test_eval_scores_simulated_views_where_asked():
+    from panorama.geometry import resolve_views
+    from training.cli import sim_cases
+    from training.evaluate import Task
+
+    task = Task(resolve_views("I,II,V3"), resolve_views("V2,V7"))
+    plain, exact = (sim_cases(2, task, "diagnostic", seed=11, exact_views=e) for e in (False, True))
+    for p, e in zip(plain, exact):
+        names = p.record.leads
+        scored = [names.index("V2"), names.index("V7")]
+        kept = [i for i in range(len(names)) if i not in scored]
+        np.testing.assert_array_equal(p.record.signals[kept], e.record.signals[kept])
+        assert not np.allclose(p.record.signals[scored], e.record.signals[scored])
+
+
 @pytest.mark.parametrize("hz", [50.0, 60.0])
 def test_device_adds_mains_at_its_frequency(hz):
     dev = DeviceProfile("test", (0.5, 150.0), noise_uv=5.0, mains_hz=hz, mains_uv=50.0)

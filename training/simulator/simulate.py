@@ -41,14 +41,17 @@ class SimRecord:
 
 def simulate(seed: int, views: list[str] | list[View] | str | None = None, duration_s: float = 10.0,
              fs: int = 500, rhythm: str | None = None, displacement_deg: float = DEFAULT_DISPLACEMENT_DEG,
-             device: str | DeviceProfile | None = "ideal", anatomy: str = "v1") -> SimRecord:
+             device: str | DeviceProfile | None = "ideal", anatomy: str = "v1",
+             exact: tuple[str, ...] | list[str] = ()) -> SimRecord:
     """Simulate one patient's ECG at ``views`` (None → the 12 standard leads).
 
     Views are table names (``V7``), ``THETA:PHI`` strings, or ``View`` objects. Chest and
     arbitrary electrodes are displaced from their nominal angle by N(0, ``displacement_deg``)
     in θ and φ; limb and Frank leads are not (far-field, so placement hardly matters).
     ``device``: a name in ``DEVICE_PROFILES``, ``"random"``, a ``DeviceProfile``, or None.
-    ``anatomy``: the ventricular sources, ``sources.ANATOMIES``.
+    ``anatomy``: the ventricular sources, ``sources.ANATOMIES``. ``exact``: names of views
+    whose electrodes sit exactly at their nominal angle (a view scored as asked for rather
+    than as a misplaced electrode would record it); the others are drawn as without it.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -61,6 +64,9 @@ def simulate(seed: int, views: list[str] | list[View] | str | None = None, durat
     if not np.isfinite(displacement_deg) or displacement_deg < 0:
         raise ValueError(f"displacement_deg must be ≥ 0 degrees, got {displacement_deg!r}")
     view_list = _resolve(views)
+    unknown = sorted(set(exact) - {v.name for v in view_list})
+    if unknown:
+        raise ValueError(f"exact names views not simulated: {', '.join(unknown)}")
 
     patient_ss, device_ss = np.random.SeedSequence(seed).spawn(2)
     params = sample_patient(np.random.default_rng(patient_ss), rhythm, anatomy)
@@ -71,7 +77,7 @@ def simulate(seed: int, views: list[str] | list[View] | str | None = None, durat
     nominal = np.array([[v.theta, v.phi] for v in view_list], dtype=float)
     true = nominal.copy()
     for i, v in enumerate(view_list):
-        if lead_kind(v.name) == "chest" and displacement_deg > 0:
+        if lead_kind(v.name) == "chest" and displacement_deg > 0 and v.name not in exact:
             view_rng = np.random.default_rng([seed, zlib.crc32(v.name.encode())])
             true[i] = _wrap(nominal[i] + view_rng.normal(0.0, displacement_deg, 2))
 
