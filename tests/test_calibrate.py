@@ -165,6 +165,22 @@ def test_the_calibration_bench_reports_its_ceiling():
     assert res["accepted"] == 2 and res["montage"].endswith("-> V7,V8,V9,V3R,V4R,V5R")
 
 
+def test_the_lead_vector_floor_measures_how_patients_differ():
+    """bench calibration --identifiability's floor: one patient differs from no one; several
+    point the same lead apart, less so once each one's common rotation is taken out, and a
+    moved electrode turns its lead vector by about as much as it moved."""
+    from training.bench import bench_lead_vectors
+
+    one = bench_lead_vectors(1)
+    assert one["leadvector_spread_deg_median"] == 0 and one["leadvector_floor_deg"] == 0
+    res = bench_lead_vectors(4)
+    assert 0 < res["leadvector_spread_after_rotation_deg_median"] <= res["leadvector_spread_deg_median"]
+    assert 0.5 < res["leadvector_turn_per_deg_median"] < 2
+    assert res["leadvector_floor_deg"] == pytest.approx(
+        res["leadvector_spread_after_rotation_deg_median"] / res["leadvector_turn_per_deg_median"], abs=0.1)
+    assert 0 < res["leadvector_nondipolar_share_median"] < 1
+
+
 def test_warm_up_runs_a_fit_and_leaves_the_model_as_it_was(tiny):
     from panorama.calibrate import warm_up
 

@@ -63,7 +63,8 @@ def register(sub) -> None:
                    help="model: also time ONNX Runtime (CPU) on the exported checkpoint, same input")
     p.add_argument("--identifiability", action="store_true",
                    help="calibration: also sweep each chest lead's angle with every other lead at its true "
-                        "angle, and report how far the best-fitting angle lies from the truth")
+                        "angle, and report how far the best-fitting angle lies from the truth; and how far "
+                        "apart simulated patients' chest leads point at the same electrode angle (the floor)")
     p.add_argument("--axes", default=None, metavar="theta,phi",
                    help="calibration: which angles of each electrode are fitted (default: panorama.calibrate's "
                    "choice by montage: phi for 3, theta,phi for 12)")
@@ -145,6 +146,7 @@ def run(args) -> int:
                                 anatomy=args.anatomy, montage=args.montage)
         if args.identifiability:
             res.update(bench_identifiability(synth, args.patients, anatomy=args.anatomy))
+            res.update(bench_lead_vectors(args.patients, anatomy=args.anatomy))
     for k, v in res.items():
         print(f"{k:>32}: {v}")
     if args.json:
@@ -376,3 +378,57 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
             "identifiability_model_err_at_truth_uv_median": round(float(np.median(model_err)), 1),
             "identifiability_change_per_10deg_uv_median": round(float(np.median(change)), 1),
             "identifiability_device_noise_uv_median": round(float(np.median(noise)), 1)}
+
+
+def bench_lead_vectors(patients: int, anatomy: str = "v1", step_deg: float = 5.0) -> dict:
+    """How well any fit could place a chest electrode from what it records, model aside.
+
+    A chest lead records roughly the heart's dipole moment projected on its lead vector
+    (least squares against the simulated moment; the rest, ``nondipolar_share``, is near
+    field). With every electrode at its table angle, the simulated patients' lead vectors
+    for the same lead still point apart, by ``spread`` about their mean (heart position and
+    sources, torso shape; ``spread_after_rotation`` once each patient's best common rotation
+    of all chest leads is taken out, which also covers a rotated heart), while moving an
+    electrode by 1° turns its lead vector by ``turn_per_deg``. So from its recording alone an
+    electrode's angle is known to no better than about spread / turn degrees, whatever the
+    model: the electrode offsets are not identifiable below that floor."""
+    from scipy.spatial.transform import Rotation
+
+    from training.simulator import render
+    from training.simulator.torso import FRANK_AXES
+
+    chest_names = [n for n in STANDARD_12 if n.startswith("V")]
+    table = np.array([[NAMED[n].theta, NAMED[n].phi] for n in chest_names], dtype=float)
+    frank = np.stack([FRANK_AXES[k] for k in ("VX", "VY", "VZ")])  # Frank leads = frank @ moment
+    names = [*(f"c{i}" for i in range(len(table))), "VX", "VY", "VZ"]
+
+    def lead_vectors(params, angles):  # (leads, 3) unit lead vectors and each lead's non-dipolar share
+        clean = render(params, np.concatenate([angles, np.zeros((3, 2))]), names, 3.0, MODEL_FS)
+        moment = np.linalg.solve(frank, clean[-3:])
+        g = np.linalg.lstsq(moment.T, clean[:-3].T, rcond=None)[0].T
+        share = np.abs(clean[:-3] - g @ moment).mean(1) / np.abs(clean[:-3]).mean(1)
+        return g / np.linalg.norm(g, axis=1, keepdims=True), share
+
+    def degrees(a, b):
+        return np.degrees(np.arccos(np.clip((a * b).sum(-1), -1.0, 1.0)))
+
+    at_table, turn, share = [], [], []
+    for seed in tqdm(range(patients), desc="lead vectors", unit="pt", leave=False):
+        params = _displaced_patient(seed, anatomy)[1]  # the same patients as bench_calibration
+        g, s = lead_vectors(params, table)
+        at_table.append(g)
+        share.append(s)
+        for move in ([step_deg, 0.0], [0.0, step_deg]):
+            turn.append(degrees(g, lead_vectors(params, table + move)[0]) / step_deg)
+    at_table = np.array(at_table)  # (patients, leads, 3)
+    mean = at_table.mean(0)
+    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
+    spread = degrees(at_table, mean[None])
+    aligned = np.array([degrees(Rotation.align_vectors(mean, g)[0].apply(g), mean) for g in at_table])
+    per_turn = float(np.median(turn))
+    return {"leadvector_spread_deg_median": round(float(np.median(spread)), 2),
+            "leadvector_spread_after_rotation_deg_median": round(float(np.median(aligned)), 2),
+            "leadvector_turn_per_deg_median": round(per_turn, 2),
+            "leadvector_floor_deg": round(float(np.median(aligned)) / per_turn, 1),
+            "leadvector_nondipolar_share_median": round(float(np.median(share)), 3),
+            **{f"leadvector_spread_{n}_deg": round(float(v), 1) for n, v in zip(chest_names, np.median(spread, 0))}}
