@@ -25,6 +25,7 @@ from edge import protocol
 from edge.listen import Listener
 from edge.monitor import record_stream, run_monitor, sim_streams
 from edge.mqtt import client_id, connect, make_client
+from panorama.calibrate import EVERY_LEAD, FEW_CHEST, MONITOR_MIN_CHEST
 from panorama.records import find_records, read_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +160,8 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
     assert rms < 1.0
     assert cal["state"] == "streaming" and set(cal["offsets_deg"]) == set(stream.leads)
     assert cal["axes"] == ["theta", "phi"]  # every recorded lead is an input: both angles move
+    few_chest = sum(n.startswith("V") for n in stream.leads) < MONITOR_MIN_CHEST
+    assert cal["prior_weight"] == (FEW_CHEST if few_chest else EVERY_LEAD).prior_weight
 
 
 def test_bad_input_is_refused_and_harms_no_other_stream(mosquitto, prefix, tmp_path):
