@@ -71,8 +71,9 @@ class CalibrationResult:
         fitted = ", ".join(f"{n} ({d[0]:+.1f}°, {d[1]:+.1f}°)" for n, d in zip(self.leads, self.offsets_deg)
                            if n in self.fitted)
         verdict = "accepted" if self.accepted else "rejected"
+        how = f" ({self.axes}, prior weight {self.prior_weight:g})" if fitted else ""
         return (f"calibration {verdict}: {self.reason}; residual {self.residual_before_uv:.0f} -> "
-                f"{self.residual_after_uv:.0f} µV; offsets{f' ({self.axes})' if fitted else ''} {fitted or 'none'}")
+                f"{self.residual_after_uv:.0f} µV; offsets{how} {fitted or 'none'}")
 
 
 def _reject(views, reason, **kw) -> CalibrationResult:
