@@ -134,3 +134,22 @@ def test_the_example_figure_shows_the_median_record(synth, data_dir, tmp_path):
         assert res["record"] in {"ludb001", "ludb002", "ludb003"} and np.isfinite(res["gain_db"])
     with pytest.raises(ValueError, match="unknown step 'calib'"):
         plot_transfer_example(synth, recs, tmp_path / "no.png", split="all", step="calib")
+
+
+def test_the_blend_bench_draws_both_pipelines_and_their_mean(synth, data_dir):
+    """panorama bench blend: weight 0 is the monitor's own pipeline exactly as eval scores it,
+    weight 1 the subset's; a subset outside the monitor's leads is refused."""
+    from training import splits
+    from training.evaluate import Task, evaluate, load_cases
+    from training.tune_blend import MONITOR, compare_blend
+
+    paths = splits.select(sorted(p.with_suffix("") for p in (data_dir / "ludb").glob("*.hea")), "val")[:2]
+    own, sub = (compare_blend(synth, paths, "all", weight=w)["table"] for w in (0.0, 1.0))
+    assert own["blend"] == own["monitor"] and sub["blend"] == sub["subset"]
+    assert own["monitor"] == sub["monitor"] and own["subset"] == sub["subset"]  # deterministic
+    task = Task(resolve_views(MONITOR), resolve_views("V2,V6"))
+    cases, _ = load_cases(paths, task, progress=False)
+    ev = evaluate(cases, task, "model", progress=False, calibrate_s=5, adapt=True, wander=True).summary
+    assert own["monitor"]["psnr_db"] == round(ev["overall"]["psnr_db"], 2)
+    with pytest.raises(ValueError, match="must be drawn from the monitor's leads"):
+        compare_blend(synth, paths, "all", subset="I,II,V7")

@@ -33,18 +33,21 @@ def register(sub) -> None:
                        "a view gets, chosen by leave-one-lead-out on real records without V2 or V6. realism: how alike "
                        "the simulator's neighbouring leads are, against real records. adapt: which part of the "
                        "model patient adaptation fine-tunes, on the training split's never-supervised V2/V6. wander: the "
-                       "gains of chest views' slow part, fitted by leave-one-lead-out on real records without V2 or V6.")
-    p.add_argument("what", choices=("model", "calibration", "stream", "transfer", "realism", "adapt", "wander"),
+                       "gains of chest views' slow part, fitted by leave-one-lead-out on real records without V2 or V6. blend: "
+                       "a monitor drawing V2, V6 from all ten other leads, from I, II, V3 with the rest supervising, "
+                       "and the mean of the two.")
+    p.add_argument("what", choices=("model", "calibration", "stream", "transfer", "realism", "adapt", "wander", "blend"),
                    help="model: latency; calibration: offset recovery and its time; stream: patients the "
                         "daemon sustains in real time through a broker (edge/bench.py); transfer: "
                         "leave-one-lead-out choice of neighbour transfer (training/tune_transfer.py); realism: "
                         "the simulator's neighbouring leads against real records (training/realism.py); adapt: "
                         "which part patient adaptation fine-tunes (training/tune_adapt.py); wander: the slow-part gains "
-                        "of chest views (training/tune_wander.py)")
+                        "of chest views (training/tune_wander.py); blend: a monitor's own pipeline against a subset's and "
+                        "their mean (training/tune_blend.py)")
     p.add_argument("--data", nargs="+", type=Path, default=[Path("../shared/data/ecg")], metavar="PATH",
-                   help="transfer, realism, adapt, wander: real records (default ../shared/data/ecg)")
+                   help="transfer, realism, adapt, wander, blend: real records (default ../shared/data/ecg)")
     p.add_argument("--split", default=None, choices=("all", "train", "val"),
-                   help="transfer, realism, adapt, wander: which split of --data (default val; adapt: train)")
+                   help="transfer, realism, adapt, wander, blend: which split of --data (default val; adapt: train)")
     p.add_argument("--filter-sweep", action="store_true",
                    help="transfer: also sweep the residual filter's span and ridge (one neighbour)")
     p.add_argument("--figure", type=Path, metavar="PNG",
@@ -107,6 +110,14 @@ def run(args) -> int:
 
         res = plot_transfer_example(synth, args.data, args.figure, split, step=args.what)
         print(f"wrote {args.figure}: {res['record']} (gain {res['gain_db']:+.2f} dB)")
+        return 0
+    if args.what == "blend":
+        from .tune_blend import compare_blend, format_blend
+
+        res = compare_blend(synth, args.data, split)
+        print(format_blend(res))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2, default=float))
         return 0
     if args.what in ("adapt", "wander"):
         from .tune_adapt import format_adapt_tuning, tune_adapt
