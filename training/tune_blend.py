@@ -38,10 +38,10 @@ VIEWS = "V2,V6"
 def compare_blend(synth, data: list[Path], split: str = "val", subset: str = SUBSET, weight: float = 0.5) -> dict:
     """PSNR and r of the monitor's own pipeline, the subset's, and ``weight`` · subset +
     (1 − ``weight``) · monitor, overall, per view and per source database."""
-    views = resolve_views(VIEWS)
-    monitor, part = Task(resolve_views(MONITOR), views), Task(resolve_views(subset), views)
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must lie in [0, 1], got {weight}")
+    views = resolve_views(VIEWS)
+    monitor, part = Task(resolve_views(MONITOR), views), Task(resolve_views(subset), views)
     if not {v.name for v in part.inputs} <= {v.name for v in monitor.inputs}:
         raise ValueError(f"the subset {subset} must be drawn from the monitor's leads {MONITOR}")
     show = sys.stderr.isatty()
@@ -69,8 +69,8 @@ def compare_blend(synth, data: list[Path], split: str = "val", subset: str = SUB
         s = summarise(got)
         table[key] = {"psnr_db": round(s["overall"]["psnr_db"], 2), "r_median": round(s["overall"]["r_median"], 3),
                       **{f"{v}_psnr_db": round(d["psnr_db"], 2) for v, d in s["per_view"].items()},
-                      **{f"{src}_psnr_db": round(summarise([g for g, o in zip(got, sources) if o == src])
-                                                 ["overall"]["psnr_db"], 2) for src in sorted(set(sources))}}
+                      "by_source_psnr_db": {src: round(summarise([g for g, o in zip(got, sources) if o == src])
+                                                       ["overall"]["psnr_db"], 2) for src in sorted(set(sources))}}
     return {"records": len(cases), "split": split, "monitor": MONITOR, "subset": subset, "weight": weight,
             "table": table, "minutes": round((time.perf_counter() - t0) / 60, 1)}
 
@@ -80,8 +80,7 @@ def format_blend(res: dict) -> str:
              f"adaptation + wander; subset {res['subset']} with transfer; blend {res['weight']:g} subset",
              f"{'draw':<10}{'all dB':>8}{'r':>7}{'V2 dB':>8}{'V6 dB':>8}  per source dB"]
     for key, r in res["table"].items():
-        per = ", ".join(f"{k.removesuffix('_psnr_db')} {v:.2f}" for k, v in r.items()
-                        if k.endswith("_psnr_db") and k[:2] not in ("V2", "V6"))
+        per = ", ".join(f"{src} {v:.2f}" for src, v in r["by_source_psnr_db"].items())
         lines.append(f"{key:<10}{r['psnr_db']:>8.2f}{r['r_median']:>7.3f}{r['V2_psnr_db']:>8.2f}"
                      f"{r['V6_psnr_db']:>8.2f}  {per}")
     return "\n".join(lines)
