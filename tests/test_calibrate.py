@@ -179,6 +179,7 @@ def test_the_lead_vector_floor_measures_how_patients_differ():
     assert 0.5 < res["leadvector_turn_per_deg_median"] < 2
     assert res["leadvector_floor_deg"] == pytest.approx(
         res["leadvector_spread_after_rotation_deg_median"] / res["leadvector_turn_per_deg_median"], abs=0.1)
+    assert res["leadvector_floor_per_axis_deg"] == pytest.approx(0.573 * res["leadvector_floor_deg"], abs=0.1)
     assert 0 < res["leadvector_nondipolar_share_median"] < 1
 
 

@@ -391,6 +391,9 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
             "identifiability_device_noise_uv_median": round(float(np.median(noise)), 1)}
 
 
+PER_AXIS = 0.6745 / np.sqrt(np.log(4.0))  # isotropic 2-D Gaussian: median |x| over median radius
+
+
 def bench_lead_vectors(patients: int, anatomy: str = "v1", step_deg: float = 5.0) -> dict:
     """How well any fit could place a chest electrode from what it records, model aside.
 
@@ -402,7 +405,9 @@ def bench_lead_vectors(patients: int, anatomy: str = "v1", step_deg: float = 5.0
     of all chest leads is taken out, which also covers a rotated heart), while moving an
     electrode by 1° turns its lead vector by ``turn_per_deg``. So from its recording alone an
     electrode's angle is known to no better than about spread / turn degrees, whatever the
-    model: the electrode offsets are not identifiable below that floor."""
+    model: the electrode offsets are not identifiable below that floor. ``floor_per_axis``
+    puts it in the units of the offset errors (median |dθ| and |dφ|): for an isotropic
+    spread the median per axis is 0.674 / sqrt(ln 4) ≈ 0.573 of the median angle."""
     from scipy.spatial.transform import Rotation
 
     from training.simulator import render
@@ -441,5 +446,6 @@ def bench_lead_vectors(patients: int, anatomy: str = "v1", step_deg: float = 5.0
             "leadvector_spread_after_rotation_deg_median": round(float(np.median(aligned)), 2),
             "leadvector_turn_per_deg_median": round(per_turn, 2),
             "leadvector_floor_deg": round(float(np.median(aligned)) / per_turn, 1),
+            "leadvector_floor_per_axis_deg": round(float(PER_AXIS * np.median(aligned)) / per_turn, 1),
             "leadvector_nondipolar_share_median": round(float(np.median(share)), 3),
             **{f"leadvector_spread_{n}_deg": round(float(v), 1) for n, v in zip(chest_names, np.median(spread, 0))}}
