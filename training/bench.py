@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from panorama.calibrate import calibrate, warm_up
+from panorama.calibrate import PRIOR_SD_DEG, calibrate, warm_up
 from panorama.geometry import NAMED, STANDARD_12, redundant_limb_leads, resolve_views
 from panorama.metrics import centre, score_record, summarise
 from panorama.records import MODEL_FS
@@ -51,7 +51,7 @@ def register(sub) -> None:
     p.add_argument("--filter-sweep", action="store_true",
                    help="transfer: also sweep the residual filter's span and ridge (one neighbour)")
     p.add_argument("--figure", type=Path, metavar="PNG",
-                   help="transfer: also draw the --split record with the median gain from transfer; adapt, wander: "
+                   help="calibration --identifiability: also draw the lead-vector floor; transfer: also draw the --split record with the median gain from transfer; adapt, wander: "
                    "draw the --split record with the median gain from that step, instead of the table")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -157,7 +157,7 @@ def run(args) -> int:
                                 anatomy=args.anatomy, montage=args.montage)
         if args.identifiability:
             res.update(bench_identifiability(synth, args.patients, anatomy=args.anatomy))
-            res.update(bench_lead_vectors(args.patients, anatomy=args.anatomy))
+            res.update(bench_lead_vectors(args.patients, anatomy=args.anatomy, figure=args.figure))
     for k, v in res.items():
         print(f"{k:>32}: {v}")
     if args.json:
@@ -394,7 +394,16 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
 PER_AXIS = 0.6745 / np.sqrt(np.log(4.0))  # isotropic 2-D Gaussian: median |x| over median radius
 
 
-def bench_lead_vectors(patients: int, anatomy: str = "v1", step_deg: float = 5.0) -> dict:
+def _ideal_fit(floor_deg: float, prior_sd_deg: float = PRIOR_SD_DEG) -> float:
+    """Median error per axis of the Gaussian posterior: the prior against a reading whose
+    median angle from the truth is ``floor_deg`` (per-axis σ = floor / sqrt(ln 4))."""
+    reading_sd = floor_deg / np.sqrt(np.log(4.0))
+    if reading_sd <= 0:  # a perfect reading (one patient: nothing to differ from)
+        return 0.0
+    return float(0.6745 / np.sqrt(prior_sd_deg ** -2 + reading_sd ** -2))
+
+
+def bench_lead_vectors(patients: int, anatomy: str = "v1", step_deg: float = 5.0, figure: Path | None = None) -> dict:
     """How well any fit could place a chest electrode from what it records, model aside.
 
     A chest lead records roughly the heart's dipole moment projected on its lead vector
@@ -407,7 +416,11 @@ def bench_lead_vectors(patients: int, anatomy: str = "v1", step_deg: float = 5.0
     electrode's angle is known to no better than about spread / turn degrees, whatever the
     model: the electrode offsets are not identifiable below that floor. ``floor_per_axis``
     puts it in the units of the offset errors (median |dθ| and |dφ|): for an isotropic
-    spread the median per axis is 0.674 / sqrt(ln 4) ≈ 0.573 of the median angle."""
+    spread the median per axis is 0.674 / sqrt(ln 4) ≈ 0.573 of the median angle.
+    ``ideal_fit_per_axis``: the median error per axis of an ideal fit that weighs the
+    table's prior (σ = 10.6° per axis) against a perfect reading of each lead's direction
+    (uncertain by the floor), both taken as Gaussian.
+    ``figure``: also draw each lead's patients about their mean (training/floor_figure.py)."""
     from scipy.spatial.transform import Rotation
 
     from training.simulator import render
@@ -440,12 +453,18 @@ def bench_lead_vectors(patients: int, anatomy: str = "v1", step_deg: float = 5.0
     mean = at_table.mean(0)
     mean /= np.linalg.norm(mean, axis=1, keepdims=True)
     spread = degrees(at_table, mean[None])
-    aligned = np.array([degrees(Rotation.align_vectors(mean, g)[0].apply(g), mean) for g in at_table])
+    rotated = np.array([Rotation.align_vectors(mean, g)[0].apply(g) for g in at_table])
+    aligned = degrees(rotated, mean[None])
     per_turn = float(np.median(turn))
+    if figure is not None:
+        from .floor_figure import plot_floor
+
+        plot_floor(figure, rotated, mean, chest_names, per_turn, PRIOR_SD_DEG)
     return {"leadvector_spread_deg_median": round(float(np.median(spread)), 2),
             "leadvector_spread_after_rotation_deg_median": round(float(np.median(aligned)), 2),
             "leadvector_turn_per_deg_median": round(per_turn, 2),
             "leadvector_floor_deg": round(float(np.median(aligned)) / per_turn, 1),
             "leadvector_floor_per_axis_deg": round(float(PER_AXIS * np.median(aligned)) / per_turn, 1),
+            "leadvector_ideal_fit_per_axis_deg": round(_ideal_fit(float(np.median(aligned)) / per_turn), 1),
             "leadvector_nondipolar_share_median": round(float(np.median(share)), 3),
             **{f"leadvector_spread_{n}_deg": round(float(v), 1) for n, v in zip(chest_names, np.median(spread, 0))}}
