@@ -170,7 +170,7 @@ def test_the_lead_vector_floor_measures_how_patients_differ(tmp_path):
     """bench calibration --identifiability's floor: one patient differs from no one; several
     point the same lead apart, less so once each one's common rotation is taken out, and a
     moved electrode turns its lead vector by about as much as it moved."""
-    from training.bench import bench_lead_vectors
+    from training.floor import bench_lead_vectors
 
     one = bench_lead_vectors(1)
     assert one["leadvector_spread_deg_median"] == 0 and one["leadvector_floor_deg"] == 0

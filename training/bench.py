@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from panorama.calibrate import PRIOR_SD_DEG, calibrate, warm_up
+from panorama.calibrate import calibrate, warm_up
 from panorama.geometry import NAMED, STANDARD_12, redundant_limb_leads, resolve_views
 from panorama.metrics import centre, score_record, summarise
 from panorama.records import MODEL_FS
@@ -51,7 +51,8 @@ def register(sub) -> None:
     p.add_argument("--filter-sweep", action="store_true",
                    help="transfer: also sweep the residual filter's span and ridge (one neighbour)")
     p.add_argument("--figure", type=Path, metavar="PNG",
-                   help="calibration --identifiability: also draw the lead-vector floor; transfer: also draw the --split record with the median gain from transfer; adapt, wander: "
+                   help="calibration --identifiability: also draw the lead-vector floor (training/floor.py); "
+                   "transfer: also draw the --split record with the median gain from transfer; adapt, wander: "
                    "draw the --split record with the median gain from that step, instead of the table")
     p.add_argument("--model", type=Path, help="checkpoint (default: the shipped one)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -157,6 +158,8 @@ def run(args) -> int:
                                 anatomy=args.anatomy, montage=args.montage)
         if args.identifiability:
             res.update(bench_identifiability(synth, args.patients, anatomy=args.anatomy))
+            from .floor import bench_lead_vectors
+
             res.update(bench_lead_vectors(args.patients, anatomy=args.anatomy, figure=args.figure))
     for k, v in res.items():
         print(f"{k:>32}: {v}")
@@ -389,82 +392,3 @@ def bench_identifiability(synth: Synthesizer, patients: int, sweep_deg: float = 
             "identifiability_model_err_at_truth_uv_median": round(float(np.median(model_err)), 1),
             "identifiability_change_per_10deg_uv_median": round(float(np.median(change)), 1),
             "identifiability_device_noise_uv_median": round(float(np.median(noise)), 1)}
-
-
-PER_AXIS = 0.6745 / np.sqrt(np.log(4.0))  # isotropic 2-D Gaussian: median |x| over median radius
-
-
-def _ideal_fit(floor_deg: float, prior_sd_deg: float = PRIOR_SD_DEG) -> float:
-    """Median error per axis of the Gaussian posterior: the prior against a reading whose
-    median angle from the truth is ``floor_deg`` (per-axis σ = floor / sqrt(ln 4))."""
-    reading_sd = floor_deg / np.sqrt(np.log(4.0))
-    if reading_sd <= 0:  # a perfect reading (one patient: nothing to differ from)
-        return 0.0
-    return float(0.6745 / np.sqrt(prior_sd_deg ** -2 + reading_sd ** -2))
-
-
-def bench_lead_vectors(patients: int, anatomy: str = "v1", step_deg: float = 5.0, figure: Path | None = None) -> dict:
-    """How well any fit could place a chest electrode from what it records, model aside.
-
-    A chest lead records roughly the heart's dipole moment projected on its lead vector
-    (least squares against the simulated moment; the rest, ``nondipolar_share``, is near
-    field). With every electrode at its table angle, the simulated patients' lead vectors
-    for the same lead still point apart, by ``spread`` about their mean (heart position and
-    sources, torso shape; ``spread_after_rotation`` once each patient's best common rotation
-    of all chest leads is taken out, which also covers a rotated heart), while moving an
-    electrode by 1° turns its lead vector by ``turn_per_deg``. So from its recording alone an
-    electrode's angle is known to no better than about spread / turn degrees, whatever the
-    model: the electrode offsets are not identifiable below that floor. ``floor_per_axis``
-    puts it in the units of the offset errors (median |dθ| and |dφ|): for an isotropic
-    spread the median per axis is 0.674 / sqrt(ln 4) ≈ 0.573 of the median angle.
-    ``ideal_fit_per_axis``: the median error per axis of an ideal fit that weighs the
-    table's prior (σ = 10.6° per axis) against a perfect reading of each lead's direction
-    (uncertain by the floor), both taken as Gaussian.
-    ``figure``: also draw each lead's patients about their mean (training/floor_figure.py)."""
-    from scipy.spatial.transform import Rotation
-
-    from training.simulator import render
-    from training.simulator.torso import FRANK_AXES
-
-    chest_names = [n for n in STANDARD_12 if n.startswith("V")]
-    table = np.array([[NAMED[n].theta, NAMED[n].phi] for n in chest_names], dtype=float)
-    frank = np.stack([FRANK_AXES[k] for k in ("VX", "VY", "VZ")])  # Frank leads = frank @ moment
-    names = [*(f"c{i}" for i in range(len(table))), "VX", "VY", "VZ"]
-
-    def lead_vectors(params, angles):  # (leads, 3) unit lead vectors and each lead's non-dipolar share
-        clean = render(params, np.concatenate([angles, np.zeros((3, 2))]), names, 3.0, MODEL_FS)
-        moment = np.linalg.solve(frank, clean[-3:])
-        g = np.linalg.lstsq(moment.T, clean[:-3].T, rcond=None)[0].T
-        share = np.abs(clean[:-3] - g @ moment).mean(1) / np.abs(clean[:-3]).mean(1)
-        return g / np.linalg.norm(g, axis=1, keepdims=True), share
-
-    def degrees(a, b):
-        return np.degrees(np.arccos(np.clip((a * b).sum(-1), -1.0, 1.0)))
-
-    at_table, turn, share = [], [], []
-    for seed in tqdm(range(patients), desc="lead vectors", unit="pt", leave=False):
-        params = _displaced_patient(seed, anatomy)[1]  # the same patients as bench_calibration
-        g, s = lead_vectors(params, table)
-        at_table.append(g)
-        share.append(s)
-        for move in ([step_deg, 0.0], [0.0, step_deg]):
-            turn.append(degrees(g, lead_vectors(params, table + move)[0]) / step_deg)
-    at_table = np.array(at_table)  # (patients, leads, 3)
-    mean = at_table.mean(0)
-    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
-    spread = degrees(at_table, mean[None])
-    rotated = np.array([Rotation.align_vectors(mean, g)[0].apply(g) for g in at_table])
-    aligned = degrees(rotated, mean[None])
-    per_turn = float(np.median(turn))
-    if figure is not None:
-        from .floor_figure import plot_floor
-
-        plot_floor(figure, rotated, mean, chest_names, per_turn, PRIOR_SD_DEG)
-    return {"leadvector_spread_deg_median": round(float(np.median(spread)), 2),
-            "leadvector_spread_after_rotation_deg_median": round(float(np.median(aligned)), 2),
-            "leadvector_turn_per_deg_median": round(per_turn, 2),
-            "leadvector_floor_deg": round(float(np.median(aligned)) / per_turn, 1),
-            "leadvector_floor_per_axis_deg": round(float(PER_AXIS * np.median(aligned)) / per_turn, 1),
-            "leadvector_ideal_fit_per_axis_deg": round(_ideal_fit(float(np.median(aligned)) / per_turn), 1),
-            "leadvector_nondipolar_share_median": round(float(np.median(share)), 3),
-            **{f"leadvector_spread_{n}_deg": round(float(v), 1) for n, v in zip(chest_names, np.median(spread, 0))}}
