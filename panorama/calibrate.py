@@ -37,12 +37,15 @@ class FitSettings(NamedTuple):
     axes: str  # "phi", "theta" or "theta,phi"
     prior_weight: float
     move_limb_leads: bool  # I and II move too (``move_far_field``)
+    # prior weight of the supervising chest leads' own offsets (they move as queries only, so
+    # their misplacement is not pinned on the inputs); None: they keep their table angles
+    nuisance_weight: float | None = None
 
 
 EVERY_LEAD = FitSettings("theta,phi", 0.03, True)  # every recorded torso lead is a synthesis input (a monitor)
 FEW_CHEST = FitSettings("theta,phi", 0.3, True)  # such a monitor with fewer than MONITOR_MIN_CHEST chest inputs
 MONITOR_MIN_CHEST = 4
-SUBSET = FitSettings("phi", 0.1, False)  # other torso leads supervise a subset of inputs; theta stays put
+SUBSET = FitSettings("phi", 0.1, False, 0.03)  # other torso leads supervise a subset of inputs; theta stays put
 PRIOR_SD_DEG = 10.6  # electrode displacement spread measured by CT (the paper's Panobench)
 NOISE_CORR = 0.3  # a lead whose |r| with every other lead stays below this carries no ECG
 
@@ -61,6 +64,10 @@ class CalibrationResult:
     prior_weight: float = float("nan")  # how hard the prior held them
     used: list[str] = field(default_factory=list)  # leads that took part
     fitted: list[str] = field(default_factory=list)  # leads whose offsets were fitted
+    # supervising chest leads that moved as queries only (``FitSettings.nuisance_weight``) and
+    # their offsets: fitted so their misplacement is not pinned on the inputs, never used by synthesis
+    nuisance: list[str] = field(default_factory=list)
+    nuisance_offsets_deg: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
     def offsets_for(self, names: list[str]) -> np.ndarray:
         """Offsets for ``names`` in that order (zeros for leads not calibrated)."""
@@ -72,8 +79,10 @@ class CalibrationResult:
                            if n in self.fitted)
         verdict = "accepted" if self.accepted else "rejected"
         how = f" ({self.axes}, prior weight {self.prior_weight:g})" if fitted else ""
+        queries = (f"; supervising leads moved as queries: {', '.join(self.nuisance)}"
+                   if fitted and self.nuisance else "")
         return (f"calibration {verdict}: {self.reason}; residual {self.residual_before_uv:.0f} -> "
-                f"{self.residual_after_uv:.0f} µV; offsets{how} {fitted or 'none'}")
+                f"{self.residual_after_uv:.0f} µV; offsets{how} {fitted or 'none'}{queries}")
 
 
 def _reject(views, reason, **kw) -> CalibrationResult:
@@ -84,6 +93,7 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
               inputs: list[str] | None = None, max_offset_deg: float = 30.0, steps: int = 15,
               lr: float = 0.08, prior_weight: float | None = None, min_gain: float = 0.02, patience: int = 3,
               move_far_field: bool | None = None, axes: str | None = None,
+              nuisance_weight: float | None = -1.0,
               device: str | torch.device | None = None) -> CalibrationResult:
     """Fit angle offsets for the recorded leads ``views`` from ``x`` (leads, samples) mV.
 
@@ -114,6 +124,12 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
       leads there swings the views: README). There the shipped model cannot
       place θ (it puts a simulated electrode's θ 11.6° from the truth where the table is 8.3°
       off; ``panorama bench calibration --identifiability``) and fitting it lowered synthesis.
+      The supervising chest leads (V1, V4, V5) move too, on the same axes, as queries only,
+      under ``nuisance_weight`` 0.03: otherwise their own misplacement is pinned on V3.
+
+    ``nuisance_weight``: prior weight of those supervising chest leads' offsets; None keeps
+    them at their table angles, the default (-1) takes the montage's choice (only ``SUBSET``
+    moves them).
 
     ``patience``: stop after this many steps without a 0.1 % lower objective (at most
     ``steps`` in all). 3 rather than 6 cut the time by about a third with the same result on
@@ -165,6 +181,7 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     axes = chosen.axes if axes is None else axes
     prior_weight = chosen.prior_weight if prior_weight is None else prior_weight
     move_far_field = chosen.move_limb_leads if move_far_field is None else move_far_field
+    nuisance_weight = chosen.nuisance_weight if nuisance_weight == -1.0 else nuisance_weight
     if len(fit) < 2:
         return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)",
                        used=used)
@@ -179,7 +196,10 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if here != dev:
         raise ValueError(f"the model is on {here}, calibration asked for {dev}")
     cols = _axis_columns(axes)
-    movable = movable[:, None] & np.array(["theta" in cols, "phi" in cols])[None]  # (m, 2)
+    axis_on = np.array(["theta" in cols, "phi" in cols])
+    movable = movable[:, None] & axis_on[None]  # (m, 2)
+    # supervising chest leads free as queries only (the inputs' offsets are still what synthesis uses)
+    nz = [] if nuisance_weight is None else [k for k in range(len(usable)) if k not in fit and table[k, 2] < 0.5]
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
     table = torch.from_numpy(table).to(dev)
     model.eval()
@@ -188,7 +208,7 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
         for p in model.parameters():  # only the offsets learn; restored below
             p.requires_grad_(False)
         res = _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_deg, steps, lr,
-                   prior_weight, min_gain, patience, movable, dev, t0)
+                   prior_weight, min_gain, patience, movable, dev, t0, nz, nuisance_weight, axis_on)
         res.axes, res.prior_weight = axes, prior_weight
         return res
     finally:
@@ -204,9 +224,10 @@ def _axis_columns(axes: str) -> list[str]:
 
 
 def _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_deg, steps, lr, prior_weight,
-         min_gain, patience, movable_np, dev, t0) -> CalibrationResult:
-    n, m = len(usable), len(fit)
+         min_gain, patience, movable_np, dev, t0, nz, nuisance_weight, axis_on) -> CalibrationResult:
+    n, m, q = len(usable), len(fit), len(nz)
     movable = torch.from_numpy(movable_np.astype(np.float32)).to(dev)  # (m, 2): which angles move
+    axis = torch.from_numpy(axis_on.astype(np.float32)).to(dev)  # (2,): the nuisance offsets' axes
     with torch.no_grad():
         fv = model.encode(xs[fit][None])  # (1, m, C, T'): the one encoder pass
     xin = xs[fit][None]  # (1, m, T)
@@ -214,52 +235,61 @@ def _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_
     mask = torch.tensor([[k != j for k in fit] for j in range(n)], device=dev)[None]  # (1, n, m)
     scatter = torch.zeros(n, m, device=dev)  # input offsets → per-lead query offsets
     scatter[fit, torch.arange(m)] = 1.0
+    scatter_nz = torch.zeros(n, q, device=dev)  # supervising leads' offsets → their queries
+    scatter_nz[nz, torch.arange(q)] = 1.0
+    pad = lambda o: torch.nn.functional.pad(o, (0, 1))  # noqa: E731 - the far-field flag never moves
 
-    def residual(offsets: torch.Tensor) -> torch.Tensor:  # offsets (m, 2), of the inputs
-        off3 = torch.nn.functional.pad(offsets, (0, 1))  # the far-field flag never moves
+    def residual(offsets: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:  # (m, 2) inputs, (q, 2)
+        off3 = pad(offsets)
         ang_in = table[fit] + off3
-        ang_q = table + scatter @ off3
+        ang_q = table + scatter @ off3 + scatter_nz @ pad(queries)
         pred = model.decode(xin, fv, ang_in[None], mask, ang_q[None])[0]  # (n, T)
         err = pred - xs
         err = err - err.median(dim=1, keepdim=True).values  # DC carries no information
         return err.abs().mean()
 
     raw = torch.zeros(m, 2, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([raw], lr=lr)
+    raw_nz = torch.zeros(q, 2, device=dev, requires_grad=True)
+    opt = torch.optim.Adam([raw, raw_nz], lr=lr)
     offsets = lambda: max_offset_deg * torch.tanh(raw) * movable  # noqa: E731 - bounded by construction
+    queries = lambda: max_offset_deg * torch.tanh(raw_nz) * axis  # noqa: E731
+    zero_nz = torch.zeros(q, 2, device=dev)
     with torch.no_grad():
-        before = residual(torch.zeros(m, 2, device=dev)).item()
-    best, best_off, stall, step = before, torch.zeros(m, 2, device=dev), 0, 0
+        before = residual(torch.zeros(m, 2, device=dev), zero_nz).item()
+    best, best_off, best_nz, stall, step = before, torch.zeros(m, 2, device=dev), zero_nz, 0, 0
     for step in range(1, steps + 1):
-        off = offsets()
-        fit_err = residual(off)
+        off, off_nz = offsets(), queries()
+        fit_err = residual(off, off_nz)
         # MAP: Gaussian prior with the CT spread, scaled to the residual so it neither
         # vanishes nor dominates whatever the signal amplitude: offsets of one σ on every
         # lead cost ``prior_weight`` of the uncalibrated residual
         loss = fit_err + prior_weight * before * ((off / PRIOR_SD_DEG) ** 2).sum() / movable.sum()
+        if q:
+            loss = loss + nuisance_weight * before * ((off_nz / PRIOR_SD_DEG) ** 2).sum() / (q * axis.sum())
         opt.zero_grad()
         loss.backward()
         opt.step()
         if loss.item() < best * (1 - 1e-3):  # the MAP objective chooses, prior included
-            best, best_off, stall = loss.item(), off.detach().clone(), 0
+            best, best_off, best_nz, stall = loss.item(), off.detach().clone(), off_nz.detach().clone(), 0
         else:
             stall += 1
             if stall >= patience:
                 break
     with torch.no_grad():
-        after = residual(best_off).item()
+        after = residual(best_off, best_nz).item()
     out = np.zeros((len(views), 2))
     out[[usable[k] for k in fit]] = best_off.cpu().numpy()
     moved = [views[usable[k]].name for k, mv in zip(fit, movable_np) if mv.any()]
     common = dict(residual_before_uv=before * 1000, residual_after_uv=after * 1000, steps=step,
                   seconds=time.perf_counter() - t0, used=used, fitted=moved)
+    queried = dict(nuisance=[views[usable[k]].name for k in nz], nuisance_offsets_deg=best_nz.cpu().numpy())
     if after > before * (1 - min_gain):
         return _reject(views, f"offsets lowered the residual by under {min_gain:.0%}; table angles kept",
                        **{**common, "fitted": []})
     skipped = [f"{views[i].name} {flags[i]}" for i in range(len(views)) if i not in usable]
     reason = (f"fitted {len(moved)} lead(s) against {n} on {seconds:g} s"
               + (f" (left out: {', '.join(skipped)})" if skipped else ""))
-    return CalibrationResult([v.name for v in views], out, True, reason, **common)
+    return CalibrationResult([v.name for v in views], out, True, reason, **common, **queried)
 
 
 def warm_up(model, device: str | torch.device | None = None, seconds: float = 5.0) -> CalibrationResult:

@@ -111,6 +111,30 @@ def test_the_montage_chooses_which_angles_move():
     assert "(theta,phi, prior weight 0.03)" in every.summary() and "(phi, prior weight 0.03)" in asked.summary()
 
 
+def test_supervising_chest_leads_move_as_queries_so_their_misplacement_is_not_pinned_on_the_inputs():
+    """I, II, V3 as inputs, V1, V4, V5 supervising and displaced 15° to the left, V3 where
+    the table says: the supervising leads' own offsets follow the displacement, V3's stays
+    nearer zero than when they are held at the table, and the residual ends lower. A monitor
+    (every lead an input) has no supervising lead to move."""
+    synth = Synthesizer.load(DEFAULT_CHECKPOINTS["pretrained"])
+    table = np.array([[NAMED[n].theta, NAMED[n].phi] for n in CAL], dtype=float)
+    true = table.copy()
+    true[[CAL.index(n) for n in ("V1", "V4", "V5")], 1] += 15.0
+    views = resolve_views(",".join(CAL))
+    for seed in (0, 1):
+        x = render(sample_patient(np.random.default_rng(seed), "sinus"), true, CAL, 6.0, 500).astype(np.float32)
+        free = calibrate(synth.model, x, views, inputs=["I", "II", "V3"], min_gain=0.0)
+        held = calibrate(synth.model, x, views, inputs=["I", "II", "V3"], min_gain=0.0, nuisance_weight=None)
+        assert free.nuisance == ["V1", "V4", "V5"] and held.nuisance == []
+        assert not free.nuisance_offsets_deg[:, 0].any()  # the subset's axes: phi only
+        assert np.median(free.nuisance_offsets_deg[:, 1]) > 5.0
+        assert abs(free.offsets_for(["V3"])[0, 1]) < abs(held.offsets_for(["V3"])[0, 1])
+        assert free.residual_after_uv < held.residual_after_uv
+        assert free.fitted == ["V3"] and "moved as queries: V1, V4, V5" in free.summary()
+    monitor = calibrate(synth.model, x, views, min_gain=0.0)
+    assert monitor.nuisance == [] and "queries" not in monitor.summary()
+
+
 def test_a_monitor_with_few_chest_leads_holds_its_offsets_harder(tiny):
     """A monitor with fewer than 4 chest leads (all inputs) fits under the heavier prior
     (README: with V1, V3, V5 it lifted V2, V4, V6 on validation and spared the posterior
