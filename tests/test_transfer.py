@@ -120,6 +120,10 @@ def test_refusals_are_clean(synth):
         fit_transfer(synth, x, views, ["I", "II", "V9"], seconds=2)
     with pytest.raises(ValueError, match="model rate"):
         fit_transfer(synth, x, views, INPUTS, fs=250)
+    from training.evaluate import make_method
+
+    with pytest.raises(ValueError, match="calibration window"):  # the evaluation API says so, as the CLI does
+        make_method("model", transfer=True)
 
 
 def test_a_view_never_takes_its_own_recording_and_odd_inputs_are_handled(synth):

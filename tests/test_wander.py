@@ -93,10 +93,10 @@ def test_fit_gains_recovers_known_gains():
 
 
 def test_wander_helps_v2_and_v6_on_the_real_validation_split(data_dir):
-    """The whole validation split, on calibration + neighbour transfer (28 s on 2 cores in session
-    10; with patient adaptation as well, the README's row, it took 79-165 s, the suite's slowest
-    test): the gain comes from the records with drift; on clean ones it changes little either
-    way (the first 12 LUDB records: -0.06 dB)."""
+    """The whole validation split, on the plain model (5 s on 2 cores; on calibration and
+    neighbour transfer it took 84 s in session 16, the suite's slowest test, and the README's
+    rows measure it on the whole pipeline): the gain comes from the records with drift; on
+    clean ones it changes little either way (the first 12 LUDB records: -0.06 dB)."""
     from panorama.records import find_records
     from training import splits
     from training.evaluate import Task, evaluate, load_cases
@@ -104,14 +104,13 @@ def test_wander_helps_v2_and_v6_on_the_real_validation_split(data_dir):
     paths = splits.select(find_records(data_dir), "val")
     task = Task(resolve_views("I,II,V3"), resolve_views("V2,V6"))
     cases, _ = load_cases(paths, task, progress=False)
-    kw = dict(progress=False, calibrate_s=5, transfer=True)
-    base = evaluate(cases, task, "model", **kw).summary
-    wa = evaluate(cases, task, "model", wander=True, **kw).summary
+    base = evaluate(cases, task, "model", progress=False).summary
+    wa = evaluate(cases, task, "model", wander=True, progress=False).summary
     assert wa["overall"]["records"] == base["overall"]["records"] >= 50
-    # Session 10: 29.86 -> 30.17 dB, r 0.914 -> 0.928, median RMSE 100.6 -> 98.7 uV, V6 30.45 ->
-    # 31.02 dB. With adaptation too (README): 30.68 -> 31.04 dB, r 0.918 -> 0.932, and there the
-    # median RMSE rises a little (90.0 -> 92.3 uV): the gain is on the drifting records, the
-    # median record is clean and loses a little of its slow content to the filter.
+    # Session 16: 28.79 -> 29.08 dB, r 0.861 -> 0.886, median RMSE 115.4 -> 112.1 uV, V6 29.17 ->
+    # 29.80 dB. On calibration + transfer (session 10): 29.86 -> 30.17 dB, r 0.914 -> 0.928. With
+    # adaptation too (README) the median RMSE may rise a little: the gain is on the drifting
+    # records, the median record is clean and loses a little of its slow content to the filter.
     assert wa["overall"]["psnr_db"] > base["overall"]["psnr_db"] + 0.2, (base["overall"], wa["overall"])
     assert wa["overall"]["r_median"] > base["overall"]["r_median"] + 0.01
     assert wa["overall"]["rmse_uv_median"] < base["overall"]["rmse_uv_median"] + 3.0

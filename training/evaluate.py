@@ -252,6 +252,9 @@ def method_label(calibrate_s: float, transfer: bool = False, adapt: bool = False
 def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 0.0,
                 calibrate_fit: str = "inputs", transfer: bool = False, adapt: bool = False,
                 wander: bool = False) -> Method:
+    if (transfer or adapt) and calibrate_s <= 0:
+        raise ValueError("neighbour transfer and patient adaptation fit on the calibration window: "
+                         "give calibrate_s > 0 (--calibrate SECONDS)")
     if name == "model":
         from panorama.synth import Synthesizer
         from panorama.wander import WANDER
