@@ -3,7 +3,8 @@
 What moves depends on the montage (see ``axes``): where every recorded torso lead is a
 synthesis input (a monitor), dθ and dφ of every input lead, I and II included; where other
 recorded leads only supervise a subset of inputs, dφ of the chest inputs alone, dθ staying 0
-and the limb leads at their table angles.
+and the limb leads at their table angles; there the supervising chest leads' dφ moves too,
+as queries only, so that their own misplacement is not pinned on the inputs.
 
 Electrodes are never exactly where the angle table says. With the model frozen, the leads
 recorded in the first seconds supervise each other: each lead is predicted from all the
