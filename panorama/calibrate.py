@@ -94,7 +94,7 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
               inputs: list[str] | None = None, max_offset_deg: float = 30.0, steps: int = 15,
               lr: float = 0.08, prior_weight: float | None = None, min_gain: float = 0.02, patience: int = 3,
               move_far_field: bool | None = None, axes: str | None = None,
-              nuisance_weight: float | None = -1.0,
+              move_supervising: bool | None = None,
               device: str | torch.device | None = None) -> CalibrationResult:
     """Fit angle offsets for the recorded leads ``views`` from ``x`` (leads, samples) mV.
 
@@ -126,11 +126,14 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
       place θ (it puts a simulated electrode's θ 11.6° from the truth where the table is 8.3°
       off; ``panorama bench calibration --identifiability``) and fitting it lowered synthesis.
       The supervising chest leads (V1, V4, V5) move too, on the same axes, as queries only,
-      under ``nuisance_weight`` 0.03: otherwise their own misplacement is pinned on V3.
+      under the prior weight 0.03 (``SUBSET.nuisance_weight``): held at the table, their own
+      misplacement was pinned on V3 (validation's whole pipeline 31.09 -> 31.15 dB; weights
+      0.01, 0.1, 0.3 gave 31.15, 31.11, 31.10; README).
 
-    ``nuisance_weight``: prior weight of those supervising chest leads' offsets; None keeps
-    them at their table angles, the default (-1) takes the montage's choice (only ``SUBSET``
-    moves them).
+    ``move_supervising``: let those supervising chest leads move as queries (True, under the
+    montage's ``nuisance_weight``, else 0.03) or keep them at their table angles (False);
+    None, the montage's choice (only ``SUBSET`` moves them). Their offsets are reported in
+    ``nuisance``/``nuisance_offsets_deg`` and never used for synthesis.
 
     ``patience``: stop after this many steps without a 0.1 % lower objective (at most
     ``steps`` in all). 3 rather than 6 cut the time by about a third with the same result on
@@ -182,7 +185,9 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     axes = chosen.axes if axes is None else axes
     prior_weight = chosen.prior_weight if prior_weight is None else prior_weight
     move_far_field = chosen.move_limb_leads if move_far_field is None else move_far_field
-    nuisance_weight = chosen.nuisance_weight if nuisance_weight == -1.0 else nuisance_weight
+    if move_supervising is None:
+        move_supervising = chosen.nuisance_weight is not None
+    nuisance_weight = SUBSET.nuisance_weight if chosen.nuisance_weight is None else chosen.nuisance_weight
     if len(fit) < 2:
         return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)",
                        used=used)
@@ -200,7 +205,7 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     axis_on = np.array(["theta" in cols, "phi" in cols])
     movable = movable[:, None] & axis_on[None]  # (m, 2)
     # supervising chest leads free as queries only (the inputs' offsets are still what synthesis uses)
-    nz = [] if nuisance_weight is None else [k for k in range(len(usable)) if k not in fit and table[k, 2] < 0.5]
+    nz = [k for k in range(len(usable)) if k not in fit and table[k, 2] < 0.5] if move_supervising else []
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
     table = torch.from_numpy(table).to(dev)
     model.eval()

@@ -124,7 +124,7 @@ def test_supervising_chest_leads_move_as_queries_so_their_misplacement_is_not_pi
     for seed in (0, 1):
         x = render(sample_patient(np.random.default_rng(seed), "sinus"), true, CAL, 6.0, 500).astype(np.float32)
         free = calibrate(synth.model, x, views, inputs=["I", "II", "V3"], min_gain=0.0)
-        held = calibrate(synth.model, x, views, inputs=["I", "II", "V3"], min_gain=0.0, nuisance_weight=None)
+        held = calibrate(synth.model, x, views, inputs=["I", "II", "V3"], min_gain=0.0, move_supervising=False)
         assert free.nuisance == ["V1", "V4", "V5"] and held.nuisance == []
         assert not free.nuisance_offsets_deg[:, 0].any()  # the subset's axes: phi only
         assert np.median(free.nuisance_offsets_deg[:, 1]) > 5.0

@@ -93,7 +93,7 @@ def test_fit_gains_recovers_known_gains():
 
 
 def test_wander_helps_v2_and_v6_on_the_real_validation_split(data_dir):
-    """The whole validation split, on the plain model (5 s on 2 cores; on calibration and
+    """The whole validation split, on the plain model (6 s on 2 cores; on calibration and
     neighbour transfer it took 84 s in session 16, the suite's slowest test, and the README's
     rows measure it on the whole pipeline): the gain comes from the records with drift; on
     clean ones it changes little either way (the first 12 LUDB records: -0.06 dB)."""
