@@ -187,7 +187,6 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     move_far_field = chosen.move_limb_leads if move_far_field is None else move_far_field
     if move_supervising is None:
         move_supervising = chosen.nuisance_weight is not None
-    nuisance_weight = SUBSET.nuisance_weight if chosen.nuisance_weight is None else chosen.nuisance_weight
     if len(fit) < 2:
         return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)",
                        used=used)
@@ -203,9 +202,13 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
         raise ValueError(f"the model is on {here}, calibration asked for {dev}")
     cols = _axis_columns(axes)
     axis_on = np.array(["theta" in cols, "phi" in cols])
-    movable = movable[:, None] & axis_on[None]  # (m, 2)
     # supervising chest leads free as queries only (the inputs' offsets are still what synthesis uses)
     nz = [k for k in range(len(usable)) if k not in fit and table[k, 2] < 0.5] if move_supervising else []
+    movable = np.concatenate([movable[:, None] & axis_on[None], np.repeat(axis_on[None], len(nz), 0)])  # (m+q, 2)
+    # each group's prior: offsets of one σ on every moving angle cost its weight of the residual
+    nuisance_weight = SUBSET.nuisance_weight if chosen.nuisance_weight is None else chosen.nuisance_weight
+    row_weight = np.concatenate([np.full(len(fit), prior_weight / movable[:len(fit)].sum()),
+                                 np.full(len(nz), nuisance_weight / max(movable[len(fit):].sum(), 1))])
     xs = torch.from_numpy(x[usable] - np.median(x[usable], axis=1, keepdims=True)).to(dev)  # (n, T)
     table = torch.from_numpy(table).to(dev)
     model.eval()
@@ -213,8 +216,8 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     try:
         for p in model.parameters():  # only the offsets learn; restored below
             p.requires_grad_(False)
-        res = _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_deg, steps, lr,
-                   prior_weight, min_gain, patience, movable, dev, t0, nz, nuisance_weight, axis_on)
+        res = _fit(model, xs, table, fit, nz, usable, used, views, flags, seconds, max_offset_deg, steps, lr,
+                   row_weight, min_gain, patience, movable, dev, t0)
         res.axes, res.prior_weight = axes, prior_weight
         return res
     finally:
@@ -229,73 +232,70 @@ def _axis_columns(axes: str) -> list[str]:
     return cols
 
 
-def _fit(model, xs, table, fit, usable, used, views, flags, seconds, max_offset_deg, steps, lr, prior_weight,
-         min_gain, patience, movable_np, dev, t0, nz, nuisance_weight, axis_on) -> CalibrationResult:
-    n, m, q = len(usable), len(fit), len(nz)
-    movable = torch.from_numpy(movable_np.astype(np.float32)).to(dev)  # (m, 2): which angles move
-    axis = torch.from_numpy(axis_on.astype(np.float32)).to(dev)  # (2,): the nuisance offsets' axes
+def _fit(model, xs, table, fit, nz, usable, used, views, flags, seconds, max_offset_deg, steps, lr, row_weight,
+         min_gain, patience, movable_np, dev, t0) -> CalibrationResult:
+    """Offsets of the inputs ``fit`` (as inputs and queries) and of the supervising leads
+    ``nz`` (as queries only), one row each, under the per-row prior weights ``row_weight``."""
+    n, m = len(usable), len(fit)
+    free = fit + nz  # rows of the offsets, as indices into the usable leads
+    movable = torch.from_numpy(movable_np.astype(np.float32)).to(dev)  # (m+q, 2): which angles move
+    weight = torch.from_numpy(row_weight.astype(np.float32)).to(dev)[:, None]  # (m+q, 1)
     with torch.no_grad():
         fv = model.encode(xs[fit][None])  # (1, m, C, T'): the one encoder pass
     xin = xs[fit][None]  # (1, m, T)
     # query j predicts recorded lead j from every input but itself, all in one pass
     mask = torch.tensor([[k != j for k in fit] for j in range(n)], device=dev)[None]  # (1, n, m)
-    scatter = torch.zeros(n, m, device=dev)  # input offsets → per-lead query offsets
-    scatter[fit, torch.arange(m)] = 1.0
-    scatter_nz = torch.zeros(n, q, device=dev)  # supervising leads' offsets → their queries
-    scatter_nz[nz, torch.arange(q)] = 1.0
-    pad = lambda o: torch.nn.functional.pad(o, (0, 1))  # noqa: E731 - the far-field flag never moves
+    scatter = torch.zeros(n, len(free), device=dev)  # offsets → per-lead query offsets
+    scatter[free, torch.arange(len(free))] = 1.0
 
-    def residual(offsets: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:  # (m, 2) inputs, (q, 2)
-        off3 = pad(offsets)
-        ang_in = table[fit] + off3
-        ang_q = table + scatter @ off3 + scatter_nz @ pad(queries)
+    def residual(offsets: torch.Tensor) -> torch.Tensor:  # offsets (m+q, 2)
+        off3 = torch.nn.functional.pad(offsets, (0, 1))  # the far-field flag never moves
+        ang_in = table[fit] + off3[:m]
+        ang_q = table + scatter @ off3
         pred = model.decode(xin, fv, ang_in[None], mask, ang_q[None])[0]  # (n, T)
         err = pred - xs
         err = err - err.median(dim=1, keepdim=True).values  # DC carries no information
         return err.abs().mean()
 
-    raw = torch.zeros(m, 2, device=dev, requires_grad=True)
-    raw_nz = torch.zeros(q, 2, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([raw, raw_nz], lr=lr)
+    zero = torch.zeros(len(free), 2, device=dev)
+    raw = zero.clone().requires_grad_(True)
+    opt = torch.optim.Adam([raw], lr=lr)
     offsets = lambda: max_offset_deg * torch.tanh(raw) * movable  # noqa: E731 - bounded by construction
-    queries = lambda: max_offset_deg * torch.tanh(raw_nz) * axis  # noqa: E731
-    zero_nz = torch.zeros(q, 2, device=dev)
     with torch.no_grad():
-        before = residual(torch.zeros(m, 2, device=dev), zero_nz).item()
-    best, best_off, best_nz, stall, step = before, torch.zeros(m, 2, device=dev), zero_nz, 0, 0
+        before = residual(zero).item()
+    best, best_off, stall, step = before, zero, 0, 0
     for step in range(1, steps + 1):
-        off, off_nz = offsets(), queries()
-        fit_err = residual(off, off_nz)
+        off = offsets()
+        fit_err = residual(off)
         # MAP: Gaussian prior with the CT spread, scaled to the residual so it neither
         # vanishes nor dominates whatever the signal amplitude: offsets of one σ on every
-        # lead cost ``prior_weight`` of the uncalibrated residual
-        loss = fit_err + prior_weight * before * ((off / PRIOR_SD_DEG) ** 2).sum() / movable.sum()
-        if q:
-            loss = loss + nuisance_weight * before * ((off_nz / PRIOR_SD_DEG) ** 2).sum() / (q * axis.sum())
+        # moving angle of a group cost that group's weight of the uncalibrated residual
+        loss = fit_err + before * (weight * (off / PRIOR_SD_DEG) ** 2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
         if loss.item() < best * (1 - 1e-3):  # the MAP objective chooses, prior included
-            best, best_off, best_nz, stall = loss.item(), off.detach().clone(), off_nz.detach().clone(), 0
+            best, best_off, stall = loss.item(), off.detach().clone(), 0
         else:
             stall += 1
             if stall >= patience:
                 break
     with torch.no_grad():
-        after = residual(best_off, best_nz).item()
+        after = residual(best_off).item()
+    best_off = best_off.cpu().numpy()
     out = np.zeros((len(views), 2))
-    out[[usable[k] for k in fit]] = best_off.cpu().numpy()
+    out[[usable[k] for k in fit]] = best_off[:m]
     moved = [views[usable[k]].name for k, mv in zip(fit, movable_np) if mv.any()]
     common = dict(residual_before_uv=before * 1000, residual_after_uv=after * 1000, steps=step,
                   seconds=time.perf_counter() - t0, used=used, fitted=moved)
-    queried = dict(nuisance=[views[usable[k]].name for k in nz], nuisance_offsets_deg=best_nz.cpu().numpy())
     if after > before * (1 - min_gain):
         return _reject(views, f"offsets lowered the residual by under {min_gain:.0%}; table angles kept",
                        **{**common, "fitted": []})
     skipped = [f"{views[i].name} {flags[i]}" for i in range(len(views)) if i not in usable]
     reason = (f"fitted {len(moved)} lead(s) against {n} on {seconds:g} s"
               + (f" (left out: {', '.join(skipped)})" if skipped else ""))
-    return CalibrationResult([v.name for v in views], out, True, reason, **common, **queried)
+    return CalibrationResult([v.name for v in views], out, True, reason, **common,
+                             nuisance=[views[usable[k]].name for k in nz], nuisance_offsets_deg=best_off[m:])
 
 
 def warm_up(model, device: str | torch.device | None = None, seconds: float = 5.0) -> CalibrationResult:
