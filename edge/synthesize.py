@@ -14,7 +14,7 @@ from panorama.errors import PanoramaError
 from panorama.geometry import resolve_view, resolve_views
 from panorama.records import MODEL_FS, Record, find_records, lead_quality, read_record, resample, write_record
 from panorama.synth import Synthesizer, default_checkpoint
-from panorama.transfer import fit_neighbour_offsets, fit_transfer
+from panorama.transfer import LINE_BLEND, fit_neighbour_offsets, fit_transfer
 from panorama.wander import WANDER
 
 from .backends import make_backend
@@ -46,7 +46,8 @@ def register(sub) -> None:
                    "plus a residual filter fitted on them) and give each view its nearest one of the same kind within "
                    "45 deg as an extra input, at the angle a second, leave-one-out calibration of those leads fits (neighbour "
                    "transfer; views with none that near are unchanged; asking for a recorded lead as a view takes it away "
-                   "from its neighbours)")
+                   f"from its neighbours); a view on the precordial line V1-V6 between recorded ones also takes {LINE_BLEND:g} of "
+                   "their linear interpolation along the line, named in the header)")
     p.add_argument("--adapt", action="store_true",
                    help="with --calibrate: first fine-tune a copy of the model's fusion blocks on the same leads and "
                    "SECONDS (patient adaptation: each recorded chest lead predicted from what synthesis would give it; "
@@ -146,6 +147,7 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
                                                  offsets=offsets, view_offsets=every_fit.offsets_deg)
             log.info("%s: %s", path.name, tr.summary())
             notes.append(tr.summary())
+            notes += tr.line_summary(views if synth is shared else [v for v in views if adaptation.covers(v)])
             if tr.fitted:
                 notes += [f"neighbour offset {v.name}: dtheta {d[0]:+.2f} dphi {d[1]:+.2f} deg "
                           f"(leave-one-out fit, {'accepted' if every_fit.accepted else 'rejected'})"

@@ -20,6 +20,16 @@ recorded lead), the neighbour enters synthesis at its fitted angle rather than t
 One neighbour rather than two or three was chosen by leave-one-lead-out on real records
 without V2 or V6 (`panorama bench transfer`; README). A first version added the recorded
 leads' residuals to nearby views through an angular kernel instead: it gained half as much.
+
+A view on the standard precordial line (V1 … V6) with recorded leads of that line on both
+sides, or two on one side with the nearest one place away, is also drawn by linear
+interpolation of them in their order along the chest (V2 = (V1 + V3) / 2 and V6 = 2·V5 − V4
+in the protocol's montage; the inputs as recorded, the other leads continued), and the
+model's view takes ``LINE_BLEND`` (0.2) of it. The model draws every angle from what the
+simulator taught it; the interpolation is this patient's own leads, and the two err
+differently (+0.5 dB for the whole pipeline on validation; README). Views off that line
+(V7–V9, right-sided, high and arbitrary leads) are not touched: no recording here holds
+them to check an interpolation.
 """
 
 from __future__ import annotations
@@ -32,11 +42,42 @@ from .geometry import View, angle_between
 from .metrics import centre
 from .records import MODEL_FS, check_fit_window, lead_quality
 
-__all__ = ["Transfer", "fit_transfer", "fit_neighbour_offsets", "LAGS", "MAX_NEIGHBOUR_DEG"]
+__all__ = ["Transfer", "fit_transfer", "fit_neighbour_offsets", "line_weights", "LAGS", "LINE_BLEND",
+           "MAX_NEIGHBOUR_DEG", "PRECORDIAL_LINE"]
 
 MAX_NEIGHBOUR_DEG = 45.0
 LAGS = tuple(range(-20, 21, 4))  # samples at 500 Hz: ±40 ms in 8 ms steps
 RIDGE = 0.03  # relative to the mean eigenvalue of the inputs' lagged covariance
+# The standard precordial electrodes in their order along the chest. A view on this line
+# with recorded leads of it on both sides (or two on one side, the nearest one place away)
+# is also drawn by linear interpolation of them in that order, and the model's view takes
+# LINE_BLEND of it (README, "Neighbour transfer").
+PRECORDIAL_LINE = {"V1": 1, "V2": 2, "V3": 3, "V4": 4, "V5": 5, "V6": 6}
+LINE_BLEND = 0.2
+LINE_MAX_GAP = 2  # places between a view and each lead it is interpolated from
+
+
+def line_weights(view: str, recorded: list[str], max_gap: int = LINE_MAX_GAP) -> dict[str, float]:
+    """Weights over ``recorded`` lead names that draw ``view`` by linear interpolation along the
+    precordial line (V1 … V6 in order): between the nearest recorded lead on each side, each
+    at most ``max_gap`` places away, or else one place past the two nearest on one side (the
+    second at most ``max_gap`` places beyond the first). Empty when the view is not on the
+    line, is itself in ``recorded``, or has no such leads."""
+    if view not in PRECORDIAL_LINE or view in recorded:
+        return {}
+    p = PRECORDIAL_LINE[view]
+    at = sorted((PRECORDIAL_LINE[n], n) for n in dict.fromkeys(recorded) if n in PRECORDIAL_LINE)
+    below = [(q, n) for q, n in at if q < p][::-1]  # nearest first
+    above = [(q, n) for q, n in at if q > p]
+    if below and above and p - below[0][0] <= max_gap and above[0][0] - p <= max_gap:
+        (lo, a), (hi, b) = below[0], above[0]
+        return {a: (hi - p) / (hi - lo), b: (p - lo) / (hi - lo)}
+    side = below if below and (not above or p - below[0][0] < above[0][0] - p) else above
+    if len(side) < 2 or abs(side[0][0] - p) != 1 or abs(side[1][0] - side[0][0]) > max_gap:
+        return {}
+    (q1, a), (q2, b) = side[:2]
+    t = (p - q1) / (q1 - q2)  # past a, in units of a's distance from b
+    return {a: 1 + t, b: -t}
 
 
 def fit_neighbour_offsets(model, x: np.ndarray, views: list[View], seconds: float = 5.0, device=None):
@@ -77,6 +118,7 @@ class Transfer:
     per_view: int = 1  # neighbours given to each view
     lags: tuple[int, ...] = LAGS  # the filters' taps, samples
     lead_offsets: np.ndarray | None = None  # (leads, 2) dθ, dφ of each fitted lead as an input; None: table
+    line_blend: float = LINE_BLEND  # the share of a precordial view drawn by interpolation along the line
 
     @property
     def fitted(self) -> bool:
@@ -106,10 +148,12 @@ class Transfer:
 
     def synthesize(self, synth, x: np.ndarray, queries: list[View], offsets: np.ndarray | None = None) -> np.ndarray:
         """x (inputs, samples) mV at the model rate → (queries, samples) mV: each query from
-        the inputs plus its reconstructed neighbours; queries without one from the inputs."""
+        the inputs plus its reconstructed neighbours; queries without one from the inputs. A
+        query on the precordial line between recorded leads then takes ``line_blend`` of
+        their interpolation (:meth:`line`)."""
         x = np.asarray(x, dtype=np.float32)
-        near = self.neighbours(queries)
-        recon = self.reconstruct(synth, x, offsets) if any(near) else None
+        near, line = self.neighbours(queries), self.line(queries)
+        recon = self.reconstruct(synth, x, offsets) if any(near) or any(line) else None
         out = np.empty((len(queries), x.shape[1]), np.float32)
         for ks in dict.fromkeys(near):  # one model call per distinct set of neighbours
             idx = [i for i, n in enumerate(near) if n == ks]
@@ -122,7 +166,28 @@ class Transfer:
             off = np.concatenate([own, nb]).astype(np.float32)
             out[idx] = synth(np.concatenate([x, recon[list(ks)]]), [*self.inputs, *(self.leads[k] for k in ks)], qs,
                              offsets=off)
+        if any(line):
+            signals = dict(zip((v.name for v in [*self.inputs, *self.leads]), centre(np.concatenate([x, recon]))))
+            for i, w in enumerate(line):
+                if w:
+                    drawn = sum(c * signals[n] for n, c in w.items())
+                    out[i] += (self.line_blend * (drawn - centre(out[i]))).astype(np.float32)
         return out
+
+    def line(self, queries: list[View]) -> list[dict[str, float]]:
+        """For each query, the weights over the chest inputs and fitted leads (continued) that
+        draw it by interpolation along the precordial line (:func:`line_weights`); empty where
+        none does or ``line_blend`` is 0."""
+        if not self.fitted or self.line_blend <= 0:
+            return [{} for _ in queries]
+        recorded = [v.name for v in [*self.inputs, *self.leads] if view_kind(v) == "torso"]
+        return [line_weights(q.name, recorded) for q in queries]
+
+    def line_summary(self, queries: list[View]) -> list[str]:
+        """One line per query drawn partly by interpolation along the precordial line."""
+        return [f"precordial line: {q.name} takes {self.line_blend:g} of "
+                + " ".join(f"{c:+.2f} {n}" for n, c in w.items()).lstrip("+")
+                for q, w in zip(queries, self.line(queries)) if w]
 
     def summary(self) -> str:
         if not self.fitted:
@@ -134,7 +199,7 @@ class Transfer:
 def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs: float = MODEL_FS,
                  seconds: float = 5.0, offsets: np.ndarray | None = None,
                  view_offsets: np.ndarray | None = None, max_neighbour_deg: float = MAX_NEIGHBOUR_DEG,
-                 ridge: float = RIDGE, lags: tuple[int, ...] = LAGS) -> Transfer:
+                 ridge: float = RIDGE, lags: tuple[int, ...] = LAGS, line_blend: float | None = None) -> Transfer:
     """Fit the residual filters of the recorded leads ``views`` (x: (leads, samples) mV at
     500 Hz, the first ``seconds`` are used) that are not among ``inputs``.
 
@@ -149,7 +214,12 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     fitted: fewer seconds than asked, an input unusable in them, or no usable recorded lead
     beside the inputs. An input that is not among ``views``, a lead named twice, or
     ``view_offsets`` of another shape is a ValueError. Never give it a lead you will score.
+    ``line_blend``: the share of a precordial view drawn by interpolation of the recorded
+    leads along the line (:meth:`Transfer.line`); None takes ``LINE_BLEND``, 0 turns it off.
     """
+    line_blend = LINE_BLEND if line_blend is None else float(line_blend)
+    if not 0.0 <= line_blend <= 1.0:
+        raise ValueError(f"line_blend must lie in [0, 1], got {line_blend}")
     x = np.asarray(x, dtype=np.float64)
     check_fit_window(x, views, fs, "neighbour transfer", inputs)
     if view_offsets is not None:
@@ -185,4 +255,4 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     after = residual - filters @ lag
     return Transfer(in_views, targets, filters, "fitted", float(np.mean(np.abs(residual)) * 1000),
                     float(np.mean(np.abs(after)) * 1000), max_neighbour_deg, lags=tuple(lags),
-                    lead_offsets=None if view_offsets is None else view_offsets[others])
+                    lead_offsets=None if view_offsets is None else view_offsets[others], line_blend=line_blend)

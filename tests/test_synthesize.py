@@ -66,6 +66,8 @@ def test_synthesize_with_neighbour_transfer_changes_near_views_only(cli, data_di
         assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "transfer" / "ludb001")).comments
     assert any(c.startswith("neighbour transfer from") and "V1" in c for c in comments)
+    assert [c for c in comments if c.startswith("precordial line:")] == [
+        "precordial line: V2 takes 0.2 of 0.50 V1 +0.50 V3"]  # V8 is off the line
     # the neighbours' own offsets, from the leave-one-out fit of every lead but V2 and V8
     assert any(c.startswith("neighbour offset V1: dtheta +0.00 dphi ") and "(leave-one-out fit, " in c
                for c in comments), comments
@@ -86,6 +88,7 @@ def test_synthesize_with_patient_adaptation_notes_it_and_changes_the_views(cli, 
     comments = wfdb.rdheader(str(tmp_path / "adapt" / "ludb001")).comments
     assert any(c.startswith("patient adaptation on V1, V3, V4, V5: residual") for c in comments), comments
     assert any(c.startswith("neighbour transfer from") for c in comments)
+    assert "precordial line: V6 takes 0.2 of 2.00 V5 -1.00 V4" in comments  # drawn by the adapted copy
     tr = read_record(tmp_path / "transfer" / "ludb001").signals
     ad = read_record(tmp_path / "adapt" / "ludb001").signals
     assert ad.shape == tr.shape and np.abs(ad - tr).max() > 0.01

@@ -7,7 +7,7 @@ import pytest
 
 from panorama.geometry import STANDARD_12, resolve_views
 from panorama.synth import Synthesizer
-from panorama.transfer import fit_transfer
+from panorama.transfer import fit_transfer, line_weights
 from training.simulator import simulate
 
 CAL = [n for n in STANDARD_12 if n not in ("V2", "V6")]
@@ -69,13 +69,13 @@ def test_neighbours_enter_synthesis_at_their_own_fitted_angles(synth):
     xin = x[[CAL.index(n) for n in INPUTS]]
     ins = resolve_views(",".join(INPUTS))
     queries = resolve_views("V2,V8")
-    plain = fit_transfer(synth, x, views, INPUTS)
-    zero = fit_transfer(synth, x, views, INPUTS, view_offsets=np.zeros((len(CAL), 2)))
+    plain = fit_transfer(synth, x, views, INPUTS, line_blend=0)  # V2 from the model alone: no interpolation
+    zero = fit_transfer(synth, x, views, INPUTS, view_offsets=np.zeros((len(CAL), 2)), line_blend=0)
     assert np.array_equal(zero.synthesize(synth, xin, queries), plain.synthesize(synth, xin, queries))
     moved = np.zeros((len(CAL), 2))
     moved[CAL.index("V1")] = (0.0, 12.0)
     moved[CAL.index("V3")] = (0.0, -20.0)  # an input's row: synthesis takes the inputs' offsets from `offsets`
-    tr = fit_transfer(synth, x, views, INPUTS, view_offsets=moved)
+    tr = fit_transfer(synth, x, views, INPUTS, view_offsets=moved, line_blend=0)
     assert tr.lead_offsets.tolist() == [[0.0, 12.0], [0.0, 0.0], [0.0, 0.0]]  # V1, V4, V5
     got = tr.synthesize(synth, xin, queries)
     v1 = tr.reconstruct(synth, xin)[[v.name for v in tr.leads].index("V1")]
@@ -86,6 +86,43 @@ def test_neighbours_enter_synthesis_at_their_own_fitted_angles(synth):
     assert np.array_equal(got[1], plain.synthesize(synth, xin, queries)[1])  # V8 has no neighbour
     with pytest.raises(ValueError, match=r"view_offsets must be \(10, 2\)"):
         fit_transfer(synth, x, views, INPUTS, view_offsets=np.zeros((3, 2)))
+
+
+def test_line_weights_interpolate_along_the_precordial_line():
+    w = line_weights
+    assert w("V2", ["I", "II", "V3", "V1", "V4", "V5"]) == {"V1": 0.5, "V3": 0.5}
+    assert w("V6", ["I", "II", "V3", "V1", "V4", "V5"]) == {"V5": 2.0, "V4": -1.0}  # one place past V5
+    assert w("V6", ["V3", "V5"]) == {"V5": 1.5, "V3": -0.5}  # V4 missing: from V5 and V3
+    assert w("V1", ["V2", "V3"]) == {"V2": 2.0, "V3": -1.0}
+    assert w("V3", ["V1", "V5"]) == {"V1": 0.5, "V5": 0.5}  # two places each side at most
+    assert w("V4", ["V1", "V5"]) == {}  # V1 is three places from V4, and V5 alone is one side
+    assert w("V2", ["V4", "V5"]) == {}  # the nearest is two places away: no extrapolation that far
+    assert w("V2", ["V1", "V2", "V3"]) == {}  # a recorded view is never drawn from the others
+    for far in ("V7", "V8", "V4R", "V1ICS2", "VX", "I"):  # off the line: no recording here checks them
+        assert w(far, ["V1", "V3", "V4", "V5", "V6"]) == {}
+    for view, rec in (("V2", ["V1", "V3"]), ("V6", ["V4", "V5"]), ("V3", ["V1", "V4"])):
+        assert sum(w(view, rec).values()) == pytest.approx(1.0)  # a common potential passes unchanged
+
+
+def test_a_precordial_view_takes_a_share_of_its_neighbours_interpolation(synth):
+    x, _ = _record(3)
+    views = resolve_views(",".join(CAL))
+    xin = x[[CAL.index(n) for n in INPUTS]]
+    queries = resolve_views("V2,V6,V8")
+    off = fit_transfer(synth, x, views, INPUTS, line_blend=0)
+    tr = fit_transfer(synth, x, views, INPUTS, line_blend=0.25)
+    assert off.line(queries) == [{}, {}, {}]
+    assert tr.line(queries) == [{"V1": 0.5, "V3": 0.5}, {"V5": 2.0, "V4": -1.0}, {}]
+    assert tr.line_summary(queries) == ["precordial line: V2 takes 0.25 of 0.50 V1 +0.50 V3",
+                                        "precordial line: V6 takes 0.25 of 2.00 V5 -1.00 V4"]
+    model, got = off.synthesize(synth, xin, queries), tr.synthesize(synth, xin, queries)
+    cont = dict(zip((v.name for v in tr.leads), tr.reconstruct(synth, xin)))
+    c = lambda z: z - np.median(z)  # noqa: E731
+    line = {"V2": 0.5 * c(cont["V1"]) + 0.5 * c(xin[2]), "V6": 2.0 * c(cont["V5"]) - c(cont["V4"])}
+    for i, name in enumerate(("V2", "V6")):  # the model's view moved a quarter of the way to the line's
+        assert np.allclose(got[i], model[i] + 0.25 * (line[name] - c(model[i])), atol=1e-5)
+        assert np.abs(got[i] - model[i]).max() > 1e-3
+    assert np.array_equal(got[2], model[2])  # V8 is off the line
 
 
 def test_transfer_improves_v2_and_v6_on_real_validation_records(data_dir):
@@ -120,6 +157,8 @@ def test_refusals_are_clean(synth):
         fit_transfer(synth, x, views, ["I", "II", "V9"], seconds=2)
     with pytest.raises(ValueError, match="model rate"):
         fit_transfer(synth, x, views, INPUTS, fs=250)
+    with pytest.raises(ValueError, match=r"line_blend must lie in \[0, 1\], got 1.5"):
+        fit_transfer(synth, x, views, INPUTS, seconds=2, line_blend=1.5)
     from training.evaluate import make_method
 
     with pytest.raises(ValueError, match="calibration window"):  # the evaluation API says so, as the CLI does

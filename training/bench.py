@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("what", choices=("model", "calibration", "stream", "transfer", "realism", "adapt", "wander", "blend"),
                    help="model: latency; calibration: offset recovery and its time; stream: patients the "
                         "daemon sustains in real time through a broker (edge/bench.py); transfer: "
-                        "leave-one-lead-out choice of neighbour transfer (training/tune_transfer.py); realism: "
+                        "leave-one-lead-out choice of neighbour transfer and of its interpolation along the precordial line "
+                        "(training/tune_transfer.py); realism: "
                         "the simulator's neighbouring leads against real records (training/realism.py); adapt: "
                         "which part patient adaptation fine-tunes (training/tune_adapt.py); wander: the slow-part gains "
                         "of chest views (training/tune_wander.py); blend: a monitor's own pipeline against a subset's and "

@@ -11,6 +11,7 @@ from pathlib import Path
 from panorama.errors import RecordError
 from panorama.geometry import FRANK, STANDARD_12, resolve_views
 from panorama.records import MODEL_FS, Record, find_records
+from panorama.transfer import LINE_BLEND
 from panorama.wander import WANDER
 
 from . import splits
@@ -55,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--transfer", action="store_true",
                    help="with --calibrate: also score calibration plus neighbour transfer (each view gets its "
                    "nearest recorded non-input lead of the same kind within 45 deg, continued past the calibration "
-                   "window, as an extra input; views with none that near are unchanged; panorama/transfer.py)")
+                   "window, as an extra input; views with none that near are unchanged; a view on the precordial "
+                   f"line V1-V6 between recorded ones also takes {LINE_BLEND:g} of their interpolation along the line; "
+                   "panorama/transfer.py)")
     p.add_argument("--adapt", action="store_true",
                    help="with --calibrate: also score the model after patient adaptation (a copy of its fusion "
                    "blocks fine-tuned for 30 steps on the calibration window, each recorded chest lead predicted "

@@ -34,6 +34,7 @@ INPUTS = ("I", "II", "V3")
 HELD = ("V1", "V4", "V5")
 SCORED = ("V2", "V6")  # the protocol's scored views: never touched here
 CHOICES = (0, 1, 2, 3)  # neighbours per view (0: no transfer)
+LINE_CHOICES = (0.0, 0.1, 0.2, 0.25, 0.4, 0.6)  # shares of interpolation along the precordial line, one neighbour
 FIT, SCORE = slice(0, int(CALIB_S * MODEL_FS)), slice(int(CALIB_S * MODEL_FS), int(RECORD_S * MODEL_FS))
 
 
@@ -92,14 +93,18 @@ def _held_cells(row: dict) -> str:
     return "".join(f"{row['psnr_db'][h]:>9.2f} / {row['r_median'][h]:.3f}" for h in HELD)
 
 
-def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES) -> dict:
-    """PSNR and r of each held-out lead for each number of neighbours; the best by mean PSNR."""
+def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES, line_choices=LINE_CHOICES) -> dict:
+    """PSNR and r of each held-out lead for each number of neighbours (without interpolation
+    along the precordial line), and, with one neighbour, for each share of that
+    interpolation (V4 between V3 and V5, V5 one place past V3 and V4; V1 has none); the
+    best of each by mean PSNR."""
     n_records, folds = _folds(data, split, "leave one lead out")
     scores = {k: {h: {} for h in HELD} for k in choices}
+    line = {b: {h: {} for h in HELD} for b in line_choices}
     times = {"fit": [], **{k: [] for k in choices}}  # ms: one fit, one 10 s synthesis per choice
     for fold in folds:
         t0 = time.perf_counter()
-        tr = fit_transfer(synth, fold.x_cal, fold.views, list(INPUTS))
+        tr = fit_transfer(synth, fold.x_cal, fold.views, list(INPUTS), line_blend=0)
         times["fit"].append((time.perf_counter() - t0) * 1000)
         for k in choices:
             tr.per_view = k
@@ -107,9 +112,16 @@ def tune_transfer(synth, data: list[Path], split: str = "val", choices=CHOICES) 
             pred = tr.synthesize(synth, fold.x_in, [fold.held])
             times[k].append((time.perf_counter() - t0) * 1000)
             scores[k][fold.held.name][fold.record] = _score(fold, pred)
+        tr.per_view = 1
+        for b in line_choices:
+            tr.line_blend = b
+            line[b][fold.held.name][fold.record] = _score(fold, tr.synthesize(synth, fold.x_in, [fold.held]))
     table = {k: _held_row(scores[k]) for k in choices}
     best = max(choices, key=lambda k: table[k]["mean_psnr_db"])
+    line_table = {b: _held_row(line[b]) for b in line_choices}
     return {"records": n_records, "split": split, "table": table, "best_neighbours": best,
+            "line_table": line_table,
+            "best_line_blend": max(line_choices, key=lambda b: line_table[b]["mean_psnr_db"]) if line_choices else None,
             "fit_ms_median": round(float(np.median(times["fit"])), 1),
             "synthesis_ms_median": {k: round(float(np.median(times[k])), 1) for k in choices}}
 
@@ -126,7 +138,7 @@ def sweep_filters(synth, data: list[Path], split: str = "val") -> dict:
     scores = {g: {h: {} for h in HELD} for g in grid}
     for fold in folds:
         for f, r in grid:
-            tr = fit_transfer(synth, fold.x_cal, fold.views, list(INPUTS), ridge=r, lags=FILTERS[f])
+            tr = fit_transfer(synth, fold.x_cal, fold.views, list(INPUTS), ridge=r, lags=FILTERS[f], line_blend=0)
             scores[(f, r)][fold.held.name][fold.record] = _score(fold, tr.synthesize(synth, fold.x_in, [fold.held]))
     return {f"{f}, ridge {r:g}": _mean_psnr(scores[(f, r)]) for f, r in grid}
 
@@ -137,6 +149,12 @@ def format_tuning(res: dict) -> str:
     for k, row in res["table"].items():
         lines.append(f"{'off' if k == 0 else k:>10}{_held_cells(row)}{row['mean_psnr_db']:>10.2f}")
     lines.append(f"best: {res['best_neighbours']} neighbour(s) per view")
+    if res.get("line_table"):
+        lines.append(f"{'line share':>10}" + "".join(f"{h + ' dB / r':>16}" for h in HELD) + f"{'mean dB':>10}"
+                     + "   (one neighbour; the share of interpolation along the precordial line)")
+        for b, row in res["line_table"].items():
+            lines.append(f"{b:>10g}{_held_cells(row)}{row['mean_psnr_db']:>10.2f}")
+        lines.append(f"best: a share of {res['best_line_blend']:g}")
     syn = ", ".join(f"{'off' if k == 0 else k} {v:g}" for k, v in res["synthesis_ms_median"].items())
     lines.append(f"median time: fit {res['fit_ms_median']:g} ms (9 leads x 5 s); one view from 10 s: {syn} ms")
     return "\n".join(lines)
