@@ -88,6 +88,11 @@ def _held_row(scores: dict) -> dict:
             "mean_psnr_db": _mean_psnr(scores)}
 
 
+def _held_header(label: str) -> str:
+    """The header over ``_held_cells`` columns, ``label`` naming the choice."""
+    return f"{label:>10}" + "".join(f"{h + ' dB / r':>16}" for h in HELD) + f"{'mean dB':>10}"
+
+
 def _held_cells(row: dict) -> str:
     """A ``_held_row`` as table cells: dB / r per held-out lead."""
     return "".join(f"{row['psnr_db'][h]:>9.2f} / {row['r_median'][h]:.3f}" for h in HELD)
@@ -145,13 +150,12 @@ def sweep_filters(synth, data: list[Path], split: str = "val") -> dict:
 
 def format_tuning(res: dict) -> str:
     lines = [f"leave one lead out, inputs {','.join(INPUTS)}, {res['records']} records (split {res['split']}); "
-             "V2, V6 unused", f"{'neighbours':>10}" + "".join(f"{h + ' dB / r':>16}" for h in HELD) + f"{'mean dB':>10}"]
+             "V2, V6 unused", _held_header("neighbours")]
     for k, row in res["table"].items():
         lines.append(f"{'off' if k == 0 else k:>10}{_held_cells(row)}{row['mean_psnr_db']:>10.2f}")
     lines.append(f"best: {res['best_neighbours']} neighbour(s) per view")
     if res.get("line_table"):
-        lines.append(f"{'line share':>10}" + "".join(f"{h + ' dB / r':>16}" for h in HELD) + f"{'mean dB':>10}"
-                     + "   (one neighbour; the share of interpolation along the precordial line)")
+        lines.append(_held_header("line share") + "   (one neighbour; the share of interpolation along the precordial line)")
         for b, row in res["line_table"].items():
             lines.append(f"{b:>10g}{_held_cells(row)}{row['mean_psnr_db']:>10.2f}")
         lines.append(f"best: a share of {res['best_line_blend']:g}")
