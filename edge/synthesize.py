@@ -47,7 +47,8 @@ def register(sub) -> None:
                    "45 deg as an extra input, at the angle a second, leave-one-out calibration of those leads fits (neighbour "
                    "transfer; views with none that near are unchanged; asking for a recorded lead as a view takes it away "
                    f"from its neighbours); a view on the precordial line V1-V6 between recorded ones also takes {LINE_BLEND:g} of "
-                   "their linear interpolation along the line, named in the header)")
+                   "their linear interpolation along the line, named in the header, also when every recorded lead "
+                   "is an input and there is nothing to continue)")
     p.add_argument("--adapt", action="store_true",
                    help="with --calibrate: first fine-tune a copy of the model's fusion blocks on the same leads and "
                    "SECONDS (patient adaptation: each recorded chest lead predicted from what synthesis would give it; "
@@ -136,15 +137,18 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
         if transfer:  # fitted with the model that will use it: the adapted copy, and the shared one
             # the neighbours enter synthesis at their own angles, from a second fit of every
             # recorded lead leave-one-out (the inputs keep the fit above)
+            # (none when every recorded lead is an input: then it only interpolates along the line)
             every_fit = fit_neighbour_offsets(shared.model, x_cal, cal_views, seconds=calibrate_s,
-                                              device=shared.device)
-            log.info("%s: neighbours' %s", path.name, every_fit.summary())
+                                              device=shared.device) if len(cal_views) > len(names) else None
+            if every_fit is not None:
+                log.info("%s: neighbours' %s", path.name, every_fit.summary())
+            view_offsets = None if every_fit is None else every_fit.offsets_deg
             transfers[synth] = tr = fit_transfer(synth, x_cal, cal_views, names, seconds=calibrate_s,
-                                                 offsets=offsets, view_offsets=every_fit.offsets_deg)
+                                                 offsets=offsets, view_offsets=view_offsets)
             far = [v for v in views if adaptation is not None and not adaptation.covers(v)]
             if shared is not synth and any(tr.neighbours(far)):  # rare: only limb or Frank views
                 transfers[shared] = fit_transfer(shared, x_cal, cal_views, names, seconds=calibrate_s,
-                                                 offsets=offsets, view_offsets=every_fit.offsets_deg)
+                                                 offsets=offsets, view_offsets=view_offsets)
             log.info("%s: %s", path.name, tr.summary())
             notes.append(tr.summary())
             notes += tr.line_summary(views if synth is shared else [v for v in views if adaptation.covers(v)])

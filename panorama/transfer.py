@@ -29,7 +29,10 @@ model's view takes ``LINE_BLEND`` (0.2) of it. The model draws every angle from 
 simulator taught it; the interpolation is this patient's own leads, and the two err
 differently (+0.5 dB for the whole pipeline on validation; README). Views off that line
 (V7–V9, right-sided, high and arbitrary leads) are not touched: no recording here holds
-them to check an interpolation.
+them to check an interpolation. The interpolation needs no continued lead: in a monitor's
+montage, where every recorded lead is an input and there is nothing to continue, a transfer
+that found its inputs usable still interpolates between them (V2 = (V1 + V3) / 2 from the
+recorded V1 and V3; +0.3 dB for that pipeline on validation; README).
 """
 
 from __future__ import annotations
@@ -119,6 +122,7 @@ class Transfer:
     lags: tuple[int, ...] = LAGS  # the filters' taps, samples
     lead_offsets: np.ndarray | None = None  # (leads, 2) dθ, dφ of each fitted lead as an input; None: table
     line_blend: float = LINE_BLEND  # the share of a precordial view drawn by interpolation along the line
+    inputs_usable: bool = False  # the inputs passed the fit window's checks: the line may use them
 
     @property
     def fitted(self) -> bool:
@@ -153,7 +157,7 @@ class Transfer:
         their interpolation (:meth:`line`)."""
         x = np.asarray(x, dtype=np.float32)
         near, line = self.neighbours(queries), self.line(queries)
-        recon = self.reconstruct(synth, x, offsets) if any(near) or any(line) else None
+        recon = self.reconstruct(synth, x, offsets) if any(near) or (self.fitted and any(line)) else None
         out = np.empty((len(queries), x.shape[1]), np.float32)
         for ks in dict.fromkeys(near):  # one model call per distinct set of neighbours
             idx = [i for i, n in enumerate(near) if n == ks]
@@ -167,7 +171,8 @@ class Transfer:
             out[idx] = synth(np.concatenate([x, recon[list(ks)]]), [*self.inputs, *(self.leads[k] for k in ks)], qs,
                              offsets=off)
         if any(line):
-            signals = dict(zip((v.name for v in [*self.inputs, *self.leads]), centre(np.concatenate([x, recon]))))
+            both = x if recon is None else np.concatenate([x, recon])  # the inputs, then the continued leads
+            signals = dict(zip((v.name for v in [*self.inputs, *self.leads]), centre(both)))
             for i, w in enumerate(line):
                 if w:
                     drawn = sum(c * signals[n] for n, c in w.items())
@@ -177,8 +182,9 @@ class Transfer:
     def line(self, queries: list[View]) -> list[dict[str, float]]:
         """For each query, the weights over the chest inputs and fitted leads (continued) that
         draw it by interpolation along the precordial line (:func:`line_weights`); empty where
-        none does or ``line_blend`` is 0."""
-        if not self.fitted or self.line_blend <= 0:
+        none does, ``line_blend`` is 0, or the transfer was refused for its inputs or its
+        window (a transfer with no lead to continue still interpolates between its inputs)."""
+        if not (self.fitted or self.inputs_usable) or self.line_blend <= 0:
             return [{} for _ in queries]
         recorded = [v.name for v in [*self.inputs, *self.leads] if view_kind(v) == "torso"]
         return [line_weights(q.name, recorded) for q in queries]
@@ -212,7 +218,8 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     Limb leads are not fitted when the inputs already hold two usable ones (the other four
     follow from those two). Returns an empty transfer with the reason when it cannot be
     fitted: fewer seconds than asked, an input unusable in them, or no usable recorded lead
-    beside the inputs. An input that is not among ``views``, a lead named twice, or
+    beside the inputs; in that last case it still draws precordial views by interpolation
+    between its inputs (:meth:`Transfer.line`). An input that is not among ``views``, a lead named twice, or
     ``view_offsets`` of another shape is a ValueError. Never give it a lead you will score.
     ``line_blend``: the share of a precordial view drawn by interpolation of the recorded
     leads along the line (:meth:`Transfer.line`); None takes ``LINE_BLEND``, 0 turns it off.
@@ -241,8 +248,9 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     others = [i for i, n in enumerate(names) if n not in inputs and flags[n] == "ok"]
     if sum(by_name[n].group == "limb" for n in inputs) >= 2:  # the frontal plane is recorded
         others = [i for i in others if views[i].group != "limb"]
-    if not others:
-        return Transfer(in_views, reason="no usable recorded lead beside the inputs")
+    if not others:  # nothing to continue; the inputs may still be interpolated along the line
+        return Transfer(in_views, reason="no usable recorded lead beside the inputs", line_blend=line_blend,
+                        inputs_usable=True)
 
     xin = np.stack([x[names.index(n)] for n in inputs])
     targets = [views[i] for i in others]
@@ -255,4 +263,5 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     after = residual - filters @ lag
     return Transfer(in_views, targets, filters, "fitted", float(np.mean(np.abs(residual)) * 1000),
                     float(np.mean(np.abs(after)) * 1000), max_neighbour_deg, lags=tuple(lags),
-                    lead_offsets=None if view_offsets is None else view_offsets[others], line_blend=line_blend)
+                    lead_offsets=None if view_offsets is None else view_offsets[others], line_blend=line_blend,
+                    inputs_usable=True)

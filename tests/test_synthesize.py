@@ -79,6 +79,22 @@ def test_synthesize_with_neighbour_transfer_changes_near_views_only(cli, data_di
     assert proc.returncode != 0 and "give --calibrate SECONDS too" in proc.stderr
 
 
+def test_a_monitor_montage_synthesize_interpolates_along_the_precordial_line(cli, data_dir, tmp_path):
+    rec = data_dir / "ludb" / "ludb001"
+    for tag, extra in (("cal", []), ("transfer", ["--transfer"])):
+        proc = cli("synthesize", rec, "--inputs", "I,II,III,aVR,aVL,aVF,V1,V3,V4,V5", "--views", "V2,V6",
+                   "--calibrate", "5", *extra, "--out", tmp_path / tag)
+        assert proc.returncode == 0, proc.stderr
+    comments = wfdb.rdheader(str(tmp_path / "transfer" / "ludb001")).comments
+    assert "neighbour transfer not used: no usable recorded lead beside the inputs" in comments
+    assert [c for c in comments if c.startswith("precordial line:")] == [
+        "precordial line: V2 takes 0.2 of 0.50 V1 +0.50 V3", "precordial line: V6 takes 0.2 of 2.00 V5 -1.00 V4"]
+    assert not any(c.startswith("neighbour offset") for c in comments)  # nothing continued, nothing fitted
+    cal = read_record(tmp_path / "cal" / "ludb001").signals
+    tr = read_record(tmp_path / "transfer" / "ludb001").signals
+    assert np.abs(tr - cal).max(axis=1).min() > 0.01  # both views moved toward the interpolation
+
+
 def test_synthesize_with_patient_adaptation_notes_it_and_changes_the_views(cli, data_dir, tmp_path):
     rec = data_dir / "ludb" / "ludb001"
     for tag, extra in (("transfer", []), ("adapt", ["--adapt"])):

@@ -125,6 +125,30 @@ def test_a_precordial_view_takes_a_share_of_its_neighbours_interpolation(synth):
     assert np.array_equal(got[2], model[2])  # V8 is off the line
 
 
+def test_a_monitor_montage_interpolates_between_its_own_inputs(synth):
+    x, _ = _record(3)
+    views = resolve_views(",".join(CAL))
+    queries = resolve_views("V2,V6,V8")
+    tr = fit_transfer(synth, x, views, CAL)  # every recorded lead an input: nothing to continue
+    assert not tr.fitted and "no usable recorded lead beside the inputs" in tr.reason
+    assert tr.line(queries) == [{"V1": 0.5, "V3": 0.5}, {"V5": 2.0, "V4": -1.0}, {}]
+    model, got = synth(x, views, queries), tr.synthesize(synth, x, queries)
+    c = lambda z: z - np.median(z)  # noqa: E731
+    rec = {n: c(x[CAL.index(n)]) for n in ("V1", "V3", "V4", "V5")}  # as recorded, none continued
+    line = {"V2": 0.5 * rec["V1"] + 0.5 * rec["V3"], "V6": 2.0 * rec["V5"] - rec["V4"]}
+    for i, name in enumerate(("V2", "V6")):
+        assert np.allclose(got[i], model[i] + 0.2 * (line[name] - c(model[i])), atol=1e-5)
+    assert np.array_equal(got[2], model[2])  # V8 is off the line
+    # refused for its inputs, or with the share 0: the model alone
+    flat = x.copy()
+    flat[CAL.index("V4")] = 0.0
+    for bad in (fit_transfer(synth, flat, views, CAL), fit_transfer(synth, x, views, CAL, line_blend=0)):
+        assert bad.line(queries) == [{}, {}, {}]
+    off = fit_transfer(synth, flat, views, CAL)
+    assert "V4 flat" in off.reason
+    assert np.array_equal(off.synthesize(synth, flat, queries), synth(flat, views, queries))
+
+
 def test_transfer_improves_v2_and_v6_on_real_validation_records(data_dir):
     from training import splits
     from training.evaluate import Task, evaluate, load_cases
@@ -193,3 +217,10 @@ def test_eval_never_fits_a_scored_view(synth, data_dir):
     assert method.view_offsets.shape == (len(cases[0].record.leads) - 2, 2)
     assert method.fitted_transfer.lead_offsets.shape == (len(fitted), 2)
     assert method.notes == {"transfer fitted": 1}
+    # a monitor's montage: every recorded lead an input, no neighbour offsets fitted, and
+    # transfer only interpolates along the precordial line
+    monitor = Task(resolve_views("I,II,III,aVR,aVL,aVF,V1,V3,V4,V5"), resolve_views("V2,V6"))
+    method = CalibratedModelMethod(synth, 5.0, transfer=True)
+    method.prepare(cases[0].record, monitor)
+    assert method.view_offsets is None and not method.fitted_transfer.fitted
+    assert method.notes == {"transfer along the precordial line only (no usable recorded lead beside the inputs)": 1}

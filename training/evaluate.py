@@ -174,8 +174,8 @@ class CalibratedModelMethod(ModelMethod):
                         inputs=inputs if self.inputs_only else None, device=self.synth.device)
         self.offsets = res.offsets_for(inputs)
         self.view_offsets = None
-        if self.transfer:  # the neighbours' own angles: every recorded lead fitted leave-one-out
-            from panorama.transfer import fit_neighbour_offsets, fit_transfer
+        if self.transfer and set(names) - set(inputs):  # the neighbours' own angles: every recorded
+            from panorama.transfer import fit_neighbour_offsets  # lead fitted leave-one-out
 
             every = fit_neighbour_offsets(self.synth.model, x, views, seconds=self.seconds, device=self.synth.device)
             self.view_offsets = every.offsets_deg
@@ -190,7 +190,9 @@ class CalibratedModelMethod(ModelMethod):
             self.notes["adapted" if ad.accepted else f"adaptation not used: {ad.reason}"] += 1
             if ad.accepted:
                 self.active = Synthesizer(ad.model, self.synth.meta, self.synth.device)
-        if self.transfer:
+        if self.transfer:  # with every recorded lead an input, it only interpolates along the line
+            from panorama.transfer import fit_transfer
+
             tr = fit_transfer(self.active, x, views, inputs, seconds=self.seconds, offsets=self.offsets,
                               view_offsets=self.view_offsets)
             self.fitted_transfer = tr
@@ -203,7 +205,12 @@ class CalibratedModelMethod(ModelMethod):
                 self.shared_transfer = fit_transfer(
                     self.synth, x, views, inputs, seconds=self.seconds, offsets=self.offsets,
                     view_offsets=self.view_offsets) if any(tr.neighbours(far)) else None
-            self.notes["transfer fitted" if tr.fitted else f"transfer not used: {tr.reason}"] += 1
+            if tr.fitted:
+                self.notes["transfer fitted"] += 1
+            elif any(tr.line(task.views)):
+                self.notes[f"transfer along the precordial line only ({tr.reason})"] += 1
+            else:
+                self.notes[f"transfer not used: {tr.reason}"] += 1
 
     def draw(self, x, inputs, queries):
         from panorama.adapt import synthesize_split

@@ -5,7 +5,8 @@ V2 and V6 two ways, each with every Stage III step that applies (calibration and
 adaptation on 0-5 s, baseline wander):
 
 - ``monitor``: every recorded lead an input (what ``panorama eval --inputs`` those ten
-  does; transfer has no lead beside the inputs to continue);
+  ``--transfer`` does; transfer has no lead beside the inputs to continue, and only
+  interpolates V2 and V6 along the precordial line from the recorded V1, V3, V4, V5);
 - ``subset``: I, II, V3 as inputs, V1, V4, V5 and the limb leads supervising calibration
   and adaptation and continued by neighbour transfer (the evaluation protocol's pipeline,
   which may look at those leads only in 0-5 s; a monitor has them throughout, so this is
@@ -48,7 +49,7 @@ def compare_blend(synth, data: list[Path], split: str = "val", subset: str = SUB
     cases, _ = load_cases(splits.select(find_records(*data), split), monitor, progress=show)
     if not cases:
         raise ValueError(f"no record of split {split!r} can be scored under the synthesis protocol")
-    own = CalibratedModelMethod(synth, CALIB_S, adapt=True, wander=WANDER)
+    own = CalibratedModelMethod(synth, CALIB_S, transfer=True, adapt=True, wander=WANDER)
     sub = CalibratedModelMethod(synth, CALIB_S, transfer=True, adapt=True, wander=WANDER)
     scored, names = monitor.scored_slice, [v.name for v in views]
     scores: dict[str, list] = {"monitor": [], "subset": [], "blend": []}
@@ -77,7 +78,7 @@ def compare_blend(synth, data: list[Path], split: str = "val", subset: str = SUB
 
 def format_blend(res: dict) -> str:
     lines = [f"{res['monitor']} -> {VIEWS}, {res['records']} records (split {res['split']}), calibration + "
-             f"adaptation + wander; subset {res['subset']} with transfer; blend {res['weight']:g} subset",
+             f"adaptation + transfer + wander; subset {res['subset']}; blend {res['weight']:g} subset",
              f"{'draw':<10}{'all dB':>8}{'r':>7}{'V2 dB':>8}{'V6 dB':>8}  per source dB"]
     for key, r in res["table"].items():
         per = ", ".join(f"{src} {v:.2f}" for src, v in r["by_source_psnr_db"].items())
