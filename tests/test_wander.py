@@ -53,6 +53,33 @@ def test_restore_changes_only_chest_views_with_a_chest_input():
         WANDER.restore(pred, queries, x[:, :100], inputs)
 
 
+def test_a_view_between_chest_inputs_moves_toward_their_interpolated_drift():
+    inputs = resolve_views("I,II,V1,V3,V4,V5")  # a monitor: V2 between V1 and V3, V6 beyond V4 and V5
+    drift = {"V1": SLOW, "V3": -SLOW, "V4": 0.5 * SLOW, "V5": 2 * SLOW}
+    x = np.stack([FAST, FAST, *(FAST + drift[n] for n in ("V1", "V3", "V4", "V5"))])
+    queries = resolve_views("V2,V6,V8")
+    pred = np.stack([FAST] * 3)  # drawn from the stripped inputs: no drift of its own
+    plain, got = Wander(0.94, 0.34), Wander(0.94, 0.34, line_share=0.2)
+    assert got.line(queries[0], inputs) == {"V1": 0.5, "V3": 0.5}
+    assert got.line(queries[1], inputs) == {"V5": 2.0, "V4": -1.0} and got.line(queries[2], inputs) == {}
+    before, after = plain.restore(pred, queries, x, inputs), got.restore(pred, queries, x, inputs)
+    mid = slice(MODEL_FS, T - MODEL_FS)
+    common = 0.34 * (SLOW - SLOW + 0.5 * SLOW + 2 * SLOW) / 4
+    assert np.abs(before[:, mid] - (FAST + common)[mid]).max() < 0.03  # the chest inputs' mean drift
+    line = {"V2": 0.5 * SLOW - 0.5 * SLOW, "V6": 2 * 2 * SLOW - 0.5 * SLOW}  # along the line
+    for i, name in enumerate(("V2", "V6")):
+        want = FAST + common + 0.2 * (line[name] - common)
+        assert np.abs(after[i, mid] - want[mid]).max() < 0.03
+    assert np.array_equal(after[2], before[2])  # V8 is off the line
+    # I, II, V3 as inputs: no view lies between chest inputs, nothing changes
+    three = resolve_views("I,II,V3")
+    assert np.array_equal(got.restore(pred, queries, x[[0, 1, 3]], three),
+                          plain.restore(pred, queries, x[[0, 1, 3]], three))
+    assert WANDER.line_share == 0.2 and "move 0.2 of the way" in WANDER.summary()
+    with pytest.raises(ValueError, match=r"line_share must lie in \[0, 1\], got -0.1"):
+        Wander(0.94, 0.34, line_share=-0.1)
+
+
 def test_synthesize_draws_chest_views_from_stripped_inputs_and_the_rest_as_recorded():
     inputs = resolve_views("I,II,V3")
     x = np.stack([FAST + SLOW, FAST - SLOW, 2 * FAST + SLOW])
