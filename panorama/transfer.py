@@ -31,8 +31,8 @@ differently (+0.5 dB for the whole pipeline on validation; README). Views off th
 (V7–V9, right-sided, high and arbitrary leads) are not touched: no recording here holds
 them to check an interpolation. The interpolation needs no continued lead: in a monitor's
 montage, where every recorded lead is an input and there is nothing to continue, a transfer
-that found its inputs usable still interpolates between them (V2 = (V1 + V3) / 2 from the
-recorded V1 and V3; +0.3 dB for that pipeline on validation; README).
+still interpolates between the inputs that pass the fit window's checks (V2 = (V1 + V3) / 2
+from the recorded V1 and V3; +0.3 dB for that pipeline on validation; README).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class Transfer:
     lags: tuple[int, ...] = LAGS  # the filters' taps, samples
     lead_offsets: np.ndarray | None = None  # (leads, 2) dθ, dφ of each fitted lead as an input; None: table
     line_blend: float = LINE_BLEND  # the share of a precordial view drawn by interpolation along the line
-    inputs_usable: bool = False  # the inputs passed the fit window's checks: the line may use them
+    line_inputs: tuple[str, ...] = ()  # the inputs that passed the fit window's checks: the line may use them
 
     @property
     def fitted(self) -> bool:
@@ -182,11 +182,13 @@ class Transfer:
     def line(self, queries: list[View]) -> list[dict[str, float]]:
         """For each query, the weights over the chest inputs and fitted leads (continued) that
         draw it by interpolation along the precordial line (:func:`line_weights`); empty where
-        none does, ``line_blend`` is 0, or the transfer was refused for its inputs or its
-        window (a transfer with no lead to continue still interpolates between its inputs)."""
-        if not (self.fitted or self.inputs_usable) or self.line_blend <= 0:
+        none does or ``line_blend`` is 0. A transfer with no lead to continue still
+        interpolates between its inputs, and one refused for an unusable input between the
+        others; one refused for its window (fewer seconds than asked) does not."""
+        if self.line_blend <= 0:
             return [{} for _ in queries]
-        recorded = [v.name for v in [*self.inputs, *self.leads] if view_kind(v) == "torso"]
+        usable = [*(v for v in self.inputs if v.name in self.line_inputs), *self.leads]
+        recorded = [v.name for v in usable if view_kind(v) == "torso"]
         return [line_weights(q.name, recorded) for q in queries]
 
     def line_summary(self, queries: list[View]) -> list[str]:
@@ -218,8 +220,8 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     Limb leads are not fitted when the inputs already hold two usable ones (the other four
     follow from those two). Returns an empty transfer with the reason when it cannot be
     fitted: fewer seconds than asked, an input unusable in them, or no usable recorded lead
-    beside the inputs; in that last case it still draws precordial views by interpolation
-    between its inputs (:meth:`Transfer.line`). An input that is not among ``views``, a lead named twice, or
+    beside the inputs; in the last two it still draws precordial views by interpolation
+    between its usable inputs (:meth:`Transfer.line`). An input that is not among ``views``, a lead named twice, or
     ``view_offsets`` of another shape is a ValueError. Never give it a lead you will score.
     ``line_blend``: the share of a precordial view drawn by interpolation of the recorded
     leads along the line (:meth:`Transfer.line`); None takes ``LINE_BLEND``, 0 turns it off.
@@ -243,14 +245,16 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     flags = dict(zip(names, lead_quality(x.astype(np.float32))))
     flags.update({n: "missing" for i, n in enumerate(names) if not np.isfinite(x[i]).all()})
     bad = [f"{n} {flags[n]}" for n in inputs if flags[n] != "ok"]
+    usable = tuple(n for n in inputs if flags[n] == "ok")  # what the line may draw from
     if bad:
-        return Transfer(in_views, reason=f"input lead(s) unusable in the first {seconds:g} s: {', '.join(bad)}")
+        return Transfer(in_views, reason=f"input lead(s) unusable in the first {seconds:g} s: {', '.join(bad)}",
+                        line_blend=line_blend, line_inputs=usable)
     others = [i for i, n in enumerate(names) if n not in inputs and flags[n] == "ok"]
     if sum(by_name[n].group == "limb" for n in inputs) >= 2:  # the frontal plane is recorded
         others = [i for i in others if views[i].group != "limb"]
     if not others:  # nothing to continue; the inputs may still be interpolated along the line
         return Transfer(in_views, reason="no usable recorded lead beside the inputs", line_blend=line_blend,
-                        inputs_usable=True)
+                        line_inputs=usable)
 
     xin = np.stack([x[names.index(n)] for n in inputs])
     targets = [views[i] for i in others]
@@ -264,4 +268,4 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     return Transfer(in_views, targets, filters, "fitted", float(np.mean(np.abs(residual)) * 1000),
                     float(np.mean(np.abs(after)) * 1000), max_neighbour_deg, lags=tuple(lags),
                     lead_offsets=None if view_offsets is None else view_offsets[others], line_blend=line_blend,
-                    inputs_usable=True)
+                    line_inputs=usable)

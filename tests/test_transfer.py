@@ -139,14 +139,17 @@ def test_a_monitor_montage_interpolates_between_its_own_inputs(synth):
     for i, name in enumerate(("V2", "V6")):
         assert np.allclose(got[i], model[i] + 0.2 * (line[name] - c(model[i])), atol=1e-5)
     assert np.array_equal(got[2], model[2])  # V8 is off the line
-    # refused for its inputs, or with the share 0: the model alone
+    # an unusable input is left out of the line, the others still interpolate
     flat = x.copy()
     flat[CAL.index("V4")] = 0.0
-    for bad in (fit_transfer(synth, flat, views, CAL), fit_transfer(synth, x, views, CAL, line_blend=0)):
-        assert bad.line(queries) == [{}, {}, {}]
-    off = fit_transfer(synth, flat, views, CAL)
-    assert "V4 flat" in off.reason
-    assert np.array_equal(off.synthesize(synth, flat, queries), synth(flat, views, queries))
+    part = fit_transfer(synth, flat, views, CAL)
+    assert "input lead(s) unusable in the first 5 s: V4 flat" in part.reason
+    assert part.line(queries) == [{"V1": 0.5, "V3": 0.5}, {"V5": 1.5, "V3": -0.5}, {}]  # V6 beyond V3, V5
+    # too few seconds to check the inputs, or the share 0: the model alone
+    for off, xx in ((fit_transfer(synth, x[:, :1000], views, CAL), x[:, :1000]),
+                    (fit_transfer(synth, x, views, CAL, line_blend=0), x)):
+        assert off.line(queries) == [{}, {}, {}]
+        assert np.array_equal(off.synthesize(synth, xx, queries), synth(xx, views, queries))
 
 
 def test_transfer_improves_v2_and_v6_on_real_validation_records(data_dir):
