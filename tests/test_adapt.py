@@ -149,7 +149,7 @@ def test_the_blend_bench_draws_both_pipelines_and_their_mean(synth, data_dir):
     assert own["monitor"] == sub["monitor"] and own["subset"] == sub["subset"]  # deterministic
     task = Task(resolve_views(MONITOR), resolve_views("V2,V6"))
     cases, _ = load_cases(paths, task, progress=False)
-    ev = evaluate(cases, task, "model", progress=False, calibrate_s=5, adapt=True, wander=True).summary
+    ev = evaluate(cases, task, "model", progress=False, calibrate_s=5, transfer=True, adapt=True, wander=True).summary
     assert own["monitor"]["psnr_db"] == round(ev["overall"]["psnr_db"], 2)
     with pytest.raises(ValueError, match="must be drawn from the monitor's leads"):
         compare_blend(synth, paths, "all", subset="I,II,V7")
