@@ -109,13 +109,13 @@ class Wander:
         out = pred.astype(np.float64, copy=True)
         if rows:
             chest = [i for i, v in enumerate(inputs) if view_kind(v) == "torso"]
-            common = slow_part(x[chest], self.cutoff_hz, fs).mean(axis=0)
+            slow = dict(zip((inputs[i].name for i in chest), slow_part(x[chest], self.cutoff_hz, fs)))
+            common = np.mean(list(slow.values()), axis=0)
             out[rows] += (self.model_gain - 1.0) * slow_part(out[rows], self.cutoff_hz, fs) + self.common_gain * common
-            names = [inputs[i].name for i in chest]
             for i in rows:
                 w = self.line(queries[i], inputs)
                 if w:
-                    drift = sum(c * slow_part(x[chest[names.index(n)]], self.cutoff_hz, fs) for n, c in w.items())
+                    drift = sum(c * slow[n] for n, c in w.items())
                     out[i] += self.line_share * (drift - slow_part(out[i], self.cutoff_hz, fs))
         return out.astype(np.float32)
 
