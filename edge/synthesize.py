@@ -58,6 +58,13 @@ def register(sub) -> None:
                    "--calibrate the fitted seconds too) and give them back the drift chest leads share, that of "
                    "the chest inputs (panorama/wander.py); needs a chest lead among --inputs; limb and Frank views "
                    "are drawn as without it")
+    p.add_argument("--blend-with", metavar="LEADS",
+                   help="with --calibrate: also draw every view from these leads of --inputs alone (the other inputs "
+                   "then only supervise calibration and adaptation on the first SECONDS and are continued past them "
+                   "by --transfer, as in the evaluation protocol) and write the mean of the two draws, named in the "
+                   "header. For a monitor recording I,II,III,aVR,aVL,aVF,V1,V3,V4,V5, --blend-with I,II,V3 draws V2 "
+                   "and V6 better than either draw alone with --transfer --adapt --wander (panorama bench blend; "
+                   "README); about twice the time")
     p.set_defaults(func=run)
 
 
@@ -68,6 +75,8 @@ def run(args) -> int:
             raise ValueError(f"--{flag} fits on the calibration window: give --calibrate SECONDS too")
     if args.adapt and args.backend != "torch":
         raise ValueError("--adapt fine-tunes the PyTorch model for each record: use --backend torch")
+    blend_with = resolve_views(args.blend_with) if args.blend_with else None
+    check_blend(inputs, blend_with, args.calibrate)
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":
         synth.runner = make_backend(args.backend, args.model or default_checkpoint()).run
@@ -86,7 +95,8 @@ def run(args) -> int:
             continue
         try:
             out = synthesize_record(synth, path, inputs, views, args.out, calibrate_s=args.calibrate,
-                                    transfer=args.transfer, adapt_model=args.adapt, wander=args.wander)
+                                    transfer=args.transfer, adapt_model=args.adapt, wander=args.wander,
+                                    blend_with=blend_with)
             print(f"wrote {out}.hea")
         except (PanoramaError, ValueError, OSError) as exc:  # one bad record never stops the others
             failed += 1
@@ -96,10 +106,30 @@ def run(args) -> int:
     return 1 if failed else 0
 
 
+def check_blend(inputs, blend_with, calibrate_s: float) -> None:
+    """ValueError unless ``blend_with`` is None or some but not all of ``inputs`` with calibration."""
+    if blend_with is None:
+        return
+    if calibrate_s <= 0:
+        raise ValueError("--blend-with draws from a subset with the other inputs supervising calibration: "
+                         "give --calibrate SECONDS too")
+    names, subset = {v.name for v in inputs}, {v.name for v in blend_with}
+    if not subset < names:
+        raise ValueError(f"--blend-with must name some but not all of --inputs ({','.join(v.name for v in inputs)}); "
+                         f"got {','.join(v.name for v in blend_with) or 'none'}")
+
+
 def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Path,
                       calibrate_s: float = 0.0, transfer: bool = False, adapt_model: bool = False,
-                      wander: bool = False) -> Path:
+                      wander: bool = False, blend_with=None) -> Path:
+    """Synthesise ``views`` of the record at ``path`` from its ``inputs`` and write them to
+    ``out_dir``. ``blend_with`` (views, a proper subset of ``inputs``; needs ``calibrate_s``):
+    also draw every view from those leads alone, the other inputs supervising calibration
+    and adaptation and continued past the calibration window by transfer, and write the
+    mean of the two draws (``panorama bench blend`` measures it)."""
+    check_blend(inputs, blend_with, calibrate_s)
     names = [v.name for v in inputs]
+    subset = [v.name for v in blend_with or []]
     # only the inputs are read, unless calibration may use every lead of the record
     every = read_record(path, fs=None) if calibrate_s > 0 else None
     native = read_record(path, leads=names, fs=None) if every is None else Record(
@@ -109,9 +139,34 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     bad = [f"{n} {f}" for n, f in zip(names, flags) if f != "ok"]
     if bad:
         raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}; choose other --inputs")
+    every = None if every is None else resample(every, MODEL_FS)
+    y, notes = _draw(synth, path, rec.signals, every, list(inputs), views, calibrate_s, transfer, adapt_model,
+                     wander)
+    if blend_with is not None:
+        pick = [names.index(n) for n in subset]
+        y_sub, notes_sub = _draw(synth, path, rec.signals[pick], every, list(blend_with), views, calibrate_s,
+                                 transfer, adapt_model, wander)
+        y = 0.5 * (y + y_sub)
+        notes = [f"blend: the mean of the draw from {','.join(names)} and the draw from {','.join(subset)}",
+                 *notes, *(f"from {','.join(subset)}: {n}" for n in notes_sub)]
+    back = resample(Record(rec.name, y, [v.name for v in views], MODEL_FS), native.fs)
+    n = native.signals.shape[1]
+    sig = back.signals[:, :n]
+    if sig.shape[1] < n:  # rounding in the rate change: repeat the last sample
+        sig = np.pad(sig, ((0, 0), (0, n - sig.shape[1])), mode="edge")
+    comments = [f"synthesised by panorama from {','.join(names)} of {path.name}",
+                f"model sha256 {synth.meta.get('sha256', '?')[:16]}", *notes]
+    return write_record(out_dir, rec.name, sig, [v.name for v in views], native.fs, comments)
+
+
+def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, inputs: list, views: list,
+          calibrate_s: float, transfer: bool, adapt_model: bool, wander: bool) -> tuple[np.ndarray, list[str]]:
+    """(views, T) at the model rate from ``x`` (the inputs, there), with every Stage III step
+    asked for fitted on ``every`` (the whole record there; None without calibration), and the
+    notes for the header."""
+    names = [v.name for v in inputs]
     offsets, notes, transfers, adaptation, shared = None, [], {}, None, synth
     if every is not None:  # every lead of the record but the views asked for (inputs always)
-        every = resample(every, MODEL_FS)
         asked = {v.name for v in views}
         keep = [i for i, n in enumerate(every.leads) if n in names or n not in asked]
         x_cal, cal_views = every.signals[keep], [resolve_view(every.leads[i]) for i in keep]
@@ -157,24 +212,17 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
                           f"(leave-one-out fit, {'accepted' if every_fit.accepted else 'rejected'})"
                           for v, d in zip(tr.leads, tr.lead_offsets)]
 
-    def draw(x, qs):
+    def draw(xx, qs):
         def via(s):
             if s in transfers:
-                return lambda q: transfers[s].synthesize(s, x, q, offsets=offsets)
-            return lambda q: s(x, inputs, q, offsets=offsets)
-        return synthesize_split(adaptation, via(synth), via(shared), qs, x.shape[1])
+                return lambda q: transfers[s].synthesize(s, xx, q, offsets=offsets)
+            return lambda q: s(xx, inputs, q, offsets=offsets)
+        return synthesize_split(adaptation, via(synth), via(shared), qs, xx.shape[1])
 
     if wander:
-        y = WANDER.synthesize(draw, rec.signals, inputs, views)
+        y = WANDER.synthesize(draw, x, inputs, views)
         changed = [v.name for v in views if WANDER.applies(v, inputs)]
         notes.append(f"wander: {WANDER.summary()} ({','.join(changed) or 'no chest view, or no chest input: none'})")
     else:
-        y = draw(rec.signals, views)
-    back = resample(Record(rec.name, y, [v.name for v in views], MODEL_FS), native.fs)
-    n = native.signals.shape[1]
-    sig = back.signals[:, :n]
-    if sig.shape[1] < n:  # rounding in the rate change: repeat the last sample
-        sig = np.pad(sig, ((0, 0), (0, n - sig.shape[1])), mode="edge")
-    comments = [f"synthesised by panorama from {','.join(names)} of {path.name}",
-                f"model sha256 {synth.meta.get('sha256', '?')[:16]}", *notes]
-    return write_record(out_dir, rec.name, sig, [v.name for v in views], native.fs, comments)
+        y = draw(x, views)
+    return y, notes

@@ -142,3 +142,31 @@ def test_an_input_asked_for_as_a_view_still_calibrates(cli, data_dir, tmp_path):
     comments = wfdb.rdheader(str(tmp_path / "ludb001")).comments
     assert not any("no chest lead" in c for c in comments)  # V3 stays an input of the fit
     assert any(c.startswith("neighbour transfer from") for c in comments)
+
+
+MONITOR = "I,II,III,aVR,aVL,aVF,V1,V3,V4,V5"
+
+
+def test_blend_with_writes_the_mean_of_the_monitor_and_the_subset_draws(cli, data_dir, tmp_path):
+    from edge.synthesize import synthesize_record
+
+    rec, views, synth = data_dir / "ludb" / "ludb001", resolve_views("V2,V6"), Synthesizer.load()
+    stage3 = dict(calibrate_s=5.0, transfer=True, adapt_model=True, wander=True)
+    for tag, inputs in (("monitor", MONITOR), ("subset", "I,II,V3")):
+        synthesize_record(synth, rec, resolve_views(inputs), views, tmp_path / tag, **stage3)
+    synthesize_record(synth, rec, resolve_views(MONITOR), views, tmp_path / "blend",
+                      blend_with=resolve_views("I,II,V3"), **stage3)
+    monitor, subset, blend = (read_record(tmp_path / t / "ludb001").signals for t in ("monitor", "subset", "blend"))
+    assert np.abs(monitor - subset).mean() > 0.01  # two draws that differ ...
+    assert np.abs(blend - (monitor + subset) / 2).max() < 1e-3  # ... and their mean (1 µV: the file's storage)
+    comments = wfdb.rdheader(str(tmp_path / "blend" / "ludb001")).comments
+    assert f"blend: the mean of the draw from {MONITOR} and the draw from I,II,V3" in comments
+    # each draw's own Stage III, named: the subset calibrates V3 against the other leads and continues them
+    assert any(c.startswith("from I,II,V3: neighbour transfer from V1, V4, V5") for c in comments), comments
+    assert "neighbour transfer not used: no usable recorded lead beside the inputs" in comments  # the monitor's
+    for bad, why in ((["--blend-with", "I,II,V3"], "give --calibrate SECONDS too"),
+                     (["--blend-with", "I,II,V2", "--calibrate", "5"], "must name some but not all of --inputs"),
+                     (["--blend-with", MONITOR, "--calibrate", "5"], "must name some but not all of --inputs")):
+        proc = cli("synthesize", rec, "--inputs", MONITOR, "--views", "V6", *bad, "--out", tmp_path / "no")
+        assert proc.returncode != 0 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "no").exists()
