@@ -95,6 +95,44 @@ def score_record(truth: np.ndarray, pred: np.ndarray, scale_leads: np.ndarray,
                        float(np.mean([v.ssim for v in views.values()])), views)
 
 
+BAND_EDGES_HZ = (0.5, 5.0, 15.0, 40.0)  # baseline | T wave and ST | QRS | QRS detail | noise
+
+
+def band_names(edges=BAND_EDGES_HZ) -> list[str]:
+    lo = (0.0, *edges)
+    hi = (*edges, float("inf"))
+    return [f"<{b:g} Hz" if a == 0 else (f">{a:g} Hz" if b == float("inf") else f"{a:g}-{b:g} Hz")
+            for a, b in zip(lo, hi)]
+
+
+def error_bands(truth: np.ndarray, pred: np.ndarray, scale_leads: np.ndarray, fs: float,
+                edges=BAND_EDGES_HZ) -> tuple[np.ndarray, np.ndarray]:
+    """Where one record's error lies in frequency, scored as :func:`score_record` scores it.
+
+    The scaled error of each view is split exactly (Parseval, over its FFT's bins) into the
+    bands between ``edges`` (Hz). Returns (shares, psnr_without): both (views, bands); each
+    band's share of the view's squared error (a row sums to 1), and the view's PSNR with
+    that band's error taken away."""
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
+    s = centre(scale_leads)
+    span = float(s.max() - s.min())
+    if span <= 0:
+        raise ValueError("the scale leads are flat: the record cannot be scored")
+    err = (centre(pred) - centre(truth)) / span  # (views, T)
+    n = err.shape[-1]
+    spec = np.abs(np.fft.rfft(err, axis=-1)) ** 2
+    spec[..., 1:(n + 1) // 2] *= 2  # the bins that stand for two (positive and negative frequency)
+    freq = np.fft.rfftfreq(n, 1.0 / fs)
+    which = np.searchsorted(np.asarray(edges, float), freq, side="right")  # band of each bin
+    energy = np.stack([spec[..., which == b].sum(-1) for b in range(len(edges) + 1)], -1) / n ** 2
+    total = energy.sum(-1, keepdims=True)  # = the mean square of the error
+    shares = np.divide(energy, total, out=np.zeros_like(energy), where=total > 0)
+    with np.errstate(divide="ignore"):
+        psnr_without = -10.0 * np.log10(np.maximum(total - energy, 0.0))
+    return shares, psnr_without
+
+
 def _median(values) -> float:
     """Median ignoring NaN (r is undefined for a constant prediction); NaN when none is finite."""
     a = np.asarray(values, dtype=float)

@@ -24,13 +24,19 @@ def test_help_lists_every_command(cli):
 
 def test_eval_reproduces_the_dipole_reference_figure(cli, data_dir, tmp_path):
     out = tmp_path / "dipole.json"
-    proc = cli("eval", "--data", data_dir, "--method", "dipole", "--json", out)
+    proc = cli("eval", "--data", data_dir, "--method", "dipole", "--error-bands", "--json", out)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(out.read_text())
     assert res["overall"]["psnr_db"] == pytest.approx(28.0, abs=0.3)  # the data README's figure
     assert set(res["per_view"]) == {"V2", "V6"}
     assert res["overall"]["records"] > 250
     assert 0.8 < res["overall"]["r_median"] < 0.9
+    # where the error lies: every band shares in it, and taking one away raises the PSNR
+    assert "dipole: where the error lies" in proc.stdout and "  V2 (" in proc.stdout
+    for view, b in res["error_bands"].items():
+        assert b["bands"] == ["<0.5 Hz", "0.5-5 Hz", "5-15 Hz", "15-40 Hz", ">40 Hz"]
+        assert sum(b["share"]) == pytest.approx(1.0, abs=1e-3) and min(b["share"]) > 0
+        assert min(b["psnr_db_without"]) > res["per_view"][view]["psnr_db"]
 
 
 def test_eval_kors_on_frank_records(cli, data_dir, tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from panorama.metrics import pearson, score_record, ssim_1d, summarise
+from panorama.metrics import band_names, error_bands, pearson, score_record, ssim_1d, summarise
 
 
 def test_psnr_golden_value():
@@ -36,3 +36,27 @@ def test_summarise_reports_medians_and_counts():
     assert s["per_view"]["A"]["r_median"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         summarise([])
+
+
+def test_error_bands_split_the_scored_error_exactly_and_place_a_tone_in_its_band():
+    rng = np.random.default_rng(3)
+    t = np.arange(2500) / 500
+    truth = rng.normal(size=(3, 2500))
+    scale = rng.normal(size=(12, 2500))
+    tone = np.stack([np.sin(2 * np.pi * 0.2 * t), np.sin(2 * np.pi * 2.0 * t), np.sin(2 * np.pi * 25.0 * t)])
+    pred = truth + 0.05 * tone
+    shares, without = error_bands(truth, pred, scale, 500.0)
+    assert band_names() == ["<0.5 Hz", "0.5-5 Hz", "5-15 Hz", "15-40 Hz", ">40 Hz"]
+    assert np.allclose(shares.sum(axis=1), 1.0)
+    # 0.2 Hz lies in the baseline band, 2 Hz in 0.5-5, 25 Hz in 15-40 (up to the median centring)
+    assert [int(np.argmax(row)) for row in shares] == [0, 1, 3]
+    assert shares.max(axis=1).min() > 0.95
+    # Parseval: the bands' energies add up to the error score_record turns into PSNR, and
+    # without the band holding the tone, little is left
+    got = score_record(truth, pred, scale, ["a", "b", "c"])
+    for i, name in enumerate("abc"):
+        total = 10 ** (-got.views[name].psnr_db / 10)  # the scaled error's mean square
+        assert np.allclose(10 ** (-without[i] / 10), total * (1 - shares[i]), rtol=1e-6, atol=1e-12)
+        assert without[i][np.argmax(shares[i])] > got.views[name].psnr_db + 13
+    with pytest.raises(ValueError, match="differ in shape"):
+        error_bands(truth, pred[:2], scale, 500.0)

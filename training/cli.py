@@ -15,8 +15,8 @@ from panorama.transfer import LINE_BLEND
 from panorama.wander import WANDER
 
 from . import splits
-from .evaluate import (CALIB_S, METHODS, PROTOCOLS, Case, Task, default_protocol, eligible, evaluate, format_table,
-                       load_cases, method_label)
+from .evaluate import (CALIB_S, METHODS, PROTOCOLS, Case, Task, default_protocol, eligible, evaluate, format_bands,
+                       format_table, load_cases, method_label)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "and chest views get back the drift chest leads share, that of the chest inputs "
                    "(panorama/wander.py; gains fitted by `panorama bench wander`)")
     p.add_argument("--by-source", action="store_true", help="also print a table per source database")
+    p.add_argument("--error-bands", action="store_true",
+                   help="also say where each view's error lies in frequency: the share of its squared error below "
+                   "0.5 Hz (baseline), 0.5-5 (T wave, ST), 5-15 and 15-40 (QRS) and above 40 Hz, and the PSNR "
+                   "without each band's error (means over records)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_eval)
 
@@ -177,9 +181,13 @@ def run_eval(args) -> int:
         label = method_label(cal, tr, ad, wa) if m == "model" else m
         full[label] = evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
                                model_path=args.model, calibrate_s=cal, calibrate_fit=args.calibrate_fit,
-                               transfer=tr, adapt=ad, wander=wa)
+                               transfer=tr, adapt=ad, wander=wa, bands=args.error_bands)
     results = {label: r.summary for label, r in full.items()}
     print(format_table(results))
+    if args.error_bands:
+        for label, r in full.items():
+            print(format_bands(label, r.bands, {v: d["psnr_db"] for v, d in r.summary["per_view"].items()}))
+            results[label]["error_bands"] = r.bands
     for label, r in full.items():
         if r.notes:
             print(f"{label}: " + ", ".join(f"{k} ({v} records)" for k, v in sorted(r.notes.items())))

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from panorama.baselines import DipoleMethod, KorsMethod, LeastSquaresMethod, Method, ZeroMethod
 from panorama.errors import RecordError
 from panorama.geometry import FRANK, STANDARD_12, View
-from panorama.metrics import RecordScore, centre, score_record, summarise
+from panorama.metrics import RecordScore, band_names, centre, error_bands, score_record, summarise
 from panorama.records import MODEL_FS, Record, lead_quality, read_record
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ class Result:
     skipped: Counter = field(default_factory=Counter)
     by_source: dict[str, dict] = field(default_factory=dict)
     notes: Counter = field(default_factory=Counter)  # what the method said per record, counted
+    bands: dict[str, dict] = field(default_factory=dict)  # per view: where the error lies (error_bands=True)
 
 
 def eligible(rec: Record, task: Task) -> tuple[Record | None, str]:
@@ -282,9 +283,12 @@ def make_method(name: str, model_path: Path | None = None, calibrate_s: float = 
 def evaluate(cases: list[Case], task: Task, method: Method | str,
              fit_cases: list[Case] | None = None, progress: bool = True, model_path: Path | None = None,
              calibrate_s: float = 0.0, calibrate_fit: str = "inputs", transfer: bool = False,
-             adapt: bool = False, wander: bool = False) -> Result:
+             adapt: bool = False, wander: bool = False, bands: bool = False) -> Result:
     """Score ``method`` on every case. Population least squares is fitted on ``fit_cases``
-    when given, else cross-fitted in folds so no record is predicted by a fit that saw it."""
+    when given, else cross-fitted in folds so no record is predicted by a fit that saw it.
+    ``bands``: also say, per view, where in frequency the error lies (``Result.bands``: the
+    mean over records of each band's share of the squared error, and of the PSNR without
+    that band's error; :func:`panorama.metrics.error_bands`)."""
     if not cases:
         raise RecordError("no record could be scored under this protocol")
     method = (make_method(method, model_path, calibrate_s, calibrate_fit, transfer, adapt, wander)
@@ -292,7 +296,7 @@ def evaluate(cases: list[Case], task: Task, method: Method | str,
     preds: dict[str, np.ndarray] = {}
     if isinstance(method, LeastSquaresMethod):
         preds = _lsq_predictions(cases, task, fit_cases)
-    scores = {}
+    scores, split = {}, []
     sl = task.scored_slice
     for case in tqdm(cases, desc=f"scoring {method.name}", unit="rec", disable=not progress, leave=False):
         x, y = _xy(case, task)
@@ -301,11 +305,19 @@ def evaluate(cases: list[Case], task: Task, method: Method | str,
         p = preds[case.record.name] if preds else method.predict(x, task.inputs, task.views)
         scale = case.record.signals[: len(STANDARD_12), sl]
         scores[case.record.name] = score_record(y[:, sl], p[:, sl], scale, [v.name for v in task.views])
+        if bands:
+            split.append(error_bands(y[:, sl], p[:, sl], scale, MODEL_FS))
     sources = {c.record.name: c.record.source.split(" (")[0] or "unknown" for c in cases}
     by_source = {src: summarise([sc for n, sc in scores.items() if sources[n] == src])
                  for src in sorted(set(sources.values()))}
+    per_view = {}
+    if split:
+        shares, without = (np.mean(a, axis=0) for a in zip(*split))
+        per_view = {v.name: {"bands": band_names(), "share": [round(float(x), 4) for x in shares[i]],
+                             "psnr_db_without": [round(float(x), 2) for x in without[i]]}
+                    for i, v in enumerate(task.views)}
     return Result(summarise(list(scores.values())), scores, by_source=by_source,
-                  notes=Counter(getattr(method, "notes", {})))
+                  notes=Counter(getattr(method, "notes", {})), bands=per_view)
 
 
 def _lsq_predictions(cases, task, fit_cases) -> dict[str, np.ndarray]:
@@ -322,6 +334,16 @@ def _lsq_predictions(cases, task, fit_cases) -> dict[str, np.ndarray]:
         m = LeastSquaresMethod().fit(*zip(*(_xy(c, task) for c in train)), task.inputs, task.views)
         out.update({c.record.name: m.predict(_xy(c, task)[0], task.inputs, task.views) for c in test})
     return out
+
+
+def format_bands(label: str, bands: dict[str, dict], psnr: dict[str, float]) -> str:
+    """Lines saying where each view's error lies: each band's share of the squared error and
+    the PSNR the view would have without that band's error (``psnr``: the view's as scored)."""
+    lines = [f"{label}: where the error lies (share of the squared error; PSNR without that band's error)"]
+    for v, b in bands.items():
+        parts = [f"{name} {share:.0%} ({w:.2f})" for name, share, w in zip(b["bands"], b["share"], b["psnr_db_without"])]
+        lines.append(f"  {v} ({psnr[v]:.2f} dB): " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def format_table(rows: dict[str, dict]) -> str:
