@@ -61,7 +61,7 @@ def register(sub) -> None:
     p.add_argument("--blend-with", metavar="LEADS",
                    help="with --calibrate: also draw every view from these leads of --inputs alone (the other inputs "
                    "then only supervise calibration and adaptation on the first SECONDS and are continued past them "
-                   "by --transfer, as in the evaluation protocol) and write the mean of the two draws, named in the "
+                   "with --transfer, as in the evaluation protocol) and write the mean of the two draws, named in the "
                    "header. For a monitor recording I,II,III,aVR,aVL,aVF,V1,V3,V4,V5, --blend-with I,II,V3 draws V2 "
                    "and V6 better than either draw alone with --transfer --adapt --wander (panorama bench blend; "
                    "README); about twice the time")
@@ -75,7 +75,7 @@ def run(args) -> int:
             raise ValueError(f"--{flag} fits on the calibration window: give --calibrate SECONDS too")
     if args.adapt and args.backend != "torch":
         raise ValueError("--adapt fine-tunes the PyTorch model for each record: use --backend torch")
-    blend_with = resolve_views(args.blend_with) if args.blend_with else None
+    blend_with = resolve_views(args.blend_with) if args.blend_with is not None else None
     check_blend(inputs, blend_with, args.calibrate)
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":
@@ -113,10 +113,14 @@ def check_blend(inputs, blend_with, calibrate_s: float) -> None:
     if calibrate_s <= 0:
         raise ValueError("--blend-with draws from a subset with the other inputs supervising calibration: "
                          "give --calibrate SECONDS too")
-    names, subset = {v.name for v in inputs}, {v.name for v in blend_with}
-    if not subset < names:
-        raise ValueError(f"--blend-with must name some but not all of --inputs ({','.join(v.name for v in inputs)}); "
-                         f"got {','.join(v.name for v in blend_with) or 'none'}")
+    names, subset = [v.name for v in inputs], [v.name for v in blend_with]
+    outside = [n for n in subset if n not in names]
+    if outside:
+        raise ValueError(f"--blend-with must name some but not all of --inputs ({','.join(names)}): "
+                         f"{','.join(outside)} {'is' if len(outside) == 1 else 'are'} not among them")
+    if set(subset) >= set(names):
+        raise ValueError(f"--blend-with must name some but not all of --inputs ({','.join(names)}): "
+                         "it names them all, so both draws would be the same")
 
 
 def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Path,

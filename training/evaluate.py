@@ -72,7 +72,7 @@ class Result:
     skipped: Counter = field(default_factory=Counter)
     by_source: dict[str, dict] = field(default_factory=dict)
     notes: Counter = field(default_factory=Counter)  # what the method said per record, counted
-    bands: dict[str, dict] = field(default_factory=dict)  # per view: where the error lies (error_bands=True)
+    bands: dict[str, dict] = field(default_factory=dict)  # per view: where the error lies (evaluate(bands=True))
 
 
 def eligible(rec: Record, task: Task) -> tuple[Record | None, str]:
@@ -288,7 +288,7 @@ def evaluate(cases: list[Case], task: Task, method: Method | str,
     when given, else cross-fitted in folds so no record is predicted by a fit that saw it.
     ``bands``: also say, per view, where in frequency the error lies (``Result.bands``: the
     mean over records of each band's share of the squared error, and of the PSNR without
-    that band's error; :func:`panorama.metrics.error_bands`)."""
+    that band's error, over the records where some error is left; :func:`panorama.metrics.error_bands`)."""
     if not cases:
         raise RecordError("no record could be scored under this protocol")
     method = (make_method(method, model_path, calibrate_s, calibrate_fit, transfer, adapt, wander)
@@ -312,7 +312,9 @@ def evaluate(cases: list[Case], task: Task, method: Method | str,
                  for src in sorted(set(sources.values()))}
     per_view = {}
     if split:
-        shares, without = (np.mean(a, axis=0) for a in zip(*split))
+        shares = np.mean([a for a, _ in split], axis=0)
+        without = np.stack([w for _, w in split])  # a record whose error lies in one band has inf there:
+        without = np.nanmean(np.where(np.isfinite(without), without, np.nan), axis=0)  # the others' mean
         per_view = {v.name: {"bands": band_names(), "share": [round(float(x), 4) for x in shares[i]],
                              "psnr_db_without": [round(float(x), 2) for x in without[i]]}
                     for i, v in enumerate(task.views)}
