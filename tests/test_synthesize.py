@@ -1,6 +1,7 @@
 """panorama synthesize on real records: WFDB out, read back by wfdb itself."""
 
 import numpy as np
+import pytest
 import wfdb
 
 from panorama.geometry import resolve_views
@@ -164,9 +165,15 @@ def test_blend_with_writes_the_mean_of_the_monitor_and_the_subset_draws(cli, dat
     # each draw's own Stage III, named: the subset calibrates V3 against the other leads and continues them
     assert any(c.startswith("from I,II,V3: neighbour transfer from V1, V4, V5") for c in comments), comments
     assert "neighbour transfer not used: no usable recorded lead beside the inputs" in comments  # the monitor's
-    for bad, why in ((["--blend-with", "I,II,V3"], "give --calibrate SECONDS too"),
-                     (["--blend-with", "I,II,V2", "--calibrate", "5"], "must name some but not all of --inputs"),
-                     (["--blend-with", MONITOR, "--calibrate", "5"], "must name some but not all of --inputs")):
-        proc = cli("synthesize", rec, "--inputs", MONITOR, "--views", "V6", *bad, "--out", tmp_path / "no")
-        assert proc.returncode != 0 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-        assert not (tmp_path / "no").exists()
+    from edge.synthesize import check_blend
+
+    inputs = resolve_views(MONITOR)
+    for subset, seconds, why in (("I,II,V3", 0.0, "give --calibrate SECONDS too"),
+                                 (MONITOR, 5.0, "it names them all")):
+        with pytest.raises(ValueError, match=why):
+            check_blend(inputs, resolve_views(subset), seconds)
+    proc = cli("synthesize", rec, "--inputs", MONITOR, "--views", "V6", "--blend-with", "I,II,V2", "--calibrate", "5",
+               "--out", tmp_path / "no")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--blend-with must name some but not all of --inputs" in proc.stderr and "V2 is not among them" in proc.stderr
+    assert not (tmp_path / "no").exists()
