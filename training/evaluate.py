@@ -296,7 +296,7 @@ def evaluate(cases: list[Case], task: Task, method: Method | str,
     preds: dict[str, np.ndarray] = {}
     if isinstance(method, LeastSquaresMethod):
         preds = _lsq_predictions(cases, task, fit_cases)
-    scores, split = {}, []
+    scores, parts = {}, []  # parts: per record, error_bands(...) when bands
     sl = task.scored_slice
     for case in tqdm(cases, desc=f"scoring {method.name}", unit="rec", disable=not progress, leave=False):
         x, y = _xy(case, task)
@@ -306,14 +306,14 @@ def evaluate(cases: list[Case], task: Task, method: Method | str,
         scale = case.record.signals[: len(STANDARD_12), sl]
         scores[case.record.name] = score_record(y[:, sl], p[:, sl], scale, [v.name for v in task.views])
         if bands:
-            split.append(error_bands(y[:, sl], p[:, sl], scale, MODEL_FS))
+            parts.append(error_bands(y[:, sl], p[:, sl], scale, MODEL_FS))
     sources = {c.record.name: c.record.source.split(" (")[0] or "unknown" for c in cases}
     by_source = {src: summarise([sc for n, sc in scores.items() if sources[n] == src])
                  for src in sorted(set(sources.values()))}
     per_view = {}
-    if split:
-        shares = np.mean([a for a, _ in split], axis=0)
-        without = np.stack([w for _, w in split])  # a record whose error lies in one band has inf there:
+    if parts:
+        shares = np.mean([a for a, _ in parts], axis=0)
+        without = np.stack([w for _, w in parts])  # a record whose error lies in one band has inf there:
         without = np.nanmean(np.where(np.isfinite(without), without, np.nan), axis=0)  # the others' mean
         per_view = {v.name: {"bands": band_names(), "share": [round(float(x), 4) for x in shares[i]],
                              "psnr_db_without": [round(float(x), 2) for x in without[i]]}
