@@ -198,7 +198,7 @@ def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, i
             # recorded lead leave-one-out (the inputs keep the fit above)
             # (none when every recorded lead is an input: then it only interpolates along the line)
             every_fit = fit_neighbour_offsets(shared.model, x_cal, cal_views, seconds=calibrate_s,
-                                              device=shared.device) if len(cal_views) > len(names) else None
+                                              device=shared.device, inputs=names)
             if every_fit is not None:
                 log.info("%s: neighbours' %s", path.name, every_fit.summary())
             view_offsets = None if every_fit is None else every_fit.offsets_deg

@@ -68,6 +68,19 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 0 else float("nan")
 
 
+def _centred(truth: np.ndarray, pred: np.ndarray, scale_leads: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Truth and prediction centred on their medians, and the low end and span of the
+    centred scale leads: what PSNR is scaled by. ValueError for mismatched shapes or flat
+    scale leads."""
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
+    s = centre(scale_leads)
+    lo, hi = float(s.min()), float(s.max())
+    if hi - lo <= 0:
+        raise ValueError("the scale leads are flat: the record cannot be scored")
+    return centre(truth), centre(pred), lo, hi - lo
+
+
 def score_record(truth: np.ndarray, pred: np.ndarray, scale_leads: np.ndarray,
                  names: list[str]) -> RecordScore:
     """Score predicted views against the truth over one window.
@@ -75,13 +88,7 @@ def score_record(truth: np.ndarray, pred: np.ndarray, scale_leads: np.ndarray,
     truth, pred: (views, samples) mV; scale_leads: (12, samples) mV, the record's 12
     standard leads over the same window, which set the PSNR scale.
     """
-    if truth.shape != pred.shape:
-        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
-    t, p, s = centre(truth), centre(pred), centre(scale_leads)
-    lo, hi = float(s.min()), float(s.max())
-    span = hi - lo
-    if span <= 0:
-        raise ValueError("the scale leads are flat: the record cannot be scored")
+    t, p, lo, span = _centred(truth, pred, scale_leads)
     tn, pn = (t - lo) / span, (p - lo) / span
     views = {}
     for i, name in enumerate(names):
@@ -119,13 +126,8 @@ def error_bands(truth: np.ndarray, pred: np.ndarray, scale_leads: np.ndarray, fs
     view's PSNR with that band's error taken away (inf where nothing is left)."""
     from scipy.fft import dct
 
-    if truth.shape != pred.shape:
-        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
-    s = centre(scale_leads)
-    span = float(s.max() - s.min())
-    if span <= 0:
-        raise ValueError("the scale leads are flat: the record cannot be scored")
-    err = (centre(pred) - centre(truth)) / span  # (views, T)
+    t, p, _, span = _centred(truth, pred, scale_leads)
+    err = (p - t) / span  # (views, T), as score_record scales it
     n = err.shape[-1]
     power = dct(err, type=2, norm="ortho", axis=-1) ** 2 / n  # sums to the mean square
     which = np.searchsorted(np.asarray(edges, float), np.arange(n) * fs / (2.0 * n), side="right")

@@ -83,13 +83,19 @@ def line_weights(view: str, recorded: list[str], max_gap: int = LINE_MAX_GAP) ->
     return {a: 1 + t, b: -t}
 
 
-def fit_neighbour_offsets(model, x: np.ndarray, views: list[View], seconds: float = 5.0, device=None):
+def fit_neighbour_offsets(model, x: np.ndarray, views: list[View], seconds: float = 5.0, device=None,
+                          inputs: list[str] | None = None):
     """The recorded leads' own angle offsets, for ``fit_transfer``'s ``view_offsets``: every
     lead fitted leave-one-out, φ only under the subset montage's prior, limb leads at their
     table angles (``calibrate.SUBSET``). Not the monitor's settings, which a leave-one-out
     fit would choose by default: with its θ and φ under a lighter prior the whole pipeline
-    fell from 31.09 to 31.00 dB on validation (README). Returns the ``CalibrationResult``."""
+    fell from 31.09 to 31.00 dB on validation (README). Returns the ``CalibrationResult``,
+    or None when ``inputs`` (lead names) are given and every lead of ``views`` is among
+    them: then there is no neighbour to continue, and none needs an angle."""
     from .calibrate import SUBSET, calibrate
+
+    if inputs is not None and {v.name for v in views} <= set(inputs):
+        return None
 
     return calibrate(model, x, views, seconds=seconds, axes=SUBSET.axes, prior_weight=SUBSET.prior_weight,
                      move_far_field=SUBSET.move_limb_leads, device=device)

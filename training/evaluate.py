@@ -175,11 +175,12 @@ class CalibratedModelMethod(ModelMethod):
                         inputs=inputs if self.inputs_only else None, device=self.synth.device)
         self.offsets = res.offsets_for(inputs)
         self.view_offsets = None
-        if self.transfer and set(names) - set(inputs):  # the neighbours' own angles: every recorded
-            from panorama.transfer import fit_neighbour_offsets  # lead fitted leave-one-out
+        if self.transfer:  # the neighbours' own angles: every recorded lead fitted leave-one-out
+            from panorama.transfer import fit_neighbour_offsets  # (none with every recorded lead an input)
 
-            every = fit_neighbour_offsets(self.synth.model, x, views, seconds=self.seconds, device=self.synth.device)
-            self.view_offsets = every.offsets_deg
+            every = fit_neighbour_offsets(self.synth.model, x, views, seconds=self.seconds, device=self.synth.device,
+                                          inputs=inputs)
+            self.view_offsets = None if every is None else every.offsets_deg
         self.active = self.synth
         if self.adapt:
             from panorama.adapt import adapt
