@@ -275,7 +275,7 @@ def main() -> int:
         tensorrt_rows(paths, x12, ref["y"], work)
     calibration_rows(model, realistic_input)
     stage3_rows(model, realistic_input)
-    training_rows(work, 30 if QUICK else 60)
+    training_rows(work, 15 if QUICK else 60)
     print_table(env)
     out = os.environ.get("OUT")
     if out:

@@ -1,4 +1,5 @@
-"""The command line as a user meets it: real subprocesses, real records, clear errors."""
+"""The command line as a user meets it: real subprocesses, real records, clear errors (refusals
+run ``main()`` in-process: the same parser and error handling, without a new interpreter)."""
 
 import json
 
@@ -56,27 +57,27 @@ def _record(tmp_path, names, seconds):
     return tmp_path / "rec"
 
 
-def test_bad_input_is_one_clear_line(cli, tmp_path):
-    _assert_clean_error(cli("eval", "--data", tmp_path / "missing"), "no WFDB record at")
+def test_bad_input_is_one_clear_line(panorama, tmp_path):
+    _assert_clean_error(panorama("eval", "--data", tmp_path / "missing"), "no WFDB record at")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _assert_clean_error(cli("eval", "--data", empty), "no WFDB records (*.hea) found")
-    _assert_clean_error(cli("eval", "--data", empty, "--views", "V10"), "unknown view 'V10'")
+    _assert_clean_error(panorama("eval", "--data", empty), "no WFDB records (*.hea) found")
+    _assert_clean_error(panorama("eval", "--data", empty, "--views", "V10"), "unknown view 'V10'")
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     _record(unknown, ["foo", "bar"], 12)
-    proc = cli("eval", "--data", unknown)
+    proc = panorama("eval", "--data", unknown)
     _assert_clean_error(proc, "no record could be scored")
     assert "no known lead names" in proc.stderr
     short = tmp_path / "short"
     short.mkdir()
     _record(short, list(STANDARD_12), 4)
-    _assert_clean_error(cli("eval", "--data", short), "shorter than 10 s")
-    _assert_clean_error(cli("eval", "--data", short, "--inputs", "I,V2", "--views", "V2"),
+    _assert_clean_error(panorama("eval", "--data", short), "shorter than 10 s")
+    _assert_clean_error(panorama("eval", "--data", short, "--inputs", "I,V2", "--views", "V2"),
                         "a scored view must never be an input")
 
 
-def test_simulate_writes_records_that_eval_can_score(cli, tmp_path):
+def test_simulate_writes_records_that_eval_can_score(cli, panorama, tmp_path):
     proc = cli("simulate", "--patients", "3", "--views", "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6,V7,120:45",
                "--seconds", "10", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -84,7 +85,7 @@ def test_simulate_writes_records_that_eval_can_score(cli, tmp_path):
     assert rec.sig_name[-2:] == ["V7", "120:45"] and rec.fs == 500 and rec.sig_len == 5000
     assert any("rhythm" in c for c in rec.comments)
     out = tmp_path / "e.json"
-    proc = cli("eval", "--data", tmp_path, "--method", "dipole", "--json", out)
+    proc = panorama("eval", "--data", tmp_path, "--method", "dipole", "--json", out)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["overall"]["records"] == 3
     proc = cli("eval", "--data", tmp_path, "--method", "model", "--calibrate", "5", "--transfer", "--adapt", "--wander")
@@ -95,11 +96,11 @@ def test_simulate_writes_records_that_eval_can_score(cli, tmp_path):
     assert all(r[-1] == "3" for r in rows)  # every record scored by every row
     assert "model+calib5s+transfer: transfer fitted (3 records)" in proc.stdout
     assert "model+calib5s+adapt+transfer: adapted (3 records), transfer fitted (3 records)" in proc.stdout
-    _assert_clean_error(cli("eval", "--data", tmp_path, "--method", "model", "--transfer"),
+    _assert_clean_error(panorama("eval", "--data", tmp_path, "--method", "model", "--transfer"),
                         "give --calibrate SECONDS too")
-    _assert_clean_error(cli("eval", "--data", tmp_path, "--method", "model", "--adapt"),
+    _assert_clean_error(panorama("eval", "--data", tmp_path, "--method", "model", "--adapt"),
                         "--adapt fits on the calibration window")
-    _assert_clean_error(cli("eval", "--data", tmp_path, "--method", "dipole", "--wander"), "--wander needs --method model")
+    _assert_clean_error(panorama("eval", "--data", tmp_path, "--method", "dipole", "--wander"), "--wander needs --method model")
 
 
 def test_demo_streams_through_the_embedded_broker(cli, tmp_path):

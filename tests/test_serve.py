@@ -111,22 +111,22 @@ def record_500hz(data_dir):
     pytest.skip("no 500 Hz 12-lead record with one ADC resolution in the data")
 
 
-def test_validate_config(tmp_path, cli):
-    r = cli("serve", "--config", REPO / "deploy" / "edge.yaml", "--validate-config")
+def test_validate_config(tmp_path, panorama):
+    r = panorama("serve", "--config", REPO / "deploy" / "edge.yaml", "--validate-config")
     assert r.returncode == 0, r.stderr  # the documented example stays valid
     good = tmp_path / "good.yaml"
     good.write_text("mqtt:\n  protocol: '3.1.1'\nstream:\n  views: [V7, '120:45']\n")
-    r = cli("serve", "--config", good, "--validate-config")
+    r = panorama("serve", "--config", good, "--validate-config")
     assert r.returncode == 0 and "valid" in r.stdout and "120:45" in r.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("stream:\n  lookahed: 192\n  hop: 100\n  views: [V77]\n")
-    r = cli("serve", "--config", bad, "--validate-config")
+    r = panorama("serve", "--config", bad, "--validate-config")
     assert r.returncode == 2
     for word in ("lookahed", "hop", "multiple of 8", "V77"):
         assert word in r.stderr
 
 
-def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, cli):
+def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, panorama):
     """A real record replayed by the monitor: after the 5 s calibration the streamed views
     equal ``panorama synthesize --calibrate 5`` of the same record within 1 µV RMS."""
     stream = record_stream(record_500hz, monitor_id="bed1", patient_id="p1")
@@ -148,7 +148,7 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
         assert "calibration warmed up in" in proc.stdout.read()  # before the patient's fit, same result
     assert got.views == VIEWS and got.stats.gaps == 0
     out = tmp_path / "offline"
-    r = cli("synthesize", record_500hz, "--inputs", ",".join(stream.leads), "--views", ",".join(VIEWS),
+    r = panorama("synthesize", record_500hz, "--inputs", ",".join(stream.leads), "--views", ",".join(VIEWS),
             "--calibrate", "5", "--out", out)
     assert r.returncode == 0, r.stderr
     ref = wfdb.rdrecord(str(out / record_500hz.name)).p_signal.T

@@ -29,14 +29,14 @@ def test_synthesize_writes_requested_views_at_the_input_rate(cli, data_dir, tmp_
     assert (tmp_path / "ludb001.hea").is_file()
 
 
-def test_one_bad_record_does_not_stop_the_others(cli, data_dir, tmp_path):
-    proc = cli("synthesize", data_dir / "ludb" / "ludb001", tmp_path / "nope", "--views", "V7", "--out", tmp_path)
+def test_one_bad_record_does_not_stop_the_others(panorama, data_dir, tmp_path):
+    proc = panorama("synthesize", data_dir / "ludb" / "ludb001", tmp_path / "nope", "--views", "V7", "--out", tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "no WFDB record" in proc.stderr
 
 
-def test_synthesize_with_calibration_records_the_offsets(cli, data_dir, tmp_path):
-    proc = cli("synthesize", data_dir / "ludb" / "ludb001", "--inputs", "I,II,V3", "--views", "V2,V7",
+def test_synthesize_with_calibration_records_the_offsets(panorama, data_dir, tmp_path):
+    proc = panorama("synthesize", data_dir / "ludb" / "ludb001", "--inputs", "I,II,V3", "--views", "V2,V7",
                "--calibrate", "5", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "ludb001")).comments
@@ -46,12 +46,12 @@ def test_synthesize_with_calibration_records_the_offsets(cli, data_dir, tmp_path
     assert all(c.isascii() for c in comments)  # WFDB headers are ASCII
 
 
-def test_onnxruntime_backend_writes_the_same_views_as_torch(cli, data_dir, tmp_path, monkeypatch):
+def test_onnxruntime_backend_writes_the_same_views_as_torch(panorama, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PANORAMA_CACHE", str(tmp_path / "cache"))
     rec = data_dir / "challenge2021" / "A0001"  # odd rate history, 15 s
     outs = {}
     for backend in ("torch", "onnxruntime"):
-        proc = cli("synthesize", rec, "--views", "V2,V6,V7,120:45", "--backend", backend,
+        proc = panorama("synthesize", rec, "--views", "V2,V6,V7,120:45", "--backend", backend,
                    "--out", tmp_path / backend)
         assert proc.returncode == 0, proc.stderr
         outs[backend] = wfdb.rdrecord(str(tmp_path / backend / "A0001")).p_signal
@@ -59,10 +59,10 @@ def test_onnxruntime_backend_writes_the_same_views_as_torch(cli, data_dir, tmp_p
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported once, cached by hash
 
 
-def test_synthesize_with_neighbour_transfer_changes_near_views_only(cli, data_dir, tmp_path):
+def test_synthesize_with_neighbour_transfer_changes_near_views_only(panorama, data_dir, tmp_path):
     rec = data_dir / "ludb" / "ludb001"
     for tag, extra in (("cal", []), ("transfer", ["--transfer"])):
-        proc = cli("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V8", "--calibrate", "5", *extra,
+        proc = panorama("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V8", "--calibrate", "5", *extra,
                    "--out", tmp_path / tag)
         assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "transfer" / "ludb001")).comments
@@ -76,14 +76,14 @@ def test_synthesize_with_neighbour_transfer_changes_near_views_only(cli, data_di
     tr = read_record(tmp_path / "transfer" / "ludb001").signals
     assert np.abs(tr[0] - cal[0]).max() > 0.02  # V2, between V1 and V3: corrected
     assert np.abs(tr[1] - cal[1]).max() < 0.01  # V8, posterior: as the model drew it
-    proc = cli("synthesize", rec, "--views", "V2", "--transfer", "--out", tmp_path / "no")
+    proc = panorama("synthesize", rec, "--views", "V2", "--transfer", "--out", tmp_path / "no")
     assert proc.returncode != 0 and "give --calibrate SECONDS too" in proc.stderr
 
 
-def test_a_monitor_montage_synthesize_interpolates_along_the_precordial_line(cli, data_dir, tmp_path):
+def test_a_monitor_montage_synthesize_interpolates_along_the_precordial_line(panorama, data_dir, tmp_path):
     rec = data_dir / "ludb" / "ludb001"
     for tag, extra in (("cal", []), ("transfer", ["--transfer"])):
-        proc = cli("synthesize", rec, "--inputs", "I,II,III,aVR,aVL,aVF,V1,V3,V4,V5", "--views", "V2,V6",
+        proc = panorama("synthesize", rec, "--inputs", "I,II,III,aVR,aVL,aVF,V1,V3,V4,V5", "--views", "V2,V6",
                    "--calibrate", "5", *extra, "--out", tmp_path / tag)
         assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "transfer" / "ludb001")).comments
@@ -96,10 +96,10 @@ def test_a_monitor_montage_synthesize_interpolates_along_the_precordial_line(cli
     assert np.abs(tr - cal).max(axis=1).min() > 0.01  # both views moved toward the interpolation
 
 
-def test_synthesize_with_patient_adaptation_notes_it_and_changes_the_views(cli, data_dir, tmp_path):
+def test_synthesize_with_patient_adaptation_notes_it_and_changes_the_views(panorama, data_dir, tmp_path):
     rec = data_dir / "ludb" / "ludb001"
     for tag, extra in (("transfer", []), ("adapt", ["--adapt"])):
-        proc = cli("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V6", "--calibrate", "5", "--transfer",
+        proc = panorama("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V6", "--calibrate", "5", "--transfer",
                    *extra, "--out", tmp_path / tag)
         assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "adapt" / "ludb001")).comments
@@ -109,17 +109,17 @@ def test_synthesize_with_patient_adaptation_notes_it_and_changes_the_views(cli, 
     tr = read_record(tmp_path / "transfer" / "ludb001").signals
     ad = read_record(tmp_path / "adapt" / "ludb001").signals
     assert ad.shape == tr.shape and np.abs(ad - tr).max() > 0.01
-    proc = cli("synthesize", rec, "--views", "V2", "--adapt", "--out", tmp_path / "no")
+    proc = panorama("synthesize", rec, "--views", "V2", "--adapt", "--out", tmp_path / "no")
     assert proc.returncode != 0 and "give --calibrate SECONDS too" in proc.stderr
-    proc = cli("synthesize", rec, "--views", "V2", "--calibrate", "5", "--adapt", "--backend", "onnxruntime",
+    proc = panorama("synthesize", rec, "--views", "V2", "--calibrate", "5", "--adapt", "--backend", "onnxruntime",
                "--out", tmp_path / "no")
     assert proc.returncode != 0 and "use --backend torch" in proc.stderr
 
 
-def test_synthesize_with_wander_changes_chest_views_only_and_says_so(cli, data_dir, tmp_path):
+def test_synthesize_with_wander_changes_chest_views_only_and_says_so(panorama, data_dir, tmp_path):
     rec = data_dir / "ludb" / "ludb001"
     for tag, extra in (("plain", []), ("wander", ["--wander"])):
-        proc = cli("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V7,VX", *extra, "--out", tmp_path / tag)
+        proc = panorama("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V7,VX", *extra, "--out", tmp_path / tag)
         assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "wander" / "ludb001")).comments
     assert any(c.startswith("wander: baseline below 0.5 Hz removed") and c.endswith("(V2,V7)") for c in comments), comments
@@ -130,14 +130,14 @@ def test_synthesize_with_wander_changes_chest_views_only_and_says_so(cli, data_d
     # own there, and PyTorch's kernels may sum in another order for another batch shape
     # (0.04 uV on 2 of 5000 samples with the packages of session 9)
     assert np.abs(wa[2] - plain[2]).max() < 1e-3
-    proc = cli("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V6", "--calibrate", "5", "--transfer",
+    proc = panorama("synthesize", rec, "--inputs", "I,II,V3", "--views", "V2,V6", "--calibrate", "5", "--transfer",
                "--adapt", "--wander", "--out", tmp_path / "all")
     assert proc.returncode == 0, proc.stderr
     assert read_record(tmp_path / "all" / "ludb001").signals.shape[0] == 2
 
 
-def test_an_input_asked_for_as_a_view_still_calibrates(cli, data_dir, tmp_path):
-    proc = cli("synthesize", data_dir / "ludb" / "ludb001", "--inputs", "I,II,V3", "--views", "V3,V7",
+def test_an_input_asked_for_as_a_view_still_calibrates(panorama, data_dir, tmp_path):
+    proc = panorama("synthesize", data_dir / "ludb" / "ludb001", "--inputs", "I,II,V3", "--views", "V3,V7",
                "--calibrate", "5", "--transfer", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "ludb001")).comments
@@ -148,7 +148,7 @@ def test_an_input_asked_for_as_a_view_still_calibrates(cli, data_dir, tmp_path):
 MONITOR = "I,II,III,aVR,aVL,aVF,V1,V3,V4,V5"
 
 
-def test_blend_with_writes_the_mean_of_the_monitor_and_the_subset_draws(cli, data_dir, tmp_path):
+def test_blend_with_writes_the_mean_of_the_monitor_and_the_subset_draws(panorama, data_dir, tmp_path):
     from edge.synthesize import synthesize_record
 
     rec, views, synth = data_dir / "ludb" / "ludb001", resolve_views("V2,V6"), Synthesizer.load()
@@ -172,7 +172,7 @@ def test_blend_with_writes_the_mean_of_the_monitor_and_the_subset_draws(cli, dat
                                  (MONITOR, 5.0, "it names them all")):
         with pytest.raises(ValueError, match=why):
             check_blend(inputs, resolve_views(subset), seconds)
-    proc = cli("synthesize", rec, "--inputs", MONITOR, "--views", "V6", "--blend-with", "I,II,V2", "--calibrate", "5",
+    proc = panorama("synthesize", rec, "--inputs", MONITOR, "--views", "V6", "--blend-with", "I,II,V2", "--calibrate", "5",
                "--out", tmp_path / "no")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "--blend-with must name some but not all of --inputs" in proc.stderr and "V2 is not among them" in proc.stderr

@@ -41,9 +41,9 @@ def test_config_refuses_to_supervise_the_validation_views():
     assert cfg.data.hidden == ["V2", "V6"]  # normalised, so the names match the records'
 
 
-def test_shipped_configs_validate(cli, data_dir):  # the configs name ../shared/data/ecg
+def test_shipped_configs_validate(panorama, data_dir):  # the configs name ../shared/data/ecg
     for name in ("stage1.yaml", "stage1_v2_finetune.yaml", "stage2_ludb.yaml"):
-        proc = cli("train", "--config", Path("training/configs") / name, "--validate-config")
+        proc = panorama("train", "--config", Path("training/configs") / name, "--validate-config")
         assert proc.returncode == 0, proc.stderr
         assert "valid" in proc.stdout
 
@@ -67,12 +67,12 @@ def test_a_short_run_trains_validates_and_resumes(data_dir, tmp_path):
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
 
 
-def test_train_command_overrides_device_and_minutes(cli, data_dir):
-    proc = cli("train", "--config", "training/configs/stage1.yaml", "--validate-config",
+def test_train_command_overrides_device_and_minutes(panorama, data_dir):
+    proc = panorama("train", "--config", "training/configs/stage1.yaml", "--validate-config",
                "--device", "cuda", "--minutes", "7")
     assert proc.returncode == 0, proc.stderr
     assert "12000 steps within 7 min on cuda" in proc.stdout
-    proc = cli("train", "--config", "training/configs/stage1.yaml", "--validate-config", "--device", "tpu")
+    proc = panorama("train", "--config", "training/configs/stage1.yaml", "--validate-config", "--device", "tpu")
     assert proc.returncode != 0 and "use cpu, cuda or cuda:N" in proc.stderr
 
 
