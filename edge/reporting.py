@@ -40,12 +40,20 @@ class LatencyWindow:
 
 
 class Reporter:
-    """Retained status and calibration per stream, errors per daemon; counts refusals by code."""
+    """Retained status and calibration per stream, errors per daemon; counts refusals by code.
 
-    def __init__(self, publisher: Publisher, topics: Topics, daemon_id: str):
+    Refusals are said on the errors topic as the log says them: the first three of a
+    (stream, code) and every hundredth after, each with its count, and at most
+    ``errors_per_s`` a second in all. A sender flooding bad payloads would otherwise fill the
+    publisher's and paho's queues, which every patient's status and calibration share."""
+
+    def __init__(self, publisher: Publisher, topics: Topics, daemon_id: str, errors_per_s: float = 20.0):
         self.publisher, self.topics, self.id = publisher, topics, daemon_id
         self.rejected: Counter = Counter()
         self._seen: Counter = Counter()  # (stream, code or label) → times, to keep the log quiet
+        self.errors_per_s = errors_per_s
+        self._tokens, self._filled = errors_per_s, time.monotonic()
+        self.unsent = 0  # error reports held back by the limits (the counts above still hold them)
 
     def status(self, st, why: str = "") -> None:
         doc = {"state": st.state, "leads": st.leads, "views": [v.name for v in st.views],
@@ -85,10 +93,19 @@ class Reporter:
             self._seen.clear()
         n = self._seen[(key, code)]
         self._seen[(key, code)] += 1
-        if n < 3 or n % 100 == 0:  # the log says it, without flooding
-            log.warning("%s/%s %s: %s%s", *key, code, reason, f" (seen {n + 1} times)" if n else "")
+        if not (n < 3 or n % 100 == 0):
+            self.unsent += 1
+            return
+        log.warning("%s/%s %s: %s%s", *key, code, reason, f" (seen {n + 1} times)" if n else "")
+        now = time.monotonic()
+        self._tokens = min(self.errors_per_s, self._tokens + (now - self._filled) * self.errors_per_s)
+        self._filled = now
+        if self._tokens < 1:
+            self.unsent += 1
+            return
+        self._tokens -= 1
         doc = {"monitor": key[0], "patient": key[1], "topic": topic, "code": code, "reason": reason,
-               "t_ns": time.time_ns()}
+               "count": n + 1, "t_ns": time.time_ns()}
         self._json(self.topics.errors(self.id), doc, qos=1)
 
     def _json(self, topic: str, doc: dict, **kw) -> None:

@@ -257,7 +257,8 @@ class Daemon:
             outcome = st.ingest(chunk.seq, chunk.t0_ns, names, data, chunk.sent_ns)
             self.outcomes[outcome] += 1
             self.chunks_in += 1
-            self.last_seen[key] = time.monotonic()
+            if outcome not in ("late", "duplicate"):  # a stream fed only stale chunks still goes idle
+                self.last_seen[key] = time.monotonic()
             if st.calibration_due() and key not in self.fitting:
                 x, views = st.calibration_input()
                 self.fitting.add(key)
@@ -401,7 +402,8 @@ class Daemon:
                 "patients": dict(states), "chunks_in": self.chunks_in, "chunks_out": self.chunks_out,
                 "latency_ms": self.latency_ms.percentiles(), "inference_ms": self.inference_ms.percentiles(),
                 "queues": {"ingest": self.ingest_q.qsize(), "publish": self.publisher.queued},
-                "drops": {"ingest": self.dropped_ingest, "publish": self.publisher.dropped},
+                "drops": {"ingest": self.dropped_ingest, "publish": self.publisher.dropped,
+                          "publish_refused": self.publisher.failed, "errors_unsent": self.report.unsent},
                 "rejected": dict(self.report.rejected), "stream_counts": dict(counts), "backend": self.backend.name}
 
     def _health_loop(self) -> None:

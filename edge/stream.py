@@ -50,9 +50,10 @@ class StreamParams:
     lookahead: int = 192  # samples after it (0.03 µV from exact at 192; exact from 224)
     hop: int = 128  # at most this many output samples per window
     calibrate_s: float = 5.0  # 0: no calibration, output from the first sample
-    max_buffer_s: float = 60.0  # a stream that cannot keep up beyond this is reset
+    max_buffer_s: float = 60.0  # a jump in time beyond this restarts the stream (seq following: moves its clock)
     reorder: int = 256  # samples of newer data to wait for a late chunk before giving up on it
     max_backlog: int = 1000  # output due beyond this (samples) is skipped, not delivered late
+    calibration_wait_s: float = 20.0  # no hole-free seconds by then: calibrate on what there is
 
     @property
     def window(self) -> int:
@@ -92,6 +93,8 @@ class Counters:
     gap_samples: int = 0
     duplicates: int = 0
     out_of_order: int = 0  # filled a hole that was still open
+    snapped: int = 0  # a sample off its predecessor's end (clock jitter): placed right after it
+    clock_steps: int = 0  # the sender's clock moved while its seq ran on: its time base follows
     late: int = 0  # arrived after its samples were already synthesised: dropped
     skipped: int = 0  # output samples never synthesised because they were already stale
     masked_windows: int = 0
@@ -113,6 +116,8 @@ class PatientStream:
         self.consumed = 0  # one past the last sample any window has read
         self.t0_ns: int | None = None
         self.last_seq: int | None = None  # of the last chunk placed
+        self.seq_high: int | None = None  # the newest seq received (mod 2**32), placed or not
+        self.last_n = 0  # samples in the newest chunk placed
         self.last_sent_ns = 0
         self.state = "waiting" if params.calibrate_s > 0 else "streaming"
         self.emitted = 0 if params.calibrate_s <= 0 else params.calibration_samples
@@ -120,6 +125,8 @@ class PatientStream:
         self.calibration: CalibrationResult | None = None
         self.counts = Counters()
         self.generation = 0  # +1 at every reset: a calibration of an earlier time base is void
+        self.cal_start = 0  # stream sample where the calibration seconds begin
+        self.pending: list[Window] = []  # made at a reset, of the time base before it
 
     # ---- ingest -----------------------------------------------------------------------
     def position(self, t0_ns: int) -> int:
@@ -131,25 +138,44 @@ class PatientStream:
     def ingest(self, seq: int, t0_ns: int, leads: list[str], data: np.ndarray, sent_ns: int = 0) -> str:
         """Place one chunk's samples ``data`` (len(leads), n) mV by its start time; returns
         what happened: "ok", "gap" (a hole before it), "duplicate" (dropped), "out_of_order"
-        (filled a hole), "late" (filled a hole whose output was already published) or
-        "reset" (a jump in time: the stream starts again from this chunk)."""
+        (filled a hole), "late" (filled a hole whose output was already published, or too old
+        to place: dropped) or "reset" (a jump in time: the stream starts again from this
+        chunk, after ``due`` has handed out what the old time base held). A chunk whose seq
+        follows the newest one's but whose time does not is the sender's clock stepping: it
+        is placed right after, and the time base moves (``counts.clock_steps``)."""
         n = data.shape[1]
         pos = self.position(t0_ns)
         outcome = "ok"
         jump = int(self.p.max_buffer_s * self.p.fs)
+        follows = self.seq_high is not None and (seq - self.seq_high) % 2**32 == 1
+        if self.seq_high is None or 0 < (seq - self.seq_high) % 2**32 < 2**31:
+            self.seq_high = seq  # a resent or reordered older chunk does not count
+        if follows and self.end > 0 and pos != self.end and (pos < self.end - 1 or pos > self.end + jump):
+            # the chunk right after the last one, by seq, but not by time: the sender's clock
+            # stepped (NTP, daylight saving). Its samples follow on; its time base moves
+            self.t0_ns = t0_ns - int(round(self.end * 1e9 / self.p.fs))
+            pos = self.end
+            self.counts.clock_steps += 1
+        elif abs(pos - self.end) == 1 and self.end > 0:  # jitter within a sample (the protocol's)
+            pos = self.end
+            self.counts.snapped += 1
         if -jump < pos < 0:  # from before the stream's first chunk (reordered): too late to place
             self.counts.late += 1
             return "late"
         if pos <= -jump or pos > self.end + jump:
+            self.pending += self._due(final=True)  # the old time base's held-back tail first
             self.reset(t0_ns)  # a clock jump or a restarted monitor
+            self.seq_high = seq
             pos, outcome = 0, "reset"
         elif pos < self.end:
             if pos + n <= self.end and np.isfinite(self.slice(leads, pos, pos + n)).all():
                 self.counts.duplicates += 1
                 return "duplicate"
             if pos < self.base:
-                self.counts.late += 1
-                return "late"
+                if pos + n <= self.end:
+                    self.counts.late += 1
+                    return "late"
+                data, n, pos = data[:, self.base - pos:], n - (self.base - pos), self.base  # the rest is new
             if pos + n <= self.end:
                 outcome = "late" if pos < self.consumed else "out_of_order"
         elif pos > self.end:
@@ -168,6 +194,7 @@ class PatientStream:
         self.counts.chunks += 1
         self.counts.samples += n
         self.last_seq = seq
+        self.last_n = n
         self.last_sent_ns = max(self.last_sent_ns, sent_ns)
         return outcome
 
@@ -179,6 +206,7 @@ class PatientStream:
         self.base = self.end = self.consumed = 0
         self.last_seq = None
         self.state = "waiting" if self.p.calibrate_s > 0 else "streaming"
+        self.cal_start = 0
         self.emitted = 0 if self.p.calibrate_s <= 0 else self.p.calibration_samples
         self.offsets, self.calibration = None, None
 
@@ -223,12 +251,29 @@ class PatientStream:
 
     # ---- calibration ------------------------------------------------------------------
     def calibration_due(self) -> bool:
-        return self.state == "waiting" and self.end >= self.p.calibration_samples
+        """The first calibration seconds no chunk is missing from have arrived (a lost or
+        late chunk moves them on past its hole, after the reorder wait), or none have within
+        ``calibration_wait_s``: then the fit gets what there is, and says which leads it lacks."""
+        if self.state != "waiting":
+            return False
+        need = self.p.calibration_samples
+        while self.end - self.cal_start >= need:
+            missing = np.flatnonzero(~self.have[self.cal_start - self.base: self.cal_start + need - self.base])
+            if not missing.size:
+                return True
+            hole = self.cal_start + int(missing[-1])
+            if self.end - hole <= self.p.reorder:
+                break  # a late chunk may still fill it
+            self.cal_start = hole + 1  # the seconds after the hole
+        return self.end >= self.p.calibrate_s * self.p.fs + self.p.calibration_wait_s * self.p.fs
 
     def calibration_input(self) -> tuple[np.ndarray, list[View]]:
-        """The first seconds of every lead received, for ``panorama.calibrate``."""
+        """The calibration seconds of every lead received, for ``panorama.calibrate``: the
+        first ones without a hole (from ``cal_start``), or the first ones if there are none."""
         self.state = "calibrating"
-        return self.slice(self.leads, 0, self.p.calibration_samples), list(self.lead_views)
+        need = self.p.calibration_samples
+        start = self.cal_start if self.end - self.cal_start >= need else 0
+        return self.slice(self.leads, start, start + need), list(self.lead_views)
 
     def set_calibration(self, result: CalibrationResult) -> None:
         self.calibration = result
@@ -238,16 +283,21 @@ class PatientStream:
     # ---- windows ----------------------------------------------------------------------
     def due(self, final: bool = False) -> list[Window]:
         """The windows whose output can be published now (all that is left when ``final``)."""
+        held, self.pending = self.pending, []
+        return held + self._due(final)
+
+    def _due(self, final: bool) -> list[Window]:
         if self.state != "streaming" or not self.views:
             return []
         ready = self.end if final else floor8(self.end) - self.p.lookahead
         hole = self.first_hole()
         if hole is not None and not final and self.end - hole <= self.p.lookahead + self.p.reorder:
             ready = min(ready, floor8(hole) - self.p.lookahead)  # a late chunk may still fill it
-        if not final and ready - self.emitted > self.p.max_backlog:
+        if not final and ready - self.emitted > self.p.max_backlog + self.last_n:
+            # (the newest chunk's own samples are not stale, however long the chunk)
             # behind (a slow calibration, an overload): what is stale is worth nothing to a
             # bedside screen, so skip it rather than deliver it late, and count it
-            skip = ready - self.p.hop - self.emitted
+            skip = ready - max(self.p.hop, self.last_n) - self.emitted
             self.counts.skipped += skip
             self.emitted += skip
         out = []

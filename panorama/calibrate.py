@@ -159,8 +159,8 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if x.shape[1] < need:
         return _reject(views, f"only {x.shape[1] / fs:.1f} s recorded, {seconds:g} s asked")
     x = x[:, :need]
-    flags = lead_quality(x)
-    ok = [i for i, f in enumerate(flags) if f == "ok" and np.isfinite(x[i]).all()]
+    flags = [f if f != "ok" or np.isfinite(lead).all() else "missing samples" for f, lead in zip(lead_quality(x), x)]
+    ok = [i for i, f in enumerate(flags) if f == "ok"]
     if len(ok) >= 2:  # leads of one heart are coherent; a lead like no other is noise
         c = np.abs(np.corrcoef(x[ok]))
         np.fill_diagonal(c, 0)

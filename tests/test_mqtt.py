@@ -262,3 +262,33 @@ def test_embedded_broker_on_a_taken_port_fails_clearly(embedded):
     port = parse_broker_url(embedded.url)[1]
     with pytest.raises(BackendError, match=f"cannot listen on 127.0.0.1:{port}"):
         EmbeddedBroker(port=port).start()
+
+
+# ----------------------------------------------------------------------------- refusals
+
+def test_a_flood_of_refusals_leaves_other_patients_state_through(mosquitto_url, clients):
+    """One sender's junk is said on the errors topic as the log says it (the first three of a
+    stream and code, then one in every hundred, with its count; at most errors_per_s a second in
+    all): it never fills the queues another patient's retained status shares."""
+    import json
+
+    from edge.protocol import Topics
+    from edge.reporting import Reporter
+
+    prefix = base_topic()
+    got = collect(mosquitto_url, "5", clients, prefix + "/#")
+    publisher = Publisher(clients(mosquitto_url, "5"), maxsize=1000, protocol="5").start()
+    report = Reporter(publisher, Topics(prefix), "d1", errors_per_s=20)
+    for _ in range(5000):
+        report.reject(f"{prefix}/bad/p9/raw", "bad_magic", "not a chunk")
+    for i in range(3000):  # a sender that changes its monitor id every message
+        report.reject(f"{prefix}/bad{i}/p9/raw", "bad_magic", "not a chunk")
+    publisher.put(f"{prefix}/bed1/p1/status", b'{"state": "streaming"}', qos=1, retain=True)
+    publisher.stop(timeout=5)
+    assert report.rejected["bad_magic"] == 8000  # every refusal counted for health
+    errors = lambda: [json.loads(m.payload) for m in got if m.topic.endswith("/errors")]  # noqa: E731
+    assert wait_for(lambda: any(m.topic.endswith("/status") for m in got))
+    said = errors()
+    assert [e["count"] for e in said if e["monitor"] == "bad"][:4] == [1, 2, 3, 101]
+    assert len(said) <= 20 + 20 * 5  # the bucket, plus what it refilled in a few seconds at most
+    assert report.unsent == 8000 - len(said) and publisher.failed == 0 and publisher.dropped == 0

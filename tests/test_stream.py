@@ -145,12 +145,123 @@ def test_stale_output_is_skipped_not_delivered_late(record, backend):
 def test_clock_jump_restarts_the_stream():
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
     x = np.ones((12, 125), np.float32)
-    st.ingest(0, T0, list(STANDARD_12), x)
-    assert st.ingest(1, T0 - 10**9, list(STANDARD_12), x) == "late"  # reordered: dropped, counted
+    st.ingest(5, T0, list(STANDARD_12), x)
+    assert st.ingest(3, T0 - 10**9, list(STANDARD_12), x) == "late"  # an older chunk, reordered: dropped
     assert st.end == 125 and st.counts.late == 1
     generation = st.generation
-    assert st.ingest(2, T0 - 10**11, list(STANDARD_12), x) == "reset"  # 100 s back: a new time base
+    assert st.ingest(0, T0 - 10**11, list(STANDARD_12), x) == "reset"  # a restarted monitor, 100 s back
     assert st.end == 125 and st.state == "waiting" and st.generation == generation + 1
+
+
+@pytest.mark.parametrize("step_s", [-30.0, -3600.0, 3600.0])
+def test_a_clock_step_with_the_seq_running_on_keeps_the_stream(record, synth, backend, step_s):
+    """A monitor whose clock steps (NTP, daylight saving) while its seq runs on: its samples
+    follow on, the stream keeps its calibration, and the output takes the new time base."""
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    outs, at = [], 20 * 125  # the step comes with chunk 20
+    for k, i in enumerate(range(0, x.shape[1], 125)):
+        t0 = T0 + int(i * 2e6) + (int(step_s * 1e9) if i >= at else 0)
+        assert st.ingest(k, t0, names, x[:, i: i + 125]) == "ok"
+        outs += run_windows(backend.run, st.due())
+    outs += run_windows(backend.run, st.due(final=True))
+    assert st.generation == 0 and st.counts.clock_steps == 1 and st.counts.gaps == st.counts.late == 0
+    y = np.concatenate([o.data for o in outs], axis=1)
+    ref = synth(x, resolve_views(names), VIEWS)
+    assert y.shape == ref.shape and np.abs(y - ref).max() * 1000 < 1.0, "nothing lost, nothing moved"
+    for o in outs:  # each output sample at the time its inputs were stamped with
+        stamp = T0 + int(round(o.start * 2e6)) + (int(step_s * 1e9) if o.t0_ns != T0 else 0)
+        assert o.t0_ns + int(round(o.start * 2e6)) == stamp
+    assert any(o.t0_ns != T0 for o in outs) and outs[0].t0_ns == T0
+
+
+def test_timestamp_jitter_within_a_sample_leaves_no_hole(record, synth, backend):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    outs = []
+    for k, i in enumerate(range(0, x.shape[1], 125)):
+        jitter = 1_100_000 if k % 3 == 1 else -1_100_000 if k % 3 == 2 else 0  # ±1.1 ms: rounds a sample off
+        st.ingest(k, T0 + int(i * 2e6) + jitter, names, x[:, i: i + 125])
+        outs += run_windows(backend.run, st.due())
+    outs += run_windows(backend.run, st.due(final=True))
+    assert st.counts.snapped > 0 and st.counts.gaps == 0
+    assert all(q == "ok" for o in outs for q in o.quality)
+    y = np.concatenate([o.data for o in outs], axis=1)
+    assert np.abs(y - synth(x, resolve_views(names), VIEWS)).max() * 1000 < 1.0
+
+
+def test_long_chunks_are_delivered_not_skipped_as_stale(record, synth, backend):
+    """The protocol allows chunks of up to 8192 samples: a fresh one is not a backlog."""
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    _, y, _ = stream_all(st, x, names, backend, chunk=2000)
+    assert st.counts.skipped == 0 and y.shape == (len(VIEWS), x.shape[1])
+    assert np.abs(y - synth(x, resolve_views(names), VIEWS)).max() * 1000 < 1.0
+
+
+def test_a_resent_chunk_reaching_before_the_buffer_places_its_new_samples(record, backend):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    for k, i in enumerate(range(0, 3000, 125)):
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
+        run_windows(backend.run, st.due())
+    pos = st.base - 200  # before what the buffer keeps, and 500 new samples past its end
+    st.ingest(99, T0 + int(pos * 2e6), names, x[:, pos: 3500])
+    assert st.end == 3500 and np.isfinite(st.slice(names, 3000, 3500)).all() and st.first_hole() is None
+
+
+def test_a_lost_chunk_in_the_calibration_seconds_moves_them_past_its_hole(record, synth):
+    """One chunk lost in the first 5 s: the fit waits for 5 s without a hole, not a fit of
+    nothing (which would leave the patient on the table's angles for the whole stay)."""
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
+    due_at = None
+    for k, i in enumerate(range(0, x.shape[1], 125)):
+        if k == 7:
+            continue  # samples 875-999 never arrive
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
+        if due_at is None and st.calibration_due():
+            due_at = st.end
+    assert due_at == 3500 and st.cal_start == 1000
+    xc, lv = st.calibration_input()
+    assert np.array_equal(xc, x[:, 1000:3500])
+    res = calibrate(synth.model, xc, lv, seconds=5.0, inputs=[v.name for v in lv])
+    assert res.accepted, res.reason
+    # swapped chunks arrive within the reorder wait: the first 5 s as they are
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
+    for k in [*range(18), 19, 18, 20]:
+        st.ingest(k, T0 + int(k * 125 * 2e6), names, x[:, k * 125: k * 125 + 125])
+    assert st.calibration_due() and st.cal_start == 0
+    assert np.array_equal(st.calibration_input()[0], x[:, :2500])
+
+
+def test_calibration_on_a_stream_never_whole_for_5_s_says_what_it_lacks(synth):
+    sim = simulate(3, duration_s=30.0, device="diagnostic")
+    x, names = sim.signals.astype(np.float32), sim.names
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
+    for k, i in enumerate(range(0, x.shape[1], 125)):
+        if k % 16 == 8:
+            continue  # one chunk in 16 lost: never 5 s whole
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
+        if st.calibration_due():
+            break
+    assert st.end >= 12500  # waited calibration_wait_s, then fits what there is
+    res = calibrate(synth.model, *st.calibration_input(), seconds=5.0, inputs=names)
+    assert not res.accepted and "missing samples" in res.reason and res.reason.endswith("V6 missing samples")
+
+
+def test_a_reset_flushes_the_old_time_base_first(record, backend):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    outs = []
+    for k, i in enumerate(range(0, 2500, 125)):
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
+        outs += run_windows(backend.run, st.due())
+    assert st.ingest(0, T0 + 10**11, names, x[:, :125]) == "reset"  # the monitor restarted 100 s on
+    tail = run_windows(backend.run, st.due())
+    assert tail and all(o.t0_ns == T0 for o in tail)
+    assert tail[-1].start + tail[-1].data.shape[1] == 2500  # every sample of the old time base out
+    assert outs[-1].start + outs[-1].data.shape[1] == tail[0].start
 
 
 def test_window_quality_flags():
