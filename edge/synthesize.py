@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from panorama.adapt import adapt, synthesize_split
-from panorama.calibrate import calibrate
+from panorama.calibrate import calibrate, check_seconds
 from panorama.errors import PanoramaError
 from panorama.geometry import resolve_view, resolve_views
-from panorama.records import MODEL_FS, Record, find_records, lead_quality, read_record, resample, write_record
+from panorama.records import MODEL_FS, Record, find_records, read_record, resample, screen_leads, write_record
 from panorama.synth import Synthesizer, default_checkpoint
 from panorama.transfer import LINE_BLEND, fit_neighbour_offsets, fit_transfer
 from panorama.wander import WANDER
@@ -70,6 +70,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     inputs, views = resolve_views(args.inputs), resolve_views(args.views)
+    check_seconds(args.calibrate)
     for flag in ("transfer", "adapt"):
         if getattr(args, flag) and not args.calibrate:
             raise ValueError(f"--{flag} fits on the calibration window: give --calibrate SECONDS too")
@@ -131,7 +132,7 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     also draw every view from those leads alone, the other inputs supervising calibration
     and adaptation and continued past the calibration window by transfer, and write the
     mean of the two draws (``panorama bench blend`` measures it)."""
-    check_blend(inputs, blend_with, calibrate_s)
+    check_blend(inputs, blend_with, check_seconds(calibrate_s))
     names = [v.name for v in inputs]
     subset = [v.name for v in blend_with or []]
     # only the inputs are read, unless calibration may use every lead of the record
@@ -139,11 +140,19 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     native = read_record(path, leads=names, fs=None) if every is None else Record(
         every.name, np.stack([every.lead(n) for n in names]), names, every.fs, every.source)
     rec = resample(native, MODEL_FS)
-    flags = [f if np.isfinite(x).all() else "missing" for f, x in zip(lead_quality(rec.signals), rec.signals)]
+    # screened at the record's own rate too: resampling smears an amplifier's flat rail
+    flags = [a if a != "ok" else b for a, b in zip(screen_leads(native.signals, native.fs),
+                                                   screen_leads(rec.signals, MODEL_FS))]
     bad = [f"{n} {f}" for n, f in zip(names, flags) if f != "ok"]
     if bad:
         raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}; choose other --inputs")
-    every = None if every is None else resample(every, MODEL_FS)
+    left_out = []
+    if every is not None:  # the other leads only supervise the first seconds: unusable there, left out
+        window = every.signals[:, :int(round(calibrate_s * every.fs))]
+        keep = [i for i, (n, f) in enumerate(zip(every.leads, screen_leads(window, every.fs)))
+                if f == "ok" or n in names or left_out.append(f"{n} {f}")]
+        every = resample(Record(every.name, every.signals[keep], [every.leads[i] for i in keep], every.fs,
+                                every.source), MODEL_FS)
     y, notes = _draw(synth, path, rec.signals, every, list(inputs), views, calibrate_s, transfer, adapt_model,
                      wander)
     if blend_with is not None:
@@ -159,7 +168,9 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     if sig.shape[1] < n:  # rounding in the rate change: repeat the last sample
         sig = np.pad(sig, ((0, 0), (0, n - sig.shape[1])), mode="edge")
     comments = [f"synthesised by panorama from {','.join(names)} of {path.name}",
-                f"model sha256 {synth.meta.get('sha256', '?')[:16]}", *notes]
+                f"model sha256 {synth.meta.get('sha256', '?')[:16]}",
+                *([f"left out of Stage III, unusable in the first {calibrate_s:g} s: {', '.join(left_out)}"]
+                  if left_out else []), *notes]
     return write_record(out_dir, rec.name, sig, [v.name for v in views], native.fs, comments)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from .geometry import View, angle_between, descriptors, redundant_limb_leads
-from .records import MODEL_FS, check_fit_window, lead_quality
+from .records import MODEL_FS, check_fit_window, screen_leads
 from .transfer import MAX_NEIGHBOUR_DEG, view_kind
 
 __all__ = ["Adaptation", "adapt", "synthesize_split", "PARTS", "STEPS", "LR"]
@@ -117,7 +117,7 @@ def adapt(model, x: np.ndarray, views: list[View], inputs: list[str], fs: float 
     if x.shape[1] < need:
         return keep(f"only {x.shape[1] / fs:.1f} s recorded, {seconds:g} s asked")
     x = x[:, :need]
-    flags = [f if np.isfinite(row).all() else "missing" for f, row in zip(lead_quality(x), x)]
+    flags = screen_leads(x, fs)
     bad = [f"{n} {flags[names.index(n)]}" for n in inputs if flags[names.index(n)] != "ok"]
     if bad:
         return keep(f"input lead(s) unusable in the first {seconds:g} s: {', '.join(bad)}")

@@ -23,6 +23,7 @@ angles are kept. Every exit says why.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from .geometry import STANDARD_12, View, descriptors, redundant_limb_leads, resolve_views, unit_vector
-from .records import MODEL_FS, check_fit_window, lead_quality
+from .records import MODEL_FS, check_fit_window, screen_leads
 
 class FitSettings(NamedTuple):
     """What a fit moves and how hard the prior holds it, chosen by montage (calibrate's docstring, README)."""
@@ -48,7 +49,18 @@ FEW_CHEST = FitSettings("theta,phi", 0.3, True)  # such a monitor with fewer tha
 MONITOR_MIN_CHEST = 4
 SUBSET = FitSettings("phi", 0.1, False, 0.03)  # other torso leads supervise a subset of inputs; theta stays put
 PRIOR_SD_DEG = 10.6  # electrode displacement spread measured by CT (the paper's Panobench)
-NOISE_CORR = 0.3  # a lead whose |r| with every other lead stays below this carries no ECG
+
+
+MIN_SECONDS = 1.0  # a fit window shorter than a beat or two holds nothing to fit
+
+
+def check_seconds(seconds: float) -> float:
+    """The seconds a per-patient fit is asked for: 0 (no fit) or finite and at least
+    ``MIN_SECONDS``. ValueError, saying so, if not."""
+    if seconds != 0 and not (math.isfinite(seconds) and seconds >= MIN_SECONDS):
+        raise ValueError(f"calibration takes 0 (none) or at least {MIN_SECONDS:g} s of recording "
+                         f"(5 is the default), got {seconds:g}")
+    return float(seconds)
 
 
 @dataclass
@@ -149,6 +161,8 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     not lower the leave-one-out residual by ``min_gain``.
     """
     t0 = time.perf_counter()
+    if check_seconds(seconds) == 0:
+        raise ValueError("calibration needs seconds > 0")
     x = np.asarray(x, dtype=np.float32)
     check_fit_window(x, views, fs, "calibration")
     if axes is not None:
@@ -159,15 +173,8 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if x.shape[1] < need:
         return _reject(views, f"only {x.shape[1] / fs:.1f} s recorded, {seconds:g} s asked")
     x = x[:, :need]
-    flags = [f if f != "ok" or np.isfinite(lead).all() else "missing samples" for f, lead in zip(lead_quality(x), x)]
-    ok = [i for i, f in enumerate(flags) if f == "ok"]
-    if len(ok) >= 2:  # leads of one heart are coherent; a lead like no other is noise
-        c = np.abs(np.corrcoef(x[ok]))
-        np.fill_diagonal(c, 0)
-        for j, i in enumerate(ok):
-            if c[j].max() < NOISE_CORR:
-                flags[i] = "noise-only"
-    usable = [i for i in ok if flags[i] == "ok"]
+    flags = screen_leads(x, fs)  # leads of one heart are coherent; a lead like no other is noise
+    usable = [i for i, f in enumerate(flags) if f == "ok"]
     if len(usable) < 3:
         return _reject(views, f"{len(usable)} usable lead(s) (need 3: each is predicted from the others); "
                        + ", ".join(f"{v.name} {f}" for v, f in zip(views, flags) if f != "ok"))
@@ -187,11 +194,13 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     move_far_field = chosen.move_limb_leads if move_far_field is None else move_far_field
     if move_supervising is None:
         move_supervising = chosen.nuisance_weight is not None
+    left_out = "".join(f"; {v.name} {f}, left out" for v, f in zip(views, flags) if f != "ok")
     if len(fit) < 2:
-        return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)",
-                       used=used)
+        return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)"
+                       + left_out, used=used)
     if not chest.any():
-        return _reject(views, "no chest lead among the inputs: limb leads keep their table angles", used=used)
+        return _reject(views, "no usable chest lead among the inputs: limb leads keep their table angles"
+                       + left_out, used=used)
     movable = np.ones(len(fit), bool) if move_far_field else chest  # (m,) offsets that move
 
     here = next(model.parameters()).device

@@ -157,8 +157,53 @@ def lead_quality(signals: np.ndarray, flat_std_mv: float = FLAT_STD_MV) -> list[
             flags.append("flat")
         else:
             lo, hi = finite.min(), finite.max()
-            pinned = max(np.mean(finite == lo), np.mean(finite == hi))
-            flags.append("saturated" if pinned >= 0.02 else "ok")
+            pinned = max(np.sum(finite == lo), np.sum(finite == hi))
+            flags.append("saturated" if pinned >= max(0.02 * finite.size, 10) else "ok")
+    return flags
+
+
+NOISE_CORR = 0.3  # zero-lag |r| with every other lead below this: no shared waveform
+NOISE_ENVELOPE_CORR = 0.4  # QRS-band energy envelopes correlating below this: no shared beats
+MAX_SPAN_MV = 50.0  # a lead spanning more (0.1-99.9 percentiles) is not in mV: check the units
+
+
+def qrs_envelope(x: np.ndarray, fs: float) -> np.ndarray:
+    """(leads, samples): each lead's 5-25 Hz energy smoothed over 100 ms, which peaks at every
+    QRS whatever the lead's direction (numpy only: an FFT band-pass)."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    f = np.fft.rfftfreq(x.shape[1], 1 / fs)
+    spec = np.fft.rfft(x - x.mean(axis=1, keepdims=True), axis=1)
+    spec[:, (f < 5) | (f > 25)] = 0
+    e = np.fft.irfft(spec, n=x.shape[1], axis=1) ** 2
+    k = max(1, int(0.1 * fs))
+    c = np.concatenate([np.zeros((len(x), 1)), np.cumsum(e, axis=1)], axis=1)
+    return (c[:, k:] - c[:, :-k]) / k
+
+
+def screen_leads(x: np.ndarray, fs: float) -> list[str]:
+    """One flag per lead for a synthesis input or a per-patient fit: :func:`lead_quality`'s
+    (``ok``, ``missing``, ``flat``, ``saturated``), ``missing samples`` where any sample is not
+    finite, ``not in mV`` where a lead spans more than 50 mV (a record in µV labelled mV), and
+    ``noise-only`` where a lead shares with no other usable lead either its waveform (zero-lag
+    |r| under 0.3) or its beats (QRS-band energy envelopes correlating under 0.4). The
+    envelope test is what keeps a real lead whose waveform is unlike the others' (V3 beside
+    I and II): on 95 real records every lead's envelope correlated 0.59 or more with another's
+    among I, II, V3, white noise's 0.35 at most."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float32))
+    flags = [f if f != "ok" or np.isfinite(lead).all() else "missing samples" for f, lead in zip(lead_quality(x), x)]
+    for i, lead in enumerate(x):
+        if flags[i] == "ok" and np.subtract(*np.percentile(lead, [99.9, 0.1])) > MAX_SPAN_MV:
+            flags[i] = "not in mV (check the units)"
+    ok = [i for i, f in enumerate(flags) if f == "ok"]
+    if len(ok) >= 2 and x.shape[1] >= fs:  # a second at least, for the envelopes to hold beats
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.nan_to_num(np.abs(np.corrcoef(x[ok])))
+            e = np.nan_to_num(np.corrcoef(qrs_envelope(x[ok], fs)))
+        np.fill_diagonal(c, 0)
+        np.fill_diagonal(e, 0)
+        for j, i in enumerate(ok):
+            if c[j].max() < NOISE_CORR and e[j].max() < NOISE_ENVELOPE_CORR:
+                flags[i] = "noise-only"
     return flags
 
 

@@ -43,7 +43,7 @@ import numpy as np
 
 from .geometry import View, angle_between
 from .metrics import centre
-from .records import MODEL_FS, check_fit_window, lead_quality
+from .records import MODEL_FS, check_fit_window, screen_leads
 
 __all__ = ["Transfer", "fit_transfer", "fit_neighbour_offsets", "line_weights", "LAGS", "LINE_BLEND",
            "MAX_NEIGHBOUR_DEG", "PRECORDIAL_LINE"]
@@ -248,8 +248,7 @@ def fit_transfer(synth, x: np.ndarray, views: list[View], inputs: list[str], fs:
     if x.shape[1] < need:
         return Transfer(in_views, reason=f"only {x.shape[1] / fs:.1f} s recorded, {seconds:g} s asked")
     x = x[:, :need]
-    flags = dict(zip(names, lead_quality(x.astype(np.float32))))
-    flags.update({n: "missing" for i, n in enumerate(names) if not np.isfinite(x[i]).all()})
+    flags = dict(zip(names, screen_leads(x, fs)))
     bad = [f"{n} {flags[n]}" for n in inputs if flags[n] != "ok"]
     usable = tuple(n for n in inputs if flags[n] == "ok")  # what the line may draw from
     if bad:

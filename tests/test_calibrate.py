@@ -48,7 +48,7 @@ def test_limb_inputs_alone_keep_the_table_angles_unless_asked(tiny):
     x, _ = _patient(0, 12.0)
     views = resolve_views(",".join(CAL))
     res = calibrate(tiny, x, views, inputs=["I", "II", "III"])
-    assert not res.accepted and "no chest lead" in res.reason and np.all(res.offsets_deg == 0)
+    assert not res.accepted and "no usable chest lead" in res.reason and np.all(res.offsets_deg == 0)
     assert "V1" in res.used and res.fitted == []  # the leads were usable; nothing was fitted
     moved = calibrate(tiny, x, views, inputs=["I", "II", "V3"], move_far_field=True, min_gain=0.0)
     assert set(moved.fitted) == {"I", "II", "V3"}  # III beside I and II is predicted, never an input

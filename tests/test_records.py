@@ -66,3 +66,22 @@ def test_errors_are_record_errors(tmp_path):
     base = _write_uv_record(tmp_path, ["I", "II"])
     with pytest.raises(RecordError, match="lacks lead"):
         read_record(base, leads=["V3"])
+
+
+def test_screen_keeps_real_leads_unlike_each_other_and_flags_noise_and_units(data_dir):
+    """Three real leads whose waveforms correlate little (V3 beside I and II) are all usable:
+    they share their beats. White noise, a lead in µV labelled mV and a clipped lead are not."""
+    from panorama.records import screen_leads
+
+    rec = read_record(data_dir / "challenge2021" / "A0010", leads=["I", "II", "V3"])
+    x = rec.signals[:, :2500].copy()
+    assert np.abs(np.corrcoef(x)[2, :2]).max() < 0.3  # the zero-lag test alone called V3 noise
+    assert screen_leads(x, 500) == ["ok", "ok", "ok"]
+    noisy = x.copy()
+    noisy[2] = np.random.default_rng(0).standard_normal(2500) * x[2].std()
+    assert screen_leads(noisy, 500) == ["ok", "ok", "noise-only"]
+    assert screen_leads(x * [[1], [1], [1000]], 500)[2] == "not in mV (check the units)"
+    nan = x.copy()
+    nan[1, 100] = np.nan
+    assert screen_leads(nan, 500)[1] == "missing samples"
+    assert lead_quality(x[:, :25]) == ["ok"] * 3  # 25 samples: one at an extreme is no rail

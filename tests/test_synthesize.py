@@ -141,7 +141,7 @@ def test_an_input_asked_for_as_a_view_still_calibrates(panorama, data_dir, tmp_p
                "--calibrate", "5", "--transfer", "--out", tmp_path)
     assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "ludb001")).comments
-    assert not any("no chest lead" in c for c in comments)  # V3 stays an input of the fit
+    assert not any("no usable chest lead" in c for c in comments)  # V3 stays an input of the fit
     assert any(c.startswith("neighbour transfer from") for c in comments)
 
 
@@ -177,3 +177,34 @@ def test_blend_with_writes_the_mean_of_the_monitor_and_the_subset_draws(panorama
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "--blend-with must name some but not all of --inputs" in proc.stderr and "V2 is not among them" in proc.stderr
     assert not (tmp_path / "no").exists()
+
+
+def test_bad_leads_are_found_at_the_records_own_rate_and_left_out_by_name(panorama, data_dir, tmp_path):
+    """A 1000 Hz record: an input clipped at a rail is refused (resampled to 500 Hz the rail is
+    smeared and passed before), a noise-only supervising lead is left out of every Stage III
+    step and named in the header, and --calibrate takes 0 or a finite second or more."""
+    src = read_record(data_dir / "ptb_frank" / "ptb_tseal00", fs=None)
+    assert src.fs == 1000
+    sig = src.signals.copy()
+    v1, v3 = src.leads.index("V1"), src.leads.index("V3")
+    sig[v1] = np.random.default_rng(1).standard_normal(sig.shape[1]) * sig[v1].std()
+    wfdb.wrsamp("noisy", fs=1000, units=["mV"] * len(src.leads), sig_name=src.leads, p_signal=sig.T,
+                fmt=["16"] * len(src.leads), adc_gain=[1000.0] * len(src.leads), baseline=[0] * len(src.leads),
+                write_dir=str(tmp_path))
+    proc = panorama("synthesize", tmp_path / "noisy", "--inputs", "I,II,V3", "--views", "V2,V6", "--calibrate", "5",
+                    "--transfer", "--adapt", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    comments = wfdb.rdheader(str(tmp_path / "out" / "noisy")).comments
+    assert "left out of Stage III, unusable in the first 5 s: V1 noise-only" in comments, comments
+    assert not any(c.startswith("neighbour offset V1") for c in comments)  # never continued or fitted
+    clipped = src.signals.copy()
+    top = np.percentile(clipped[v3], 90)
+    clipped[v3] = np.minimum(clipped[v3], top)
+    wfdb.wrsamp("clipped", fs=1000, units=["mV"] * len(src.leads), sig_name=src.leads, p_signal=clipped.T,
+                fmt=["16"] * len(src.leads), adc_gain=[1000.0] * len(src.leads), baseline=[0] * len(src.leads),
+                write_dir=str(tmp_path))
+    proc = panorama("synthesize", tmp_path / "clipped", "--inputs", "I,II,V3", "--views", "V2", "--out", tmp_path / "c")
+    assert proc.returncode != 0 and "V3 saturated; choose other --inputs" in proc.stderr, proc.stderr
+    for bad in ("inf", "nan", "-5", "0.001"):
+        proc = panorama("synthesize", tmp_path / "noisy", "--views", "V2", "--calibrate", bad, "--out", tmp_path / "n")
+        assert proc.returncode == 2 and "calibration takes 0 (none) or at least 1 s" in proc.stderr, (bad, proc.stderr)

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from panorama.calibrate import check_seconds
 from panorama.errors import RecordError
 from panorama.geometry import FRANK, STANDARD_12, resolve_views
 from panorama.records import MODEL_FS, Record, find_records
@@ -133,6 +134,7 @@ def run_eval(args) -> int:
     args.inputs = args.inputs or default_inputs
     inputs = resolve_views(args.inputs)
     protocol = default_protocol(views) if args.protocol == "auto" else args.protocol
+    check_seconds(args.calibrate)
     if args.calibrate and not (protocol == "synthesis" and 0 < args.calibrate <= CALIB_S):
         raise ValueError(f"--calibrate takes 0 < SECONDS <= {CALIB_S:g} under the synthesis protocol "
                          "(calibration must not reach the scored 5-10 s); whole-record scoring is uncalibrated")
