@@ -13,7 +13,8 @@ from panorama.calibrate import calibrate, check_seconds
 from panorama.errors import PanoramaError
 from panorama.geometry import resolve_view, resolve_views
 from panorama.records import MODEL_FS, Record, find_records, read_record, resample, screen_leads, write_record
-from panorama.synth import Synthesizer, default_checkpoint
+from panorama.model import DOWNSAMPLE
+from panorama.synth import MARGIN, Synthesizer, default_checkpoint
 from panorama.transfer import LINE_BLEND, fit_neighbour_offsets, fit_transfer
 from panorama.wander import WANDER
 
@@ -80,7 +81,10 @@ def run(args) -> int:
     check_blend(inputs, blend_with, args.calibrate)
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":
-        synth.runner = make_backend(args.backend, args.model or default_checkpoint()).run
+        backend = make_backend(args.backend, args.model or default_checkpoint())
+        synth.runner = backend.run
+        if getattr(backend, "profile", None) is not None:  # an engine's longest input bounds a chunk
+            synth.chunk = min(synth.chunk, backend.profile.time[2] - 2 * MARGIN - 2 * DOWNSAMPLE)
     paths, failed = [], 0
     for arg in args.records:  # a bad path is reported, the others still run
         try:

@@ -15,6 +15,7 @@ import torch
 from . import checkpoint
 from .errors import CheckpointError
 from .geometry import View, descriptors, redundant_limb_leads
+from .model import DOWNSAMPLE
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 DEFAULT_CHECKPOINTS = {
@@ -34,15 +35,26 @@ def default_checkpoint() -> Path:
                           "or pass --model PATH")
 
 
+CHUNK = 30_000  # samples (60 s at 500 Hz) a model call emits at most
+MARGIN = 256  # samples of context each side of a chunk: past the receptive field (±224)
+
+
 class Synthesizer:
     """``runner``: an inference backend's ``run`` (numpy in, numpy out) to use instead of the
-    PyTorch model; the model stays for on-the-fly calibration, which needs gradients."""
+    PyTorch model; the model stays for on-the-fly calibration, which needs gradients.
 
-    def __init__(self, model, meta: dict | None = None, device: str = "cpu", runner=None):
+    A recording longer than ``chunk`` samples is drawn in chunks, each with ``MARGIN``
+    samples of context either side, starting on the encoder's stride: nothing in the model
+    reaches further or pools over time, so the chunks join into what one pass gives (as the
+    daemon's windows do) while memory stays that of one chunk, whatever the length (a
+    60-minute record took 1.6 GB in one pass)."""
+
+    def __init__(self, model, meta: dict | None = None, device: str = "cpu", runner=None, chunk: int = CHUNK):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.meta = meta or {}
         self.runner = runner
+        self.chunk = chunk
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "cpu") -> "Synthesizer":
@@ -68,11 +80,22 @@ class Synthesizer:
         if not queries:
             return np.zeros((0, x.shape[1]), dtype=np.float32)
         keep = ~redundant_limb_leads([v.name for v in inputs])
+        ia, qa = self.angles(inputs, offsets), self.angles(queries)
+        n = x.shape[1]
+        if n <= self.chunk + 2 * MARGIN:
+            return self._run(x, ia, keep, qa)
+        out = np.empty((len(queries), n), dtype=np.float32)
+        for o0 in range(0, n, self.chunk):
+            o1 = min(o0 + self.chunk, n)
+            s = max(0, o0 - MARGIN)
+            s -= s % DOWNSAMPLE  # the encoder's stride, counted from the record's first sample
+            e = n if n - o1 <= MARGIN else s + -(-(o1 + MARGIN - s) // DOWNSAMPLE) * DOWNSAMPLE
+            out[:, o0:o1] = self._run(x[:, s:e], ia, keep, qa)[:, o0 - s: o1 - s]
+        return out
+
+    def _run(self, x: np.ndarray, ia: np.ndarray, keep: np.ndarray, qa: np.ndarray) -> np.ndarray:
         if self.runner is not None:
-            return self.runner(x[None], self.angles(inputs, offsets)[None], keep[None], self.angles(queries)[None])[0]
+            return self.runner(x[None], ia[None], keep[None], qa[None])[0]
         dev = self.device
-        xt = torch.from_numpy(x)[None].to(dev)
-        ia = torch.from_numpy(self.angles(inputs, offsets))[None].to(dev)
-        qa = torch.from_numpy(self.angles(queries))[None].to(dev)
-        mask = torch.from_numpy(keep)[None].to(dev)
-        return self.model(xt, ia, mask, qa)[0].cpu().numpy()
+        t = [torch.from_numpy(np.ascontiguousarray(a))[None].to(dev) for a in (x, ia, keep, qa)]
+        return self.model(*t)[0].cpu().numpy()
