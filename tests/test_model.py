@@ -133,3 +133,12 @@ def test_a_long_recording_drawn_in_chunks_equals_one_pass():
     for chunk in (1000, 1003, 2500):  # odd sizes too: each chunk's window still starts on the stride
         got = Synthesizer(whole.model, whole.meta, chunk=chunk)(x, inputs, views)
         assert got.shape == ref.shape and np.abs(got - ref).max() * 1000 < 0.05, chunk  # µV
+
+
+def test_the_long_recording_bench_reports_both_ways_and_their_agreement():
+    from panorama.synth import Synthesizer
+    from training.bench_long import bench_long
+
+    res = bench_long(Synthesizer.load(), minutes=1.5)  # two chunks of 60 s
+    assert res["samples"] == 45_000 and res["max_diff_uv"] < 0.05
+    assert res["chunked_peak_rss_mb"] >= res["start_rss_mb"] and res["one_pass_s"] > 0

@@ -36,7 +36,8 @@ def register(sub) -> None:
                        "gains of chest views' slow part, fitted by leave-one-lead-out on real records without V2 or V6. blend: "
                        "a monitor drawing V2, V6 from all ten other leads, from I, II, V3 with the rest supervising, "
                        "and the mean of the two.")
-    p.add_argument("what", choices=("model", "calibration", "stream", "transfer", "realism", "adapt", "wander", "blend"),
+    p.add_argument("what", choices=("model", "calibration", "stream", "transfer", "realism", "adapt", "wander", "blend",
+                                    "long"),
                    help="model: latency; calibration: offset recovery and its time; stream: patients the "
                         "daemon sustains in real time through a broker (edge/bench.py); transfer: "
                         "leave-one-lead-out choice of neighbour transfer and of its interpolation along the precordial line "
@@ -44,7 +45,8 @@ def register(sub) -> None:
                         "the simulator's neighbouring leads against real records (training/realism.py); adapt: "
                         "which part patient adaptation fine-tunes (training/tune_adapt.py); wander: the slow-part gains "
                         "of chest views (training/tune_wander.py); blend: a monitor's own pipeline against a subset's and "
-                        "their mean (training/tune_blend.py)")
+                        "their mean (training/tune_blend.py); long: time and peak memory of a --minutes recording drawn "
+                        "in chunks and in one pass (training/bench_long.py)")
     p.add_argument("--data", nargs="+", type=Path, default=[Path("../shared/data/ecg")], metavar="PATH",
                    help="transfer, realism, adapt, wander, blend: real records (default ../shared/data/ecg)")
     p.add_argument("--split", default=None, choices=("all", "train", "val"),
@@ -80,6 +82,9 @@ def register(sub) -> None:
     p.add_argument("--move-limb-leads", action=argparse.BooleanOptionalAction, default=None,
                    help="calibration: fit the limb input leads' offsets too, or not (default: panorama.calibrate's "
                    "choice by montage: chest leads only for 3, limb leads too for 12)")
+    p.add_argument("--minutes", type=float, default=20.0, help="long: the recording's length (default 20)")
+    p.add_argument("--no-one-pass", dest="one_pass", action="store_false",
+                   help="long: time the chunks only (one pass needs memory that grows with the length)")
     p.add_argument("--json", type=Path, help="write the figures as JSON")
     from edge.bench import add_arguments  # the stream benchmark lives with the daemon
 
@@ -112,6 +117,14 @@ def run(args) -> int:
 
         res = plot_transfer_example(synth, args.data, args.figure, split, step=args.what)
         print(f"wrote {args.figure}: {res['record']} (gain {res['gain_db']:+.2f} dB)")
+        return 0
+    if args.what == "long":
+        from .bench_long import bench_long, format_long
+
+        res = bench_long(synth, args.minutes, args.one_pass)
+        print(format_long(res))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
         return 0
     if args.what == "blend":
         from .tune_blend import compare_blend, format_blend
