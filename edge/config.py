@@ -79,9 +79,18 @@ class StreamConfig(_Strict):
 
 
 class CalibrationConfig(_Strict):
-    seconds: float = Field(5.0, ge=0, le=60, description="0 turns on-the-fly calibration off")
+    seconds: float = Field(5.0, ge=0, le=60, description="0 turns on-the-fly calibration off; else at least 1")
     device: str = "cpu"
     workers: int = Field(1, ge=1, le=8)
+
+    @field_validator("seconds")
+    @classmethod
+    def _enough(cls, v: float) -> float:
+        from panorama.calibrate import MIN_SECONDS
+
+        if 0 < v < MIN_SECONDS:  # what calibrate() itself refuses: say so now, not at each patient
+            raise ValueError(f"{v:g} s is too short to fit: 0 (off) or at least {MIN_SECONDS:g} s")
+        return v
 
 
 class LimitsConfig(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import Counter, deque
 
@@ -54,6 +55,7 @@ class Reporter:
         self.errors_per_s = errors_per_s
         self._tokens, self._filled = errors_per_s, time.monotonic()
         self.unsent = 0  # error reports held back by the limits (the counts above still hold them)
+        self._lock = threading.Lock()  # ingest and inference threads both report
 
     def status(self, st, why: str = "") -> None:
         doc = {"state": st.state, "leads": st.leads, "views": [v.name for v in st.views],
@@ -83,27 +85,28 @@ class Reporter:
     def unknown_lead(self, key, label: str) -> None:
         """A lead label no one knows: counted each time, said once per stream and label."""
         self.rejected["unknown_lead"] += 1
-        if self._seen[(key, label)] == 0:
-            self.error(key, "unknown_lead", f"lead {label!r} is not a known lead or THETA:PHI direction; "
-                       "ignored, the others are used")
-        self._seen[(key, label)] += 1
+        self.error(key, "unknown_lead", f"lead {label!r} is not a known lead or THETA:PHI direction; "
+                   "ignored, the others are used", limit=("unknown_lead", label), once=True)
 
-    def error(self, key, code: str, reason: str, topic: str = "") -> None:
-        if len(self._seen) > 10_000:  # ids and labels come from senders: keep it bounded
-            self._seen.clear()
-        n = self._seen[(key, code)]
-        self._seen[(key, code)] += 1
-        if not (n < 3 or n % 100 == 0):
-            self.unsent += 1
-            return
-        log.warning("%s/%s %s: %s%s", *key, code, reason, f" (seen {n + 1} times)" if n else "")
-        now = time.monotonic()
-        self._tokens = min(self.errors_per_s, self._tokens + (now - self._filled) * self.errors_per_s)
-        self._filled = now
-        if self._tokens < 1:
-            self.unsent += 1
-            return
-        self._tokens -= 1
+    def error(self, key, code: str, reason: str, topic: str = "", limit=None, once: bool = False) -> None:
+        """Said per (``key``, ``limit`` or ``code``): the first three times and one in every
+        hundred after (``once``: the first time only), within the bucket of ``errors_per_s``."""
+        with self._lock:
+            if len(self._seen) > 10_000:  # ids and labels come from senders: keep it bounded
+                self._seen.clear()
+            n = self._seen[(key, limit or code)]
+            self._seen[(key, limit or code)] += 1
+            if n >= (1 if once else 3) and (once or n % 100):
+                self.unsent += 1
+                return
+            log.warning("%s/%s %s: %s%s", *key, code, reason, f" (seen {n + 1} times)" if n else "")
+            now = time.monotonic()
+            self._tokens = min(self.errors_per_s, self._tokens + (now - self._filled) * self.errors_per_s)
+            self._filled = now
+            if self._tokens < 1:
+                self.unsent += 1
+                return
+            self._tokens -= 1
         doc = {"monitor": key[0], "patient": key[1], "topic": topic, "code": code, "reason": reason,
                "count": n + 1, "t_ns": time.time_ns()}
         self._json(self.topics.errors(self.id), doc, qos=1)

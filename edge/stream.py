@@ -33,6 +33,7 @@ from panorama.model import DOWNSAMPLE
 from panorama.records import FLAT_STD_MV, MODEL_FS
 
 RECEPTIVE_FIELD = 224  # samples each side whose input can change an output sample (measured)
+REORDER_SEQ = 64  # a chunk this many seqs behind the newest, or fewer, is a resend or reordered
 
 
 def floor8(n: int) -> int:
@@ -147,16 +148,24 @@ class PatientStream:
         pos = self.position(t0_ns)
         outcome = "ok"
         jump = int(self.p.max_buffer_s * self.p.fs)
+        far = pos <= -jump or pos > self.end + jump
+        behind = self.seq_high is not None and 0 <= (self.seq_high - seq) % 2**32 <= REORDER_SEQ
+        if behind and far and seq < REORDER_SEQ:
+            behind = False  # far off in time and counting from 0 again: a restarted monitor
         follows = self.seq_high is not None and (seq - self.seq_high) % 2**32 == 1
-        if self.seq_high is None or 0 < (seq - self.seq_high) % 2**32 < 2**31:
-            self.seq_high = seq  # a resent or reordered older chunk does not count
-        if follows and self.end > 0 and pos != self.end and (pos < self.end - 1 or pos > self.end + jump):
-            # the chunk right after the last one, by seq, but not by time: the sender's clock
-            # stepped (NTP, daylight saving). Its samples follow on; its time base moves
+        if behind:  # resent or reordered: it may fill a hole, never extend or restart the stream
+            if pos < max(0, self.base) or pos + n > self.end:
+                self.counts.late += 1
+                return "late"
+        else:  # newer, or far off (a restarted monitor counts from 0 again)
+            self.seq_high = seq
+        if follows and self.end > 0 and abs(pos - self.end) > 1:
+            # the chunk right after the newest, by seq, but not by time: the sender's clock
+            # stepped (NTP, daylight saving) or it paused. Its samples follow on; the time base moves
             self.t0_ns = t0_ns - int(round(self.end * 1e9 / self.p.fs))
             pos = self.end
             self.counts.clock_steps += 1
-        elif abs(pos - self.end) == 1 and self.end > 0:  # jitter within a sample (the protocol's)
+        elif abs(pos - self.end) == 1 and self.end > 0 and not behind:  # jitter within a sample (the protocol's)
             pos = self.end
             self.counts.snapped += 1
         if -jump < pos < 0:  # from before the stream's first chunk (reordered): too late to place
@@ -258,21 +267,43 @@ class PatientStream:
             return False
         need = self.p.calibration_samples
         while self.end - self.cal_start >= need:
-            missing = np.flatnonzero(~self.have[self.cal_start - self.base: self.cal_start + need - self.base])
-            if not missing.size:
+            lo, hi = self.cal_start - self.base, self.cal_start + need - self.base
+            missing = np.flatnonzero(~self.have[lo:hi])
+            if missing.size:
+                hole = self.cal_start + int(missing[-1])
+                if self.end - hole <= self.p.reorder:
+                    break  # a late chunk may still fill it
+                self.cal_start = hole + 1  # the seconds after the hole
+                continue
+            # a lead missing early in the window but on at its end (attached late, or back):
+            # move past its hole rather than fit without it for the patient's whole stay
+            gaps = ~np.isfinite(self.buf[:, lo:hi])
+            on = np.isfinite(self.buf[:, hi - min(need, self.p.reorder): hi]).all(axis=1)
+            late = gaps.any(axis=1) & on
+            if not late.any():
                 return True
-            hole = self.cal_start + int(missing[-1])
-            if self.end - hole <= self.p.reorder:
-                break  # a late chunk may still fill it
-            self.cal_start = hole + 1  # the seconds after the hole
-        return self.end >= self.p.calibrate_s * self.p.fs + self.p.calibration_wait_s * self.p.fs
+            self.cal_start += int(max(np.flatnonzero(gaps[i])[-1] for i in np.flatnonzero(late))) + 1
+        if self.end < (self.p.calibrate_s + self.p.calibration_wait_s) * self.p.fs:
+            return False
+        self.cal_start = self._fullest_window()  # no whole seconds by now: the most leads there are
+        return True
+
+    def _fullest_window(self) -> int:
+        """Start of the calibration window (on a 125-sample grid) in which most leads have no
+        hole; the earliest of equals."""
+        need, best, most = self.p.calibration_samples, self.base, -1
+        for start in range(self.base, self.end - need + 1, 125):
+            whole = int(np.isfinite(self.buf[:, start - self.base: start + need - self.base]).all(axis=1).sum())
+            if whole > most:
+                best, most = start, whole
+        return best
 
     def calibration_input(self) -> tuple[np.ndarray, list[View]]:
         """The calibration seconds of every lead received, for ``panorama.calibrate``: the
         first ones without a hole (from ``cal_start``), or the first ones if there are none."""
         self.state = "calibrating"
         need = self.p.calibration_samples
-        start = self.cal_start if self.end - self.cal_start >= need else 0
+        start = self.cal_start if self.end - self.cal_start >= need else self.base
         return self.slice(self.leads, start, start + need), list(self.lead_views)
 
     def set_calibration(self, result: CalibrationResult) -> None:

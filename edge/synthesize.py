@@ -85,6 +85,9 @@ def run(args) -> int:
         synth.runner = backend.run
         if getattr(backend, "profile", None) is not None:  # an engine's longest input bounds a chunk
             synth.chunk = min(synth.chunk, backend.profile.time[2] - 2 * MARGIN - 2 * DOWNSAMPLE)
+            if synth.chunk < DOWNSAMPLE:
+                raise ValueError(f"the engine's profile takes at most {backend.profile.time[2]} samples; "
+                                 f"synthesis needs {2 * MARGIN + 3 * DOWNSAMPLE} or more (rebuild it with --profile)")
     paths, failed = [], 0
     for arg in args.records:  # a bad path is reported, the others still run
         try:

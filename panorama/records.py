@@ -196,9 +196,10 @@ def screen_leads(x: np.ndarray, fs: float) -> list[str]:
             flags[i] = "not in mV (check the units)"
     ok = [i for i, f in enumerate(flags) if f == "ok"]
     if len(ok) >= 2 and x.shape[1] >= fs:  # a second at least, for the envelopes to hold beats
+        part = x[ok, :int(60 * fs)]  # a minute tells noise from ECG, in bounded memory whatever the length
         with np.errstate(invalid="ignore", divide="ignore"):
-            c = np.nan_to_num(np.abs(np.corrcoef(x[ok])))
-            e = np.nan_to_num(np.corrcoef(qrs_envelope(x[ok], fs)))
+            c = np.nan_to_num(np.abs(np.corrcoef(part)))
+            e = np.nan_to_num(np.corrcoef(qrs_envelope(part, fs)))
         np.fill_diagonal(c, 0)
         np.fill_diagonal(e, 0)
         for j, i in enumerate(ok):

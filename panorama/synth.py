@@ -82,6 +82,8 @@ class Synthesizer:
         keep = ~redundant_limb_leads([v.name for v in inputs])
         ia, qa = self.angles(inputs, offsets), self.angles(queries)
         n = x.shape[1]
+        if self.chunk < DOWNSAMPLE:
+            raise ValueError(f"chunk {self.chunk} is shorter than the encoder's stride ({DOWNSAMPLE} samples)")
         if n <= self.chunk + 2 * MARGIN:
             return self._run(x, ia, keep, qa)
         out = np.empty((len(queries), n), dtype=np.float32)

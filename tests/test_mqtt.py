@@ -283,12 +283,18 @@ def test_a_flood_of_refusals_leaves_other_patients_state_through(mosquitto_url, 
         report.reject(f"{prefix}/bad/p9/raw", "bad_magic", "not a chunk")
     for i in range(3000):  # a sender that changes its monitor id every message
         report.reject(f"{prefix}/bad{i}/p9/raw", "bad_magic", "not a chunk")
+    other = Reporter(publisher, Topics(prefix), "d2", errors_per_s=20)  # a daemon of its own, its own bucket
+    for label in ("X1", "X2", "X3", "X4", "X5", "X1"):  # unknown labels: each said once per stream
+        other.unknown_lead(("bed2", "p2"), label)
     publisher.put(f"{prefix}/bed1/p1/status", b'{"state": "streaming"}', qos=1, retain=True)
     publisher.stop(timeout=5)
-    assert report.rejected["bad_magic"] == 8000  # every refusal counted for health
+    assert report.rejected["bad_magic"] == 8000 and other.rejected["unknown_lead"] == 6  # all counted
     errors = lambda: [json.loads(m.payload) for m in got if m.topic.endswith("/errors")]  # noqa: E731
     assert wait_for(lambda: any(m.topic.endswith("/status") for m in got))
     said = errors()
     assert [e["count"] for e in said if e["monitor"] == "bad"][:4] == [1, 2, 3, 101]
+    labels = [e["reason"].split("'")[1] for e in said if e["code"] == "unknown_lead"]
+    assert labels == ["X1", "X2", "X3", "X4", "X5"] and other.unsent == 1
+    said = [e for e in said if e["code"] != "unknown_lead"]
     assert len(said) <= 20 + 20 * 5  # the bucket, plus what it refilled in a few seconds at most
     assert report.unsent == 8000 - len(said) and publisher.failed == 0 and publisher.dropped == 0

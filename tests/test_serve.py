@@ -119,10 +119,10 @@ def test_validate_config(tmp_path, panorama):
     r = panorama("serve", "--config", good, "--validate-config")
     assert r.returncode == 0 and "valid" in r.stdout and "120:45" in r.stdout
     bad = tmp_path / "bad.yaml"
-    bad.write_text("stream:\n  lookahed: 192\n  hop: 100\n  views: [V77]\n")
+    bad.write_text("stream:\n  lookahed: 192\n  hop: 100\n  views: [V77]\ncalibration:\n  seconds: 0.5\n")
     r = panorama("serve", "--config", bad, "--validate-config")
     assert r.returncode == 2
-    for word in ("lookahed", "hop", "multiple of 8", "V77"):
+    for word in ("lookahed", "hop", "multiple of 8", "V77", "0.5 s is too short to fit"):
         assert word in r.stderr
 
 

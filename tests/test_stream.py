@@ -235,19 +235,57 @@ def test_a_lost_chunk_in_the_calibration_seconds_moves_them_past_its_hole(record
     assert np.array_equal(st.calibration_input()[0], x[:, :2500])
 
 
+def test_a_lead_attached_late_is_waited_for_and_a_flickering_one_left_out(record, synth):
+    x, names = record
+    late = x.copy()
+    late[names.index("V3"), :1000] = np.nan  # V3 put on 2 s into the stream
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
+    for k, i in enumerate(range(0, late.shape[1], 125)):
+        st.ingest(k, T0 + int(i * 2e6), names, late[:, i: i + 125])
+        if st.calibration_due():
+            break
+    assert st.cal_start == 1000 and np.isfinite(st.calibration_input()[0]).all()  # V3 calibrated too
+    sim = simulate(3, duration_s=30.0, device="diagnostic")
+    x, names = sim.signals.astype(np.float32), sim.names
+    x[names.index("V6"), np.arange(x.shape[1]) % 1000 < 125] = np.nan  # V6 off a quarter second in every 2
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
+    for k, i in enumerate(range(0, x.shape[1], 125)):
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
+        if st.calibration_due():
+            break
+    assert st.end >= 12500  # waited calibration_wait_s for V6, then fits without it
+    xc, lv = st.calibration_input()
+    assert np.isfinite(np.delete(xc, names.index("V6"), axis=0)).all()
+    res = calibrate(synth.model, xc, lv, seconds=5.0, inputs=names)
+    assert res.accepted and "V6" not in res.used, res.reason
+
+
 def test_calibration_on_a_stream_never_whole_for_5_s_says_what_it_lacks(synth):
     sim = simulate(3, duration_s=30.0, device="diagnostic")
     x, names = sim.signals.astype(np.float32), sim.names
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
     for k, i in enumerate(range(0, x.shape[1], 125)):
         if k % 16 == 8:
-            continue  # one chunk in 16 lost: never 5 s whole
+            continue  # one chunk in 16 lost, every lead: never 5 s whole
         st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
         if st.calibration_due():
             break
-    assert st.end >= 12500  # waited calibration_wait_s, then fits what there is
+    assert st.end >= 12500  # waited calibration_wait_s, then tries what there is
     res = calibrate(synth.model, *st.calibration_input(), seconds=5.0, inputs=names)
     assert not res.accepted and "missing samples" in res.reason and res.reason.endswith("V6 missing samples")
+
+
+def test_a_chunk_reordered_across_a_clock_step_is_not_a_second_step(record, backend):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    step = -10 * 10**9  # the sender's clock steps back 10 s with chunk 21
+    for k in [*range(20), 21, 22, 20, *range(23, 28)]:  # 28 chunks: the 7 s record
+        i = k * 125
+        st.ingest(k, T0 + int(i * 2e6) + (step if k >= 21 else 0), names, x[:, i: i + 125])
+        run_windows(backend.run, st.due())
+    assert st.counts.clock_steps == 1 and st.counts.gaps == 0 and st.counts.skipped == 0
+    assert st.generation == 0 and st.counts.late == 2  # 21 (before the stream began) and 20, on the old clock
+    assert st.end == 26 * 125 and st.first_hole() is None
 
 
 def test_a_reset_flushes_the_old_time_base_first(record, backend):
