@@ -177,6 +177,13 @@ class PatientStream:
             self.seq_high = seq
             pos, outcome = 0, "reset"
         elif pos < self.end:
+            if self.base < pos and pos + n <= self.end + 1:  # filling a hole: one sample off its edge?
+                fill = {d: int((~self.have[pos + d - self.base: min(pos + d + n, self.end) - self.base]).sum())
+                        for d in (0, -1, 1)}
+                d = max(fill, key=lambda k: (fill[k], k == 0))
+                if d:
+                    pos += d
+                    self.counts.snapped += 1
             if pos + n <= self.end and np.isfinite(self.slice(leads, pos, pos + n)).all():
                 self.counts.duplicates += 1
                 return "duplicate"

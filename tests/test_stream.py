@@ -190,6 +190,21 @@ def test_timestamp_jitter_within_a_sample_leaves_no_hole(record, synth, backend)
     assert np.abs(y - synth(x, resolve_views(names), VIEWS)).max() * 1000 < 1.0
 
 
+def test_a_reordered_chunk_a_sample_off_fills_its_hole_exactly(record, synth, backend):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0, lookahead=256), VIEWS)
+    outs = []
+    for k in [*range(20), 21, 20, *range(22, 28)]:  # 20 comes late, stamped 1.1 ms late as well
+        i = k * 125
+        st.ingest(k, T0 + int(i * 2e6) + (1_100_000 if k == 20 else 0), names, x[:, i: i + 125])
+        outs += run_windows(backend.run, st.due())
+    outs += run_windows(backend.run, st.due(final=True))
+    assert st.counts.snapped == 1 and st.counts.out_of_order == 1 and st.first_hole() is None
+    assert all(q == "ok" for o in outs for q in o.quality)
+    y = np.concatenate([o.data for o in outs], axis=1)
+    assert np.abs(y - synth(x, resolve_views(names), VIEWS)).max() * 1000 < 1.0
+
+
 def test_long_chunks_are_delivered_not_skipped_as_stale(record, synth, backend):
     """The protocol allows chunks of up to 8192 samples: a fresh one is not a backlog."""
     x, names = record
