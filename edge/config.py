@@ -86,11 +86,12 @@ class CalibrationConfig(_Strict):
     @field_validator("seconds")
     @classmethod
     def _enough(cls, v: float) -> float:
-        from panorama.calibrate import MIN_SECONDS
+        from panorama.calibrate import MIN_SECONDS, check_seconds
 
-        if 0 < v < MIN_SECONDS:  # what calibrate() itself refuses: say so now, not at each patient
-            raise ValueError(f"{v:g} s is too short to fit: 0 (off) or at least {MIN_SECONDS:g} s")
-        return v
+        try:  # what calibrate() itself refuses: say so now, not at each patient
+            return check_seconds(v)
+        except ValueError:  # within the field's bounds, only a fraction of a second is refused
+            raise ValueError(f"{v:g} s is too short to fit: 0 (off) or at least {MIN_SECONDS:g} s") from None
 
 
 class LimitsConfig(_Strict):

@@ -94,7 +94,7 @@ class Counters:
     gap_samples: int = 0
     duplicates: int = 0
     out_of_order: int = 0  # filled a hole that was still open
-    snapped: int = 0  # a sample off its predecessor's end (clock jitter): placed right after it
+    snapped: int = 0  # a sample off its predecessor's end or its hole's edge (clock jitter): placed where it fits
     clock_steps: int = 0  # the sender's clock moved while its seq ran on: its time base follows
     late: int = 0  # arrived after its samples were already synthesised: dropped
     skipped: int = 0  # output samples never synthesised because they were already stale
@@ -116,7 +116,6 @@ class PatientStream:
         self.end = 0  # one past the last sample placed (holes before it are NaN)
         self.consumed = 0  # one past the last sample any window has read
         self.t0_ns: int | None = None
-        self.last_seq: int | None = None  # of the last chunk placed
         self.seq_high: int | None = None  # the newest seq received (mod 2**32), placed or not
         self.last_n = 0  # samples in the newest chunk placed
         self.last_sent_ns = 0
@@ -173,8 +172,7 @@ class PatientStream:
             return "late"
         if pos <= -jump or pos > self.end + jump:
             self.pending += self._due(final=True)  # the old time base's held-back tail first
-            self.reset(t0_ns)  # a clock jump or a restarted monitor
-            self.seq_high = seq
+            self.reset(t0_ns)  # a clock jump or a restarted monitor (seq_high is already this chunk's)
             pos, outcome = 0, "reset"
         elif pos < self.end:
             if self.base < pos and pos + n <= self.end + 1:  # filling a hole: one sample off its edge?
@@ -209,7 +207,6 @@ class PatientStream:
         self.end = max(self.end, pos + n)
         self.counts.chunks += 1
         self.counts.samples += n
-        self.last_seq = seq
         self.last_n = n
         self.last_sent_ns = max(self.last_sent_ns, sent_ns)
         return outcome
@@ -220,7 +217,6 @@ class PatientStream:
         self.buf = np.full((len(self.leads), 0), np.nan, dtype=np.float32)
         self.have = np.zeros(0, dtype=bool)
         self.base = self.end = self.consumed = 0
-        self.last_seq = None
         self.state = "waiting" if self.p.calibrate_s > 0 else "streaming"
         self.cal_start = 0
         self.emitted = 0 if self.p.calibrate_s <= 0 else self.p.calibration_samples

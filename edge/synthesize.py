@@ -156,8 +156,12 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     left_out = []
     if every is not None:  # the other leads only supervise the first seconds: unusable there, left out
         window = every.signals[:, :int(round(calibrate_s * every.fs))]
-        keep = [i for i, (n, f) in enumerate(zip(every.leads, screen_leads(window, every.fs)))
-                if f == "ok" or n in names or left_out.append(f"{n} {f}")]
+        keep = []
+        for i, (n, f) in enumerate(zip(every.leads, screen_leads(window, every.fs))):
+            if f == "ok" or n in names:
+                keep.append(i)
+            else:
+                left_out.append(f"{n} {f}")
         every = resample(Record(every.name, every.signals[keep], [every.leads[i] for i in keep], every.fs,
                                 every.source), MODEL_FS)
     y, notes = _draw(synth, path, rec.signals, every, list(inputs), views, calibrate_s, transfer, adapt_model,

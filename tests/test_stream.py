@@ -214,17 +214,6 @@ def test_long_chunks_are_delivered_not_skipped_as_stale(record, synth, backend):
     assert np.abs(y - synth(x, resolve_views(names), VIEWS)).max() * 1000 < 1.0
 
 
-def test_a_resent_chunk_reaching_before_the_buffer_places_its_new_samples(record, backend):
-    x, names = record
-    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
-    for k, i in enumerate(range(0, 3000, 125)):
-        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
-        run_windows(backend.run, st.due())
-    pos = st.base - 200  # before what the buffer keeps, and 500 new samples past its end
-    st.ingest(99, T0 + int(pos * 2e6), names, x[:, pos: 3500])
-    assert st.end == 3500 and np.isfinite(st.slice(names, 3000, 3500)).all() and st.first_hole() is None
-
-
 def test_a_lost_chunk_in_the_calibration_seconds_moves_them_past_its_hole(record, synth):
     """One chunk lost in the first 5 s: the fit waits for 5 s without a hole, not a fit of
     nothing (which would leave the patient on the table's angles for the whole stay)."""
@@ -328,13 +317,15 @@ def test_window_quality_flags():
     assert flags == ["ok", "flat", "saturated", "missing"]
 
 
-def test_a_long_resent_chunk_is_placed_after_the_buffer_moved_on(record, backend):
-    """A chunk reaching back before what the buffer keeps is placed, not a crash."""
+@pytest.mark.parametrize("fed,back", [(2500, -8), (3000, 200)])
+def test_a_long_resent_chunk_is_placed_after_the_buffer_moved_on(record, backend, fed, back):
+    """A long chunk reaching back into what the buffer keeps, or before it, places its new
+    samples (the part before the buffer is dropped), not a crash."""
     x, names = record
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
-    for k, i in enumerate(range(0, 2500, 125)):
+    for k, i in enumerate(range(0, fed, 125)):
         st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125])
         run_windows(backend.run, st.due())
-    pos = st.base + 8
+    pos = st.base - back
     assert st.ingest(99, T0 + int(pos * 2e6), names, x[:, pos: 3500]) in ("ok", "late", "out_of_order")
-    assert st.end == 3500 and np.isfinite(st.slice(names, 2500, 3500)).all()
+    assert st.end == 3500 and np.isfinite(st.slice(names, fed, 3500)).all() and st.first_hole() is None
