@@ -69,7 +69,8 @@ class Reporter:
                "offsets_deg": {n: [round(float(a), 2) for a in d] for n, d in zip(res.leads, res.offsets_deg)},
                "residual_before_uv": _num(res.residual_before_uv), "residual_after_uv": _num(res.residual_after_uv),
                "seconds": seconds, "fit_s": round(res.seconds, 3), "used": res.used, "fitted": res.fitted,
-               "axes": res.axes.split(",") if res.axes else [], "prior_weight": _num(res.prior_weight)}
+               "axes": res.axes.split(",") if res.axes else [], "prior_weight": _num(res.prior_weight),
+               "swap": res.swap or None}
         self._json(self.topics.calibration(*key), doc, qos=1, retain=True)
 
     def reject(self, topic: str, code: str, reason: str) -> None:

@@ -306,7 +306,7 @@ class Daemon:
                 return  # the stream restarted or ended meanwhile: this fit is of a time base gone
             st.set_calibration(res)
             self.report.status(st)
-        log.info("%s/%s: %s", *st.key, res.summary())
+        (log.warning if res.swap else log.info)("%s/%s: %s", *st.key, res.summary())  # a swap: check the patient
         self.report.calibration(st.key, res, self.params.calibrate_s)
         self.wake.set()
 

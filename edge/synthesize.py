@@ -10,6 +10,7 @@ import numpy as np
 
 from panorama.adapt import adapt, synthesize_split
 from panorama.calibrate import calibrate, check_seconds
+from panorama.electrodes import check_electrodes
 from panorama.errors import PanoramaError
 from panorama.geometry import resolve_view, resolve_views
 from panorama.records import MODEL_FS, Record, find_records, read_record, resample, screen_leads, write_record
@@ -164,6 +165,11 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
                 left_out.append(f"{n} {f}")
         every = resample(Record(every.name, every.signals[keep], [every.leads[i] for i in keep], every.fs,
                                 every.source), MODEL_FS)
+    wiring = None
+    if every is None:  # calibration checks every lead of the record; without it, check the inputs
+        wiring = check_electrodes(rec.signals, names, MODEL_FS)
+        if wiring.suspect:
+            log.warning("%s: %s; views drawn as labelled", path.name, wiring.reason)
     y, notes = _draw(synth, path, rec.signals, every, list(inputs), views, calibrate_s, transfer, adapt_model,
                      wander)
     if blend_with is not None:
@@ -181,7 +187,8 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     comments = [f"synthesised by panorama from {','.join(names)} of {path.name}",
                 f"model sha256 {synth.meta.get('sha256', '?')[:16]}",
                 *([f"left out of Stage III, unusable in the first {calibrate_s:g} s: {', '.join(left_out)}"]
-                  if left_out else []), *notes]
+                  if left_out else []),
+                *([f"warning: {wiring.reason}; views drawn as labelled"] if wiring and wiring.suspect else []), *notes]
     return write_record(out_dir, rec.name, sig, [v.name for v in views], native.fs, comments)
 
 
@@ -203,6 +210,10 @@ def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, i
         log.info("%s: %s", path.name, res.summary())
         notes = [res.summary()] + [f"offset {n}: dtheta {d[0]:+.2f} dphi {d[1]:+.2f} deg"
                                    for n, d in zip(names, offsets)]
+        if res.swap and (adapt_model or transfer):  # they fit on the same electrodes as labelled
+            log.warning("%s: %s", path.name, res.reason)
+            notes.append(f"patient adaptation and neighbour transfer skipped too: {res.swap}?")
+            adapt_model = transfer = False
         if adapt_model:
             if synth.runner is not None:
                 raise ValueError("patient adaptation needs the PyTorch backend")

@@ -19,6 +19,11 @@ Offsets are bounded (``max_offset_deg`` through tanh) and pulled toward zero by 
 prior with the CT-measured spread (10.6°), so an offset the data cannot identify stays
 near the table. A fit that does not reduce the leave-one-out residual (in-sample: the same leads and seconds) is rejected and the table
 angles are kept. Every exit says why.
+
+Before anything is fitted, the recording is checked for swapped electrodes
+(``panorama.electrodes``): two chest electrodes exchanged, or the arm electrodes reversed,
+is an error no offset can mend, and a fit would bend the geometry to it. Such a recording
+keeps the table angles, and the result names the swap (``swap``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .electrodes import check_electrodes
 from .geometry import STANDARD_12, View, descriptors, redundant_limb_leads, resolve_views, unit_vector
 from .records import MODEL_FS, check_fit_window, screen_leads
 
@@ -81,6 +87,7 @@ class CalibrationResult:
     # their offsets: fitted so their misplacement is not pinned on the inputs, never used by synthesis
     nuisance: list[str] = field(default_factory=list)
     nuisance_offsets_deg: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    swap: str = ""  # electrodes that look swapped ("V1 and V5 swapped"): not fitted; "" when the labels fit
 
     def offsets_for(self, names: list[str]) -> np.ndarray:
         """Offsets for ``names`` in that order (zeros for leads not calibrated)."""
@@ -157,8 +164,9 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     Uses the first ``seconds`` of ``x`` (at the model rate, ``fs`` must be 500 Hz). Returns
     table angles (zero offsets) with the reason when calibration cannot help: fewer seconds
     than asked, fewer than 3 usable leads (flat, missing, saturated or noise-only leads are
-    left out), fewer than 2 usable inputs, no chest lead among the inputs, or a fit that does
-    not lower the leave-one-out residual by ``min_gain``.
+    left out), fewer than 2 usable inputs, no chest lead among the inputs, electrodes that look
+    swapped (``panorama.electrodes.check_electrodes`` on the usable leads; named in ``swap``),
+    or a fit that does not lower the leave-one-out residual by ``min_gain``.
     """
     t0 = time.perf_counter()
     if check_seconds(seconds) == 0:
@@ -201,6 +209,9 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if not chest.any():
         return _reject(views, "no usable chest lead among the inputs: limb leads keep their table angles"
                        + left_out, used=used)
+    wiring = check_electrodes(x[usable], used, fs)  # no offset mends a swap; a fit would bend to it
+    if wiring.suspect:
+        return _reject(views, f"{wiring.reason}; table angles kept" + left_out, used=used, swap=wiring.swap)
     movable = np.ones(len(fit), bool) if move_far_field else chest  # (m,) offsets that move
 
     here = next(model.parameters()).device

@@ -158,7 +158,7 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
     print(f"streamed vs offline synthesize: RMS {rms:.3f} µV, max {np.abs(err_uv).max():.3f} µV "
           f"over {err_uv.size} samples")  # shown with pytest -s
     assert rms < 1.0
-    assert cal["state"] == "streaming" and set(cal["offsets_deg"]) == set(stream.leads)
+    assert cal["state"] == "streaming" and set(cal["offsets_deg"]) == set(stream.leads) and cal["swap"] is None
     assert cal["axes"] == ["theta", "phi"]  # every recorded lead is an input: both angles move
     few_chest = sum(n.startswith("V") for n in stream.leads) < MONITOR_MIN_CHEST
     assert cal["prior_weight"] == (FEW_CHEST if few_chest else EVERY_LEAD).prior_weight
@@ -209,6 +209,28 @@ def test_bad_input_is_refused_and_harms_no_other_stream(mosquitto, prefix, tmp_p
     for payload in tap.payloads("_daemon/test/errors"):
         doc = json.loads(payload)
         assert doc["reason"] and doc["code"]
+
+
+def test_swapped_electrodes_are_named_and_harm_no_other_stream(mosquitto, prefix, tmp_path):
+    """A patient whose V1 and V5 electrodes are swapped keeps the table angles, and the retained
+    calibration names the swap; the patient beside is fitted as usual, and both stream."""
+    good, bad = sim_streams(2, seconds=7.0)
+    i, j = bad.leads.index("V1"), bad.leads.index("V5")
+    bad.signals[[i, j]] = bad.signals[[j, i]]
+    with serve(tmp_path, mosquitto, prefix) as (proc, tap, cfg):
+        with Listener(mosquitto, topic=f"{prefix}/+/+/virtual") as lis:
+            run_monitor([good, bad], mosquitto, prefix=prefix, speed=4.0)
+            assert tap.wait(lambda: all(tap.payloads(f"bed/{s.patient_id}/calibration") for s in (good, bad))
+                            and len(lis.streams) == 2, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        log = proc.stdout.read()
+    cal = {s.patient_id: json.loads(tap.payloads(f"bed/{s.patient_id}/calibration")[-1]) for s in (good, bad)}
+    assert cal["sim-000"]["accepted"] and cal["sim-000"]["swap"] is None
+    assert not cal["sim-001"]["accepted"] and cal["sim-001"]["swap"] == "V1 and V5 swapped"
+    assert "check the electrodes" in cal["sim-001"]["reason"] and not any(map(any, cal["sim-001"]["offsets_deg"].values()))
+    assert "WARNING" in log and "V1 and V5 swapped, by the look of it" in log
+    assert all(np.isfinite(s.signals).all() and s.signals.shape[1] > 0 for s in lis.streams.values())
 
 
 def test_through_the_embedded_broker(prefix, tmp_path):

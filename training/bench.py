@@ -35,9 +35,9 @@ def register(sub) -> None:
                        "model patient adaptation fine-tunes, on the training split's never-supervised V2/V6. wander: the "
                        "gains of chest views' slow part, fitted by leave-one-lead-out on real records without V2 or V6. blend: "
                        "a monitor drawing V2, V6 from all ten other leads, from I, II, V3 with the rest supervising, "
-                       "and the mean of the two.")
+                       "and the mean of the two. electrodes: the swapped-electrode check on real records.")
     p.add_argument("what", choices=("model", "calibration", "stream", "transfer", "realism", "adapt", "wander", "blend",
-                                    "long"),
+                                    "long", "electrodes"),
                    help="model: latency; calibration: offset recovery and its time; stream: patients the "
                         "daemon sustains in real time through a broker (edge/bench.py); transfer: "
                         "leave-one-lead-out choice of neighbour transfer and of its interpolation along the precordial line "
@@ -46,11 +46,13 @@ def register(sub) -> None:
                         "which part patient adaptation fine-tunes (training/tune_adapt.py); wander: the slow-part gains "
                         "of chest views (training/tune_wander.py); blend: a monitor's own pipeline against a subset's and "
                         "their mean (training/tune_blend.py); long: time and peak memory of a --minutes recording drawn "
-                        "in chunks and in one pass (training/bench_long.py)")
+                        "in chunks and in one pass (training/bench_long.py); electrodes: false alarms and swaps "
+                        "named by the swapped-electrode check (training/tune_electrodes.py)")
     p.add_argument("--data", nargs="+", type=Path, default=[Path("../shared/data/ecg")], metavar="PATH",
-                   help="transfer, realism, adapt, wander, blend: real records (default ../shared/data/ecg)")
+                   help="transfer, realism, adapt, wander, blend, electrodes: real records (default ../shared/data/ecg)")
     p.add_argument("--split", default=None, choices=("all", "train", "val"),
-                   help="transfer, realism, adapt, wander, blend: which split of --data (default val; adapt: train)")
+                   help="transfer, realism, adapt, wander, blend, electrodes: which split of --data (default val; "
+                   "adapt: train)")
     p.add_argument("--filter-sweep", action="store_true",
                    help="transfer: also sweep the residual filter's span and ridge (one neighbour)")
     p.add_argument("--figure", type=Path, metavar="PNG",
@@ -85,6 +87,9 @@ def register(sub) -> None:
     p.add_argument("--minutes", type=float, default=20.0, help="long: the recording's length (default 20)")
     p.add_argument("--no-one-pass", dest="one_pass", action="store_false",
                    help="long: time the chunks only (one pass needs memory that grows with the length)")
+    p.add_argument("--write", action="store_true",
+                   help="electrodes: also store the covariance fitted on the training split as the one the check "
+                   "ships with (panorama/weights/lead_covariance.json)")
     p.add_argument("--json", type=Path, help="write the figures as JSON")
     from edge.bench import add_arguments  # the stream benchmark lives with the daemon
 
@@ -102,6 +107,14 @@ def run(args) -> int:
             args.json.write_text(json.dumps(res, indent=2, default=float))
         return 0
     split = args.split or ("train" if args.what == "adapt" else "val")
+    if args.what == "electrodes":
+        from .tune_electrodes import COVARIANCE, format_electrodes, tune_electrodes
+
+        res = tune_electrodes(args.data, split, COVARIANCE if args.write else None)
+        print(format_electrodes(res))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        return 0
     if args.what == "realism":
         from .realism import compare_realism, format_realism
 

@@ -1,0 +1,117 @@
+"""Swapped electrodes (panorama/electrodes.py): named on real and simulated records, never on
+the same records as recorded, and what calibration, synthesis and the bench do with them."""
+
+import json
+
+import numpy as np
+import pytest
+
+from panorama.calibrate import calibrate
+from panorama.electrodes import LEADS, _relabel, check_electrodes, load_covariance, swaps
+from panorama.geometry import STANDARD_12, resolve_views
+from panorama.records import read_record, write_record
+from panorama.synth import Synthesizer
+from training.simulator import simulate
+
+
+@pytest.fixture(scope="module")
+def ludb001(data_dir):
+    return read_record(data_dir / "ludb" / "ludb001")  # (12, 5000) mV, the standard order
+
+
+def swapped(x, names, a, b):
+    y = x.copy()
+    y[[names.index(a), names.index(b)]] = x[[names.index(b), names.index(a)]]
+    return y
+
+
+def test_a_real_record_fits_its_labels_and_each_swap_is_named(ludb001):
+    x, names = ludb001.signals, ludb001.leads
+    clean = check_electrodes(x, names, ludb001.fs)
+    assert not clean.suspect and clean.reason.startswith("labels fit")
+    assert len(clean.tested) == 2 + 15  # two limb reversals and every pair of the six chest leads
+    for a, b in (("V1", "V5"), ("V2", "V6"), ("V1", "V4")):
+        res = check_electrodes(swapped(x, names, a, b), names, ludb001.fs)
+        assert res.swap == f"{a} and {b} swapped", res.reason
+        assert res.misfit_swapped < 0.4 * res.misfit and "check the electrodes" in res.reason
+    # the arm electrodes reversed: I inverted, II and III trade places (aVR and aVL too)
+    i, ii, iii = (names.index(n) for n in ("I", "II", "III"))
+    arms = x.copy()
+    arms[i], arms[ii], arms[iii] = -x[i], x[iii], x[ii]
+    assert check_electrodes(arms, names, ludb001.fs).swap == "LA/RA reversed (left and right arm)"
+
+
+def test_a_simulated_patient_too():
+    """Where ../shared is absent: the simulator's patients, with the same population model."""
+    s = simulate(0, views=list(LEADS), duration_s=5.0, fs=500, device="diagnostic")
+    names = list(s.names)
+    assert not check_electrodes(s.signals, names, s.fs).suspect
+    assert check_electrodes(swapped(s.signals, names, "V1", "V5"), names, s.fs).swap == "V1 and V5 swapped"
+    # each swap is its own inverse: undoing one gives the recording back
+    for _, how in swaps(names):
+        assert np.allclose(_relabel(_relabel(s.signals, names, how), names, how), s.signals, atol=1e-6)
+
+
+def test_too_few_leads_or_seconds_are_not_checked():
+    s = simulate(0, views=list(LEADS), duration_s=5.0, fs=500, device="diagnostic")
+    names = list(s.names)
+    keep = [names.index(n) for n in ("I", "II", "V1", "V3", "V5")]  # 3 chest leads
+    res = check_electrodes(swapped(s.signals, names, "V1", "V5")[keep], [names[k] for k in keep], s.fs)
+    assert not res.suspect and res.reason == "not checked: needs I, II and 4 chest leads" and not res.tested
+    res = check_electrodes(s.signals[:, :500], names, s.fs)
+    assert not res.suspect and res.reason == "not checked: under 2 s"
+    with pytest.raises(ValueError, match="5 leads of samples for 8 names"):
+        check_electrodes(s.signals[:5], names, s.fs)
+
+
+def test_the_shipped_covariance_and_a_bad_one(tmp_path):
+    c = load_covariance()
+    assert c.shape == (8, 8) and np.allclose(c, c.T) and np.all(np.linalg.eigvalsh(c) > 0)
+    bad = tmp_path / "cov.json"
+    bad.write_text(json.dumps({"leads": ["I", "II"], "covariance": [[1, 0], [0, 1]]}))
+    with pytest.raises(ValueError, match="expected the covariance of I, II, V1"):
+        load_covariance(bad)
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return Synthesizer.load()
+
+
+def test_calibration_refuses_swapped_electrodes_and_names_them(synth, ludb001):
+    views = resolve_views(ludb001.leads)
+    x = swapped(ludb001.signals, ludb001.leads, "V1", "V5")
+    res = calibrate(synth.model, x, views)
+    assert not res.accepted and res.swap == "V1 and V5 swapped" and np.all(res.offsets_deg == 0)
+    assert "check the electrodes; table angles kept" in res.reason and res.fitted == []
+    # the same record as recorded is fitted (the protocol's leads: I, II, V3 with V1, V4, V5 supervising)
+    keep = [i for i, n in enumerate(ludb001.leads) if n not in ("V2", "V6")]
+    ok = calibrate(synth.model, ludb001.signals[keep], [views[i] for i in keep], inputs=["I", "II", "V3"])
+    assert ok.accepted and ok.swap == ""
+
+
+def test_synthesize_warns_and_skips_the_fits_on_swapped_electrodes(panorama, ludb001, tmp_path):
+    src = write_record(tmp_path / "in", "swapped", swapped(ludb001.signals, ludb001.leads, "V1", "V5"),
+                       ludb001.leads, ludb001.fs, [])
+    plain = panorama("synthesize", src, "--inputs", ",".join(STANDARD_12), "--views", "V7", "--out", tmp_path / "a")
+    assert plain.returncode == 0, plain.stderr
+    assert "V1 and V5 swapped, by the look of it" in plain.stderr
+    head = read_record(tmp_path / "a" / "swapped").comments
+    assert any(c.startswith("warning: V1 and V5 swapped") and c.endswith("views drawn as labelled") for c in head)
+    fitted = panorama("synthesize", src, "--views", "V2,V6", "--out", tmp_path / "b", "--calibrate", "5",
+                      "--transfer", "--adapt")
+    assert fitted.returncode == 0, fitted.stderr
+    head = read_record(tmp_path / "b" / "swapped").comments
+    assert any(c.startswith("calibration rejected: V1 and V5 swapped") for c in head), head
+    assert "patient adaptation and neighbour transfer skipped too: V1 and V5 swapped?" in head
+    assert not any(c.startswith(("patient adaptation on", "neighbour", "precordial line")) for c in head), head
+
+
+def test_bench_electrodes_on_a_few_records(panorama, data_dir, tmp_path):
+    recs = [data_dir / "ludb" / f"ludb{i:03d}" for i in range(1, 21)]
+    out = panorama("bench", "electrodes", "--data", *recs, "--split", "all", "--json", tmp_path / "e.json")
+    assert out.returncode == 0, out.stderr
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["records"] == 20 and res["false_alarms"] == [] and res["lowest_ratio_as_recorded"] > 0.4
+    assert res["swaps"]["V1 and V5 swapped"]["named"] >= 0.9 and "V1 and V5 swapped" in out.stdout
+    assert "wrote" not in res  # the shipped covariance only changes with --write
