@@ -207,10 +207,10 @@ def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, i
             x_cal = WANDER.strip(x_cal[:, :int(round(calibrate_s * MODEL_FS))])
         res = calibrate(synth.model, x_cal, cal_views, seconds=calibrate_s, inputs=names, device=synth.device)
         offsets = res.offsets_for(names)
-        log.info("%s: %s", path.name, res.summary())
+        (log.warning if res.swap else log.info)("%s: %s", path.name, res.summary())
         notes = [res.summary()] + [f"offset {n}: dtheta {d[0]:+.2f} dphi {d[1]:+.2f} deg"
                                    for n, d in zip(names, offsets)]
-        if res.swap and (adapt_model or transfer):  # they fit on the same electrodes as labelled
+        if res.swap_refused and (adapt_model or transfer):  # they would fit on the same swapped leads
             log.warning("%s: %s", path.name, res.reason)
             notes.append(f"patient adaptation and neighbour transfer skipped too: {res.swap}?")
             adapt_model = transfer = False

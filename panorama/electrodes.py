@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import butter, sosfiltfilt
 
+from .geometry import angle_between, resolve_view
+
 LEADS = ("I", "II", "V1", "V2", "V3", "V4", "V5", "V6")  # the independent leads of a 12-lead ECG
 CHEST = LEADS[2:]
 BAND_HZ = (0.7, 40.0)  # the heart's signal; baseline wander and mains left out
@@ -52,6 +54,9 @@ class ElectrodeCheck:
     misfit: float = float("nan")  # mean 1 − r of each lead against its prediction, as labelled
     misfit_swapped: float = float("nan")  # the same under the best swap
     tested: list[str] = field(default_factory=list)  # the swaps tried
+    # how far apart the swapped electrodes are on the angle table (180 for a limb reversal,
+    # which inverts a lead): within calibration's offset bounds its fit can reach the swap
+    apart_deg: float = float("nan")
     reason: str = ""  # why nothing was tested, or what was found
 
     @property
@@ -151,6 +156,9 @@ def check_electrodes(x: np.ndarray, names: list[str], fs: float, cov: np.ndarray
     res = ElectrodeCheck(misfit=labelled, misfit_swapped=scores[best], tested=[t for t, _ in tested])
     if scores[best] < ratio * labelled:
         res.swap = tested[best][0]
+        how = tested[best][1]
+        res.apart_deg = (180.0 if not isinstance(how, tuple) else
+                         angle_between(resolve_view(present[how[0]]), resolve_view(present[how[1]])))
         res.reason = (f"{res.swap}, by the look of it: the leads agree {labelled / max(scores[best], 1e-9):.1f}x "
                       f"better with that undone (misfit {labelled:.2f} -> {scores[best]:.2f}); check the electrodes")
     else:

@@ -84,6 +84,11 @@ def test_calibration_refuses_swapped_electrodes_and_names_them(synth, ludb001):
     res = calibrate(synth.model, x, views)
     assert not res.accepted and res.swap == "V1 and V5 swapped" and np.all(res.offsets_deg == 0)
     assert "check the electrodes; table angles kept" in res.reason and res.fitted == []
+    assert res.swap_refused and not res.swap_in_reach  # 70 deg apart: beyond the offsets' 30
+    # V1 and V3, 25.5 deg apart: named, and fitted on (the offsets reach them)
+    near = calibrate(synth.model, swapped(ludb001.signals, ludb001.leads, "V1", "V3"), views)
+    assert near.swap == "V1 and V3 swapped" and near.swap_in_reach and not near.swap_refused
+    assert near.fitted and "(25 deg apart, within the offsets' 30 deg: fitted on)" in near.reason
     # the same record as recorded is fitted (the protocol's leads: I, II, V3 with V1, V4, V5 supervising)
     keep = [i for i, n in enumerate(ludb001.leads) if n not in ("V2", "V6")]
     ok = calibrate(synth.model, ludb001.signals[keep], [views[i] for i in keep], inputs=["I", "II", "V3"])
@@ -105,6 +110,12 @@ def test_synthesize_warns_and_skips_the_fits_on_swapped_electrodes(panorama, lud
     assert any(c.startswith("calibration rejected: V1 and V5 swapped") for c in head), head
     assert "patient adaptation and neighbour transfer skipped too: V1 and V5 swapped?" in head
     assert not any(c.startswith(("patient adaptation on", "neighbour", "precordial line")) for c in head), head
+    near = write_record(tmp_path / "in", "near", swapped(ludb001.signals, ludb001.leads, "V1", "V3"),
+                        ludb001.leads, ludb001.fs, [])
+    fitted = panorama("synthesize", near, "--views", "V2,V6", "--out", tmp_path / "c", "--calibrate", "5", "--transfer")
+    assert fitted.returncode == 0 and "V1 and V3 swapped, by the look of it" in fitted.stderr
+    head = read_record(tmp_path / "c" / "near").comments
+    assert any(c.startswith("neighbour transfer from") for c in head), head  # within reach: fitted on
 
 
 def test_bench_electrodes_on_a_few_records(panorama, data_dir, tmp_path):

@@ -249,8 +249,7 @@ def test_a_lead_attached_late_is_waited_for_and_a_flickering_one_left_out(record
         if st.calibration_due():
             break
     assert st.cal_start == 1000 and np.isfinite(st.calibration_input()[0]).all()  # V3 calibrated too
-    # (not simulated patient 3: its V2 and V3 look swapped to panorama.electrodes, which then refuses the fit)
-    sim = simulate(0, duration_s=30.0, device="diagnostic")
+    sim = simulate(3, duration_s=30.0, device="diagnostic")
     x, names = sim.signals.astype(np.float32), sim.names
     x[names.index("V6"), np.arange(x.shape[1]) % 1000 < 125] = np.nan  # V6 off a quarter second in every 2
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)

@@ -175,10 +175,12 @@ class CalibratedModelMethod(ModelMethod):
                         inputs=inputs if self.inputs_only else None, device=self.synth.device)
         self.offsets = res.offsets_for(inputs)
         self.view_offsets = None
-        if res.swap:  # adaptation and transfer would fit on the same electrodes: the plain draw
+        if res.swap_refused:  # adaptation and transfer would fit on the same swapped leads: the plain draw
             self.notes[f"electrodes look swapped: {res.swap}"] += 1
             self.active, self.adaptation, self.fitted_transfer, self.shared_transfer = self.synth, None, None, None
             return
+        if res.swap:
+            self.notes[f"electrodes look swapped within the offsets' reach, fitted on: {res.swap}"] += 1
         if self.transfer:  # the neighbours' own angles: every recorded lead fitted leave-one-out
             from panorama.transfer import fit_neighbour_offsets  # (none with every recorded lead an input)
 
