@@ -23,7 +23,7 @@ from panorama.calibrate import PRIOR_SD_DEG
 from panorama.geometry import NAMED, STANDARD_12
 from panorama.records import MODEL_FS
 
-from .bench import _displaced_patient
+from .bench_calibration import _displaced_patient
 
 # An isotropic 2-D Gaussian with σ per axis: the median |x| is MEDIAN_ABS·σ, the median
 # angle from the centre RADIUS·σ, so a median angle is PER_AXIS of itself per axis.
