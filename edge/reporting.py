@@ -70,7 +70,7 @@ class Reporter:
                "residual_before_uv": _num(res.residual_before_uv), "residual_after_uv": _num(res.residual_after_uv),
                "seconds": seconds, "fit_s": round(res.seconds, 3), "used": res.used, "fitted": res.fitted,
                "axes": res.axes.split(",") if res.axes else [], "prior_weight": _num(res.prior_weight),
-               "swap": res.swap or None, "swap_in_reach": res.swap_in_reach}
+               "swap": res.swap or None, "swap_fitted_on": res.swap_fitted_on}
         self._json(self.topics.calibration(*key), doc, qos=1, retain=True)
 
     def reject(self, topic: str, code: str, reason: str) -> None:

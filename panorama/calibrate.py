@@ -22,10 +22,10 @@ angles are kept. Every exit says why.
 
 Before anything is fitted, the recording is checked for swapped electrodes
 (``panorama.electrodes``): two chest electrodes exchanged further apart than the offsets'
-bounds (V1 and V5), or the arm electrodes reversed, is an error no offset mends, and a fit
-would bend the geometry toward it. Such a recording keeps the table angles, and the result
-names the swap (``swap``, ``swap_refused``). A swap of neighbours within the bounds is named
-and fitted on: the offsets reach it.
+bounds (V1 and V5) is an error no offset mends, and a fit would bend the geometry toward
+it. Such a recording keeps the table angles, and the result names the swap (``swap``,
+``swap_refused``). A swap of neighbours within the bounds, or of limb electrodes, is named
+and fitted on (``swap_fitted_on``): on validation records that drew better views.
 """
 
 from __future__ import annotations
@@ -90,14 +90,15 @@ class CalibrationResult:
     nuisance: list[str] = field(default_factory=list)
     nuisance_offsets_deg: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     swap: str = ""  # electrodes that look swapped ("V1 and V5 swapped"); "" when the labels fit
-    # the swapped electrodes lie within the offsets' bounds of each other, so the fit went on
-    # (it reaches them); otherwise nothing was fitted, and the steps after it should not fit either
-    swap_in_reach: bool = False
+    # the swap was named and the fit went on: chest electrodes within the offsets' bounds of
+    # each other (the offsets reach them), or a limb reversal (fitting on drew better views);
+    # otherwise nothing was fitted, and the steps after it should not fit either
+    swap_fitted_on: bool = False
 
     @property
     def swap_refused(self) -> bool:
-        """Electrodes look swapped beyond the offsets' reach: the patient keeps the plain draw."""
-        return bool(self.swap) and not self.swap_in_reach
+        """Chest electrodes look swapped beyond the offsets' reach: the patient keeps the plain draw."""
+        return bool(self.swap) and not self.swap_fitted_on
 
     def offsets_for(self, names: list[str]) -> np.ndarray:
         """Offsets for ``names`` in that order (zeros for leads not calibrated)."""
@@ -174,13 +175,14 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     Uses the first ``seconds`` of ``x`` (at the model rate, ``fs`` must be 500 Hz). Returns
     table angles (zero offsets) with the reason when calibration cannot help: fewer seconds
     than asked, fewer than 3 usable leads (flat, missing, saturated or noise-only leads are
-    left out), fewer than 2 usable inputs, no chest lead among the inputs, electrodes that look
-    swapped further apart than ``max_offset_deg`` (``panorama.electrodes.check_electrodes`` on
-    the usable leads; named in ``swap``, ``swap_refused``), or a fit that does not lower the
-    leave-one-out residual by ``min_gain``. Electrodes that look swapped within
-    ``max_offset_deg`` of each other (V3 and V4) are named too, and fitted: the offsets reach
-    them, and on validation records with V1 and V3 swapped the whole pipeline gave 30.29 dB
-    fitting on and 27.89 refusing, with V1 and V5 swapped 22.91 and 29.00 (docs/stage3.md).
+    left out), fewer than 2 usable inputs, no chest lead among the inputs, chest electrodes that
+    look swapped further apart than ``max_offset_deg`` (``panorama.electrodes.check_electrodes``
+    on the usable leads, first; named in ``swap``, ``swap_refused``), or a fit that does not
+    lower the leave-one-out residual by ``min_gain``. Chest electrodes that look swapped within
+    ``max_offset_deg`` of each other (V3 and V4), and limb reversals, are named too and fitted
+    on (``swap_fitted_on``): on validation records with V1 and V3 swapped the whole pipeline
+    gave 30.29 dB fitting on and 27.89 refusing, with LA/RA reversed 27.78 and 24.78, with V1
+    and V5 swapped 22.91 and 29.00 (docs/stage3.md).
     """
     t0 = time.perf_counter()
     if check_seconds(seconds) == 0:
@@ -217,15 +219,26 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
     if move_supervising is None:
         move_supervising = chosen.nuisance_weight is not None
     left_out = "".join(f"; {v.name} {f}, left out" for v, f in zip(views, flags) if f != "ok")
+    # before any other verdict, so that the steps after calibration learn of a swap whatever it decides
+    wiring = check_electrodes(x[usable], used, fs)  # a swap beyond the offsets' reach: a fit would bend to it
+    if wiring.suspect and wiring.apart_deg > max_offset_deg:  # (nan, a limb reversal: fitted on)
+        return _reject(views, f"{wiring.reason}; table angles kept" + left_out, used=used, swap=wiring.swap)
+    # a swap within reach, or of the limb electrodes, is named and fitted on; an unchecked recording says so
+    near = dict(swap=wiring.swap, swap_fitted_on=True) if wiring.suspect else {}
+
+    def said(then: str = "") -> str:
+        if wiring.suspect:
+            where = ("limb electrodes" if math.isnan(wiring.apart_deg) else
+                     f"{wiring.apart_deg:.0f} deg apart, within the offsets' {max_offset_deg:g} deg")
+            return f"; {wiring.reason} ({where}{then})"
+        return f"; electrodes {wiring.reason}" if not wiring.tested else ""
+
     if len(fit) < 2:
         return _reject(views, f"{len(fit)} usable input lead(s) among {', '.join(inputs or used)} (need 2)"
-                       + left_out, used=used)
+                       + left_out + said(), used=used, **near)
     if not chest.any():
         return _reject(views, "no usable chest lead among the inputs: limb leads keep their table angles"
-                       + left_out, used=used)
-    wiring = check_electrodes(x[usable], used, fs)  # a swap beyond the offsets' reach: a fit would bend to it
-    if wiring.suspect and not wiring.apart_deg <= max_offset_deg:
-        return _reject(views, f"{wiring.reason}; table angles kept" + left_out, used=used, swap=wiring.swap)
+                       + left_out + said(), used=used, **near)
     movable = np.ones(len(fit), bool) if move_far_field else chest  # (m,) offsets that move
 
     here = next(model.parameters()).device
@@ -253,10 +266,10 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
         res = _fit(model, xs, table, fit, nz, usable, used, views, flags, seconds, max_offset_deg, steps, lr,
                    row_weight, min_gain, patience, movable, dev, t0)
         res.axes, res.prior_weight = axes, prior_weight
-        if wiring.suspect:  # electrodes this near each other: the offsets reach the swap (docs/stage3.md)
-            res.swap, res.swap_in_reach = wiring.swap, True
-            res.reason += (f"; {wiring.reason} ({wiring.apart_deg:.0f} deg apart, within the offsets' "
-                           f"{max_offset_deg:g} deg: fitted on)")
+        # electrodes this near each other: the offsets reach the swap (docs/stage3.md)
+        res.reason += said(": fitted on")
+        for k, v in near.items():
+            setattr(res, k, v)
         return res
     finally:
         for p, f in zip(model.parameters(), flags_before):

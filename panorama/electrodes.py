@@ -45,6 +45,7 @@ SWAP_RATIO = 0.4  # a swap must cut the misfit to this share of the labelled one
 RIDGE = 1e-3  # of the mean variance, for the population regressions
 COVARIANCE = Path(__file__).resolve().parent / "weights" / "lead_covariance.json"
 MIN_SECONDS = 2.0  # a couple of beats at least
+WINDOW_S = 5.0  # the first seconds looked at: what the threshold was measured on, in bounded memory
 MIN_CHEST = 4  # with fewer, normal records are called swapped more often (module docstring)
 
 
@@ -54,8 +55,8 @@ class ElectrodeCheck:
     misfit: float = float("nan")  # mean 1 − r of each lead against its prediction, as labelled
     misfit_swapped: float = float("nan")  # the same under the best swap
     tested: list[str] = field(default_factory=list)  # the swaps tried
-    # how far apart the swapped electrodes are on the angle table (180 for a limb reversal,
-    # which inverts a lead): within calibration's offset bounds its fit can reach the swap
+    # how far apart two swapped chest electrodes are on the angle table (nan for a limb
+    # reversal): within calibration's offset bounds its fit can reach the swap
     apart_deg: float = float("nan")
     reason: str = ""  # why nothing was tested, or what was found
 
@@ -133,9 +134,11 @@ def check_electrodes(x: np.ndarray, names: list[str], fs: float, cov: np.ndarray
                      ratio: float = SWAP_RATIO) -> ElectrodeCheck:
     """Whether the leads ``names`` of ``x`` (leads, samples) mV, all usable, fit their labels.
 
-    Leads other than ``LEADS`` are ignored (III, aVR, aVL, aVF follow from I and II). Tests
-    nothing, saying why, without I, II and ``MIN_CHEST`` chest leads, or under ``MIN_SECONDS``."""
-    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    Leads other than ``LEADS`` are ignored (III, aVR, aVL, aVF follow from I and II); only the
+    first ``WINDOW_S`` seconds are looked at. Tests nothing, saying why (``tested`` empty),
+    without I, II and ``MIN_CHEST`` chest leads, under ``MIN_SECONDS``, or with a sample of
+    those leads not finite."""
+    x = np.atleast_2d(np.asarray(x))
     if x.shape[0] != len(names):
         raise ValueError(f"{x.shape[0]} leads of samples for {len(names)} names")
     present = [n for n in LEADS if n in names]
@@ -143,10 +146,13 @@ def check_electrodes(x: np.ndarray, names: list[str], fs: float, cov: np.ndarray
         return ElectrodeCheck(reason=f"not checked: needs I, II and {MIN_CHEST} chest leads")
     if x.shape[1] < MIN_SECONDS * fs:
         return ElectrodeCheck(reason=f"not checked: under {MIN_SECONDS:g} s")
+    x = x[[names.index(n) for n in present], :int(round(WINDOW_S * fs))].astype(np.float64)
+    if not np.isfinite(x).all():
+        return ElectrodeCheck(reason="not checked: samples missing")
     cov = load_covariance() if cov is None else cov
     idx = [LEADS.index(n) for n in present]
     w = loo_weights(cov[np.ix_(idx, idx)])
-    xb = band(x[[names.index(n) for n in present]], fs)
+    xb = band(x, fs)
     labelled = misfit(xb, w)
     tested = swaps(present)
     scores = [misfit(_relabel(xb, present, how), w) for _, how in tested]
@@ -157,8 +163,8 @@ def check_electrodes(x: np.ndarray, names: list[str], fs: float, cov: np.ndarray
     if scores[best] < ratio * labelled:
         res.swap = tested[best][0]
         how = tested[best][1]
-        res.apart_deg = (180.0 if not isinstance(how, tuple) else
-                         angle_between(resolve_view(present[how[0]]), resolve_view(present[how[1]])))
+        if isinstance(how, tuple):
+            res.apart_deg = angle_between(resolve_view(present[how[0]]), resolve_view(present[how[1]]))
         res.reason = (f"{res.swap}, by the look of it: the leads agree {labelled / max(scores[best], 1e-9):.1f}x "
                       f"better with that undone (misfit {labelled:.2f} -> {scores[best]:.2f}); check the electrodes")
     else:

@@ -39,6 +39,11 @@ def test_a_real_record_fits_its_labels_and_each_swap_is_named(ludb001):
     arms = x.copy()
     arms[i], arms[ii], arms[iii] = -x[i], x[iii], x[ii]
     assert check_electrodes(arms, names, ludb001.fs).swap == "LA/RA reversed (left and right arm)"
+    # the right arm and left leg exchanged: I becomes -III, II becomes -II, III becomes -I, aVR and aVF trade
+    avr, avf = names.index("aVR"), names.index("aVF")
+    leg = x.copy()
+    leg[i], leg[ii], leg[iii], leg[avr], leg[avf] = -x[iii], -x[ii], -x[i], x[avf], x[avr]
+    assert check_electrodes(leg, names, ludb001.fs).swap == "RA/LL reversed (right arm and left leg)"
 
 
 def test_a_simulated_patient_too():
@@ -62,6 +67,10 @@ def test_too_few_leads_or_seconds_are_not_checked():
     assert not res.suspect and res.reason == "not checked: under 2 s"
     with pytest.raises(ValueError, match="5 leads of samples for 8 names"):
         check_electrodes(s.signals[:5], names, s.fs)
+    holed = swapped(s.signals, names, "V1", "V5")
+    holed[names.index("V3"), 100] = np.nan
+    res = check_electrodes(holed, names, s.fs)
+    assert not res.suspect and res.reason == "not checked: samples missing" and not res.tested
 
 
 def test_the_shipped_covariance_and_a_bad_one(tmp_path):
@@ -84,11 +93,24 @@ def test_calibration_refuses_swapped_electrodes_and_names_them(synth, ludb001):
     res = calibrate(synth.model, x, views)
     assert not res.accepted and res.swap == "V1 and V5 swapped" and np.all(res.offsets_deg == 0)
     assert "check the electrodes; table angles kept" in res.reason and res.fitted == []
-    assert res.swap_refused and not res.swap_in_reach  # 70 deg apart: beyond the offsets' 30
+    assert res.swap_refused and not res.swap_fitted_on  # 70 deg apart: beyond the offsets' 30
     # V1 and V3, 25.5 deg apart: named, and fitted on (the offsets reach them)
     near = calibrate(synth.model, swapped(ludb001.signals, ludb001.leads, "V1", "V3"), views)
-    assert near.swap == "V1 and V3 swapped" and near.swap_in_reach and not near.swap_refused
+    assert near.swap == "V1 and V3 swapped" and near.swap_fitted_on and not near.swap_refused
     assert near.fitted and "(25 deg apart, within the offsets' 30 deg: fitted on)" in near.reason
+    # the arm electrodes reversed: named, and fitted on (measured better for the views)
+    i, ii, iii, avr, avl = (ludb001.leads.index(n) for n in ("I", "II", "III", "aVR", "aVL"))
+    arms = ludb001.signals.copy()
+    arms[[i, ii, iii, avr, avl]] = np.stack([-arms[i], arms[iii], arms[ii], arms[avl], arms[avr]])
+    limb = calibrate(synth.model, arms, views)
+    assert limb.swap == "LA/RA reversed (left and right arm)" and limb.swap_fitted_on and limb.fitted
+    assert "(limb electrodes: fitted on)" in limb.reason
+    # whatever else calibration decides, a swap is named first: inputs without a chest lead
+    limbs = calibrate(synth.model, x, views, inputs=["I", "II"])
+    assert limbs.swap_refused and "V1 and V5 swapped" in limbs.reason
+    # a window too short to check says so instead of passing for checked
+    short = calibrate(synth.model, x, views, seconds=1.5)
+    assert short.swap == "" and "electrodes not checked: under 2 s" in short.reason
     # the same record as recorded is fitted (the protocol's leads: I, II, V3 with V1, V4, V5 supervising)
     keep = [i for i, n in enumerate(ludb001.leads) if n not in ("V2", "V6")]
     ok = calibrate(synth.model, ludb001.signals[keep], [views[i] for i in keep], inputs=["I", "II", "V3"])
@@ -116,6 +138,12 @@ def test_synthesize_warns_and_skips_the_fits_on_swapped_electrodes(panorama, lud
     assert fitted.returncode == 0 and "V1 and V3 swapped, by the look of it" in fitted.stderr
     head = read_record(tmp_path / "c" / "near").comments
     assert any(c.startswith("neighbour transfer from") for c in head), head  # within reach: fitted on
+    limbs = panorama("synthesize", src, "--inputs", "I,II", "--views", "V2,V6", "--out", tmp_path / "d",
+                     "--calibrate", "5", "--transfer")  # calibration has no chest input to fit: still named
+    assert limbs.returncode == 0, limbs.stderr
+    head = read_record(tmp_path / "d" / "swapped").comments
+    assert "patient adaptation and neighbour transfer skipped too: V1 and V5 swapped?" in head
+    assert not any(c.startswith(("neighbour", "precordial line")) for c in head), head
 
 
 def test_bench_electrodes_on_a_few_records(panorama, data_dir, tmp_path):

@@ -228,7 +228,7 @@ def test_swapped_electrodes_are_named_and_harm_no_other_stream(mosquitto, prefix
     cal = {s.patient_id: json.loads(tap.payloads(f"bed/{s.patient_id}/calibration")[-1]) for s in (good, bad)}
     assert cal["sim-000"]["accepted"] and cal["sim-000"]["swap"] is None
     assert not cal["sim-001"]["accepted"] and cal["sim-001"]["swap"] == "V1 and V5 swapped"
-    assert cal["sim-001"]["swap_in_reach"] is False
+    assert cal["sim-001"]["swap_fitted_on"] is False
     assert "check the electrodes" in cal["sim-001"]["reason"] and not any(map(any, cal["sim-001"]["offsets_deg"].values()))
     assert "WARNING" in log and "V1 and V5 swapped, by the look of it" in log
     assert all(np.isfinite(s.signals).all() and s.signals.shape[1] > 0 for s in lis.streams.values())
