@@ -180,7 +180,7 @@ class CalibratedModelMethod(ModelMethod):
             self.active, self.adaptation, self.fitted_transfer, self.shared_transfer = self.synth, None, None, None
             return
         if res.swap:
-            self.notes[f"electrodes look swapped within the offsets' reach, fitted on: {res.swap}"] += 1
+            self.notes[f"electrodes look swapped, fitted on (within the offsets' reach, or limb leads): {res.swap}"] += 1
         if self.transfer:  # the neighbours' own angles: every recorded lead fitted leave-one-out
             from panorama.transfer import fit_neighbour_offsets  # (none with every recorded lead an input)
 
