@@ -211,7 +211,6 @@ def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, i
         notes = [res.summary()] + [f"offset {n}: dtheta {d[0]:+.2f} dphi {d[1]:+.2f} deg"
                                    for n, d in zip(names, offsets)]
         if res.swap_refused and (adapt_model or transfer):  # they would fit on the same swapped leads
-            log.warning("%s: %s", path.name, res.reason)
             notes.append(f"patient adaptation and neighbour transfer skipped too: {res.swap}?")
             adapt_model = transfer = False
         if adapt_model:

@@ -266,8 +266,7 @@ def calibrate(model, x: np.ndarray, views: list[View], fs: float = MODEL_FS, sec
         res = _fit(model, xs, table, fit, nz, usable, used, views, flags, seconds, max_offset_deg, steps, lr,
                    row_weight, min_gain, patience, movable, dev, t0)
         res.axes, res.prior_weight = axes, prior_weight
-        # electrodes this near each other: the offsets reach the swap (docs/stage3.md)
-        res.reason += said(": fitted on")
+        res.reason += said(": fitted on")  # a swap fitted on, or a recording not checked, says so
         for k, v in near.items():
             setattr(res, k, v)
         return res
