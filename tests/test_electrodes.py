@@ -154,3 +154,19 @@ def test_bench_electrodes_on_a_few_records(panorama, data_dir, tmp_path):
     assert res["records"] == 20 and res["false_alarms"] == [] and res["lowest_ratio_as_recorded"] > 0.4
     assert res["swaps"]["V1 and V5 swapped"]["named"] >= 0.9 and "V1 and V5 swapped" in out.stdout
     assert "wrote" not in res  # the shipped covariance only changes with --write
+
+
+def test_bench_electrodes_writes_a_covariance_the_check_loads(data_dir, tmp_path):
+    from training.tune_electrodes import tune_electrodes
+
+    recs = [data_dir / "ludb" / f"ludb{i:03d}" for i in range(1, 31)]
+    out = tmp_path / "cov.json"
+    res = tune_electrodes(recs, "all", write=out)
+    cov = load_covariance(out)
+    assert res["wrote"] == str(out) and json.loads(out.read_text())["records"] == res["fitted_on_train_records"] > 0
+    assert cov.shape == (8, 8) and np.allclose(cov, cov.T)
+    # the fitted model names a swap as the shipped one does
+    s = simulate(0, views=list(LEADS), duration_s=5.0, fs=500, device="diagnostic")
+    assert check_electrodes(swapped(s.signals, list(s.names), "V1", "V5"), list(s.names), s.fs, cov).swap == \
+        "V1 and V5 swapped"
+
