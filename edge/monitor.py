@@ -143,7 +143,8 @@ def run_monitor(streams: list[MonitorStream], url: str, protocol: str = "5", chu
     request for every stream first. Returns one ``StreamStats`` per stream, in order.
     """
     from .mqtt import Publisher, client_id as new_client_id, connect, make_client
-    from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Topics
+    from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON
+    from .topics import Topics
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")

@@ -18,7 +18,8 @@ import numpy as np
 from panorama.calibrate import CalibrationResult
 
 from .mqtt import Publisher
-from .protocol import CONTENT_TYPE_JSON, ProtocolError, Topics
+from .protocol import CONTENT_TYPE_JSON, ProtocolError
+from .topics import Topics
 
 log = logging.getLogger("panorama.serve")
 

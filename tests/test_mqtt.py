@@ -272,7 +272,7 @@ def test_a_flood_of_refusals_leaves_other_patients_state_through(mosquitto_url, 
     all): it never fills the queues another patient's retained status shares."""
     import json
 
-    from edge.protocol import Topics
+    from edge.topics import Topics
     from edge.reporting import Reporter
 
     prefix = base_topic()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from edge import protocol as P
-from edge.protocol import CODES, Chunk, Limits, ProtocolError, Topics
+from edge.protocol import CODES, Chunk, Limits, ProtocolError
+from edge.topics import STREAM_KINDS, Topics, parse_views_request
 
 LEADS = ["I", "II", "V1", "V4R", "120:45"]
 
@@ -160,7 +161,7 @@ def test_every_error_code_is_reachable():
         code_of(P.decode, good.replace(b"\x02II", b"\x02V1")),                 # duplicate_lead
         code_of(P.from_json, b"{not json"),                                    # bad_json
         code_of(Topics().parse, "ecg/v1/bed1/p1/nope"),                        # bad_topic
-        code_of(P.parse_views_request, b'{"views": ["V99"]}'),                 # bad_views
+        code_of(parse_views_request, b'{"views": ["V99"]}'),                 # bad_views
     }
     with pytest.raises(ProtocolError) as info:
         P.decode(patched(good16, 4, "<B", 2))
@@ -260,7 +261,7 @@ def test_fuzz_random_bytes_raise_only_protocol_errors():
         _decode_or_protocol_error(P.decode, payload)
         _decode_or_protocol_error(P.decode_any, payload)
         _decode_or_protocol_error(P.from_json, b"{" + payload)
-        _decode_or_protocol_error(P.parse_views_request, payload)
+        _decode_or_protocol_error(parse_views_request, payload)
 
 
 def test_fuzz_truncated_and_mutated_chunks_raise_only_protocol_errors():
@@ -284,16 +285,16 @@ def test_fuzz_truncated_and_mutated_chunks_raise_only_protocol_errors():
 # ----------------------------------------------------------------------------- views requests
 
 def test_views_request():
-    assert P.parse_views_request(b'{"views": ["V7", "v8", "120:45"]}') == ["V7", "V8", "120:45"]
-    assert P.parse_views_request(b"") == []
-    assert P.parse_views_request(b'{"views": []}') == []
+    assert parse_views_request(b'{"views": ["V7", "v8", "120:45"]}') == ["V7", "V8", "120:45"]
+    assert parse_views_request(b"") == []
+    assert parse_views_request(b'{"views": []}') == []
     bad = [b"V7,V8", b'{"views": "V7"}', b'{"views": ["V7", "V7"]}', b'{"views": ["V7"], "x": 1}',
            b'{"views": [7]}', b'{"views": ["200:0"]}', b'["V7"]', b"\xff",
            json.dumps({"views": [f"{i}:0" for i in range(33)]}).encode(),
            json.dumps({"views": ["1.00000000000000000000000000001:0"]}).encode(),
            b" " * 5000]
     for payload in bad:
-        assert code_of(P.parse_views_request, payload) == "bad_views", payload[:40]
+        assert code_of(parse_views_request, payload) == "bad_views", payload[:40]
 
 
 # ----------------------------------------------------------------------------- topics
@@ -309,7 +310,7 @@ def test_topics_build_and_parse():
     assert t.health("edge-1") == "ecg/v1/_daemon/edge-1/health"
     assert t.errors("edge-1") == "ecg/v1/_daemon/edge-1/errors"
     assert t.pattern("raw") == "ecg/v1/+/+/raw"
-    for kind in P.STREAM_KINDS:
+    for kind in STREAM_KINDS:
         assert t.parse(getattr(t, kind)("ICU-3.bed_12", "p-0042")) == ("ICU-3.bed_12", "p-0042", kind)
     assert Topics("site/a").parse("site/a/m/p/raw") == ("m", "p", "raw")
 

@@ -25,6 +25,7 @@ from edge import protocol
 from edge.listen import Listener
 from edge.monitor import record_stream, run_monitor, sim_streams
 from edge.mqtt import client_id, connect, make_client
+from edge.topics import Topics
 from panorama.calibrate import EVERY_LEAD, FEW_CHEST, MONITOR_MIN_CHEST
 from panorama.records import find_records, read_record
 
@@ -167,7 +168,7 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
 def test_bad_input_is_refused_and_harms_no_other_stream(mosquitto, prefix, tmp_path):
     good = sim_streams(1, seconds=8.0, monitor_id="good")
     stop = threading.Event()
-    topics = protocol.Topics(prefix)
+    topics = Topics(prefix)
     ok = protocol.Chunk(0, time.time_ns(), 500.0, ["I", "II"], np.zeros((2, 125), np.float32))
     wire = protocol.encode(ok, "float32")
     nan = bytearray(wire)
