@@ -41,11 +41,12 @@ from panorama.synth import default_checkpoint
 
 from . import mqtt as mq
 from .backends import make_backend
+from .batch import Output, run_windows
 from .config import EdgeConfig, load_config
 from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Chunk, Limits, ProtocolError, decode_any, encode, to_json
 from .topics import Topics, parse_views_request
 from .reporting import LatencyWindow, Reporter
-from .stream import Output, PatientStream, StreamParams, run_windows
+from .stream import PatientStream, StreamParams
 
 log = logging.getLogger("panorama.serve")
 

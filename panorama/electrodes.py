@@ -116,7 +116,8 @@ def swaps(names: list[str]) -> list[tuple[str, object]]:
     return out
 
 
-def _relabel(x: np.ndarray, names: list[str], how) -> np.ndarray:
+def relabel(x: np.ndarray, names: list[str], how) -> np.ndarray:
+    """``x`` as the swap ``how`` (from :func:`swaps`) would record it; each swap is its own inverse."""
     y = x.copy()
     if isinstance(how, tuple):
         a, b = how
@@ -155,7 +156,7 @@ def check_electrodes(x: np.ndarray, names: list[str], fs: float, cov: np.ndarray
     xb = band(x, fs)
     labelled = misfit(xb, w)
     tested = swaps(present)
-    scores = [misfit(_relabel(xb, present, how), w) for _, how in tested]
+    scores = [misfit(relabel(xb, present, how), w) for _, how in tested]
     if not tested:
         return ElectrodeCheck(misfit=labelled, reason="not checked: no swap to test")
     best = int(np.argmin(scores))
@@ -170,19 +171,3 @@ def check_electrodes(x: np.ndarray, names: list[str], fs: float, cov: np.ndarray
     else:
         res.reason = f"labels fit (misfit {labelled:.2f}; best swap {scores[best]:.2f})"
     return res
-
-
-def fit_covariance(windows: list[np.ndarray], names: list[list[str]], fs: float) -> tuple[np.ndarray, int]:
-    """Covariance of ``LEADS`` over recordings holding all of them (each band-passed as the
-    check does); returns it and how many recordings it pooled."""
-    acc = np.zeros((len(LEADS), len(LEADS)))
-    used = 0
-    for x, nm in zip(windows, names):
-        if not all(n in nm for n in LEADS):
-            continue
-        xb = band(np.asarray(x)[[nm.index(n) for n in LEADS]], fs)
-        acc += xb @ xb.T
-        used += 1
-    if not used:
-        raise ValueError(f"no recording holds all of {', '.join(LEADS)}")
-    return acc / used, used

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from panorama.calibrate import calibrate
-from panorama.electrodes import LEADS, _relabel, check_electrodes, load_covariance, swaps
+from panorama.electrodes import LEADS, check_electrodes, load_covariance, relabel, swaps
 from panorama.geometry import STANDARD_12, resolve_views
 from panorama.records import read_record, write_record
 from panorama.synth import Synthesizer
@@ -54,7 +54,7 @@ def test_a_simulated_patient_too():
     assert check_electrodes(swapped(s.signals, names, "V1", "V5"), names, s.fs).swap == "V1 and V5 swapped"
     # each swap is its own inverse: undoing one gives the recording back
     for _, how in swaps(names):
-        assert np.allclose(_relabel(_relabel(s.signals, names, how), names, how), s.signals, atol=1e-6)
+        assert np.allclose(relabel(relabel(s.signals, names, how), names, how), s.signals, atol=1e-6)
 
 
 def test_too_few_leads_or_seconds_are_not_checked():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from edge.backends.torch import TorchBackend
-from edge.stream import PatientStream, StreamParams, run_windows, window_quality
+from edge.batch import run_windows
+from edge.stream import PatientStream, StreamParams, window_quality
 from panorama.calibrate import calibrate
 from panorama.geometry import STANDARD_12, resolve_views
 from panorama.synth import Synthesizer, default_checkpoint

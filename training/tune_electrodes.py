@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from panorama.electrodes import (BAND_HZ, COVARIANCE, LEADS, SWAP_RATIO, _relabel, check_electrodes,
-                                 fit_covariance, swaps)
+from panorama.electrodes import BAND_HZ, COVARIANCE, LEADS, SWAP_RATIO, band, check_electrodes, relabel, swaps
 from panorama.records import MODEL_FS, find_records, read_record, screen_leads
 
 from . import splits
@@ -36,9 +35,21 @@ def read_windows(data, split: str) -> list[tuple[str, np.ndarray]]:
     return out
 
 
+def fit_covariance(windows: list[np.ndarray]) -> np.ndarray:
+    """Covariance of ``LEADS`` over ``windows`` (each (8, samples) mV in that order, at
+    ``MODEL_FS``), each band-passed as the check does."""
+    acc = np.zeros((len(LEADS), len(LEADS)))
+    for x in windows:
+        xb = band(x, MODEL_FS)
+        acc += xb @ xb.T
+    return acc / len(windows)
+
+
 def tune_electrodes(data, split: str = "val", write: Path | None = None) -> dict:
     train = read_windows(data, "train")
-    cov, used = fit_covariance([x for _, x in train], [list(LEADS)] * len(train), MODEL_FS)
+    if not train:
+        raise ValueError(f"no training-split record holds {', '.join(LEADS)} usable for {SECONDS:g} s")
+    cov, used = fit_covariance([x for _, x in train]), len(train)
     if write is not None:
         meta = {"records": used, "split": "train", "seconds": SECONDS, "band_hz": list(BAND_HZ), "fs": MODEL_FS,
                 "made_by": "panorama bench electrodes --write"}
@@ -55,7 +66,7 @@ def tune_electrodes(data, split: str = "val", write: Path | None = None) -> dict
            "lowest_ratio_as_recorded": round(float(min(ratios)), 3),
            "lowest_ratio_record": windows[int(np.argmin(ratios))][0], "swaps": {}}
     for label, how in tqdm(swaps(list(LEADS)), desc="swaps", file=sys.stderr, leave=False):
-        found = [check_electrodes(_relabel(x, list(LEADS), how), list(LEADS), MODEL_FS, cov) for _, x in windows]
+        found = [check_electrodes(relabel(x, list(LEADS), how), list(LEADS), MODEL_FS, cov) for _, x in windows]
         res["swaps"][label] = {"named": round(float(np.mean([f.swap == label for f in found])), 3),
                                "flagged": round(float(np.mean([f.suspect for f in found])), 3)}
     if write is not None:

@@ -1,0 +1,63 @@
+"""Every patient's due windows in as few backend calls as their shapes allow, and what comes
+back: the daemon's inference step (pure logic, no MQTT; the windows come from edge/stream.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .stream import Window
+
+
+@dataclass
+class Output:
+    """Synthesised samples ready to publish for one stream."""
+
+    key: tuple[str, str]
+    start: int
+    views: list[str]
+    data: np.ndarray  # (Q, n) mV
+    quality: list[str]
+    sent_ns: int
+    t0_ns: int = 0  # the stream's time base: output sample i is at t0_ns + (start + i) / fs
+
+
+def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]:
+    """Synthesise ``windows`` with a backend's ``run`` (numpy, batched), in as few calls as
+    their shapes allow: windows of one length are stacked (leads and views padded and masked
+    off; a window's output does not depend on what else is in its batch); a final window runs
+    alone at its exact length, as the offline pass does at a record's end. Only the leads a
+    window's mask keeps are sent: a backend with fixed shapes (ONNX Runtime, TensorRT)
+    would otherwise encode the masked ones too (III, aVR, aVL, aVF, leads off)."""
+    outputs: dict[int, Output] = {}
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(windows):
+        groups.setdefault(("final", i) if w.final else (w.x.shape[1],), []).append(i)
+    for idx in groups.values():
+        for b0 in range(0, len(idx), max_batch):
+            part = [windows[i] for i in idx[b0: b0 + max_batch]]
+            # no usable lead: the model needs one; its output is zeroed below
+            kept = [np.flatnonzero(w.mask) if w.mask.any() else np.zeros(1, int) for w in part]
+            nl = max(len(k) for k in kept)
+            nq = max(w.q_views.shape[0] for w in part)
+            t = part[0].x.shape[1]
+            x = np.zeros((len(part), nl, t), np.float32)
+            mask = np.zeros((len(part), nl), bool)
+            iv = np.zeros((len(part), nl, 3), np.float32)
+            iv[..., 0] = 90.0  # padded slots: any valid direction (masked off)
+            qv = np.zeros((len(part), nq, 3), np.float32)
+            for j, (w, k) in enumerate(zip(part, kept)):
+                ln, qn = len(k), w.q_views.shape[0]
+                x[j, :ln], mask[j, :ln], iv[j, :ln] = w.x[k], True, w.in_views[k]
+                iv[j, ln:] = iv[j, 0]
+                qv[j, :qn] = w.q_views
+                qv[j, qn:] = w.q_views[0]
+            y = run(x, iv, mask, qv)
+            for j, (i, w) in enumerate(zip(idx[b0: b0 + max_batch], part)):
+                data = y[j, : w.q_views.shape[0], w.keep_from: w.keep_from + w.n]
+                if not w.mask.any():
+                    data = np.zeros_like(data)
+                outputs[i] = Output(w.key, w.start, w.view_names, np.ascontiguousarray(data, np.float32),
+                                    w.quality, w.sent_ns, w.t0_ns)
+    return [outputs[i] for i in range(len(windows))]
