@@ -118,6 +118,7 @@ class PatientStream:
         self.t0_ns: int | None = None
         self.seq_high: int | None = None  # the newest seq received (mod 2**32), placed or not
         self.last_n = 0  # samples in the newest chunk placed
+        self.placed: dict[int, tuple[int, int]] = {}  # seq -> (position, samples) of recent chunks
         self.last_sent_ns = 0
         self.state = "waiting" if params.calibrate_s > 0 else "streaming"
         self.emitted = 0 if params.calibrate_s <= 0 else params.calibration_samples
@@ -141,28 +142,38 @@ class PatientStream:
         (filled a hole), "late" (filled a hole whose output was already published, or too old
         to place: dropped) or "reset" (a jump in time: the stream starts again from this
         chunk, after ``due`` has handed out what the old time base held). A chunk whose seq
-        follows the newest one's but whose time does not is the sender's clock stepping: it
-        is placed right after, and the time base moves (``counts.clock_steps``)."""
+        follows the newest one's (or runs up to ``REORDER_SEQ`` ahead of it, chunks between
+        still to come) but whose time does not is the sender's clock stepping: it is placed
+        where its seq puts it, and the time base moves (``counts.clock_steps``). A chunk
+        reordered across such a step is placed beside its seq neighbour, whichever time
+        base it was stamped in."""
         n = data.shape[1]
         pos = self.position(t0_ns)
         outcome = "ok"
         jump = int(self.p.max_buffer_s * self.p.fs)
         far = pos <= -jump or pos > self.end + jump
         behind = self.seq_high is not None and 0 <= (self.seq_high - seq) % 2**32 <= REORDER_SEQ
-        if behind and far and seq < REORDER_SEQ:
+        # a seq not yet placed, beside one that was: reordered, whatever its time says
+        by_seq = self._by_seq(seq, n) if behind and seq not in self.placed else None
+        if behind and far and seq < REORDER_SEQ and by_seq is None:
             behind = False  # far off in time and counting from 0 again: a restarted monitor
-        follows = self.seq_high is not None and (seq - self.seq_high) % 2**32 == 1
+        ahead = 0 if self.seq_high is None or behind else (seq - self.seq_high) % 2**32
+        if by_seq is not None and abs(by_seq - pos) > 1:
+            pos = by_seq  # its time and seq disagree: a clock step came between
         if behind:  # resent or reordered: it may fill a hole, never extend or restart the stream
             if pos < max(0, self.base) or pos + n > self.end:
                 self.counts.late += 1
                 return "late"
         else:  # newer, or far off (a restarted monitor counts from 0 again)
             self.seq_high = seq
-        if follows and self.end > 0 and abs(pos - self.end) > 1:
-            # the chunk right after the newest, by seq, but not by time: the sender's clock
-            # stepped (NTP, daylight saving) or it paused. Its samples follow on; the time base moves
-            self.t0_ns = t0_ns - int(round(self.end * 1e9 / self.p.fs))
-            pos = self.end
+        # at most this far after the end, by seq: the chunks still to come, none longer than the longest seen
+        room = (ahead - 1) * max((m for _, m in self.placed.values()), default=self.last_n)
+        if 1 <= ahead <= REORDER_SEQ and self.end > 0 and not self.end - 1 <= pos <= self.end + room + 1:
+            # after the newest, by seq, but not by time: the sender's clock stepped (NTP,
+            # daylight saving) or it paused. Its samples follow on (after the chunks still to
+            # come, if as long as the newest); the time base moves
+            pos = self.end + (ahead - 1) * self.last_n
+            self.t0_ns = t0_ns - int(round(pos * 1e9 / self.p.fs))
             self.counts.clock_steps += 1
         elif abs(pos - self.end) == 1 and self.end > 0 and not behind:  # jitter within a sample (the protocol's)
             pos = self.end
@@ -196,6 +207,9 @@ class PatientStream:
             outcome = "gap"
             self.counts.gaps += 1
             self.counts.gap_samples += pos - self.end
+        self.placed[seq] = (pos, n)
+        while len(self.placed) > 2 * REORDER_SEQ:
+            del self.placed[next(iter(self.placed))]
         slots = [self._slot(name) for name in leads]
         self._ensure(pos, pos + n)
         self.buf[slots, pos - self.base: pos + n - self.base] = data
@@ -211,8 +225,18 @@ class PatientStream:
         self.last_sent_ns = max(self.last_sent_ns, sent_ns)
         return outcome
 
+    def _by_seq(self, seq: int, n: int) -> int | None:
+        """Where a chunk of ``n`` samples goes by its seq: right after ``seq − 1``, or right
+        before ``seq + 1``, if either was placed (consecutive chunks are contiguous)."""
+        if (prev := self.placed.get((seq - 1) % 2**32)) is not None:
+            return prev[0] + prev[1]
+        if (after := self.placed.get((seq + 1) % 2**32)) is not None:
+            return after[0] - n
+        return None
+
     def reset(self, t0_ns: int) -> None:
         self.generation += 1
+        self.placed.clear()
         self.t0_ns = t0_ns
         self.buf = np.full((len(self.leads), 0), np.nan, dtype=np.float32)
         self.have = np.zeros(0, dtype=bool)

@@ -280,17 +280,51 @@ def test_calibration_on_a_stream_never_whole_for_5_s_says_what_it_lacks(synth):
     assert not res.accepted and "missing samples" in res.reason and res.reason.endswith("V6 missing samples")
 
 
-def test_a_chunk_reordered_across_a_clock_step_is_not_a_second_step(record, backend):
+@pytest.mark.parametrize("step_s", [-10.0, 30.0, -3600.0, 3600.0])
+@pytest.mark.parametrize("stepped_from", [20, 21])
+def test_chunks_reordered_across_a_clock_step_lose_nothing(record, synth, backend, step_s, stepped_from):
+    """The clock steps (an hour: daylight saving; 10 s: NTP) and the chunks around it arrive
+    out of order, 21 before 20: chunk 21 is placed where its seq puts it (a hole left for 20),
+    20 fills the hole beside 19 whichever clock it was stamped on, and the stream keeps its
+    calibration and every sample, as in one pass over the record."""
     x, names = record
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
-    step = -10 * 10**9  # the sender's clock steps back 10 s with chunk 21
+    outs, step = [], int(step_s * 1e9)
     for k in [*range(20), 21, 22, 20, *range(23, 28)]:  # 28 chunks: the 7 s record
         i = k * 125
-        st.ingest(k, T0 + int(i * 2e6) + (step if k >= 21 else 0), names, x[:, i: i + 125])
-        run_windows(backend.run, st.due())
-    assert st.counts.clock_steps == 1 and st.counts.gaps == 0 and st.counts.skipped == 0
-    assert st.generation == 0 and st.counts.late == 2  # 21 (before the stream began) and 20, on the old clock
-    assert st.end == 26 * 125 and st.first_hole() is None
+        st.ingest(k, T0 + int(i * 2e6) + (step if k >= stepped_from else 0), names, x[:, i: i + 125])
+        outs += run_windows(backend.run, st.due())
+    outs += run_windows(backend.run, st.due(final=True))
+    assert st.counts.clock_steps == 1 and st.counts.gaps == 1 and st.counts.out_of_order == 1
+    assert st.generation == 0 and st.counts.late == st.counts.skipped == 0
+    assert st.end == 28 * 125 and st.first_hole() is None
+    y = np.concatenate([o.data for o in outs], axis=1)
+    ref = synth(x, resolve_views(names), VIEWS)
+    assert y.shape == ref.shape and np.abs(y - ref).max() * 1000 < 1.0, "nothing lost, nothing moved"
+    assert all(q == "ok" for o in outs for q in o.quality)
+
+
+def test_a_lost_chunk_of_a_monitor_sending_chunks_of_two_lengths_is_a_gap_not_a_clock_step(record):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    bounds = np.cumsum([0] + [100, 150] * 8)
+    for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if k != 5:  # a 150-sample chunk lost after a 100-sample one
+            st.ingest(k, T0 + int(a * 2e6), names, x[:, a:b])
+    assert st.counts.clock_steps == 0 and st.counts.gaps == 1 and st.counts.gap_samples == 150
+    assert st.first_hole() == bounds[5] and st.end == bounds[-1]
+
+
+@pytest.mark.parametrize("chunks,first_seq", [(8, 0), (8, 1), (100, 1)])
+def test_a_restarted_monitor_is_not_a_clock_step(record, chunks, first_seq):
+    """A monitor restarted (seq from 0 again, a new time; its chunk 0 perhaps lost) starts the
+    stream again, whether its old stream was young (the new seq behind the newest) or long."""
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    for k in range(chunks):
+        st.ingest(k, T0 + int(k * 125 * 2e6), names, x[:, :125])
+    assert st.ingest(first_seq, T0 + 10**12, names, x[:, :125]) == "reset"  # 1000 s on
+    assert st.generation == 1 and st.counts.clock_steps == 0 and st.end == 125
 
 
 def test_a_reset_flushes_the_old_time_base_first(record, backend):
