@@ -18,7 +18,7 @@ the records with two electrodes swapped on purpose, 98 % of V1/V5, 91 % of LA/RA
 of RA/LL swaps are named right, neighbours less often (V5/V6 11 %: their signals are
 alike, and so is what the swap does to the views). LA and LL exchanged is not tested: the
 recording changes little (I and II trade places), and tested at the same threshold it
-called 4 of the 280 normal records reversed. With fewer leads normal records are called swapped more
+called 4 of the 280 normal records reversed while naming 14 % of reversals made on purpose. With fewer leads normal records are called swapped more
 often: on the 21 sets of I, II and 4 or 5 chest leads together 27 of 5,880 checks (0.46 %,
 mostly neighbouring chest leads; none on I, II, V1, V3, V4, V5, the evaluation's
 calibration leads), and 3 of 280 on I, V1, V3, V5; so the check needs I, II and at least
