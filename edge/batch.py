@@ -1,5 +1,5 @@
 """Every patient's due windows in as few backend calls as their shapes allow, and what comes
-back: the daemon's inference step (pure logic, no MQTT; the windows come from edge/stream.py)."""
+back: the daemon's inference step (pure logic, no MQTT; edge/stream.py makes the windows)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .stream import Window
+
+@dataclass
+class Window:
+    """Work for the inference engine: synthesise ``views`` over ``x`` and keep
+    ``[keep_from, keep_from + n)`` of the output, which starts at stream sample ``start``."""
+
+    key: tuple[str, str]
+    x: np.ndarray  # (L, W) float32 mV, masked leads zeroed
+    mask: np.ndarray  # (L,) bool
+    in_views: np.ndarray  # (L, 3) descriptors, calibration offsets applied
+    q_views: np.ndarray  # (Q, 3)
+    view_names: list[str]
+    keep_from: int
+    n: int
+    start: int  # stream sample index of the first kept output sample
+    quality: list[str]  # per view
+    sent_ns: int  # origin publish time of the raw chunk that completed this window
+    final: bool = False  # a flush at the stream's end: run alone, at its exact length
+    t0_ns: int = 0  # the stream's time base when the window was made
 
 
 @dataclass

@@ -32,6 +32,8 @@ from panorama.geometry import View, descriptors, redundant_limb_leads, resolve_v
 from panorama.model import DOWNSAMPLE
 from panorama.records import FLAT_STD_MV, MODEL_FS
 
+from .batch import Window
+
 RECEPTIVE_FIELD = 224  # samples each side whose input can change an output sample (measured)
 REORDER_SEQ = 64  # a chunk this many seqs behind the newest, or fewer, is a resend or reordered
 
@@ -64,26 +66,6 @@ class StreamParams:
     @property
     def calibration_samples(self) -> int:
         return int(round(self.calibrate_s * self.fs))
-
-
-@dataclass
-class Window:
-    """Work for the inference engine: synthesise ``views`` over ``x`` and keep
-    ``[keep_from, keep_from + n)`` of the output, which starts at stream sample ``start``."""
-
-    key: tuple[str, str]
-    x: np.ndarray  # (L, W) float32 mV, masked leads zeroed
-    mask: np.ndarray  # (L,) bool
-    in_views: np.ndarray  # (L, 3) descriptors, calibration offsets applied
-    q_views: np.ndarray  # (Q, 3)
-    view_names: list[str]
-    keep_from: int
-    n: int
-    start: int  # stream sample index of the first kept output sample
-    quality: list[str]  # per view
-    sent_ns: int  # origin publish time of the raw chunk that completed this window
-    final: bool = False  # a flush at the stream's end: run alone, at its exact length
-    t0_ns: int = 0  # the stream's time base when the window was made
 
 
 @dataclass
