@@ -1,11 +1,14 @@
-"""Every patient's due windows in as few backend calls as their shapes allow, and what comes
-back: the daemon's inference step (pure logic, no MQTT; edge/stream.py makes the windows)."""
+"""The daemon's inference step (pure logic, no MQTT; edge/stream.py makes the windows): each
+lead's quality over a window, and every patient's due windows in as few backend calls as
+their shapes allow, and what comes back."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from panorama.records import FLAT_STD_MV, MAX_SPAN_MV
 
 
 @dataclass
@@ -79,3 +82,23 @@ def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]
                 outputs[i] = Output(w.key, w.start, w.view_names, np.ascontiguousarray(data, np.float32),
                                     w.quality, w.sent_ns, w.t0_ns)
     return [outputs[i] for i in range(len(windows))]
+
+
+def window_quality(x: np.ndarray, rail_run: int = 25) -> list[str]:
+    """Per lead over one window: ``missing`` (any hole), ``flat`` (lead off),
+    ``saturated`` (held at the window's extreme for ``rail_run`` samples in a row, as an
+    amplifier at its rail is), ``implausible`` (spanning more than ``MAX_SPAN_MV``: not an
+    ECG in mV, µV sent as mV or a broken amplifier), else ``ok``. A window is short and one
+    hole makes a lead unusable in it; a share-of-samples rule would flag quantised real ECG here."""
+    x = np.atleast_2d(x)
+    finite = np.isfinite(x).all(axis=1)
+    z = np.where(finite[:, None], x, 0.0)
+    flat = z.std(axis=1, dtype=np.float64) < FLAT_STD_MV  # float64: huge samples must not overflow
+    rail = np.zeros(len(x), dtype=bool)
+    if x.shape[1] >= rail_run:
+        for extreme in (z.max(axis=1, keepdims=True), z.min(axis=1, keepdims=True)):
+            c = np.concatenate([np.zeros((len(x), 1)), np.cumsum(z == extreme, axis=1)], axis=1)
+            rail |= (c[:, rail_run:] - c[:, :-rail_run] >= rail_run).any(axis=1)  # a run of rail_run
+    huge = z.max(axis=1).astype(np.float64) - z.min(axis=1) > MAX_SPAN_MV
+    return ["missing" if not f else "flat" if fl else "saturated" if r else "implausible" if h else "ok"
+            for f, fl, r, h in zip(finite, flat, rail, huge)]

@@ -61,6 +61,8 @@ class StreamConfig(_Strict):
     batch_wait_ms: float = Field(20.0, ge=0, le=1000, description="wait this long after a chunk for others "
                                  "to batch with (latency traded for throughput)")
     max_patients: int = Field(64, ge=1, le=1024)
+    max_patients_per_monitor: int = Field(16, ge=1, le=1024, description="streams one monitor id may hold "
+                                          "(a sender flooding patient ids cannot take every slot)")
     idle_timeout_s: float = Field(10.0, gt=0, description="a stream silent this long is flushed and closed")
     max_views: int = Field(16, ge=1, le=64)
 

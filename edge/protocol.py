@@ -317,7 +317,9 @@ def from_json(payload: bytes, limits: Limits = Limits()) -> Chunk:
         if not _is_int(value) or not lo <= value <= hi:
             raise ProtocolError("bad_json", f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
     fs = doc["fs"]
-    if not _is_number(fs) or not limits.min_fs <= fs <= limits.max_fs:
+    if not _is_number(fs):
+        raise ProtocolError("bad_json", f"fs must be a number of Hz, got {fs!r}")
+    if not limits.min_fs <= fs <= limits.max_fs:
         raise ProtocolError("bad_fs", f"sample rate {fs!r} Hz lies outside [{limits.min_fs:g}, {limits.max_fs:g}] Hz")
     leads, data = doc["leads"], doc["data"]
     if not isinstance(leads, list) or not leads:

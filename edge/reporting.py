@@ -59,7 +59,7 @@ class Reporter:
         self._lock = threading.Lock()  # ingest and inference threads both report
 
     def status(self, st, why: str = "") -> None:
-        doc = {"state": st.state, "leads": st.leads, "views": [v.name for v in st.views],
+        doc = {"state": st.state, "signal": st.signal, "leads": st.leads, "views": [v.name for v in st.views],
                "t_ns": time.time_ns(), "counts": vars(st.counts)}
         if why:
             doc["reason"] = why
@@ -84,11 +84,11 @@ class Reporter:
             key = ("?", "?")
         self.error(key, code, reason, topic)
 
-    def unknown_lead(self, key, label: str) -> None:
+    def unknown_lead(self, key, label: str, topic: str = "") -> None:
         """A lead label no one knows: counted each time, said once per stream and label."""
         self.rejected["unknown_lead"] += 1
         self.error(key, "unknown_lead", f"lead {label!r} is not a known lead or THETA:PHI direction; "
-                   "ignored, the others are used", limit=("unknown_lead", label), once=True)
+                   "ignored, the others are used", topic, limit=("unknown_lead", label), once=True)
 
     def error(self, key, code: str, reason: str, topic: str = "", limit=None, once: bool = False) -> None:
         """Said per (``key``, ``limit`` or ``code``): the first three times and one in every

@@ -49,6 +49,7 @@ from .reporting import LatencyWindow, Reporter
 from .stream import PatientStream, StreamParams
 
 log = logging.getLogger("panorama.serve")
+NO_SIGNAL = "no usable lead (every lead off, flat, saturated or missing): views marked missing"
 
 
 def register(sub) -> None:
@@ -234,7 +235,7 @@ class Daemon:
         if chunk.fs != MODEL_FS:
             raise ProtocolError("bad_fs", f"{chunk.fs:g} Hz: this daemon takes {MODEL_FS} Hz chunks "
                                 "(resample at the monitor: panorama monitor does)")
-        rows, names = self._known_leads(key, chunk)
+        rows, names = self._known_leads(key, chunk, topic)
         if not rows:
             raise ProtocolError("unknown_lead", f"no known lead among {chunk.leads}")
         data = chunk.data[rows].astype(np.float32, copy=True)
@@ -248,6 +249,10 @@ class Daemon:
                 if len(self.streams) >= self.cfg.stream.max_patients:
                     raise ProtocolError("capacity", f"this daemon serves at most {self.cfg.stream.max_patients} "
                                         "patients; stream refused")
+                per_monitor = self.cfg.stream.max_patients_per_monitor
+                if sum(k[0] == monitor for k in self.streams) >= per_monitor:
+                    raise ProtocolError("capacity", f"monitor {monitor!r} already streams {per_monitor} patients, "
+                                        "the most one monitor may; stream refused")
                 views = [resolve_view(n) for n in self.requested.get(key, [])] or list(self.default_views)
                 st = self.streams[key] = PatientStream(key, self.params, views)
                 self.report.status(st)
@@ -268,7 +273,7 @@ class Daemon:
                 self.report.status(st)
         self.wake.set()
 
-    def _known_leads(self, key, chunk: Chunk) -> tuple[list[int], list[str]]:
+    def _known_leads(self, key, chunk: Chunk, topic: str) -> tuple[list[int], list[str]]:
         rows, names = [], []
         for i, label in enumerate(chunk.leads):
             name = canonical_lead_name(label)
@@ -276,7 +281,7 @@ class Daemon:
                 try:
                     name = resolve_view(label).name
                 except ValueError:
-                    self.report.unknown_lead(key, label)
+                    self.report.unknown_lead(key, label, topic)
                     continue
             rows.append(i)
             names.append(name)
@@ -322,10 +327,14 @@ class Daemon:
             with self.lock:
                 windows, stale = [], []
                 for st in self.streams.values():
-                    before = st.counts.skipped
+                    before, signal_before = st.counts.skipped, st.signal
                     windows += st.due()
                     if st.counts.skipped > before:
                         stale.append((st.key, st.counts.skipped - before))
+                    if (st.signal == "missing") != (signal_before == "missing"):  # every lead lost, or one back
+                        self.report.status(st, NO_SIGNAL if st.signal == "missing" else "signal back")
+                        if st.signal == "missing":
+                            self.report.error(st.key, "no_signal", NO_SIGNAL)
             for key, n in stale:
                 self.report.error(key, "stale_output", f"{n} samples ({n / self.params.fs:.1f} s) of output were "
                             "already stale when due and were skipped (calibration queue or overload)")

@@ -30,9 +30,9 @@ import numpy as np
 from panorama.calibrate import CalibrationResult
 from panorama.geometry import View, descriptors, redundant_limb_leads, resolve_view
 from panorama.model import DOWNSAMPLE
-from panorama.records import FLAT_STD_MV, MODEL_FS
+from panorama.records import MODEL_FS
 
-from .batch import Window
+from .batch import Window, window_quality
 
 RECEPTIVE_FIELD = 224  # samples each side whose input can change an output sample (measured)
 REORDER_SEQ = 64  # a chunk this many seqs behind the newest, or fewer, is a resend or reordered
@@ -81,6 +81,7 @@ class Counters:
     late: int = 0  # arrived after its samples were already synthesised: dropped
     skipped: int = 0  # output samples never synthesised because they were already stale
     masked_windows: int = 0
+    missing_windows: int = 0  # no usable lead at all: every view marked missing
 
 
 class PatientStream:
@@ -107,6 +108,7 @@ class PatientStream:
         self.offsets: np.ndarray | None = None  # (L, 2) degrees, once calibrated
         self.calibration: CalibrationResult | None = None
         self.counts = Counters()
+        self.signal = "ok"  # the newest window's quality: ok, masked or missing (no usable lead)
         self.generation = 0  # +1 at every reset: a calibration of an earlier time base is void
         self.cal_start = 0  # stream sample where the calibration seconds begin
         self.pending: list[Window] = []  # made at a reset, of the time base before it
@@ -227,6 +229,7 @@ class PatientStream:
         self.cal_start = 0
         self.emitted = 0 if self.p.calibrate_s <= 0 else self.p.calibration_samples
         self.offsets, self.calibration = None, None
+        self.signal = "ok"
 
     def _slot(self, name: str) -> int:
         if name not in self.leads:
@@ -371,6 +374,8 @@ class PatientStream:
             self.counts.masked_windows += 1
         else:
             quality = "missing"
+            self.counts.missing_windows += 1
+        self.signal = quality
         return Window(self.key, x, mask, descriptors(self.lead_views, self.offsets), descriptors(self.views),
                       [v.name for v in self.views], o0 - s, o1 - o0, o0, [quality] * len(self.views),
                       self.last_sent_ns, final, self.t0_ns or 0)
@@ -380,21 +385,3 @@ class PatientStream:
         lo = max(self.base, floor8(max(0, self.emitted - self.p.context)) - DOWNSAMPLE)
         missing = np.flatnonzero(~self.have[lo - self.base: self.end - self.base])
         return int(lo + missing[0]) if missing.size else None
-
-
-def window_quality(x: np.ndarray, rail_run: int = 25) -> list[str]:
-    """Per lead over one window: ``missing`` (any hole), ``flat`` (lead off),
-    ``saturated`` (held at the window's extreme for ``rail_run`` samples in a row, as an
-    amplifier at its rail is), else ``ok``. A window is short and one hole makes a lead
-    unusable in it; a share-of-samples rule would flag quantised real ECG here."""
-    x = np.atleast_2d(x)
-    finite = np.isfinite(x).all(axis=1)
-    z = np.where(finite[:, None], x, 0.0)
-    flat = z.std(axis=1) < FLAT_STD_MV
-    rail = np.zeros(len(x), dtype=bool)
-    if x.shape[1] >= rail_run:
-        for extreme in (z.max(axis=1, keepdims=True), z.min(axis=1, keepdims=True)):
-            c = np.concatenate([np.zeros((len(x), 1)), np.cumsum(z == extreme, axis=1)], axis=1)
-            rail |= (c[:, rail_run:] - c[:, :-rail_run] >= rail_run).any(axis=1)  # a run of rail_run
-    return ["missing" if not f else "flat" if fl else "saturated" if r else "ok"
-            for f, fl, r in zip(finite, flat, rail)]

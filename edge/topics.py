@@ -15,7 +15,8 @@ from .protocol import MAX_VIEWS_REQUEST_BYTES, Limits, ProtocolError, _check_lab
 
 def parse_views_request(payload: bytes, limits: Limits = Limits()) -> list[str]:
     """The views a monitor asks for: ``{"views": ["V7", "V8", "120:45"]}`` → canonical names.
-    An empty payload (a cleared retained message) or an empty list asks for none. At most
+    An empty payload (a cleared retained message) or an empty list asks for none: the request
+    is withdrawn (the daemon draws its default views again). At most
     ``limits.max_leads`` views, since they travel as the leads of one virtual chunk."""
     if len(payload) == 0:
         return []

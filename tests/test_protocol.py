@@ -212,7 +212,7 @@ def test_json_errors():
         (variant(seq=True), "bad_json"),
         (variant(t0_ns=2**63), "bad_json"),
         (variant(fs=20), "bad_fs"),
-        (variant(fs="500"), "bad_fs"),
+        (variant(fs="500"), "bad_json"),
         (variant(leads=[]), "bad_json"),
         (variant(leads=["I", "II"]), "bad_json"),
         (variant(leads=[{"label": "I"}, {"label": "I"}]), "duplicate_lead"),

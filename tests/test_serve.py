@@ -212,6 +212,45 @@ def test_bad_input_is_refused_and_harms_no_other_stream(mosquitto, prefix, tmp_p
         assert doc["reason"] and doc["code"]
 
 
+def test_a_flooding_monitor_cannot_lock_out_another_and_a_patient_without_signal_is_seen(mosquitto, prefix,
+                                                                                        tmp_path):
+    """One monitor id sends flat chunks (every electrode off) for 5 patients: it gets 3 streams
+    (`max_patients_per_monitor`), the rest are refused with `capacity`, and each of its streams
+    says `signal: missing` with a `no_signal` error; a patient of another monitor still streams."""
+    good = sim_streams(1, seconds=6.0, monitor_id="good")
+    topics = Topics(prefix)
+    with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0},
+               stream={"max_patients": 4, "max_patients_per_monitor": 3}) as (proc, tap, cfg):
+        with Listener(mosquitto, topic=f"{prefix}/good/+/virtual") as lis:
+            pub = make_client(client_id("flood"), "5")
+            connect(pub, mosquitto)
+            t0 = time.time_ns()
+            for k in range(8):  # 2 s of flat chunks for 5 patient ids
+                for p in range(5):
+                    chunk = protocol.Chunk(k, t0 + k * 250_000_000, 500.0, ["I", "II", "V1"],
+                                           np.zeros((3, 125), np.float32))
+                    pub.publish(topics.raw("flood", f"p{p}"), protocol.encode(chunk, "float32"), qos=1)
+            pub.loop_stop()
+            pub.disconnect()
+            run_monitor(good, mosquitto, prefix=prefix, speed=4.0)
+            assert tap.wait(lambda: ("good", "sim-000") in lis.streams
+                            and lis.streams[("good", "sim-000")].signals.shape[1] >= 2500, timeout=30)
+            errors = lambda: [json.loads(p) for p in tap.payloads("_daemon/test/errors")]
+            assert tap.wait(lambda: len({e["patient"] for e in errors() if e["code"] == "no_signal"}) == 3, timeout=20)
+        status = {p: [json.loads(d) for d in tap.payloads(f"flood/{p}/status")] for p in ("p0", "p1", "p2")}
+    refused = [e for e in errors() if e["code"] == "capacity"]
+    assert refused and {e["patient"] for e in refused} == {"p3", "p4"}
+    assert all("monitor 'flood' already streams 3 patients" in e["reason"] for e in refused)
+    assert not tap.payloads("flood/p3/status") and not tap.payloads("flood/p4/status")
+    for docs in status.values():  # said when the signal went, and still so when the stream ends
+        said = [d for d in docs if "no usable lead" in d.get("reason", "")]
+        assert len(said) == 1 and said[0]["signal"] == "missing" and said[0]["counts"]["missing_windows"] > 0
+        last = docs[-1]
+        assert last["signal"] == "missing" and last["counts"]["missing_windows"] >= said[0]["counts"]["missing_windows"]
+    got = lis.streams[("good", "sim-000")]
+    assert np.isfinite(got.signals).all() and got.stats.gaps == 0
+
+
 def test_swapped_electrodes_are_named_and_harm_no_other_stream(mosquitto, prefix, tmp_path):
     """A patient whose V1 and V5 electrodes are swapped keeps the table angles, and the retained
     calibration names the swap; the patient beside is fitted as usual, and both stream."""

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from edge.backends.torch import TorchBackend
-from edge.batch import run_windows
-from edge.stream import PatientStream, StreamParams, window_quality
+from edge.batch import run_windows, window_quality
+from edge.stream import PatientStream, StreamParams
 from panorama.calibrate import calibrate
 from panorama.geometry import STANDARD_12, resolve_views
 from panorama.synth import Synthesizer, default_checkpoint
@@ -348,8 +348,8 @@ def test_window_quality_flags():
     rail[100:160] = ok.max() + 1
     hole = ok.copy()
     hole[5] = np.nan
-    flags = window_quality(np.stack([ok, np.zeros(640), rail, hole]))
-    assert flags == ["ok", "flat", "saturated", "missing"]
+    flags = window_quality(np.stack([ok, np.zeros(640), rail, hole, 1000 * ok, 3e37 * ok.astype(np.float32)]))
+    assert flags == ["ok", "flat", "saturated", "missing", "implausible", "implausible"]  # µV as mV; overflow-free
 
 
 @pytest.mark.parametrize("fed,back", [(2500, -8), (3000, 200)])
