@@ -58,8 +58,8 @@ def register(sub) -> None:
     p.add_argument("--wander", action="store_true",
                    help=f"draw chest views from the leads without their baseline drift (below {WANDER.cutoff_hz:g} Hz; with "
                    "--calibrate the fitted seconds too) and give them back the drift chest leads share, that of "
-                   "the chest inputs (panorama/wander.py); needs a chest lead among --inputs; limb and Frank views "
-                   "are drawn as without it")
+                   "the chest inputs (panorama/wander.py); without a chest lead among --inputs it does nothing (the "
+                   "header says so); limb and Frank views are drawn as without it")
     p.add_argument("--blend-with", metavar="LEADS",
                    help="with --calibrate: also draw every view from these leads of --inputs alone (the other inputs "
                    "then only supervise calibration and adaptation on the first SECONDS and are continued past them "
@@ -70,15 +70,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _leads_arg(flag: str, spec: str) -> list:
+    """``--inputs``/``--views``/``--blend-with`` resolved, its errors naming the option."""
+    try:
+        return resolve_views(spec)
+    except ValueError as exc:
+        said = str(exc).replace("no views given", "names nothing").replace("views named", "names leads")
+        raise ValueError(f"--{flag}: {said}") from None
+
+
 def run(args) -> int:
-    inputs, views = resolve_views(args.inputs), resolve_views(args.views)
+    inputs, views = _leads_arg("inputs", args.inputs), _leads_arg("views", args.views)
     check_seconds(args.calibrate)
     for flag in ("transfer", "adapt"):
         if getattr(args, flag) and not args.calibrate:
             raise ValueError(f"--{flag} fits on the calibration window: give --calibrate SECONDS too")
     if args.adapt and args.backend != "torch":
         raise ValueError("--adapt fine-tunes the PyTorch model for each record: use --backend torch")
-    blend_with = resolve_views(args.blend_with) if args.blend_with is not None else None
+    blend_with = _leads_arg("blend-with", args.blend_with) if args.blend_with is not None else None
     check_blend(inputs, blend_with, args.calibrate)
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":

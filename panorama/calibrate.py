@@ -112,8 +112,9 @@ class CalibrationResult:
         how = f" ({self.axes}, prior weight {self.prior_weight:g})" if fitted else ""
         queries = (f"; supervising leads moved as queries: {', '.join(self.nuisance)}"
                    if fitted and self.nuisance else "")
-        return (f"calibration {verdict}: {self.reason}; residual {self.residual_before_uv:.0f} -> "
-                f"{self.residual_after_uv:.0f} µV; offsets{how} {fitted or 'none'}{queries}")
+        residual = (f"; residual {self.residual_before_uv:.0f} -> {self.residual_after_uv:.0f} µV"
+                    if np.isfinite(self.residual_before_uv) else "")  # no fit ran: nothing to say
+        return f"calibration {verdict}: {self.reason}{residual}; offsets{how} {fitted or 'none'}{queries}"
 
 
 def _reject(views, reason, **kw) -> CalibrationResult:

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 MODEL_FS = 500  # Hz: the rate every model and metric works at
 FLAT_STD_MV = 0.01  # the evaluation protocol's lead-off threshold (data README)
+MIN_FS = 50.0  # Hz: below this a recording cannot hold a QRS complex (the wire protocol's min_fs too)
+MIN_RECORD_S = 1.0  # a beat at least: shorter records hold nothing to synthesise from
+RAIL_SAMPLES = 25  # a lead pinned at its extreme this often is at least at a rail (the daemon's window test too)
 
 _UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nu": None}
 
@@ -96,16 +99,24 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
         header = wfdb.rdheader(str(base))
     except Exception as exc:  # wfdb raises bare ValueError/OSError for bad headers
         raise RecordError(f"{base}: unreadable WFDB header: {exc}") from exc
-    names = [canonical_lead_name(n) for n in header.sig_name or []]
+    labels = list(header.sig_name or [])
+    names = [canonical_lead_name(n) for n in labels]
     known = {n: i for i, n in enumerate(names) if n is not None and n not in names[:i]}
     if not known:
-        raise RecordError(
-            f"{base}: no known lead names in the header (found {', '.join(header.sig_name or []) or 'none'})"
-        )
+        raise RecordError(f"{base}: no known lead names in the header (found {', '.join(labels) or 'none'})")
+    twice = [n for n in known if names.count(n) > 1]
+    if twice:
+        said = "; ".join(f"{n} as " + ", ".join(repr(labels[i]) for i, m in enumerate(names) if m == n) for n in twice)
+        raise RecordError(f"{base}: the header names a lead more than once ({said}); which signal is which "
+                          "cannot be told, so fix the header")
+    if not (header.fs and MIN_FS <= header.fs):
+        raise RecordError(f"{base}: sampled at {header.fs} Hz; an ECG needs at least {MIN_FS:g} Hz")
     wanted = list(known) if leads is None else list(leads)
     missing = [n for n in wanted if n not in known]
     if missing:
-        raise RecordError(f"{base}: lacks lead(s) {', '.join(missing)} (has {', '.join(known)})")
+        unknown = [lab for lab, n in zip(labels, names) if n is None]
+        raise RecordError(f"{base}: lacks lead(s) {', '.join(missing)} (has {', '.join(known)}"
+                          + (f"; labels not recognised: {', '.join(unknown)})" if unknown else ")"))
     channels = [known[n] for n in wanted]
     try:
         rec = wfdb.rdrecord(str(base), channels=channels, physical=True)
@@ -113,6 +124,10 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
         raise RecordError(f"{base}: unreadable WFDB signal file: {exc}") from exc
     if rec.p_signal is None or rec.p_signal.shape[0] == 0:
         raise RecordError(f"{base}: record holds no samples")
+    if rec.p_signal.shape[0] < MIN_RECORD_S * rec.fs:
+        n = rec.p_signal.shape[0]
+        raise RecordError(f"{base}: record holds {n} samples ({n / rec.fs:.3g} s); at least {MIN_RECORD_S:g} s "
+                          "(a beat) is needed")
     sig = rec.p_signal.T.astype(np.float64)
     for row, unit in enumerate(rec.units):
         factor = _UNIT_TO_MV.get((unit or "mV").strip().lower())
@@ -146,19 +161,20 @@ def resample(record: Record, fs: float) -> Record:
 
 def lead_quality(signals: np.ndarray, flat_std_mv: float = FLAT_STD_MV) -> list[str]:
     """One flag per lead: ``ok``, ``missing`` (mostly NaN), ``flat`` (std under the
-    lead-off threshold) or ``saturated`` (pinned at its extreme for ≥ 2 % of samples, as an
-    amplifier at the rail is)."""
+    lead-off threshold) or ``saturated`` (pinned at its extreme for ≥ 2 % of samples and at
+    least ``RAIL_SAMPLES``, as an amplifier at the rail is: a real trough quantised to 1 µV
+    sits at its minimum for up to 11 samples in a row, ludb001's V6)."""
     flags = []
     for x in np.atleast_2d(signals):
         finite = x[np.isfinite(x)]
         if finite.size < 0.5 * x.size:
             flags.append("missing")
-        elif finite.std() < flat_std_mv:
+        elif finite.std(dtype=np.float64) < flat_std_mv:  # float64: huge samples must not overflow
             flags.append("flat")
         else:
             lo, hi = finite.min(), finite.max()
             pinned = max(np.sum(finite == lo), np.sum(finite == hi))
-            flags.append("saturated" if pinned >= max(0.02 * finite.size, 10) else "ok")
+            flags.append("saturated" if pinned >= max(0.02 * finite.size, RAIL_SAMPLES) else "ok")
     return flags
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from panorama.calibrate import calibrate
-from panorama.electrodes import LEADS, check_electrodes, load_covariance, relabel, swaps
+from panorama.electrodes import CHEST, LEADS, check_electrodes, load_covariance, relabel, swaps
 from panorama.geometry import STANDARD_12, resolve_views
 from panorama.records import read_record, write_record
 from panorama.synth import Synthesizer
@@ -156,12 +156,27 @@ def test_bench_electrodes_on_a_few_records(panorama, data_dir, tmp_path):
     assert "wrote" not in res  # the shipped covariance only changes with --write
 
 
+def test_bench_electrodes_leaves_out_an_unreadable_record(panorama, data_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "gone.hea").write_text("gone 12 500 5000\n" + "".join(
+        f"gone.dat 16 1000/mV 16 0 0 0 0 {n}\n" for n in ("I", "II", "III", "aVR", "aVL", "aVF", *CHEST)))
+    recs = [data_dir / "ludb" / f"ludb{i:03d}" for i in range(1, 6)]
+    out = panorama("bench", "electrodes", "--data", *recs, broken, "--split", "all", "--json", tmp_path / "e.json")
+    assert out.returncode == 0, out.stderr
+    assert "skipped" in out.stderr and "gone" in out.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["records"] == 5
+
+
 def test_bench_electrodes_writes_a_covariance_the_check_loads(data_dir, tmp_path):
     from training.tune_electrodes import tune_electrodes
 
     recs = [data_dir / "ludb" / f"ludb{i:03d}" for i in range(1, 31)]
     out = tmp_path / "cov.json"
-    res = tune_electrodes(recs, "all", write=out)
+    with pytest.raises(ValueError, match="a population model wants 100 or more .* nothing was written"):
+        tune_electrodes(recs, "all", write=out)  # 24 training records: too few to ship
+    assert not out.exists()
+    res = tune_electrodes(recs, "all", write=out, min_records=10)
     cov = load_covariance(out)
     assert res["wrote"] == str(out) and json.loads(out.read_text())["records"] == res["fitted_on_train_records"] > 0
     assert cov.shape == (8, 8) and np.allclose(cov, cov.T)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import wfdb
@@ -25,6 +27,27 @@ def test_microvolts_lower_case_names_and_resampling(tmp_path):
     assert only.leads == ["V2"] and only.fs == 250
 
 
+@pytest.mark.parametrize("names,seconds,fs,says", [
+    (["I", "II", "V3", "DUP"], 2.0, 500, "names a lead more than once (V3 as 'V3', 'V3')"),  # DUP made V3 below
+    (["I", "i", "V3"], 2.0, 500, "(I as 'I', 'i')"),
+    (["I", "II", "V3"], 2.0, 40, "sampled at 40 Hz; an ECG needs at least 50 Hz"),
+    (["I", "II", "V3"], 0.5, 500, "record holds 250 samples (0.5 s); at least 1 s (a beat) is needed"),
+])
+def test_records_that_cannot_be_used_say_why(tmp_path, names, seconds, fs, says):
+    base = _write_uv_record(tmp_path, names, seconds=seconds, fs=fs)
+    hea = Path(str(base) + ".hea")
+    hea.write_text(hea.read_text().replace(" DUP\n", " V3\n"))  # wfdb writes no duplicate names itself
+    with pytest.raises(RecordError, match="uvrec: ") as err:
+        read_record(base)
+    assert says in str(err.value)
+
+
+def test_a_missing_lead_names_the_labels_not_recognised(tmp_path):
+    base = _write_uv_record(tmp_path, ["MLII", "V1"])
+    with pytest.raises(RecordError, match=r"lacks lead\(s\) II \(has V1; labels not recognised: MLII\)"):
+        read_record(base, leads=["II"])
+
+
 def test_real_records_read_at_any_rate(data_dir):
     ptb = read_record(data_dir / "ptb_frank" / "ptb_tseal00")  # 1000 Hz with Frank leads
     assert ptb.fs == 500 and ptb.leads == [*STANDARD_12, "VX", "VY", "VZ"]
@@ -43,6 +66,15 @@ def test_lead_quality_flags():
     missing = ok.copy()
     missing[:4000] = np.nan
     assert lead_quality(np.stack([ok, flat, sat, missing])) == ["ok", "flat", "saturated", "missing"]
+
+
+@pytest.mark.parametrize("held,flag", [(11, "ok"), (30, "saturated")])
+def test_a_short_lead_held_at_its_trough_is_saturated_only_from_a_rail_length(held, flag):
+    """1 s of a lead whose trough sits at its minimum for 11 samples in a row (as ludb001's V6
+    does, quantised to 1 µV) is fine; held 30 samples (60 ms) it is at a rail."""
+    x = 0.5 * np.sin(2 * np.pi * np.arange(500) / 500)
+    x[100: 100 + held] = x.min() - 0.1
+    assert lead_quality(x) == [flag]
 
 
 def test_write_then_read_back_any_view_names(tmp_path):

@@ -7,6 +7,7 @@ the check ships with (``panorama/weights/lead_covariance.json``)."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -14,11 +15,14 @@ import numpy as np
 from tqdm import tqdm
 
 from panorama.electrodes import BAND_HZ, COVARIANCE, LEADS, SWAP_RATIO, band, check_electrodes, relabel, swaps
+from panorama.errors import RecordError
 from panorama.records import MODEL_FS, find_records, read_record, screen_leads
 
 from . import splits
 
 SECONDS = 5.0  # what calibration sees
+MIN_WRITE_RECORDS = 100  # fewer records are no population to ship a model of
+log = logging.getLogger("panorama.bench")
 
 
 def read_windows(data, split: str) -> list[tuple[str, np.ndarray]]:
@@ -26,7 +30,11 @@ def read_windows(data, split: str) -> list[tuple[str, np.ndarray]]:
     out = []
     paths = [p for p in find_records(*data) if split == "all" or splits.split_of(p) == split]
     for p in tqdm(paths, desc=f"reading {split}", unit="record", file=sys.stderr, leave=False):
-        rec = read_record(p, fs=MODEL_FS)
+        try:
+            rec = read_record(p, fs=MODEL_FS)
+        except RecordError as exc:  # one unreadable record is left out, as eval leaves it
+            log.warning("skipped: %s", exc)
+            continue
         if not rec.has(LEADS) or rec.seconds < SECONDS:
             continue
         x = np.stack([rec.lead(n) for n in LEADS])[:, :int(SECONDS * MODEL_FS)]
@@ -45,11 +53,16 @@ def fit_covariance(windows: list[np.ndarray]) -> np.ndarray:
     return acc / len(windows)
 
 
-def tune_electrodes(data, split: str = "val", write: Path | None = None) -> dict:
+def tune_electrodes(data, split: str = "val", write: Path | None = None,
+                    min_records: int = MIN_WRITE_RECORDS) -> dict:
     train = read_windows(data, "train")
     if not train:
         raise ValueError(f"no training-split record holds {', '.join(LEADS)} usable for {SECONDS:g} s")
     cov, used = fit_covariance([x for _, x in train]), len(train)
+    if write is not None and used < min_records:
+        raise ValueError(f"--write: only {used} training-split records hold {', '.join(LEADS)} usable for "
+                         f"{SECONDS:g} s; a population model wants {min_records} or more (the shipped one "
+                         "was fitted on 216), so nothing was written")
     if write is not None:
         meta = {"records": used, "split": "train", "seconds": SECONDS, "band_hz": list(BAND_HZ), "fs": MODEL_FS,
                 "made_by": "panorama bench electrodes --write"}
