@@ -70,6 +70,7 @@ def run(args) -> int:
     if args.protocol:
         cfg.mqtt.protocol = args.protocol
     if args.validate_config:
+        checkpoint.read_header(cfg.model.path or default_checkpoint())  # the model must be one this code reads
         print(f"{args.config or 'defaults'}: valid")
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0

@@ -23,9 +23,11 @@ precision from the ONNX itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -142,16 +144,35 @@ def exportable(model: NefNetV2, precision: str = "fp32") -> nn.Module:
 
 
 def export_model(model: NefNetV2, out: str | Path, precision: str = "fp32", meta: dict | None = None) -> Path:
-    """Export a loaded model to ``out`` and check it with onnx.checker; returns the path."""
-    import onnx
-
+    """Export a loaded model to ``out`` and check it with onnx.checker; returns the path.
+    Written beside ``out`` and renamed over it: a failed export leaves what was there."""
     meta = meta or {}
     wrapped = exportable(model, precision)
     t = 16 * DOWNSAMPLE
     example = (torch.randn(1, 3, t) * 0.3, torch.tensor([[[90.0, 90.0, 1.0], [150.0, 90.0, 1.0], [95.0, 15.0, 0.0]]]),
                torch.ones(1, 3, dtype=torch.bool), torch.tensor([[[90.0, 10.0, 0.0], [96.0, 90.0, 0.0]]]))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackendError(f"cannot write {out}: {exc}") from None
+    if out.is_dir():
+        raise BackendError(f"cannot write {out}: it is a folder; give a file name ending in .onnx")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.onnx")  # renamed over ``out`` once whole and checked
+    try:
+        tmp.touch()  # a folder it cannot write to is said as such, before the export runs
+        _export_to(wrapped, example, tmp, meta, precision)
+        tmp.replace(out)
+    except OSError as exc:
+        raise BackendError(f"cannot write {out}: {exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _export_to(wrapped: nn.Module, example: tuple, out: Path, meta: dict, precision: str) -> None:
+    import onnx
+
     dynamic = {"x": {0: "batch", 1: "leads", 2: "time"}, "in_views": {0: "batch", 1: "leads"},
                "mask": {0: "batch", 1: "leads"}, "q_views": {0: "batch", 1: "views"},
                "y": {0: "batch", 1: "views", 2: "time"}}
@@ -162,6 +183,8 @@ def export_model(model: NefNetV2, out: str | Path, precision: str = "fp32", meta
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(wrapped, example, str(out), input_names=list(INPUTS), output_names=["y"],
                               dynamic_axes=dynamic, opset_version=OPSET, dynamo=False)
+    except OSError:
+        raise  # the output could not be written: said as such by export_model
     except Exception as exc:  # the exporter raises many types; one clear error for the user
         raise BackendError(f"ONNX export failed: {exc}") from exc
     proto = onnx.load(str(out))
@@ -173,7 +196,6 @@ def export_model(model: NefNetV2, out: str | Path, precision: str = "fp32", meta
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto)
     onnx.save(proto, str(out))
-    return out
 
 
 def export_onnx(ckpt: str | Path, out: str | Path, precision: str = "fp32") -> Path:
@@ -184,7 +206,7 @@ def export_onnx(ckpt: str | Path, out: str | Path, precision: str = "fp32") -> P
     try:
         return export_model(model, out, precision, meta)
     except BackendError as exc:
-        raise BackendError(f"{ckpt}: {exc}") from exc
+        raise BackendError(f"exporting {ckpt}: {exc}") from exc
 
 
 def cached_onnx(ckpt: str | Path, precision: str = "fp32") -> Path:
@@ -200,8 +222,34 @@ def cached_onnx(ckpt: str | Path, precision: str = "fp32") -> Path:
     sha = checkpoint.read_header(ckpt)["sha256"]
     folder = writable_dir(cache_root() / "onnx", "ONNX")
     path = folder / f"{sha[:32]}-v{EXPORT_VERSION}-{precision}.onnx"
-    if not path.is_file():  # export_onnx writes a temp file; this rename makes it appear whole
+    if path.is_file() and (why := _cache_entry_problem(path, sha, precision)):
+        log.warning("ONNX cache entry %s %s: exporting it again", path, why)
+        path.unlink(missing_ok=True)
+    if not path.is_file():  # export_onnx writes a temp file and renames it: it appears whole
         log.info("exporting %s to ONNX (%s) once, into %s", ckpt, precision, path)
-        tmp = export_onnx(ckpt, folder / f".{path.name}.{os.getpid()}.tmp.onnx", precision)
-        tmp.replace(path)
+        export_onnx(ckpt, path, precision)
+        _sweep(folder)
     return path
+
+
+def _cache_entry_problem(path: Path, sha: str, precision: str) -> str:
+    """Why a cached export cannot be used for the checkpoint ``sha`` ("" when it can): it must
+    load as ONNX and carry that checkpoint's hash, this export version and the precision."""
+    import onnx
+
+    try:
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as exc:  # protobuf's DecodeError and others: a truncated or foreign file
+        return f"is not a readable ONNX model ({type(exc).__name__})"
+    want = {"model_sha256": sha, "export_version": str(EXPORT_VERSION), "precision": precision}
+    wrong = [f"{k} {meta.get(k)!r}, not {v!r}" for k, v in want.items() if meta.get(k) != v]
+    return ("was made from something else: " + "; ".join(wrong)) if wrong else ""
+
+
+def _sweep(folder: Path, max_age_s: float = 3600) -> None:
+    """Remove temp exports an interrupted writer left (an hour old: no live export takes that long)."""
+    now = time.time()
+    for tmp in folder.glob(".*.tmp.onnx"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()

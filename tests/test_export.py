@@ -1,5 +1,8 @@
 """ONNX export of the shipped checkpoint, checked by ONNX Runtime against PyTorch."""
 
+import os
+import time
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -136,7 +139,61 @@ def test_cached_onnx_exports_once_per_checkpoint_version_and_precision(tmp_path,
     backend = OnnxRuntimeBackend(path, threads=1)
     assert backend.run(np.zeros((1, 3, 100), np.float32), Synthesizer.angles(resolve_views("I,II,V3"))[None],
                        np.ones((1, 3), bool), Synthesizer.angles(resolve_views("V7"))[None]).shape == (1, 1, 100)
+    for bad in (path.read_bytes()[:5000], b"\x00" * 4000):  # truncated, or not ONNX at all: exported again
+        path.write_bytes(bad)
+        assert cached_onnx(default_checkpoint()) == path and _metadata(path)["model_sha256"] == sha
+    other = tmp_path / "other.onnx"  # a whole export of another checkpoint put in its place: exported again
+    _replace_metadata(path, other, model_sha256="0" * 64)
+    other.replace(path)
+    assert cached_onnx(default_checkpoint()) == path and _metadata(path)["model_sha256"] == sha
+    stale = path.parent / f".{path.name}.999.tmp.onnx"  # an hour-old temp file of a writer that died
+    stale.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    path.unlink()
+    cached_onnx(default_checkpoint())
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
     (tmp_path / "blocker").write_text("")
     monkeypatch.setenv("PANORAMA_CACHE", str(tmp_path / "blocker"))
     with pytest.raises(BackendError, match=r"blocker/onnx is not writable.*PANORAMA_CACHE"):
         cached_onnx(default_checkpoint())
+
+
+def _metadata(path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def _replace_metadata(src, dst, **values) -> None:
+    proto = onnx.load(str(src))
+    for p in proto.metadata_props:
+        if p.key in values:
+            p.value = values[p.key]
+    onnx.save(proto, str(dst))
+
+
+def test_export_onto_a_folder_says_so(tmp_path):
+    from export.onnx import export_onnx
+    from panorama.errors import BackendError
+    from panorama.synth import default_checkpoint
+
+    (tmp_path / "m.onnx").mkdir()
+    with pytest.raises(BackendError, match=r"exporting .*: cannot write .*/m.onnx: it is a folder"):
+        export_onnx(default_checkpoint(), tmp_path / "m.onnx")
+
+
+def test_export_into_a_read_only_folder_says_so_and_leaves_what_was_there(tmp_path):
+    from export.onnx import export_onnx
+    from panorama.errors import BackendError
+    from panorama.synth import default_checkpoint
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "m.onnx").write_bytes(b"the previous export")
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("root writes to read-only folders")
+        with pytest.raises(BackendError, match=r"exporting .*: cannot write .*ro/m.onnx: .*Permission denied"):
+            export_onnx(default_checkpoint(), ro / "m.onnx")
+        assert (ro / "m.onnx").read_bytes() == b"the previous export" and sorted(os.listdir(ro)) == ["m.onnx"]
+    finally:
+        ro.chmod(0o755)

@@ -125,6 +125,14 @@ def test_validate_config(tmp_path, panorama):
     assert r.returncode == 2
     for word in ("lookahed", "hop", "multiple of 8", "V77", "0.5 s is too short to fit"):
         assert word in r.stderr
+    junk = tmp_path / "model.safetensors"
+    junk.write_bytes(b"\x80\x04not a checkpoint" * 100)
+    for path, says in ((junk, "not a readable safetensors checkpoint"),
+                       (tmp_path / "none.safetensors", "no checkpoint at")):
+        cfg = tmp_path / "model.yaml"
+        cfg.write_text(f"model:\n  path: {path}\n")
+        r = panorama("serve", "--config", cfg, "--validate-config")
+        assert r.returncode != 0 and says in r.stderr and "valid" not in r.stdout
 
 
 def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, panorama):

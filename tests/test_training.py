@@ -63,8 +63,23 @@ def test_a_short_run_trains_validates_and_resumes(data_dir, tmp_path):
     log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert len(log) == 2  # validated at steps 3 and 6
     more = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"steps": 9})})
+    best = (tmp_path / "run" / "best.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run .*--resume continues it"):
+        run(more)  # a fresh run into the folder would write over the run's best checkpoint and log
+    other = more.model_copy(update={"model": more.model.model_copy(update={"channels": 8})})
+    with pytest.raises(ConfigError, match="has another model \\(channels 16 in the run, 8 in the config\\)"):
+        run(other, resume=True)
+    assert (tmp_path / "run" / "best.safetensors").read_bytes() == best
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["channels"] == 16  # not rewritten
     run(more, resume=True)
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 3
+    state = tmp_path / "run" / "train_state.safetensors"
+    state.write_bytes(b"\x00" * 4000)
+    with pytest.raises(ConfigError, match="train_state.safetensors is not a readable training state"):
+        run(more, resume=True)
+    with pytest.raises(ConfigError, match="no run to resume in"):
+        run(more.model_copy(update={"out": tmp_path / "none"}), resume=True)
+    assert not (tmp_path / "none").exists()  # refused before anything is written
 
 
 def test_train_command_overrides_device_and_minutes(panorama, data_dir):
@@ -74,6 +89,23 @@ def test_train_command_overrides_device_and_minutes(panorama, data_dir):
     assert "12000 steps within 7 min on cuda" in proc.stdout
     proc = panorama("train", "--config", "training/configs/stage1.yaml", "--validate-config", "--device", "tpu")
     assert proc.returncode != 0 and "use cpu, cuda or cuda:N" in proc.stderr
+
+
+def test_train_command_checks_its_init_checkpoint_and_its_config_file(panorama, tmp_path):
+    junk = tmp_path / "init.safetensors"
+    junk.write_bytes(b"\x80\x04 a pickle, not a checkpoint" * 50)
+    cfg = tmp_path / "s2.yaml"
+    cfg.write_text(f"stage: 2\ninit: {junk}\ndevice_id: ludb\nout: {tmp_path / 'run'}\ndata:\n  sim_patients: 4\n")
+    for extra in (["--validate-config"], []):  # said at once, before any data is read
+        proc = panorama("train", "--config", cfg, *extra)
+        assert proc.returncode != 0 and "init.safetensors: not a readable safetensors checkpoint" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    binary = tmp_path / "random.yaml"
+    binary.write_bytes(bytes(range(256)))
+    proc = panorama("train", "--config", binary, "--validate-config")
+    assert proc.returncode != 0 and "random.yaml: not a YAML text file" in proc.stderr
+    proc = panorama("train", "--config", "training/configs/stage1.yaml", "--validate-config", "--minutes", "inf")
+    assert proc.returncode != 0 and "optim.minutes" in proc.stderr
 
 
 def test_config_names_the_training_device_and_the_budget_needs_a_warm_up():

@@ -224,6 +224,7 @@ def run_simulate(args) -> int:
 
 
 def run_train(args) -> int:
+    import os
     import shutil
 
     from .config import load_config
@@ -232,12 +233,23 @@ def run_train(args) -> int:
     overrides = {k: v for k, v in (("device", args.device), ("optim.minutes", args.minutes)) if v is not None}
     cfg = load_config(args.config, overrides)
     if args.validate_config:
+        if cfg.init is not None:
+            from panorama import checkpoint
+
+            checkpoint.read_header(cfg.init)  # the stage-2 start must be a checkpoint this code reads
         budget = f" within {cfg.optim.minutes:g} min" if cfg.optim.minutes else ""
         print(f"{args.config}: valid (stage {cfg.stage}, {cfg.optim.steps} steps{budget} on {cfg.device}, out {cfg.out})")
         return 0
     final = run(cfg, resume=args.resume)
     if args.ship:
         args.ship.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(final, args.ship)
+        tmp = args.ship.with_name(f".{args.ship.name}.{os.getpid()}.tmp")
+        try:  # copied beside it, then renamed over it: a failed copy leaves the shipped file as it was
+            shutil.copyfile(final, tmp)
+            os.replace(tmp, args.ship)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"--ship: could not write {args.ship} ({exc}); it is left as it was, "
+                          f"and the run's checkpoint is at {final}") from None
         print(f"shipped {final} -> {args.ship}")
     return 0

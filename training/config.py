@@ -75,9 +75,10 @@ class OptimConfig(Strict):
     steps: int = Field(20_000, ge=1, le=10_000_000)
     warmup: int = Field(500, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    minutes: float | None = Field(None, gt=0, description="wall-clock budget: during warm-up the step count is "
-                                  "cut to what fits at the measured speed, validation included (a lent GPU's "
-                                  "time); the run then equals one configured with that many steps")
+    minutes: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                  description="wall-clock budget: during warm-up the step count is cut to what "
+                                  "fits at the measured speed, validation included (a lent GPU's time); the run "
+                                  "then equals one configured with that many steps")
 
     @model_validator(mode="after")
     def _check(self):
@@ -142,6 +143,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"no config file at {path}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise ConfigError(f"{path}: not a YAML text file: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):

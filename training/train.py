@@ -26,7 +26,7 @@ from panorama.geometry import resolve_views
 from panorama.model import ModelConfig, NefNetV2
 from panorama.synth import Synthesizer
 
-from panorama.errors import ConfigError
+from panorama.errors import CheckpointError, ConfigError
 
 from .config import PROBE_STEPS, TrainConfig
 from .data import LOSSES, AnyPairsSampler, load_real, simulate_example
@@ -107,6 +107,38 @@ def fit_steps(cfg: TrainConfig, done: int, elapsed_s: float, step_s: float, val_
     return max(done + 1, min(cfg.optim.steps, done + more))
 
 
+def check_run_folder(cfg: TrainConfig, resume: bool) -> None:
+    """ConfigError unless ``cfg.out`` suits the run: a fresh run must not write over another's
+    checkpoints and log; ``--resume`` needs a run there whose model is the config's."""
+    out = cfg.out
+    held = [n for n in ("best.safetensors", "last.safetensors", "train_state.safetensors") if (out / n).is_file()]
+    if not resume:
+        if held:
+            raise ConfigError(f"{out} already holds a run ({', '.join(held)}): --resume continues it; to start "
+                              "afresh, give the config another out or remove that folder")
+        return
+    if not {"last.safetensors", "train_state.safetensors"} <= set(held):
+        raise ConfigError(f"--resume: no run to resume in {out} (needs last.safetensors and train_state.safetensors)")
+    try:
+        ran = checkpoint.read_header(out / "last.safetensors")["config"]
+        wanted = (checkpoint.read_header(cfg.init)["config"] if cfg.init is not None
+                  else json.loads(json.dumps(ModelConfig(**cfg.model.model_dump()).to_dict())))
+    except CheckpointError as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(out / "train_state.safetensors"), framework="pt") as f:
+            f.metadata()["step"]
+    except Exception as exc:  # random bytes, a truncated header, a missing key
+        raise ConfigError(f"--resume: {out / 'train_state.safetensors'} is not a readable training state "
+                          f"(truncated or corrupted?): {type(exc).__name__}: {exc}") from None
+    differs = {k: (ran.get(k), v) for k, v in wanted.items() if ran.get(k) != v}
+    if differs:
+        said = ", ".join(f"{k} {a} in the run, {b} in the config" for k, (a, b) in differs.items())
+        raise ConfigError(f"--resume: the run in {out} has another model ({said}); resume it with its own config")
+
+
 def run(cfg: TrainConfig, resume: bool = False) -> Path:
     # --- setup
     t_start = time.time()
@@ -117,6 +149,9 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         raise ConfigError(f"device {cfg.device}: this torch sees no CUDA GPU")
     dev = torch.device(cfg.device)
     out = cfg.out
+    check_run_folder(cfg, resume)  # before any work, and before config.json is written over
+    if cfg.init is not None:
+        checkpoint.read_header(cfg.init)  # a file that is no checkpoint is said now, not after the data loads
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
 
@@ -157,11 +192,13 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     step, best = 0, -math.inf
     state_path = out / "train_state.safetensors"
     if resume:
-        if not (state_path.is_file() and (out / "last.safetensors").is_file()):
-            raise ConfigError(f"--resume: no run to resume in {out}")
         last, last_meta = checkpoint.load(out / "last.safetensors")
         model.load_state_dict(last.state_dict())
-        step, best, rng_states = _load_state(state_path, opt)
+        try:
+            step, best, rng_states = _load_state(state_path, opt)
+        except Exception as exc:  # safetensors, JSON and torch each raise their own
+            raise ConfigError(f"--resume: {state_path} is not a readable training state (truncated or "
+                              f"corrupted?): {type(exc).__name__}: {exc}; start afresh in another folder") from None
         log_path = out / "log.jsonl"
         budgeted = [r for r in map(json.loads, log_path.read_text().splitlines()) if "budget_min" in r] \
             if log_path.is_file() else []
@@ -220,6 +257,10 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             steps = fit_steps(cfg, step, time.time() - t_start, step_s, val_s)
             log.info("budget %.1f min: %.1f ms a step, %.1f s a validation -> %d steps (config: %d)",
                      cfg.optim.minutes, step_s * 1000, val_s, steps, cfg.optim.steps)
+            spent = (time.time() - t_start) / 60
+            if spent > cfg.optim.minutes:  # the warm-up alone took longer than the whole budget
+                log.warning("the budget of %g min was spent by the speed measurement itself (%.1f min, %d steps): "
+                            "the run stops at step %d, over budget", cfg.optim.minutes, spent, PROBE_TO, steps)
             log_file.write(json.dumps({"step": step, "budget_min": cfg.optim.minutes, "step_ms": step_s * 1000,
                                        "val_s": val_s, "steps": steps}) + "\n")
             cfg.optim.steps = steps
