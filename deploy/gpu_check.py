@@ -286,4 +286,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 repetitions a timing and a shorter training run: "
+                        "checks that every section runs, not the speed (read by deploy/gpu_table.py)")
+    parser.parse_args()  # --help, and a clear error for a flag it does not know, before any work
     sys.exit(main())

@@ -135,12 +135,15 @@ def run_monitor(streams: list[MonitorStream], url: str, protocol: str = "5", chu
                 speed: float = 1.0, fmt: str = "int16", views: list[str] | None = None,
                 stop_event: threading.Event | None = None, *, fast: bool = False, loop: bool = False,
                 duration_s: float | None = None, prefix: str = "ecg/v1",
-                client_id: str | None = None) -> list[StreamStats]:
+                client_id: str | None = None, expiry_s: int | None = 2) -> list[StreamStats]:
     """Publish ``streams`` until they end (or ``duration_s`` of signal, or ``stop_event``).
 
     ``speed``: real time × speed; ``fast``: as fast as the broker takes it. ``loop``: start
     again at the end of a strip (seq and t0 go on). ``views``: publish the retained views
-    request for every stream first. Returns one ``StreamStats`` per stream, in order.
+    request for every stream first. ``expiry_s``: MQTT 5 message expiry of the raw chunks (as
+    the wire protocol asks: a broker never hands on a waveform older than that); none when
+    ``fast``, whose chunks are stamped ahead of the wall clock. Returns one ``StreamStats``
+    per stream, in order.
     """
     from .mqtt import Publisher, client_id as new_client_id, connect, make_client
     from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON
@@ -197,7 +200,8 @@ def run_monitor(streams: list[MonitorStream], url: str, protocol: str = "5", chu
             for p in live:
                 chunk = p.chunk(i, start_ns)
                 payload = _encode(chunk, fmt, p.stream.scale_mv)
-                if publisher.put(p.topic, payload, qos=0, content_type=content_type):
+                if publisher.put(p.topic, payload, qos=0, content_type=content_type,
+                                 expiry_s=None if fast else expiry_s):
                     p.stats.chunks += 1
                     p.stats.samples += chunk.n_samples
                 else:

@@ -241,7 +241,9 @@ def connect(client: mqtt.Client, url: str, timeout: float = 10.0, keepalive: int
         raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: {exc}") from exc
     client.loop_start()
     if not answered.wait(timeout):
-        fail(f"no answer to CONNECT within {timeout:g} s")
+        hint = ("; a broker that speaks MQTT 3.1.1 only (the embedded amqtt one) drops an MQTT 5 CONNECT "
+                "without a word: try protocol 3.1.1") if client.protocol == mqtt.MQTTv5 else ""
+        fail(f"no answer to CONNECT within {timeout:g} s{hint}")
     rc = result.get("rc")
     if rc is None or rc.is_failure:
         why = f"the broker refused the connection ({rc if rc is not None else result.get('closed')})"

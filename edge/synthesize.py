@@ -267,7 +267,10 @@ def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, i
     if wander:
         y = WANDER.synthesize(draw, x, inputs, views)
         changed = [v.name for v in views if WANDER.applies(v, inputs)]
-        notes.append(f"wander: {WANDER.summary()} ({','.join(changed) or 'no chest view, or no chest input: none'})")
+        on_line = [v.name for v in views if WANDER.line(v, inputs)]
+        notes.append(f"wander: {WANDER.summary()} (chest views given the drift: "
+                     f"{','.join(changed) or 'none, no chest view or no chest input'}; on the line between chest "
+                     f"inputs: {','.join(on_line) or 'none'})")
     else:
         y = draw(x, views)
     return y, notes

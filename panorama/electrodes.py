@@ -18,8 +18,8 @@ the records with two electrodes swapped on purpose, 98 % of V1/V5, 91 % of LA/RA
 of RA/LL swaps are named right, neighbours less often (V5/V6 11 %: their signals are
 alike, and so is what the swap does to the views). LA and LL exchanged is not tested: the
 recording changes little (I and II trade places), and tested at the same threshold it
-called 4 of the 280 normal records reversed while naming 14 % of reversals made on purpose. With fewer leads normal records are called swapped more
-often: on the 21 sets of I, II and 4 or 5 chest leads together 27 of 5,880 checks (0.46 %,
+called 4 of the 280 normal records reversed while naming 14 % of reversals made on
+purpose. With fewer leads normal records are called swapped more often: on the 21 sets of I, II and 4 or 5 chest leads together 27 of 5,880 checks (0.46 %,
 mostly neighbouring chest leads; none on I, II, V1, V3, V4, V5, the evaluation's
 calibration leads), and 3 of 280 on I, V1, V3, V5; so the check needs I, II and at least
 4 chest leads, and says so otherwise.
@@ -66,8 +66,10 @@ class ElectrodeCheck:
 
 
 @lru_cache(maxsize=4)
-def load_covariance(path: str | Path = COVARIANCE) -> np.ndarray:
-    """(8, 8) covariance of ``LEADS`` from a file ``panorama bench electrodes --write`` made."""
+def load_covariance(path: str | Path | None = None) -> np.ndarray:
+    """(8, 8) covariance of ``LEADS`` from a file ``panorama bench electrodes --write`` made
+    (the shipped ``COVARIANCE`` when ``path`` is None)."""
+    path = COVARIANCE if path is None else path
     doc = json.loads(Path(path).read_text())
     if tuple(doc.get("leads", ())) != LEADS:
         raise ValueError(f"{path}: expected the covariance of {', '.join(LEADS)}, got {doc.get('leads')}")
@@ -150,7 +152,11 @@ def check_electrodes(x: np.ndarray, names: list[str], fs: float, cov: np.ndarray
     x = x[[names.index(n) for n in present], :int(round(WINDOW_S * fs))].astype(np.float64)
     if not np.isfinite(x).all():
         return ElectrodeCheck(reason="not checked: samples missing")
-    cov = load_covariance() if cov is None else cov
+    if cov is None:
+        try:
+            cov = load_covariance()
+        except (OSError, ValueError) as exc:  # a broken install must not stop calibration: said instead
+            return ElectrodeCheck(reason=f"not checked: the population model is unreadable ({exc})")
     idx = [LEADS.index(n) for n in present]
     w = loo_weights(cov[np.ix_(idx, idx)])
     xb = band(x, fs)

@@ -185,3 +185,18 @@ def test_bench_electrodes_writes_a_covariance_the_check_loads(data_dir, tmp_path
     assert check_electrodes(swapped(s.signals, list(s.names), "V1", "V5"), list(s.names), s.fs, cov).swap == \
         "V1 and V5 swapped"
 
+
+def test_a_missing_population_model_leaves_the_check_undone_not_calibration(synth, monkeypatch, tmp_path):
+    """An install that lost lead_covariance.json says the electrodes were not checked; the fit goes on."""
+    import panorama.electrodes as electrodes
+
+    s = simulate(0, views=list(STANDARD_12), duration_s=6.0, fs=500, device="diagnostic")
+    monkeypatch.setattr(electrodes, "COVARIANCE", tmp_path / "gone.json")
+    electrodes.load_covariance.cache_clear()
+    try:
+        check = check_electrodes(s.signals, list(s.names), s.fs)
+        assert not check.tested and check.reason.startswith("not checked: the population model is unreadable")
+        res = calibrate(synth.model, s.signals, resolve_views(list(s.names)), seconds=5.0)
+        assert "electrodes not checked: the population model is unreadable" in res.reason
+    finally:
+        electrodes.load_covariance.cache_clear()

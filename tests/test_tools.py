@@ -242,6 +242,30 @@ def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path)
     assert got and json.loads(got[0]) == {"views": ["V8"]}
 
 
+def test_monitor_raw_chunks_carry_the_protocols_expiry_over_mqtt5(mosquitto, prefix):
+    """Raw chunks expire after 2 s at the broker (wire protocol), as the daemon's virtual ones do;
+    a --fast replay, stamped ahead of the wall clock, sends none."""
+    from edge.monitor import run_monitor, sim_streams
+
+    got = []
+    client = _raw_client()
+    client.on_message = lambda c, u, m: got.append((m.topic, getattr(m.properties, "MessageExpiryInterval", None)))
+    client.subscribe(f"{prefix}/#", qos=0)
+    time.sleep(0.3)
+    try:
+        run_monitor(sim_streams(1, seconds=1.0, monitor_id="exp"), mosquitto, prefix=prefix, speed=4.0)
+        run_monitor(sim_streams(1, seconds=1.0, monitor_id="fast"), mosquitto, prefix=prefix, fast=True)
+        deadline = time.monotonic() + 5
+        while len(got) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    timed = [e for t, e in got if t.startswith(f"{prefix}/exp/")]
+    assert len(timed) == 4 and all(e is not None and 1 <= e <= 2 for e in timed), got
+    assert [e for t, e in got if t.startswith(f"{prefix}/fast/")] == [None] * 4
+
+
 def test_monitor_stops_on_its_event(mosquitto, prefix):
     from edge.monitor import MonitorStream, run_monitor
 
