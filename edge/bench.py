@@ -76,7 +76,8 @@ def bench_stream(patients: int, broker: str, seconds: float, backend: str, threa
     cfg = {"mqtt": {"broker": broker, "prefix": prefix, "daemon_id": "bench",
                     "protocol": "5" if "1883" in broker else "3.1.1"},
            "model": {"backend": backend, "threads": threads},
-           "stream": {"max_patients": max(64, patients), "idle_timeout_s": 5.0},
+           "stream": {"max_patients": max(64, patients), "max_patients_per_monitor": max(64, patients),
+                      "idle_timeout_s": 5.0},  # every simulated patient comes from one monitor id
            "health": {"interval_s": 2.0}}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "edge.yaml"

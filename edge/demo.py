@@ -74,7 +74,8 @@ def run(args) -> int:
         "mqtt": {"broker": url, "protocol": protocol, "prefix": prefix, "daemon_id": "demo"},
         "model": {"backend": args.backend},
         # every sample after calibration is scored, so none is skipped as stale here
-        "stream": {"views": DEMO_VIEWS, "idle_timeout_s": 1.0, "max_backlog_s": 60}})
+        "stream": {"views": DEMO_VIEWS, "idle_timeout_s": 1.0, "max_backlog_s": 60,  # one monitor id: every patient
+                   "max_patients": max(64, args.patients), "max_patients_per_monitor": max(64, args.patients)}})
     daemon = listener = None
     try:
         daemon = Daemon(cfg).start()
