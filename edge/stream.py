@@ -101,7 +101,7 @@ class PatientStream:
         self.t0_ns: int | None = None
         self.seq_high: int | None = None  # the newest seq received (mod 2**32), placed or not
         self.last_n = 0  # samples in the newest chunk placed
-        self.placed: dict[int, tuple[int, int]] = {}  # seq -> (position, samples) of recent chunks
+        self.placed: dict[int, tuple[int, int, int]] = {}  # seq -> (position, samples, t0_ns) of recent chunks
         self.last_sent_ns = 0
         self.state = "waiting" if params.calibrate_s > 0 else "streaming"
         self.emitted = 0 if params.calibrate_s <= 0 else params.calibration_samples
@@ -130,16 +130,24 @@ class PatientStream:
         still to come) but whose time does not is the sender's clock stepping: it is placed
         where its seq puts it, and the time base moves (``counts.clock_steps``). A chunk
         reordered across such a step is placed beside its seq neighbour, whichever time
-        base it was stamped in."""
+        base it was stamped in; a seq already placed goes where it went then if it carries
+        the same stamp (a resend), and restarts the stream if not (a restarted monitor)."""
         n = data.shape[1]
         pos = self.position(t0_ns)
         outcome = "ok"
         jump = int(self.p.max_buffer_s * self.p.fs)
         far = pos <= -jump or pos > self.end + jump
         behind = self.seq_high is not None and 0 <= (self.seq_high - seq) % 2**32 <= REORDER_SEQ
+        # a seq placed before: resent with its first stamp, it goes where it went then (a clock
+        # step may have moved the time base since); stamped at another time, it is a monitor
+        # that restarted and counts from 0 again, however soon it came back
+        again = self.placed.get(seq) if behind else None
+        restarted = again is not None and abs(t0_ns - again[2]) * self.p.fs > 1e9
+        if again is not None and not restarted:
+            pos = again[0]
         # a seq not yet placed, beside one that was: reordered, whatever its time says
-        by_seq = self._by_seq(seq, n) if behind and seq not in self.placed else None
-        if behind and far and seq < REORDER_SEQ and by_seq is None:
+        by_seq = self._by_seq(seq, n) if behind and again is None else None
+        if restarted or (behind and far and seq < REORDER_SEQ and again is None and by_seq is None):
             behind = False  # far off in time and counting from 0 again: a restarted monitor
         ahead = 0 if self.seq_high is None or behind else (seq - self.seq_high) % 2**32
         if by_seq is not None and abs(by_seq - pos) > 1:
@@ -151,7 +159,7 @@ class PatientStream:
         else:  # newer, or far off (a restarted monitor counts from 0 again)
             self.seq_high = seq
         # at most this far after the end, by seq: the chunks still to come, none longer than the longest seen
-        room = (ahead - 1) * max((m for _, m in self.placed.values()), default=self.last_n)
+        room = (ahead - 1) * max((m for _, m, _ in self.placed.values()), default=self.last_n)
         if 1 <= ahead <= REORDER_SEQ and self.end > 0 and not self.end - 1 <= pos <= self.end + room + 1:
             # after the newest, by seq, but not by time: the sender's clock stepped (NTP,
             # daylight saving) or it paused. Its samples follow on (after the chunks still to
@@ -162,10 +170,10 @@ class PatientStream:
         elif abs(pos - self.end) == 1 and self.end > 0 and not behind:  # jitter within a sample (the protocol's)
             pos = self.end
             self.counts.snapped += 1
-        if -jump < pos < 0:  # from before the stream's first chunk (reordered): too late to place
+        if -jump < pos < 0 and not restarted:  # from before the stream's first chunk (reordered): too late
             self.counts.late += 1
             return "late"
-        if pos <= -jump or pos > self.end + jump:
+        if restarted or pos <= -jump or pos > self.end + jump:
             self.pending += self._due(final=True)  # the old time base's held-back tail first
             self.reset(t0_ns)  # a clock jump or a restarted monitor (seq_high is already this chunk's)
             pos, outcome = 0, "reset"
@@ -191,7 +199,7 @@ class PatientStream:
             outcome = "gap"
             self.counts.gaps += 1
             self.counts.gap_samples += pos - self.end
-        self.placed[seq] = (pos, n)
+        self.placed[seq] = (pos, n, t0_ns)
         while len(self.placed) > 2 * REORDER_SEQ:
             del self.placed[next(iter(self.placed))]
         slots = [self._slot(name) for name in leads]

@@ -315,16 +315,33 @@ def test_a_lost_chunk_of_a_monitor_sending_chunks_of_two_lengths_is_a_gap_not_a_
     assert st.first_hole() == bounds[5] and st.end == bounds[-1]
 
 
-@pytest.mark.parametrize("chunks,first_seq", [(8, 0), (8, 1), (100, 1)])
-def test_a_restarted_monitor_is_not_a_clock_step(record, chunks, first_seq):
+@pytest.mark.parametrize("chunks,first_seq,later_s", [(8, 0, 1000), (8, 1, 1000), (100, 1, 1000), (8, 0, 10),
+                                                     (8, 0, -5)])
+def test_a_restarted_monitor_is_not_a_clock_step(record, chunks, first_seq, later_s):
     """A monitor restarted (seq from 0 again, a new time; its chunk 0 perhaps lost) starts the
-    stream again, whether its old stream was young (the new seq behind the newest) or long."""
+    stream again, whether its old stream was young (the new seq behind the newest) or long,
+    and however soon it came back (10 s on, or its clock 5 s behind)."""
     x, names = record
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
     for k in range(chunks):
         st.ingest(k, T0 + int(k * 125 * 2e6), names, x[:, :125])
-    assert st.ingest(first_seq, T0 + 10**12, names, x[:, :125]) == "reset"  # 1000 s on
+    assert st.ingest(first_seq, T0 + int(later_s * 1e9), names, x[:, :125]) == "reset"
     assert st.generation == 1 and st.counts.clock_steps == 0 and st.end == 125
+    assert st.ingest(first_seq + 1, T0 + int(later_s * 1e9) + 250_000_000, names, x[:, 125:250]) == "ok"
+    assert st.generation == 1 and st.end == 250 and st.counts.late == 0
+
+
+def test_a_chunk_resent_after_a_clock_step_is_a_duplicate_not_a_restart(record):
+    """A resend carries its first stamp: after the clock stepped it is placed by its seq,
+    found already there, and dropped; the stream goes on."""
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    for k in range(8):
+        step = -3600 * 10**9 if k >= 5 else 0
+        assert st.ingest(k, T0 + int(k * 125 * 2e6) + step, names, x[:, k * 125:(k + 1) * 125]) == "ok"
+    assert st.counts.clock_steps == 1
+    assert st.ingest(3, T0 + int(3 * 125 * 2e6), names, x[:, 375:500]) == "duplicate"
+    assert st.generation == 0 and st.end == 1000
 
 
 def test_a_reset_flushes_the_old_time_base_first(record, backend):
