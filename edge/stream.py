@@ -159,7 +159,7 @@ class PatientStream:
         else:  # newer, or far off (a restarted monitor counts from 0 again)
             self.seq_high = seq
         # at most this far after the end, by seq: the chunks still to come, none longer than the longest seen
-        room = (ahead - 1) * max((m for _, m, _ in self.placed.values()), default=self.last_n)
+        room = (ahead - 1) * max((m for _, m, _ in self.placed.values()), default=self.last_n) if ahead > 1 else 0
         if 1 <= ahead <= REORDER_SEQ and self.end > 0 and not self.end - 1 <= pos <= self.end + room + 1:
             # after the newest, by seq, but not by time: the sender's clock stepped (NTP,
             # daylight saving) or it paused. Its samples follow on (after the chunks still to

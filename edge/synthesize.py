@@ -75,8 +75,7 @@ def _leads_arg(flag: str, spec: str) -> list:
     try:
         return resolve_views(spec)
     except ValueError as exc:
-        said = str(exc).replace("no views given", "names nothing").replace("views named", "names leads")
-        raise ValueError(f"--{flag}: {said}") from None
+        raise ValueError(f"--{flag}: {exc}") from None
 
 
 def run(args) -> int:

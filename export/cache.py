@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from panorama.errors import BackendError
+from panorama.files import atomic_write  # noqa: F401 (export's writers take it from here)
 
 log = logging.getLogger(__name__)
 
@@ -60,27 +61,16 @@ def writable_dir(path: Path, what: str) -> Path:
     return path
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one:
-    temp file in the same folder, flush and fsync, rename over, fsync the folder."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
+def sweep_stale(folder: Path, max_age_s: float = STALE_TMP_S, pattern: str = ".*.tmp") -> list[Path]:
+    """Remove the temp files (``pattern``) in ``folder`` that writers which died left, once
+    ``max_age_s`` old; returns what was removed."""
+    removed, now = [], time.time()
+    for tmp in Path(folder).glob(pattern):
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # the rename itself must survive a power cut
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+            if now - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def _sha256(data: bytes) -> str:
@@ -202,13 +192,7 @@ class EngineCache:
 
     def sweep(self, max_age_s: float = STALE_TMP_S) -> list[Path]:
         """Remove temp files left by writers that died; returns what was removed."""
-        removed, now = [], time.time()
-        for tmp in self.dir.glob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                if now - tmp.stat().st_mtime > max_age_s:
-                    tmp.unlink()
-                    removed.append(tmp)
-        return removed
+        return sweep_stale(self.dir, max_age_s)
 
     @contextlib.contextmanager
     def lock(self, key: EngineKey, timeout: float | None = None):

@@ -23,11 +23,9 @@ precision from the ONNX itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import time
 import warnings
 from pathlib import Path
 
@@ -38,7 +36,7 @@ from torch.nn.utils import parametrize
 from panorama.errors import BackendError
 from panorama.model import DOWNSAMPLE, NefNetV2, ReconstructionHead, ViewTransformBlock, ZeroMeanConv1d
 
-from .cache import cache_root, writable_dir
+from .cache import cache_root, sweep_stale, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -228,28 +226,24 @@ def cached_onnx(ckpt: str | Path, precision: str = "fp32") -> Path:
     if not path.is_file():  # export_onnx writes a temp file and renames it: it appears whole
         log.info("exporting %s to ONNX (%s) once, into %s", ckpt, precision, path)
         export_onnx(ckpt, path, precision)
-        _sweep(folder)
+        sweep_stale(folder, pattern=".*.tmp.onnx")  # what an interrupted export left
     return path
+
+
+def onnx_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata an export wrote into an ONNX file (``export_model``)."""
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
 
 
 def _cache_entry_problem(path: Path, sha: str, precision: str) -> str:
     """Why a cached export cannot be used for the checkpoint ``sha`` ("" when it can): it must
     load as ONNX and carry that checkpoint's hash, this export version and the precision."""
-    import onnx
-
     try:
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        meta = onnx_metadata(path)
     except Exception as exc:  # protobuf's DecodeError and others: a truncated or foreign file
         return f"is not a readable ONNX model ({type(exc).__name__})"
     want = {"model_sha256": sha, "export_version": str(EXPORT_VERSION), "precision": precision}
     wrong = [f"{k} {meta.get(k)!r}, not {v!r}" for k, v in want.items() if meta.get(k) != v]
     return ("was made from something else: " + "; ".join(wrong)) if wrong else ""
-
-
-def _sweep(folder: Path, max_age_s: float = 3600) -> None:
-    """Remove temp exports an interrupted writer left (an hour old: no live export takes that long)."""
-    now = time.time()
-    for tmp in folder.glob(".*.tmp.onnx"):
-        with contextlib.suppress(FileNotFoundError):
-            if now - tmp.stat().st_mtime > max_age_s:
-                tmp.unlink()

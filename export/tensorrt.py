@@ -157,10 +157,9 @@ def fp16_from_onnx() -> bool:
 
 def onnx_precision(onnx: Path) -> str:
     """The precision an ONNX export records in its metadata (exports before it: fp32)."""
-    import onnx as onnx_lib
+    from .onnx import onnx_metadata
 
-    meta = {p.key: p.value for p in onnx_lib.load(str(onnx), load_external_data=False).metadata_props}
-    return meta.get("precision", "fp32")
+    return onnx_metadata(onnx).get("precision", "fp32")
 
 
 def check_onnx_precision(onnx: Path, precision: str, fp16_flag: bool) -> None:

@@ -170,12 +170,12 @@ def resolve_views(specs: str | list[str]) -> list[View]:
     """Comma-separated or listed view specs; duplicates are an error."""
     items = [s for s in (specs.split(",") if isinstance(specs, str) else specs) if s.strip()]
     if not items:
-        raise ValueError("no views given")
+        raise ValueError("no views or leads given")
     views = [resolve_view(s) for s in items]
     names = [v.name for v in views]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"views named more than once: {', '.join(dupes)}")
+        raise ValueError(f"named more than once: {', '.join(dupes)}")
     return views
 
 

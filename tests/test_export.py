@@ -123,7 +123,7 @@ def test_fp16_export_keeps_float32_io_and_matches(exported, data_dir, tmp_path):
 
 def test_cached_onnx_exports_once_per_checkpoint_version_and_precision(tmp_path, monkeypatch):
     from edge.backends.onnxruntime import OnnxRuntimeBackend
-    from export.onnx import EXPORT_VERSION, cached_onnx
+    from export.onnx import EXPORT_VERSION, cached_onnx, onnx_metadata
     from panorama import checkpoint
     from panorama.errors import BackendError
     from panorama.synth import default_checkpoint
@@ -141,11 +141,11 @@ def test_cached_onnx_exports_once_per_checkpoint_version_and_precision(tmp_path,
                        np.ones((1, 3), bool), Synthesizer.angles(resolve_views("V7"))[None]).shape == (1, 1, 100)
     for bad in (path.read_bytes()[:5000], b"\x00" * 4000):  # truncated, or not ONNX at all: exported again
         path.write_bytes(bad)
-        assert cached_onnx(default_checkpoint()) == path and _metadata(path)["model_sha256"] == sha
+        assert cached_onnx(default_checkpoint()) == path and onnx_metadata(path)["model_sha256"] == sha
     other = tmp_path / "other.onnx"  # a whole export of another checkpoint put in its place: exported again
     _replace_metadata(path, other, model_sha256="0" * 64)
     other.replace(path)
-    assert cached_onnx(default_checkpoint()) == path and _metadata(path)["model_sha256"] == sha
+    assert cached_onnx(default_checkpoint()) == path and onnx_metadata(path)["model_sha256"] == sha
     stale = path.parent / f".{path.name}.999.tmp.onnx"  # an hour-old temp file of a writer that died
     stale.write_bytes(b"partial")
     os.utime(stale, (time.time() - 7200,) * 2)
@@ -156,10 +156,6 @@ def test_cached_onnx_exports_once_per_checkpoint_version_and_precision(tmp_path,
     monkeypatch.setenv("PANORAMA_CACHE", str(tmp_path / "blocker"))
     with pytest.raises(BackendError, match=r"blocker/onnx is not writable.*PANORAMA_CACHE"):
         cached_onnx(default_checkpoint())
-
-
-def _metadata(path) -> dict:
-    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
 
 
 def _replace_metadata(src, dst, **values) -> None:

@@ -224,8 +224,7 @@ def run_simulate(args) -> int:
 
 
 def run_train(args) -> int:
-    import os
-    import shutil
+    from panorama.files import atomic_write
 
     from .config import load_config
     from .train import run
@@ -243,12 +242,9 @@ def run_train(args) -> int:
     final = run(cfg, resume=args.resume)
     if args.ship:
         args.ship.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.ship.with_name(f".{args.ship.name}.{os.getpid()}.tmp")
-        try:  # copied beside it, then renamed over it: a failed copy leaves the shipped file as it was
-            shutil.copyfile(final, tmp)
-            os.replace(tmp, args.ship)
+        try:  # a failed write leaves the shipped file as it was
+            atomic_write(args.ship, Path(final).read_bytes())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise OSError(f"--ship: could not write {args.ship} ({exc}); it is left as it was, "
                           f"and the run's checkpoint is at {final}") from None
         print(f"shipped {final} -> {args.ship}")
