@@ -1,4 +1,5 @@
-"""On-disk caches: the cache folder, atomic writes, and the TensorRT engine cache.
+"""On-disk caches: the cache folder, the sweep of stale temp files, and the TensorRT engine cache
+(files are written with panorama.files.atomic_write).
 
 An engine is tied to the GPU model and the exact TensorRT version it was built with
 (TensorRT#2176), and building one takes minutes on a Jetson, so engines are cached under a
