@@ -47,6 +47,8 @@ class ModelConfig(_Strict):
         "onnxruntime", description="onnxruntime: about 2x faster than torch on a CPU; tensorrt on a Jetson")
     device: str = "cpu"
     threads: int = Field(2, ge=1, le=64, description="CPU threads for torch (inference and calibration)")
+    reload_check_s: float = Field(5.0, ge=0, description="look this often for a new checkpoint at path (a fleet "
+                                  "update swapping the store's current link) and load it; 0: never")
 
 
 class StreamConfig(_Strict):

@@ -40,7 +40,7 @@ from panorama.records import MODEL_FS
 from panorama.synth import default_checkpoint
 
 from . import mqtt as mq
-from .backends import make_backend
+from .model_slot import ModelSlot
 from .batch import Output, run_windows
 from .config import EdgeConfig, load_config
 from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Chunk, Limits, ProtocolError, decode_any, encode, to_json
@@ -97,11 +97,8 @@ class Daemon:
         self.params = StreamParams(context=cfg.stream.context, lookahead=cfg.stream.lookahead,
                                    hop=cfg.stream.hop, calibrate_s=cfg.calibration.seconds,
                                    max_backlog=int(cfg.stream.max_backlog_s * MODEL_FS))
-        ckpt = cfg.model.path or default_checkpoint()
         torch.set_num_threads(cfg.model.threads)
-        self.model, self.meta = checkpoint.load(ckpt)  # for calibration, which needs gradients
-        self.model.to(cfg.calibration.device).eval()
-        self.backend = make_backend(cfg.model.backend, ckpt, cfg.model.device)
+        self.slot = ModelSlot(cfg.model, cfg.calibration.device)  # swapped whole when model.path changes
         self.default_views = [resolve_view(v) for v in cfg.stream.views]
         self.streams: dict[tuple[str, str], PatientStream] = {}
         self.requested: dict[tuple[str, str], list[str]] = {}  # views asked for, per stream
@@ -135,8 +132,10 @@ class Daemon:
         if self.params.calibrate_s > 0:  # first in the pool: a patient needs calibrate_s of data first anyway
             self.pool.submit(self._warm_up)
         mq.connect(self.client, self.cfg.mqtt.broker)
-        for name, target in (("ingest", self._ingest_loop), ("inference", self._inference_loop),
-                             ("health", self._health_loop)):
+        loops = [("ingest", self._ingest_loop), ("inference", self._inference_loop), ("health", self._health_loop)]
+        if self.cfg.model.path and self.cfg.model.reload_check_s > 0:
+            loops.append(("model", self._watch_model))
+        for name, target in loops:
             t = threading.Thread(target=target, name=f"serve-{name}", daemon=True)
             t.start()
             self.threads.append(t)
@@ -293,7 +292,7 @@ class Daemon:
         """Pay PyTorch's lazy start-up (``panorama.calibrate.warm_up``) before any patient waits for it."""
         t0 = time.perf_counter()
         try:
-            warm_up(self.model, device=self.cfg.calibration.device)
+            warm_up(self.slot.model, device=self.cfg.calibration.device)
         except Exception:  # only the first patient's fit is slower for it
             log.exception("calibration warm-up failed")
             return
@@ -302,7 +301,7 @@ class Daemon:
     def _calibrate(self, st: PatientStream, x: np.ndarray, views, generation: int) -> None:
         names = [v.name for v in views]
         try:
-            res = calibrate(self.model, x, views, seconds=self.params.calibrate_s, inputs=names,
+            res = calibrate(self.slot.model, x, views, seconds=self.params.calibrate_s, inputs=names,
                             device=self.cfg.calibration.device)
         except Exception as exc:  # a failed fit keeps the table angles; the stream goes on
             log.exception("calibration of %s failed", st.key)
@@ -348,8 +347,9 @@ class Daemon:
     def _synthesise(self, windows) -> None:
         t0 = time.perf_counter()
         try:
-            outputs = run_windows(self.backend.run, windows, self.cfg.stream.max_batch)
+            outputs = run_windows(self.slot.backend.run, windows, self.cfg.stream.max_batch)
         except Exception as exc:  # a backend failure loses these windows, not the daemon
+            self.slot.inference_failures += 1  # a fleet update's health gate watches this
             log.exception("inference failed for %d windows", len(windows))
             for key in {w.key for w in windows}:
                 self.report.error(key, "inference", f"{type(exc).__name__}: {exc}")
@@ -415,14 +415,31 @@ class Daemon:
                 "queues": {"ingest": self.ingest_q.qsize(), "publish": self.publisher.queued},
                 "drops": {"ingest": self.dropped_ingest, "publish": self.publisher.dropped,
                           "publish_refused": self.publisher.failed, "errors_unsent": self.report.unsent},
-                "rejected": dict(self.report.rejected), "stream_counts": dict(counts), "backend": self.backend.name}
+                "rejected": dict(self.report.rejected), "stream_counts": dict(counts),
+                "backend": self.slot.backend.name, "model": self.slot.info()}
 
     def _health_loop(self) -> None:
-        topic = self.topics.health(self.id)
         while not self.stopping.wait(self.cfg.health.interval_s):
+            self._say_health()
+
+    def _say_health(self) -> None:
+        try:
+            self.publisher.put(self.topics.health(self.id), json.dumps(self.health()).encode(), qos=0,
+                               content_type=CONTENT_TYPE_JSON)
+        except Exception:
+            log.exception("health report failed")
+
+    def _watch_model(self) -> None:
+        """A new checkpoint at model.path (a fleet update) is loaded here, off the hot path."""
+        while not self.stopping.wait(self.cfg.model.reload_check_s):
             try:
-                self.publisher.put(topic, json.dumps(self.health()).encode(), qos=0,
-                                   content_type=CONTENT_TYPE_JSON)
+                outcome = self.slot.reload_if_changed()
             except Exception:
-                log.exception("health report failed")
+                log.exception("model reload check failed")
+                continue
+            if outcome == "failed":
+                self.report.error((self.id, "model"), "model_reload", self.slot.reload_error, once=True,
+                                  limit=("model_reload", self.slot.failed))
+            if outcome:
+                self._say_health()  # a fleet agent's health gate waits for this
 
