@@ -1,6 +1,6 @@
 """The ``panorama`` command: one entry point, subcommands registered by each part.
 
-This module sits above the packages (it imports training/, edge/ and export/); the shared
+This module sits above the packages (it imports training/, edge/, export/ and deploy/); the shared
 core ``panorama`` never imports it.
 """
 
@@ -15,6 +15,7 @@ from panorama.errors import PanoramaError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from deploy import cli as deploy_cli
     from edge import cli as edge_cli
     from export import cli as export_cli
     from training import bench as training_bench
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and their viewing angles (NEF-NET v2).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for part in (edge_cli, training_cli, training_bench, export_cli):
+    for part in (edge_cli, training_cli, training_bench, export_cli, deploy_cli):
         part.register(sub)
     return parser
 

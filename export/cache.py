@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from panorama.errors import BackendError
-from panorama.files import atomic_write  # noqa: F401 (export's writers take it from here)
+from panorama.files import atomic_write, file_sha256  # noqa: F401 (export's writers take them from here)
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,6 @@ def sweep_stale(folder: Path, max_age_s: float = STALE_TMP_S, pattern: str = ".*
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,271 @@
+"""Signed update manifests for fleet device-calibration updates.
+
+An update is one checkpoint (a Stage II device-calibrated model, or any model this code
+reads) and a manifest that says what it is and whom it is for. The manifest is signed with
+the fleet operator's Ed25519 key; a device holds only the public key and trusts nothing
+the key did not sign (the scheme hawkBit, Mender, AWS IoT Jobs and TUF agree on):
+
+    {"manifest": {...}, "signature": base64(Ed25519(canonical JSON of manifest)), "key_id": ...}
+
+    manifest = {
+      "schema": "panorama-fleet-update/1",
+      "version": 7,                              only ever increases (a lower one is a rollback attack)
+      "created": "...Z", "expires": "...Z",      an expired manifest is refused (a freeze attack)
+      "target": {"group": "ward-3", "device_models": ["monitor-x"], "checkpoint_format": "1"},
+      "artifact": {"name": "model.safetensors", "size": N, "sha256": file hash,
+                   "model_sha256": the checkpoint's own content hash},
+      "golden": {...},                           what the model must draw on a fixed recording
+      "notes": "..."}
+
+The golden check is the device's dry-run: before an update is installed, the device loads
+the checkpoint and draws four views of a fixed synthetic recording, which must match what
+the operator's machine drew at packing time within ``tolerance_uv``. A checkpoint that loads
+but computes something else on this device's code (another model revision, a broken
+kernel) is refused there, not found out at a patient's bedside.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+
+from panorama import checkpoint
+from panorama.errors import UpdateError
+from panorama.files import file_sha256
+from panorama.geometry import STANDARD_12, resolve_views, unit_vector
+from panorama.records import MODEL_FS
+
+SCHEMA = "panorama-fleet-update/1"
+ARTIFACT_NAME = "model.safetensors"
+GOLDEN_INPUTS = ["I", "II", "V3"]
+GOLDEN_VIEWS = ["V2", "V7", "V4R", "120:45"]
+GOLDEN_SECONDS, GOLDEN_EVERY = 2.0, 10  # 2 s drawn, every 10th sample kept: 4 × 100 values
+GOLDEN_TOLERANCE_UV = 5.0  # float32 on another CPU or CUDA differs by ~0.01 µV; a different model by far more
+
+
+# ----------------------------------------------------------------------------- keys
+
+def generate_keys(folder: Path) -> tuple[Path, Path]:
+    """An Ed25519 key pair in ``folder``: ``fleet.key`` (private, mode 0600: the operator's
+    alone) and ``fleet.pub`` (install it on every device). Refuses to overwrite a key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / "fleet.key", folder / "fleet.pub"
+    for p in (private, public):
+        if p.exists():
+            raise UpdateError(f"{p} exists: a new key would orphan every device that trusts the old one; "
+                              "choose another folder")
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def _load_key(path: Path, private: bool):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UpdateError(f"cannot read key {path}: {exc.strerror}") from exc
+    try:
+        key = (serialization.load_pem_private_key(data, password=None) if private
+               else serialization.load_pem_public_key(data))
+    except (ValueError, TypeError) as exc:
+        raise UpdateError(f"{path} is not a PEM {'private' if private else 'public'} key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey if private else Ed25519PublicKey):
+        raise UpdateError(f"{path} is not an Ed25519 key")
+    return key
+
+
+def key_id(public_key) -> str:
+    """The first 16 hex digits of the sha256 of the raw public key: names which key signed."""
+    from cryptography.hazmat.primitives import serialization
+
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- manifests
+
+def canonical(manifest: dict) -> bytes:
+    """The bytes that are signed: sorted keys, no spaces, ASCII (every value is a string,
+    an integer or a list of them, so parsing and re-serialising gives the same bytes)."""
+    return json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _utc(t: datetime) -> str:
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s) -> datetime:
+    try:
+        return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError):
+        raise UpdateError(f"time {s!r} is not YYYY-MM-DDTHH:MM:SSZ") from None
+
+
+def build(model_path: Path, version: int, group: str, device_models: list[str], expires_days: float = 30.0,
+          notes: str = "", now: datetime | None = None) -> dict:
+    """The manifest of ``model_path``: hashes, target, expiry and its golden outputs."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"version must be a whole number ≥ 1, got {version!r}")
+    if not device_models or not all(isinstance(m, str) and m.strip() for m in device_models):
+        raise ValueError("name at least one device model the update is for (--device-model)")
+    if not expires_days > 0:
+        raise ValueError(f"expiry must lie in the future: {expires_days} days")
+    from edge.topics import _check_id  # the group is a topic level: the same rule as any id
+
+    _check_id("group", group)
+    model, meta = checkpoint.load(model_path)  # a clear CheckpointError for anything unreadable
+    now = now or datetime.now(timezone.utc)
+    return {
+        "schema": SCHEMA, "version": version, "created": _utc(now),
+        "expires": _utc(now + timedelta(days=expires_days)),
+        "target": {"group": group, "device_models": sorted(set(m.strip() for m in device_models)),
+                   "checkpoint_format": checkpoint.FORMAT_VERSION},
+        "artifact": {"name": ARTIFACT_NAME, "size": Path(model_path).stat().st_size,
+                     "sha256": file_sha256(model_path), "model_sha256": meta["sha256"],
+                     "stage": str(meta.get("stage", "")), "device": str(meta.get("device", ""))},
+        "golden": golden(model, meta),
+        "notes": notes,
+    }
+
+
+def sign(manifest: dict, private_key_path: Path) -> bytes:
+    """The signed envelope, as the bytes to publish."""
+    key = _load_key(private_key_path, private=True)
+    sig = key.sign(canonical(manifest))
+    doc = {"manifest": manifest, "signature": base64.b64encode(sig).decode(), "key_id": key_id(key.public_key())}
+    return json.dumps(doc, indent=1).encode()
+
+
+def verify(envelope: bytes, public_key_path: Path) -> dict:
+    """The manifest inside ``envelope`` if the trusted key signed it; UpdateError otherwise."""
+    from cryptography.exceptions import InvalidSignature
+
+    key = _load_key(public_key_path, private=False)
+    try:
+        doc = json.loads(bytes(envelope).decode("utf-8"))
+        manifest, sig = doc["manifest"], base64.b64decode(doc["signature"], validate=True)
+        if not isinstance(manifest, dict):
+            raise TypeError("manifest is not an object")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise UpdateError(f"not a signed manifest envelope: {exc}") from None
+    try:
+        key.verify(sig, canonical(manifest))
+    except InvalidSignature:
+        raise UpdateError(f"signature does not verify with the trusted key {key_id(key)} "
+                          f"(signed by key {doc.get('key_id')!r}, or altered after signing)") from None
+    if manifest.get("schema") != SCHEMA:
+        raise UpdateError(f"manifest schema {manifest.get('schema')!r}, this code reads {SCHEMA!r}")
+    return manifest
+
+
+def check_applicable(manifest: dict, group: str, device_model: str, newest_seen: int,
+                     now: datetime | None = None) -> None:
+    """Refuse a manifest that is not newer than ``newest_seen``, expired, or for someone else."""
+    try:
+        version, target, art = manifest["version"], manifest["target"], manifest["artifact"]
+        expires = parse_time(manifest["expires"])
+        models, fmt = target["device_models"], target["checkpoint_format"]
+        size, digest = int(art["size"]), str(art["sha256"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UpdateError(f"manifest lacks or garbles a field: {exc}") from None
+    if not isinstance(version, int) or version <= newest_seen:
+        raise UpdateError(f"version {version} is not newer than {newest_seen}, the newest this device has "
+                          "seen: refused (a replayed or rolled-back manifest)")
+    if (now or datetime.now(timezone.utc)) >= expires:
+        raise UpdateError(f"manifest expired at {manifest['expires']}")
+    if target.get("group") != group:
+        raise UpdateError(f"manifest is for group {target.get('group')!r}, this device is in {group!r}")
+    if device_model not in models:
+        raise UpdateError(f"manifest is for device models {models}, this device is {device_model!r}")
+    if fmt != checkpoint.FORMAT_VERSION:
+        raise UpdateError(f"checkpoint format {fmt!r}; this code reads {checkpoint.FORMAT_VERSION!r}")
+    if size <= 0 or len(digest) != 64:
+        raise UpdateError("manifest's artifact has no size or sha256")
+
+
+def check_artifact(manifest: dict, path: Path) -> None:
+    """The downloaded file is the one the manifest signed: size, then sha256."""
+    art = manifest["artifact"]
+    size = Path(path).stat().st_size
+    if size != int(art["size"]):
+        raise UpdateError(f"artifact is {size} bytes, the manifest says {art['size']}")
+    digest = file_sha256(path)
+    if digest != art["sha256"]:
+        raise UpdateError(f"artifact sha256 {digest[:16]}… differs from the manifest's {art['sha256'][:16]}…")
+
+
+# ----------------------------------------------------------------------------- golden dry-run
+
+def golden_recording(seconds: float = GOLDEN_SECONDS) -> np.ndarray:
+    """A fixed 12-lead recording (a heart vector turning through a beat-like cycle, seen
+    along each lead's direction), (12, samples) mV: the same on every machine."""
+    t = np.arange(int(round(seconds * MODEL_FS))) / MODEL_FS
+    beat = 2 * np.pi * 1.2 * t
+    qrs = np.exp(-((t % (1 / 1.2)) - 0.3) ** 2 / (2 * 0.012 ** 2))  # a narrow spike per beat
+    heart = np.stack([np.sin(beat) + 1.2 * qrs, np.sin(2 * beat + 0.7) - 0.6 * qrs, 0.5 * np.cos(3 * beat)])
+    views = resolve_views(list(STANDARD_12))
+    return (np.stack([unit_vector(v.theta, v.phi) for v in views]) @ heart).astype(np.float32)
+
+
+def _draw(model, meta) -> np.ndarray:
+    from panorama.synth import Synthesizer
+
+    x = golden_recording()
+    names = list(STANDARD_12)
+    rows = [names.index(n) for n in GOLDEN_INPUTS]
+    out = Synthesizer(model, meta, "cpu")(x[rows], resolve_views(GOLDEN_INPUTS), resolve_views(GOLDEN_VIEWS))
+    return out[:, ::GOLDEN_EVERY] * 1000.0  # µV
+
+
+def golden(model, meta) -> dict:
+    """The golden block of a manifest: the views drawn from the fixed recording, in 0.1 µV."""
+    uv = _draw(model, meta)
+    return {"inputs": GOLDEN_INPUTS, "views": GOLDEN_VIEWS, "seconds": str(GOLDEN_SECONDS),
+            "every": GOLDEN_EVERY, "tolerance_uv": str(GOLDEN_TOLERANCE_UV),
+            "output_tenth_uv": np.round(uv * 10).astype(int).tolist()}
+
+
+def dry_run(manifest: dict, path: Path) -> float:
+    """Load the checkpoint and draw the golden views; their largest difference from the
+    manifest's in µV. UpdateError when the file does not load, is another model than the
+    manifest names, or draws other views."""
+    from panorama.errors import CheckpointError
+
+    try:
+        model, meta = checkpoint.load(path)
+    except CheckpointError as exc:
+        raise UpdateError(f"dry-run: {exc}") from exc
+    if meta["sha256"] != manifest["artifact"]["model_sha256"]:
+        raise UpdateError("dry-run: the checkpoint's content hash is not the one the manifest names")
+    g = manifest["golden"]
+    if g.get("inputs") != GOLDEN_INPUTS or g.get("views") != GOLDEN_VIEWS or g.get("every") != GOLDEN_EVERY:
+        raise UpdateError("dry-run: the manifest's golden block was made by another version of this code")
+    want = np.asarray(g["output_tenth_uv"], dtype=np.float64) / 10
+    got = _draw(model, meta)
+    if want.shape != got.shape:
+        raise UpdateError(f"dry-run: golden output of shape {want.shape}, the model draws {got.shape}")
+    err = float(np.max(np.abs(got - want)))
+    tol = float(g.get("tolerance_uv", GOLDEN_TOLERANCE_UV))
+    if not err <= tol:
+        raise UpdateError(f"dry-run: the model draws the golden views {err:.1f} µV away from the "
+                          f"manifest's (tolerance {tol:g} µV)")
+    return err
