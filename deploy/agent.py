@@ -8,10 +8,10 @@ model's hash within ``adopt_timeout_s`` and then stay online, with no inference 
 ``healthy_s``; otherwise ``current`` goes back to the previous version. Every step is
 acknowledged on the device's retained state topic::
 
-    {prefix}/{group}/manifest          operator → devices   signed envelope, retained, QoS 1
-    {prefix}/artifacts/{sha256}        operator → devices   the checkpoint's bytes, retained, QoS 1
+    {prefix}/{group}/manifest          operator → devices   signed envelope (deploy/topics.py)
+    {prefix}/artifacts/{sha256}        operator → devices   the checkpoint's bytes
     {prefix}/devices/{device}/state    device → operator    QUEUED, IN_PROGRESS, SUCCEEDED, FAILED or
-                                                            REJECTED, with version, hash and reason; retained
+                                                            REJECTED, with version, hash and reason
 
 Threads: paho's network thread only files messages (manifests into a bounded queue, the
 daemon's health and status into two fields, an awaited artifact into its slot); one worker
@@ -35,39 +35,19 @@ from pydantic import Field, ValidationError
 from edge import mqtt as mq
 from edge.config import _Strict
 from edge.protocol import CONTENT_TYPE_JSON
-from edge.topics import Topics, _check_id
+from edge.topics import Topics
 from panorama.errors import ConfigError, UpdateError
 
 from . import manifest as mf
 from .store import ModelStore
+from .topics import FleetTopics
 
 log = logging.getLogger("panorama.fleet")
-STATES = ("QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
-RESERVED_GROUPS = ("artifacts", "devices")
+STATES = ("READY", "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
 
 
 class _Stopped(Exception):
     """The agent is stopping in the middle of a health gate."""
-
-
-class FleetTopics:
-    def __init__(self, prefix: str = "panorama/fleet"):
-        Topics(prefix)  # the same rules for a prefix as the daemon's
-        self.prefix = prefix
-
-    def manifest(self, group: str) -> str:
-        _check_id("group", group)
-        if group in RESERVED_GROUPS:
-            raise ValueError(f"group may not be named {group!r}: the fleet topics use it")
-        return f"{self.prefix}/{group}/manifest"
-
-    def artifact(self, sha256: str) -> str:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise ValueError(f"not a sha256: {sha256!r}")
-        return f"{self.prefix}/artifacts/{sha256}"
-
-    def state(self, device: str) -> str:
-        return f"{self.prefix}/devices/{_check_id('device', device)}/state"
 
 
 class AgentConfig(_Strict):
@@ -144,6 +124,10 @@ class Agent:
         self.client.on_message = self._on_message
         self.publisher.start()
         mq.connect(self.client, self.cfg.broker)
+        last = (self.store.state()["history"] or [{}])[-1]
+        # so an operator's rollout knows this device before its first update; the last verdict stays in the reason
+        self._ack(None, "READY", f"last: version {last['version']} {last['result']}"
+                  + (f" ({last['reason']})" if last.get("reason") else "") if last else "no update yet")
         self.worker.start()
         return self
 
@@ -313,7 +297,8 @@ class Agent:
         return None
 
     def _ack(self, m: dict | None, state: str, reason: str) -> str:
-        doc = {"device": self.cfg.device_id, "state": state, "reason": reason,
+        doc = {"device": self.cfg.device_id, "group": self.cfg.group, "device_model": self.cfg.device_model,
+               "state": state, "reason": reason,
                "version": m.get("version") if m else None,
                "sha256": (m.get("artifact") or {}).get("sha256") if m else None,
                "installed": self.store.state().get("installed"), "t": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

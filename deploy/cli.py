@@ -1,7 +1,8 @@
 """``panorama fleet ...``: fleet device-calibration updates, operator and device side.
 
 Operator: ``keygen`` once, then per update ``pack`` (sign a checkpoint's manifest),
-``publish`` (to the broker the devices listen on) and ``status`` (what every device says).
+``rollout`` (wave by wave, stopping when devices fail it; deploy/rollout.py) or ``publish``
+(every group at once), and ``status`` (what every device says).
 Device: ``agent`` beside ``panorama serve`` (deploy/agent.py).
 """
 
@@ -31,11 +32,12 @@ def register(sub) -> None:
     k.add_argument("--out", type=Path, required=True, help="folder for fleet.key (private) and fleet.pub")
     k.set_defaults(func=_keygen)
 
-    pk = fleet.add_parser("pack", help="sign a checkpoint as an update for a group of devices")
+    pk = fleet.add_parser("pack", help="sign a checkpoint as an update for groups of devices")
     pk.add_argument("model", type=Path, help="the checkpoint (e.g. runs/stage2_ludb/best.safetensors)")
     pk.add_argument("--key", type=Path, required=True, help="the operator's private key (fleet.key)")
     pk.add_argument("--version", type=int, required=True, help="update version; must exceed every earlier one")
-    pk.add_argument("--group", required=True, help="the rollout group (the devices' agent group)")
+    pk.add_argument("--group", action="append", required=True, dest="groups",
+                    help="a group the update is for (the agents' group; repeat for several, e.g. a canary group)")
     pk.add_argument("--device-model", action="append", required=True, dest="device_models",
                     help="a device model the update is for (repeat for several)")
     pk.add_argument("--expires-days", type=float, default=30.0, help="devices refuse it after this (default 30)")
@@ -43,10 +45,22 @@ def register(sub) -> None:
     pk.add_argument("--out", type=Path, required=True, help="folder for manifest.json and model.safetensors")
     pk.set_defaults(func=_pack)
 
-    pb = fleet.add_parser("publish", help="publish a packed update (retained) for its group")
+    pb = fleet.add_parser("publish", help="publish a packed update (retained) for its groups at once")
     pb.add_argument("package", type=Path, help="a folder written by `panorama fleet pack`")
+    pb.add_argument("--group", action="append", dest="groups", help="only these of its groups (repeat)")
     _broker_args(pb)
     pb.set_defaults(func=_publish)
+
+    ro = fleet.add_parser("rollout", help="publish a packed update wave by wave, stopping when devices fail it")
+    ro.add_argument("package", type=Path, help="a folder written by `panorama fleet pack`")
+    ro.add_argument("--wave", action="append", required=True, dest="waves",
+                    help="groups of one wave, comma-separated (repeat, in order: --wave canary --wave ward-1,ward-2)")
+    ro.add_argument("--max-failed", type=int, default=0, help="FAILED devices a wave may have (default 0)")
+    ro.add_argument("--min-devices", type=int, default=1, help="verdicts a wave needs at least (default 1)")
+    ro.add_argument("--timeout", type=float, default=1800.0,
+                    help="seconds a wave may take (default 1800: a TensorRT build on a Jetson takes minutes)")
+    _broker_args(ro)
+    ro.set_defaults(func=_rollout)
 
     st = fleet.add_parser("status", help="print what every device last said about its updates")
     _broker_args(st)
@@ -78,85 +92,76 @@ def _pack(args) -> int:
 
     if args.out.exists() and any(args.out.iterdir()):
         raise UpdateError(f"{args.out} is not empty: pack into a new folder")
-    manifest = build(args.model, args.version, args.group, args.device_models, args.expires_days, args.notes)
+    manifest = build(args.model, args.version, args.groups, args.device_models, args.expires_days, args.notes)
     envelope = sign(manifest, args.key)
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.model, args.out / ARTIFACT_NAME)
     (args.out / "manifest.json").write_bytes(envelope)
     art = manifest["artifact"]
-    print(f"{args.out}: version {args.version} for group {args.group} ({', '.join(manifest['target']['device_models'])}), "
+    print(f"{args.out}: version {args.version} for groups {', '.join(manifest['target']['groups'])} "
+          f"({', '.join(manifest['target']['device_models'])}), "
           f"{art['size']} bytes, sha256 {art['sha256'][:16]}…, expires {manifest['expires']}")
     return 0
 
 
-def _read_package(folder: Path) -> tuple[bytes, dict, bytes]:
-    from panorama.files import file_sha256
-
-    from .manifest import ARTIFACT_NAME
-
-    try:
-        envelope = (folder / "manifest.json").read_bytes()
-        manifest = json.loads(envelope)["manifest"]
-        art = manifest["artifact"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UpdateError(f"{folder} is not a package from `panorama fleet pack`: {exc}") from None
-    if file_sha256(folder / ARTIFACT_NAME) != art["sha256"]:
-        raise UpdateError(f"{folder / ARTIFACT_NAME} is not the file its manifest signed (sha256 differs)")
-    return envelope, manifest, (folder / ARTIFACT_NAME).read_bytes()
-
-
 def _publish(args) -> int:
-    from edge import mqtt as mq
+    from .rollout import Fleet, read_package
 
-    from .agent import FleetTopics
-
-    envelope, manifest, data = _read_package(args.package)
-    topics = FleetTopics(args.prefix)
-    client = mq.make_client(mq.client_id("fleet-publish"), args.protocol)
-    mq.connect(client, args.broker)
-    try:  # the artifact first: a device that sees the manifest finds its bytes already there
-        for topic, payload in ((topics.artifact(manifest["artifact"]["sha256"]), data),
-                               (topics.manifest(manifest["target"]["group"]), envelope)):
-            info = client.publish(topic, payload, qos=1, retain=True)
-            info.wait_for_publish(30)
-            if not info.is_published():
-                raise UpdateError(f"the broker did not acknowledge {topic} ({len(payload)} bytes) within 30 s: "
-                                  "is its message_size_limit smaller?")
+    envelope, manifest, data = read_package(args.package)
+    groups = args.groups or manifest["target"]["groups"]
+    unknown = sorted(set(groups) - set(manifest["target"]["groups"]))
+    if unknown:
+        raise UpdateError(f"groups {unknown} are not among the update's {manifest['target']['groups']}")
+    fleet = Fleet(args.broker, args.prefix, args.protocol)
+    try:
+        fleet.publish_update(envelope, manifest, data, groups)
     finally:
-        client.loop_stop()
-        client.disconnect()
-    print(f"published version {manifest['version']} for group {manifest['target']['group']} "
-          f"({len(data)} bytes) on {args.broker}")
+        fleet.close()
+    print(f"published version {manifest['version']} for {', '.join(groups)} ({len(data)} bytes) on {args.broker}")
     return 0
 
 
-def _status(args) -> int:
-    from edge import mqtt as mq
-
-    states: dict[str, dict] = {}
-    client = mq.make_client(mq.client_id("fleet-status"), args.protocol)
-
-    def on_message(c, u, msg):
-        try:
-            doc = json.loads(msg.payload)
-            states[doc["device"]] = doc
-        except (ValueError, KeyError, TypeError):
-            pass
-
-    client.on_message = on_message
-    mq.connect(client, args.broker)
-    client.subscribe(f"{args.prefix}/devices/+/state", qos=1)
-    time.sleep(args.wait)
-    client.loop_stop()
-    client.disconnect()
-    if not states:
-        print("no device has reported")
-        return 0
-    print(f"{'device':24} {'state':12} {'version':>7} {'installed':>9}  reason")
+def _print_states(states: dict[str, dict]) -> None:
+    print(f"{'device':24} {'group':12} {'state':12} {'version':>7} {'installed':>9}  reason")
     for dev in sorted(states):
         d = states[dev]
-        print(f"{dev:24} {d.get('state', '?'):12} {str(d.get('version')):>7} {str(d.get('installed')):>9}  "
-              f"{d.get('reason', '')}")
+        print(f"{dev:24} {str(d.get('group')):12} {d.get('state', '?'):12} {str(d.get('version')):>7} "
+              f"{str(d.get('installed')):>9}  {d.get('reason', '')}")
+
+
+def _status(args) -> int:
+    from .rollout import Fleet
+
+    fleet = Fleet(args.broker, args.prefix, args.protocol)
+    time.sleep(args.wait)  # retained states arrive within it
+    states = fleet.snapshot()
+    fleet.close()
+    if not states:
+        print("no device has reported")
+    else:
+        _print_states(states)
+    return 0
+
+
+def _rollout(args) -> int:
+    from .rollout import Fleet, rollout
+
+    waves = [[g.strip() for g in w.split(",") if g.strip()] for w in args.waves]
+    fleet = Fleet(args.broker, args.prefix, args.protocol)
+    try:
+        results = rollout(fleet, args.package, waves, args.max_failed, args.min_devices, args.timeout)
+    finally:
+        fleet.close()
+    for i, r in enumerate(results, 1):
+        print(f"wave {i} ({', '.join(r.groups)}): {r.count('SUCCEEDED')} succeeded, {r.count('FAILED')} failed, "
+              f"{r.count('REJECTED')} refused, {len(r.pending)} without a verdict"
+              + (f"; STOPPED: {r.stopped}" if r.stopped else ""))
+        _print_states({**{d: {"state": "PENDING", "group": "?"} for d in r.pending}, **r.verdicts})
+    left = len(waves) - len(results)
+    if results and results[-1].stopped:
+        print(f"rollout stopped; {left} wave(s) not published" if left else "rollout stopped at its last wave")
+        return 1
+    print("rollout complete")
     return 0
 
 

@@ -11,7 +11,7 @@ the key did not sign (the scheme hawkBit, Mender, AWS IoT Jobs and TUF agree on)
       "schema": "panorama-fleet-update/1",
       "version": 7,                              only ever increases (a lower one is a rollback attack)
       "created": "...Z", "expires": "...Z",      an expired manifest is refused (a freeze attack)
-      "target": {"group": "ward-3", "device_models": ["monitor-x"], "checkpoint_format": "1"},
+      "target": {"groups": ["canary", "ward-3"], "device_models": ["monitor-x"], "checkpoint_format": "1"},
       "artifact": {"name": "model.safetensors", "size": N, "sha256": file hash,
                    "model_sha256": the checkpoint's own content hash},
       "golden": {...},                           what the model must draw on a fixed recording
@@ -120,7 +120,7 @@ def parse_time(s) -> datetime:
         raise UpdateError(f"time {s!r} is not YYYY-MM-DDTHH:MM:SSZ") from None
 
 
-def build(model_path: Path, version: int, group: str, device_models: list[str], expires_days: float = 30.0,
+def build(model_path: Path, version: int, groups: list[str], device_models: list[str], expires_days: float = 30.0,
           notes: str = "", now: datetime | None = None) -> dict:
     """The manifest of ``model_path``: hashes, target, expiry and its golden outputs."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -129,15 +129,18 @@ def build(model_path: Path, version: int, group: str, device_models: list[str], 
         raise ValueError("name at least one device model the update is for (--device-model)")
     if not expires_days > 0:
         raise ValueError(f"expiry must lie in the future: {expires_days} days")
-    from edge.topics import _check_id  # the group is a topic level: the same rule as any id
+    from .topics import check_group
 
-    _check_id("group", group)
+    if not groups:
+        raise ValueError("name at least one group the update is for (--group)")
+    for g in groups:
+        check_group(g)
     model, meta = checkpoint.load(model_path)  # a clear CheckpointError for anything unreadable
     now = now or datetime.now(timezone.utc)
     return {
         "schema": SCHEMA, "version": version, "created": _utc(now),
         "expires": _utc(now + timedelta(days=expires_days)),
-        "target": {"group": group, "device_models": sorted(set(m.strip() for m in device_models)),
+        "target": {"groups": sorted(set(groups)), "device_models": sorted(set(m.strip() for m in device_models)),
                    "checkpoint_format": checkpoint.FORMAT_VERSION},
         "artifact": {"name": ARTIFACT_NAME, "size": Path(model_path).stat().st_size,
                      "sha256": file_sha256(model_path), "model_sha256": meta["sha256"],
@@ -183,7 +186,7 @@ def check_applicable(manifest: dict, group: str, device_model: str, newest_seen:
     try:
         version, target, art = manifest["version"], manifest["target"], manifest["artifact"]
         expires = parse_time(manifest["expires"])
-        models, fmt = target["device_models"], target["checkpoint_format"]
+        models, fmt, groups = target["device_models"], target["checkpoint_format"], target["groups"]
         size, digest = int(art["size"]), str(art["sha256"])
     except (KeyError, TypeError, ValueError) as exc:
         raise UpdateError(f"manifest lacks or garbles a field: {exc}") from None
@@ -192,8 +195,8 @@ def check_applicable(manifest: dict, group: str, device_model: str, newest_seen:
                           "seen: refused (a replayed or rolled-back manifest)")
     if (now or datetime.now(timezone.utc)) >= expires:
         raise UpdateError(f"manifest expired at {manifest['expires']}")
-    if target.get("group") != group:
-        raise UpdateError(f"manifest is for group {target.get('group')!r}, this device is in {group!r}")
+    if group not in groups:
+        raise UpdateError(f"manifest is for groups {groups}, this device is in {group!r}")
     if device_model not in models:
         raise UpdateError(f"manifest is for device models {models}, this device is {device_model!r}")
     if fmt != checkpoint.FORMAT_VERSION:

@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from deploy import manifest as mf
-from deploy.agent import Agent, AgentConfig, FleetTopics, load_agent_config
+from deploy.agent import Agent, AgentConfig, load_agent_config
 from deploy.store import ModelStore
+from deploy.topics import FleetTopics
 from edge.config import ModelConfig
 from edge.model_slot import ModelSlot
 from panorama import checkpoint
@@ -35,13 +36,13 @@ def keys(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def stage2_manifest() -> dict:
-    return mf.build(STAGE2, 3, "ward3", ["monitor-x"])
+    return mf.build(STAGE2, 3, ["ward3"], ["monitor-x"])
 
 
 def pack(tmp: Path, key: Path, model: Path, version: int, **kw) -> Path:
     out = tmp / f"pkg{version}"
     out.mkdir()
-    m = mf.build(model, version, kw.pop("group", "ward3"), kw.pop("device_models", ["monitor-x"]), **kw)
+    m = mf.build(model, version, kw.pop("groups", ["ward3"]), kw.pop("device_models", ["monitor-x"]), **kw)
     (out / "manifest.json").write_bytes(mf.sign(m, key))
     (out / mf.ARTIFACT_NAME).write_bytes(Path(model).read_bytes())
     return out
@@ -76,15 +77,15 @@ def test_only_a_newer_unexpired_manifest_for_this_device_applies(stage2_manifest
     m = stage2_manifest
     mf.check_applicable(m, "ward3", "monitor-x", newest_seen=2)
     cases = {"not newer": dict(newest_seen=3), "expired": dict(now=datetime.now(timezone.utc) + timedelta(days=31)),
-             "group": dict(group="ward4"), "device models": dict(device_model="monitor-y")}
+             "groups": dict(group="ward4"), "device models": dict(device_model="monitor-y")}
     for why, kw in cases.items():
         args = {"group": "ward3", "device_model": "monitor-x", "newest_seen": 2, **kw}
         with pytest.raises(UpdateError, match=why):
             mf.check_applicable(m, **args)
     with pytest.raises(ValueError, match="version"):
-        mf.build(STAGE2, 0, "ward3", ["monitor-x"])
+        mf.build(STAGE2, 0, ["ward3"], ["monitor-x"])
     with pytest.raises(ValueError, match="device model"):
-        mf.build(STAGE2, 4, "ward3", [])
+        mf.build(STAGE2, 4, ["ward3"], [])
 
 
 def test_dry_run_refuses_another_file_another_model_and_other_views(stage2_manifest, tmp_path):
@@ -151,19 +152,18 @@ def test_model_slot_reloads_a_new_file_and_keeps_the_old_model_when_one_fails(tm
 # ----------------------------------------------------------------------------- the agent
 
 def agent_config(tmp_path, public: Path, prefix: str, **kw) -> AgentConfig:
-    kw = {"daemon_id": "bed7", **kw}
-    return AgentConfig(group="ward3", device_id="bed7", device_model="monitor-x", public_key=public,
-                       store=tmp_path / "store", factory_model=STAGE1, prefix=f"{prefix}/fleet",
+    kw = {"daemon_id": "bed7", "group": "ward3", "device_id": "bed7", "store": tmp_path / "store", **kw}
+    return AgentConfig(device_model="monitor-x", public_key=public, factory_model=STAGE1, prefix=f"{prefix}/fleet",
                        daemon_prefix=f"{prefix}/ecg", **kw)
 
 
 def test_agent_refuses_without_touching_the_store(keys, tmp_path):
     private, public = keys
     agent = Agent(agent_config(tmp_path, public, "x", daemon_id=None))  # never connected: refusals need no broker
-    old = mf.build(STAGE2, 1, "ward3", ["monitor-x"])
+    old = mf.build(STAGE2, 1, ["ward3"], ["monitor-x"])
     agent.store.record(2, "SUCCEEDED", seen=2)
-    expired = mf.build(STAGE2, 5, "ward3", ["monitor-x"], now=datetime.now(timezone.utc) - timedelta(days=40))
-    other = mf.build(STAGE2, 6, "ward3", ["monitor-y"])
+    expired = mf.build(STAGE2, 5, ["ward3"], ["monitor-x"], now=datetime.now(timezone.utc) - timedelta(days=40))
+    other = mf.build(STAGE2, 6, ["ward3"], ["monitor-y"])
     assert agent.handle(mf.sign(old, private)) == "REJECTED"
     assert agent.handle(mf.sign(expired, private)) == "REJECTED"
     assert agent.handle(mf.sign(other, private)) == "REJECTED"
@@ -227,7 +227,7 @@ def test_update_installs_the_daemon_adopts_it_and_a_failed_gate_rolls_back(mosqu
                      "--broker", mosquitto)
         assert r.returncode == 0, r.stderr
         assert wait(lambda: agent.results and agent.results[-1]["state"] in ("SUCCEEDED", "FAILED"), 90)
-        assert [r["state"] for r in agent.results] == ["QUEUED", "IN_PROGRESS", "IN_PROGRESS", "SUCCEEDED"]
+        assert [r["state"] for r in agent.results] == ["READY", "QUEUED", "IN_PROGRESS", "IN_PROGRESS", "SUCCEEDED"]
         assert agent.health[1]["model"]["sha256"] == checkpoint.read_header(STAGE2)["sha256"]
         assert os.readlink(agent.store.current) == "versions/3"
         # the operator sees it too
@@ -253,7 +253,8 @@ def test_update_installs_the_daemon_adopts_it_and_a_failed_gate_rolls_back(mosqu
     again = Agent(agent_config(tmp_path, public, prefix)).start()
     try:
         time.sleep(1.5)
-        assert again.results == [] and os.readlink(again.store.current) == "versions/3"
+        assert [r["state"] for r in again.results] == ["READY"] and os.readlink(again.store.current) == "versions/3"
+        assert "version 4 FAILED (rolled back to version 3" in again.results[0]["reason"]
     finally:
         again.stop()
     states = [h["result"] for h in json.loads((tmp_path / "store" / "state.json").read_text())["history"]]
@@ -278,12 +279,50 @@ def test_an_update_a_restart_left_ungated_is_gated_at_the_next_start(mosquitto, 
     store = ModelStore(cfg.store)
     store.ensure_factory(STAGE1)
     store.record(3, "QUEUED", seen=3)  # what a run cut off between install and verdict leaves behind
-    store.install(3, STAGE2, mf.build(STAGE2, 3, "ward3", ["monitor-x"]))
+    store.install(3, STAGE2, mf.build(STAGE2, 3, ["ward3"], ["monitor-x"]))
     agent = Agent(cfg).start()  # no daemon runs: it never adopts version 3
     try:
-        assert wait(lambda: agent.results, 20)
+        assert wait(lambda: agent.results[-1]["state"] != "READY", 20)
     finally:
         agent.stop()
     last = agent.results[-1]
     assert last["state"] == "FAILED" and "rolled back to version 0" in last["reason"]
     assert "did not report the new model" in last["reason"] and os.readlink(store.current) == "versions/0"
+
+
+def test_rollout_goes_wave_by_wave_and_stops_before_the_next_when_one_fails(mosquitto, keys, tmp_path):
+    import uuid
+
+    from deploy.rollout import Fleet, rollout
+
+    private, public = keys
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+
+    def device(name, group, **kw):  # no daemon to gate on unless said: they install at once
+        kw = {"daemon_id": None, **kw}
+        return Agent(agent_config(tmp_path, public, prefix, group=group, device_id=name, store=tmp_path / name,
+                                  **kw)).start()
+
+    devices = [device("c1", "canary"), device("w1", "ward"), device("w2", "ward")]
+    fleet = Fleet(mosquitto, f"{prefix}/fleet")
+    try:
+        assert wait(lambda: len(fleet.snapshot()) == 3, 10), "every agent announces itself (READY)"
+        both = ["canary", "ward"]
+        waves = rollout(fleet, pack(tmp_path, private, STAGE2, 3, groups=both), [["canary"], ["ward"]], timeout_s=60)
+        assert [w.stopped for w in waves] == ["", ""] and [w.count("SUCCEEDED") for w in waves] == [1, 2]
+        assert all(os.readlink(d.store.current) == "versions/3" for d in devices)
+        # a canary whose daemon never adopts the update fails it: the ward never sees version 4
+        devices.append(device("c2", "canary", daemon_id="nobody", adopt_timeout_s=1.0))
+        assert wait(lambda: "c2" in fleet.snapshot(), 10)
+        waves = rollout(fleet, pack(tmp_path, private, STAGE1, 4, groups=both), [["canary"], ["ward"]], timeout_s=60)
+        assert len(waves) == 1 and "1 device(s) failed" in waves[0].stopped
+        assert waves[0].verdicts["c2"]["state"] == "FAILED" and waves[0].verdicts["c1"]["state"] == "SUCCEEDED"
+        time.sleep(1.0)
+        assert [os.readlink(d.store.current) for d in devices] == ["versions/4", "versions/3", "versions/3",
+                                                                   "versions/0"]
+        with pytest.raises(UpdateError, match="not among the update's"):
+            rollout(fleet, tmp_path / "pkg4", [["icu"]])
+    finally:
+        fleet.close()
+        for d in devices:
+            d.stop()

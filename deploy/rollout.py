@@ -1,0 +1,141 @@
+"""The operator's side on the broker: publish a packed update, read every device's state,
+and roll an update out in waves that stop when devices fail it.
+
+A wave is one or more of the manifest's groups. Its manifest is published, then the
+rollout waits until every device known in those groups (by the group in its retained state)
+has a verdict on this version — SUCCEEDED, FAILED or REJECTED — and at least
+``min_devices`` have one. More than ``max_failed`` FAILED, or no device of the wave taking
+the update, stops the rollout before the next wave: the groups not yet published never see
+the manifest. A device that does not answer within ``timeout_s`` stops it too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge import mqtt as mq
+from panorama.errors import UpdateError
+from panorama.files import file_sha256
+
+from .manifest import ARTIFACT_NAME
+from .topics import FleetTopics
+
+log = logging.getLogger("panorama.fleet")
+FINAL = ("SUCCEEDED", "FAILED", "REJECTED")
+
+
+def read_package(folder: Path) -> tuple[bytes, dict, bytes]:
+    """(signed envelope, manifest, artifact bytes) of a folder from ``panorama fleet pack``."""
+    folder = Path(folder)
+    try:
+        envelope = (folder / "manifest.json").read_bytes()
+        manifest = json.loads(envelope)["manifest"]
+        manifest["artifact"]["sha256"], manifest["target"]["groups"], manifest["version"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UpdateError(f"{folder} is not a package from `panorama fleet pack`: {exc}") from None
+    try:
+        same = file_sha256(folder / ARTIFACT_NAME) == manifest["artifact"]["sha256"]
+    except OSError as exc:
+        raise UpdateError(f"cannot read {folder / ARTIFACT_NAME}: {exc.strerror}") from None
+    if not same:
+        raise UpdateError(f"{folder / ARTIFACT_NAME} is not the file its manifest signed (sha256 differs)")
+    return envelope, manifest, (folder / ARTIFACT_NAME).read_bytes()
+
+
+class Fleet:
+    """One connection to the fleet's broker that keeps every device's latest state."""
+
+    def __init__(self, broker: str, prefix: str = "panorama/fleet", protocol: str = "5"):
+        self.topics = FleetTopics(prefix)
+        self.states: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self.client = mq.make_client(mq.client_id("fleet-operator"), protocol)
+        self.client.on_message = self._on_message
+        mq.connect(self.client, broker)
+        self.client.subscribe(self.topics.states(), qos=1)
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            doc = json.loads(msg.payload)
+            device = doc["device"]
+        except (ValueError, KeyError, TypeError):
+            return  # not a state this code wrote
+        with self._lock:
+            self.states[device] = doc
+
+    def snapshot(self) -> dict[str, dict]:
+        with self._lock:
+            return dict(self.states)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(30)
+        if not info.is_published():
+            raise UpdateError(f"the broker did not acknowledge {topic} ({len(payload)} bytes) within 30 s: "
+                              "is its message_size_limit smaller?")
+
+    def publish_update(self, envelope: bytes, manifest: dict, data: bytes, groups: list[str]) -> None:
+        """The artifact first, so a device that sees the manifest finds its bytes there."""
+        self.publish(self.topics.artifact(manifest["artifact"]["sha256"]), data)
+        for g in groups:
+            self.publish(self.topics.manifest(g), envelope)
+
+
+@dataclass
+class WaveResult:
+    groups: list[str]
+    verdicts: dict[str, dict] = field(default_factory=dict)  # device → its final state doc
+    pending: list[str] = field(default_factory=list)
+    stopped: str = ""  # why the rollout stopped here; empty when the wave passed
+
+    def count(self, state: str) -> int:
+        return sum(d["state"] == state for d in self.verdicts.values())
+
+
+def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int = 0, min_devices: int = 1,
+            timeout_s: float = 1800.0, poll_s: float = 0.2) -> list[WaveResult]:
+    """Publish ``package`` wave by wave; the results of the waves published (the last one
+    says why the rollout stopped, if it did)."""
+    envelope, manifest, data = read_package(package)
+    targets = manifest["target"]["groups"]
+    unknown = sorted({g for w in waves for g in w} - set(targets))
+    if unknown:
+        raise UpdateError(f"groups {unknown} are not among the update's {targets}: pack it for them")
+    if not waves or not all(waves):
+        raise ValueError("every wave names at least one group")
+    version, results = manifest["version"], []
+    for groups in waves:
+        fleet.publish_update(envelope, manifest, data, groups)
+        log.info("wave %s: version %s published", ",".join(groups), version)
+        res = WaveResult(groups)
+        results.append(res)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            mine = {d: s for d, s in fleet.snapshot().items() if s.get("group") in groups}
+            res.verdicts = {d: s for d, s in mine.items() if s.get("version") == version and s.get("state") in FINAL}
+            res.pending = sorted(set(mine) - set(res.verdicts))
+            if res.count("FAILED") > max_failed:
+                res.stopped = f"{res.count('FAILED')} device(s) failed the update (at most {max_failed} allowed)"
+                break
+            if not res.pending and len(res.verdicts) >= min_devices:
+                if not res.count("SUCCEEDED"):
+                    res.stopped = "no device of the wave took the update"
+                break
+            if time.monotonic() > deadline:
+                waiting = ", ".join(res.pending) or f"{min_devices - len(res.verdicts)} more device(s)"
+                res.stopped = f"no verdict within {timeout_s:g} s from {waiting}"
+                break
+            time.sleep(poll_s)
+        if res.stopped:
+            log.warning("wave %s: rollout stopped: %s", ",".join(groups), res.stopped)
+            break
+    return results
