@@ -42,6 +42,8 @@ from . import manifest as mf
 from .store import ModelStore
 from .topics import FleetTopics
 
+MAX_MANIFEST_BYTES = 1 << 20
+
 log = logging.getLogger("panorama.fleet")
 STATES = ("READY", "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
 
@@ -71,6 +73,31 @@ class AgentConfig(_Strict):
     max_artifact_bytes: int = Field(64 << 20, ge=1024)
 
 
+def check_agent_config(cfg: AgentConfig) -> None:
+    """What pydantic cannot see: topics, the store's folder, the factory model, the key.
+    ValueError or UpdateError naming the setting, before anything is created."""
+    FleetTopics(cfg.prefix).manifest(cfg.group)
+    FleetTopics(cfg.prefix).state(cfg.device_id)
+    mq.parse_broker_url(cfg.broker)
+    try:
+        daemon = Topics(cfg.daemon_prefix)
+        if cfg.daemon_id is not None:
+            daemon.health(cfg.daemon_id)
+    except ValueError as exc:
+        raise ValueError(f"daemon_prefix/daemon_id: {exc}") from None
+    if cfg.store.exists() and not cfg.store.is_dir():
+        raise ValueError(f"store: {cfg.store} is a file, not a folder")
+    if cfg.factory_model is not None and not (cfg.store / "current").exists():
+        from panorama import checkpoint
+        from panorama.errors import CheckpointError
+
+        try:
+            checkpoint.read_header(cfg.factory_model)
+        except CheckpointError as exc:
+            raise ValueError(f"factory_model: {exc}") from None
+    mf._load_key(cfg.public_key, private=False)  # a missing or wrong key: said now, not at the first update
+
+
 def load_agent_config(path: Path) -> AgentConfig:
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -80,32 +107,38 @@ def load_agent_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     try:
         cfg = AgentConfig.model_validate(raw if raw is not None else {})
-        FleetTopics(cfg.prefix).manifest(cfg.group)
-        FleetTopics(cfg.prefix).state(cfg.device_id)
-        mq.parse_broker_url(cfg.broker)
+        check_agent_config(cfg)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from exc
-    except ValueError as exc:
+    except (ValueError, UpdateError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     return cfg
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig):
+        check_agent_config(cfg)
         self.cfg = cfg
         self.topics = FleetTopics(cfg.prefix)
         self.store = ModelStore(cfg.store)
-        if cfg.factory_model is None:
-            from panorama.synth import default_checkpoint
-            factory = default_checkpoint()
-        else:
-            factory = cfg.factory_model
-        self.store.ensure_factory(factory)
-        mf._load_key(cfg.public_key, private=False)  # a missing or wrong key: said now, not at the first update
+        self.store.lock()  # one agent per store
+        try:
+            self.store.state()  # a damaged state.json stops the agent here, not its worker later
+            self.store.sweep()
+            if cfg.factory_model is None:
+                from panorama.synth import default_checkpoint
+                factory = default_checkpoint()
+            else:
+                factory = cfg.factory_model
+            self.store.ensure_factory(factory)
+        except BaseException:
+            self.store.unlock()
+            raise
         daemon = Topics(cfg.daemon_prefix)
         self.health_topic = daemon.health(cfg.daemon_id) if cfg.daemon_id else None
         self.status_topic = daemon.daemon_status(cfg.daemon_id) if cfg.daemon_id else None
+        self.manifest_topic = self.topics.manifest(cfg.group)
         self.manifests: queue.Queue = queue.Queue(maxsize=16)
         self.health: tuple[float, dict] | None = None  # (monotonic time, last health report)
         self.daemon_status = b""
@@ -137,11 +170,12 @@ class Agent:
         self.publisher.stop(timeout=5)
         self.client.loop_stop()
         self.client.disconnect()
+        self.store.unlock()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:
             return
-        subs = [(self.topics.manifest(self.cfg.group), 1)]
+        subs = [(self.manifest_topic, 1)]
         if self.health_topic:
             subs += [(self.health_topic, 0), (self.status_topic, 1)]
         if self.artifact_topic:
@@ -159,6 +193,10 @@ class Agent:
         elif msg.topic == self.artifact_topic:
             self.artifact = bytes(msg.payload)
             self.got_artifact.set()
+        elif msg.topic != self.manifest_topic:
+            return  # an artifact no longer awaited (a late or repeated copy): not a manifest
+        elif len(msg.payload) > MAX_MANIFEST_BYTES:
+            log.warning("a %d-byte message on the manifest topic ignored: a manifest is a few kB", len(msg.payload))
         else:
             try:
                 self.manifests.put_nowait(bytes(msg.payload))
@@ -192,13 +230,17 @@ class Agent:
             return self._ack(None, "REJECTED", str(exc))
         version = m.get("version")
         state = self.store.state()
+        newest = int(state["newest_seen"])
         done = [h["result"] for h in state["history"] if h.get("version") == version]
-        if version == state.get("installed") or (done and version <= int(state["newest_seen"])):
+        if version == state.get("installed") or (done and version == newest and done[-1] != "QUEUED"):
             # the retained manifest again, after a restart or reconnect: answered before
             log.info("version %s was handled before (%s)", version, done[-1] if done else "installed")
             return "IGNORED"
+        if done and version == newest:  # QUEUED, never installed: a run stopped while fetching it; again
+            log.warning("version %s was interrupted before it was installed: trying again", version)
+            newest -= 1
         try:
-            mf.check_applicable(m, self.cfg.group, self.cfg.device_model, int(state["newest_seen"]))
+            mf.check_applicable(m, self.cfg.group, self.cfg.device_model, newest)
             size = int(m["artifact"]["size"])
             if size > self.cfg.max_artifact_bytes:
                 raise UpdateError(f"artifact of {size} bytes exceeds max_artifact_bytes {self.cfg.max_artifact_bytes}")
@@ -207,16 +249,21 @@ class Agent:
         self.store.record(version, "QUEUED", seen=version)  # from now on this version is never tried again
         self._ack(m, "QUEUED", "")
         self._ack(m, "IN_PROGRESS", "fetching the artifact")
+        staged = self.store.staging / f"{m['artifact']['sha256']}.safetensors"
         try:
-            staged = self.store.stage(self._fetch(m["artifact"]["sha256"]), f"{m['artifact']['sha256']}.safetensors")
+            self.store.stage(self._fetch(m["artifact"]["sha256"]), staged.name)
             mf.check_artifact(m, staged)
             err = mf.dry_run(m, staged)
             self._ack(m, "IN_PROGRESS", f"dry-run passed ({err:.2f} µV from the golden views); installing")
             self.store.install(version, staged, m)
-            staged.unlink(missing_ok=True)
+        except _Stopped:  # left QUEUED: the next start fetches it again
+            return "INTERRUPTED"
         except (UpdateError, OSError) as exc:
             self.store.record(version, "FAILED", str(exc))
             return self._ack(m, "FAILED", str(exc))
+        finally:
+            self.artifact = None  # the bytes are on disk or refused: do not hold them
+            staged.unlink(missing_ok=True)
         log.info("version %s installed; %s", version, "gating on the daemon's health" if self.health_topic
                  else "no daemon to gate on")
         return self._conclude(m, "the daemon runs it")
@@ -254,9 +301,13 @@ class Agent:
         self.artifact, self.artifact_topic = None, topic
         self.got_artifact.clear()
         self.client.subscribe(topic, qos=1)
+        deadline = time.monotonic() + self.cfg.artifact_timeout_s
         try:
-            if not self.got_artifact.wait(self.cfg.artifact_timeout_s):
-                raise UpdateError(f"no artifact on {topic} within {self.cfg.artifact_timeout_s:g} s")
+            while not self.got_artifact.wait(0.2):
+                if self.stopping.is_set():
+                    raise _Stopped
+                if time.monotonic() > deadline:
+                    raise UpdateError(f"no artifact on {topic} within {self.cfg.artifact_timeout_s:g} s")
             return self.artifact
         finally:
             self.artifact_topic = None
@@ -266,10 +317,15 @@ class Agent:
         """None when the daemon adopts the new model and stays healthy; else what went wrong."""
         want = m["artifact"]["model_sha256"]
         installed = str((self.store.versions / str(m["version"]) / mf.ARTIFACT_NAME).resolve())
-        deadline = time.monotonic() + self.cfg.adopt_timeout_s
+        start = time.monotonic()
+        deadline = start + self.cfg.adopt_timeout_s
         while True:  # adoption
             if self.stopping.is_set():
                 raise _Stopped
+            heard = max(start, self.health[0]) if self.health else start
+            if time.monotonic() - heard > self.cfg.health_timeout_s:  # down, or crash-looping on the new model
+                return (f"no health report from the daemon for {self.cfg.health_timeout_s:g} s"
+                        + (" (it is offline)" if self.daemon_status == b"offline" else ""))
             model = (self.health[1].get("model") or {}) if self.health else {}
             if model.get("sha256") == want:
                 break
@@ -301,7 +357,7 @@ class Agent:
                "state": state, "reason": reason,
                "version": m.get("version") if m else None,
                "sha256": (m.get("artifact") or {}).get("sha256") if m else None,
-               "installed": self.store.state().get("installed"), "t": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "installed": self.store.current_version(), "t": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (log.warning if state in ("FAILED", "REJECTED") else log.info)(
             "update %s: %s%s", doc["version"], state, f" ({reason})" if reason else "")
         self.results.append(doc)

@@ -48,6 +48,7 @@ def register(sub) -> None:
     pb = fleet.add_parser("publish", help="publish a packed update (retained) for its groups at once")
     pb.add_argument("package", type=Path, help="a folder written by `panorama fleet pack`")
     pb.add_argument("--group", action="append", dest="groups", help="only these of its groups (repeat)")
+    pb.add_argument("--public-key", type=Path, help="check the package's signature with fleet.pub first")
     _broker_args(pb)
     pb.set_defaults(func=_publish)
 
@@ -55,6 +56,7 @@ def register(sub) -> None:
     ro.add_argument("package", type=Path, help="a folder written by `panorama fleet pack`")
     ro.add_argument("--wave", action="append", required=True, dest="waves",
                     help="groups of one wave, comma-separated (repeat, in order: --wave canary --wave ward-1,ward-2)")
+    ro.add_argument("--public-key", type=Path, help="check the package's signature with fleet.pub first")
     ro.add_argument("--max-failed", type=int, default=0, help="FAILED devices a wave may have (default 0)")
     ro.add_argument("--min-devices", type=int, default=1, help="verdicts a wave needs at least (default 1)")
     ro.add_argument("--timeout", type=float, default=1800.0,
@@ -107,7 +109,7 @@ def _pack(args) -> int:
 def _publish(args) -> int:
     from .rollout import Fleet, read_package
 
-    envelope, manifest, data = read_package(args.package)
+    envelope, manifest, data = read_package(args.package, args.public_key)
     groups = args.groups or manifest["target"]["groups"]
     unknown = sorted(set(groups) - set(manifest["target"]["groups"]))
     if unknown:
@@ -122,11 +124,11 @@ def _publish(args) -> int:
 
 
 def _print_states(states: dict[str, dict]) -> None:
-    print(f"{'device':24} {'group':12} {'state':12} {'version':>7} {'installed':>9}  reason")
+    print(f"{'device':24} {'group':12} {'state':12} {'version':>7} {'installed':>9} {'at (UTC)':20}  reason")
     for dev in sorted(states):
-        d = states[dev]
-        print(f"{dev:24} {str(d.get('group')):12} {d.get('state', '?'):12} {str(d.get('version')):>7} "
-              f"{str(d.get('installed')):>9}  {d.get('reason', '')}")
+        d = {k: "" if v is None else str(v) for k, v in states[dev].items()}  # as written by anyone: text only
+        print(f"{dev:24} {d.get('group', ''):12} {d.get('state', '?'):12} {d.get('version', ''):>7} "
+              f"{d.get('installed', ''):>9} {d.get('t', ''):20}  {d.get('reason', '')}")
 
 
 def _status(args) -> int:
@@ -149,7 +151,8 @@ def _rollout(args) -> int:
     waves = [[g.strip() for g in w.split(",") if g.strip()] for w in args.waves]
     fleet = Fleet(args.broker, args.prefix, args.protocol)
     try:
-        results = rollout(fleet, args.package, waves, args.max_failed, args.min_devices, args.timeout)
+        results = rollout(fleet, args.package, waves, args.max_failed, args.min_devices, args.timeout,
+                          public_key=args.public_key)
     finally:
         fleet.close()
     for i, r in enumerate(results, 1):

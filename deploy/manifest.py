@@ -46,6 +46,7 @@ ARTIFACT_NAME = "model.safetensors"
 GOLDEN_INPUTS = ["I", "II", "V3"]
 GOLDEN_VIEWS = ["V2", "V7", "V4R", "120:45"]
 GOLDEN_SECONDS, GOLDEN_EVERY = 2.0, 10  # 2 s drawn, every 10th sample kept: 4 × 100 values
+MAX_EXPIRY_DAYS = 3650  # a manifest that never expires could be replayed to a device forever
 GOLDEN_TOLERANCE_UV = 5.0  # float32 on another CPU or CUDA differs by ~0.01 µV; a different model by far more
 
 
@@ -127,8 +128,8 @@ def build(model_path: Path, version: int, groups: list[str], device_models: list
         raise ValueError(f"version must be a whole number ≥ 1, got {version!r}")
     if not device_models or not all(isinstance(m, str) and m.strip() for m in device_models):
         raise ValueError("name at least one device model the update is for (--device-model)")
-    if not expires_days > 0:
-        raise ValueError(f"expiry must lie in the future: {expires_days} days")
+    if not 0 < expires_days <= MAX_EXPIRY_DAYS:
+        raise ValueError(f"expiry must lie within {MAX_EXPIRY_DAYS} days from now, got {expires_days} days")
     from .topics import check_group
 
     if not groups:
@@ -242,6 +243,8 @@ def _draw(model, meta) -> np.ndarray:
 def golden(model, meta) -> dict:
     """The golden block of a manifest: the views drawn from the fixed recording, in 0.1 µV."""
     uv = _draw(model, meta)
+    if not np.isfinite(uv).all():
+        raise UpdateError("the model draws non-finite views of the golden recording (NaN weights?): not packed")
     return {"inputs": GOLDEN_INPUTS, "views": GOLDEN_VIEWS, "seconds": str(GOLDEN_SECONDS),
             "every": GOLDEN_EVERY, "tolerance_uv": str(GOLDEN_TOLERANCE_UV),
             "output_tenth_uv": np.round(uv * 10).astype(int).tolist()}

@@ -22,15 +22,16 @@ from edge import mqtt as mq
 from panorama.errors import UpdateError
 from panorama.files import file_sha256
 
-from .manifest import ARTIFACT_NAME
+from .manifest import ARTIFACT_NAME, verify
 from .topics import FleetTopics
 
 log = logging.getLogger("panorama.fleet")
 FINAL = ("SUCCEEDED", "FAILED", "REJECTED")
 
 
-def read_package(folder: Path) -> tuple[bytes, dict, bytes]:
-    """(signed envelope, manifest, artifact bytes) of a folder from ``panorama fleet pack``."""
+def read_package(folder: Path, public_key: Path | None = None) -> tuple[bytes, dict, bytes]:
+    """(signed envelope, manifest, artifact bytes) of a folder from ``panorama fleet pack``;
+    with ``public_key``, its signature checked as a device will check it."""
     folder = Path(folder)
     try:
         envelope = (folder / "manifest.json").read_bytes()
@@ -44,6 +45,8 @@ def read_package(folder: Path) -> tuple[bytes, dict, bytes]:
         raise UpdateError(f"cannot read {folder / ARTIFACT_NAME}: {exc.strerror}") from None
     if not same:
         raise UpdateError(f"{folder / ARTIFACT_NAME} is not the file its manifest signed (sha256 differs)")
+    if public_key is not None:
+        verify(envelope, public_key)
     return envelope, manifest, (folder / ARTIFACT_NAME).read_bytes()
 
 
@@ -53,6 +56,7 @@ class Fleet:
     def __init__(self, broker: str, prefix: str = "panorama/fleet", protocol: str = "5"):
         self.topics = FleetTopics(prefix)
         self.states: dict[str, dict] = {}
+        self._echo: dict[str, bytes | None] = {}  # topics read back after publishing, and what came back
         self._lock = threading.Lock()
         self.client = mq.make_client(mq.client_id("fleet-operator"), protocol)
         self.client.on_message = self._on_message
@@ -60,11 +64,17 @@ class Fleet:
         self.client.subscribe(self.topics.states(), qos=1)
 
     def _on_message(self, client, userdata, msg):
+        with self._lock:
+            if msg.topic in self._echo:
+                self._echo[msg.topic] = bytes(msg.payload)
+                return
         try:
             doc = json.loads(msg.payload)
             device = doc["device"]
+            if not isinstance(device, str) or not isinstance(doc, dict):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
-            return  # not a state this code wrote
+            return  # not a state an agent wrote (anyone who may publish there can write one)
         with self._lock:
             self.states[device] = doc
 
@@ -76,12 +86,35 @@ class Fleet:
         self.client.loop_stop()
         self.client.disconnect()
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes, timeout: float = 30.0) -> None:
+        """Publish retained, then read it back: a broker may acknowledge and still drop a
+        message (Mosquitto over MQTT 3.1.1 past its message_size_limit, or an ACL refusal)."""
         info = self.client.publish(topic, payload, qos=1, retain=True)
-        info.wait_for_publish(30)
+        info.wait_for_publish(timeout)
+        hint = "is its message_size_limit smaller, or does its ACL refuse this client?"
         if not info.is_published():
-            raise UpdateError(f"the broker did not acknowledge {topic} ({len(payload)} bytes) within 30 s: "
-                              "is its message_size_limit smaller?")
+            raise UpdateError(f"the broker did not acknowledge {topic} ({len(payload)} bytes) within {timeout:g} s: "
+                              f"{hint}")
+        with self._lock:
+            self._echo[topic] = None
+        self.client.subscribe(topic, qos=1)  # the broker sends the retained message on every subscribe
+        deadline = time.monotonic() + 10
+        try:
+            while time.monotonic() < deadline:
+                with self._lock:
+                    back = self._echo[topic]
+                if back == payload:
+                    return
+                time.sleep(0.05)
+        finally:
+            self.client.unsubscribe(topic)
+            with self._lock:
+                self._echo.pop(topic, None)
+        raise UpdateError(f"the broker acknowledged {topic} ({len(payload)} bytes) but does not hold it: {hint}")
+
+    def clear(self, topic: str) -> None:
+        """Remove a retained message (an empty one replaces it)."""
+        self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
 
     def publish_update(self, envelope: bytes, manifest: dict, data: bytes, groups: list[str]) -> None:
         """The artifact first, so a device that sees the manifest finds its bytes there."""
@@ -102,10 +135,10 @@ class WaveResult:
 
 
 def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int = 0, min_devices: int = 1,
-            timeout_s: float = 1800.0, poll_s: float = 0.2) -> list[WaveResult]:
+            timeout_s: float = 1800.0, poll_s: float = 0.2, public_key: Path | None = None) -> list[WaveResult]:
     """Publish ``package`` wave by wave; the results of the waves published (the last one
     says why the rollout stopped, if it did)."""
-    envelope, manifest, data = read_package(package)
+    envelope, manifest, data = read_package(package, public_key)
     targets = manifest["target"]["groups"]
     unknown = sorted({g for w in waves for g in w} - set(targets))
     if unknown:

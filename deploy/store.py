@@ -6,23 +6,29 @@
       current -> versions/7               what the daemon reads (model.path: STORE/current/model.safetensors)
       state.json                          installed, previous, newest version seen, history
       staging/                            downloads before they are checked
+      .lock                               held by the one agent that uses the store
 
 A version is written whole into ``versions/<v>.tmp``, synced and renamed; ``current`` is
 swapped by renaming a new link over it (``os.replace``), so a power cut leaves the old
-model or the new one, never half of either. The previous version is kept for rollback.
-``state.json`` is written the same way and only by this module, never by an update: the
-newest version seen only grows, so a replayed older manifest is refused after a restart too.
+model or the new one, never half of either. The previous version and the factory model are
+kept for rollback; nothing ``current`` points at is ever removed. ``state.json`` is written
+the same way and only by this module, never by an update: the newest version seen only
+grows, so a replayed older manifest is refused after a restart too. Without a
+``state.json`` (moved aside because it was damaged) the store rebuilds one from the versions
+on disk, taking the highest of them as the newest seen.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from panorama.errors import UpdateError
+from panorama import checkpoint as ckpt
+from panorama.errors import CheckpointError, UpdateError
 from panorama.files import atomic_write
 
 from .manifest import ARTIFACT_NAME
@@ -37,24 +43,55 @@ class ModelStore:
         self.staging = self.root / "staging"
         self.current = self.root / "current"
         self.state_path = self.root / "state.json"
+        self._lock_fd: int | None = None
 
     @property
     def model_path(self) -> Path:
         """What the daemon's ``model.path`` names: through the link, so a swap is seen."""
         return self.current / ARTIFACT_NAME
 
+    def lock(self) -> None:
+        """Hold the store for this process: two agents on one store would undo each other's work."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise UpdateError(f"another agent uses the store {self.root}: one agent per store") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
     # ---- state ----------------------------------------------------------------------
+    def current_version(self) -> int | None:
+        try:
+            return int(Path(os.readlink(self.current)).name)
+        except (OSError, ValueError):
+            return None
+
+    def on_disk(self) -> list[int]:
+        if not self.versions.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.versions.iterdir() if p.name.isdigit())
+
     def state(self) -> dict:
         if not self.state_path.exists():
-            return {"installed": None, "previous": None, "newest_seen": 0, "history": []}
+            present = self.on_disk()
+            return {"installed": self.current_version(), "previous": None,
+                    "newest_seen": max(present, default=0), "history": []}
         try:
             doc = json.loads(self.state_path.read_text())
             int(doc["newest_seen"])
+            list(doc["history"])
             return doc
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # without it a replayed old manifest could not be told from a new one: stop, do not guess
-            raise UpdateError(f"{self.state_path} is unreadable ({exc}); updates are refused until it is "
-                              "repaired or removed by hand") from None
+            raise UpdateError(f"{self.state_path} is unreadable ({exc}); updates are refused until it is repaired, "
+                              "or moved aside: the store then rebuilds it from the versions on disk") from None
 
     def _save(self, doc: dict) -> None:
         doc["history"] = doc["history"][-HISTORY:]
@@ -76,49 +113,70 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
         if self.current.exists():
             return
+        try:
+            ckpt.read_header(checkpoint)  # the last resort must be a model the daemon can load
+        except CheckpointError as exc:
+            raise UpdateError(f"factory model: {exc}") from exc
         self._write_version(0, Path(checkpoint), {"version": 0, "notes": f"factory model {Path(checkpoint).name}"})
         self._point(0)
         doc = self.state()
         doc.update(installed=0, previous=None)
         self._save(doc)
 
+    def sweep(self) -> None:
+        """What an interrupted run left: staged downloads and half-written versions."""
+        for p in list(self.staging.glob("*")) if self.staging.is_dir() else []:
+            p.unlink(missing_ok=True)
+        for p in list(self.versions.glob("*.tmp")) if self.versions.is_dir() else []:
+            shutil.rmtree(p, ignore_errors=True)
+
     def stage(self, data: bytes, name: str) -> Path:
         self.staging.mkdir(parents=True, exist_ok=True)
         path = self.staging / name
-        atomic_write(path, data)
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot stage the download in {self.staging}: {exc.strerror}") from exc
         return path
 
     def install(self, version: int, staged: Path, manifest: dict) -> None:
         """Make ``staged`` version ``version`` and point ``current`` at it; the old one becomes previous."""
         self._write_version(version, staged, manifest)
         doc = self.state()
+        running = self.current_version()
         self._point(version)
-        doc.update(previous=doc.get("installed"), installed=version)
+        doc.update(previous=running, installed=version)
         self._save(doc)
-        self._prune(keep={version, doc["previous"]})
+        self._prune(keep={version, running})
 
     def rollback(self) -> int:
-        """Point ``current`` back at the previous version; returns it."""
+        """Point ``current`` back at the previous version, or the factory model when there is
+        none; returns the version now current."""
         doc = self.state()
-        prev = doc.get("previous")
-        if prev is None or not (self.versions / str(prev) / ARTIFACT_NAME).is_file():
-            raise UpdateError("no previous version to roll back to")
-        self._point(prev)
-        doc.update(installed=prev, previous=None)
-        self._save(doc)
-        return prev
+        now = self.current_version()
+        for v in (doc.get("previous"), 0):
+            if v is not None and v != now and (self.versions / str(v) / ARTIFACT_NAME).is_file():
+                self._point(v)
+                doc.update(installed=v, previous=None)
+                self._save(doc)
+                return v
+        raise UpdateError("no previous version and no factory model to roll back to")
 
     def _write_version(self, version: int, source: Path, manifest: dict) -> None:
         self.versions.mkdir(parents=True, exist_ok=True)
         final, tmp = self.versions / str(version), self.versions / f"{version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        atomic_write(tmp / ARTIFACT_NAME, Path(source).read_bytes())
-        atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
-        if final.exists():  # a version installed before and since rolled away from: replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(self.versions)
+        try:
+            tmp.mkdir()
+            atomic_write(tmp / ARTIFACT_NAME, Path(source).read_bytes())
+            atomic_write(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+            if final.exists():  # a version installed before and since rolled away from: replace it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.versions)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise OSError(exc.errno, f"cannot write version {version} into {self.versions}: {exc.strerror}") from exc
 
     def _point(self, version: int) -> None:
         link = self.root / f".current.{os.getpid()}.tmp"
@@ -130,9 +188,10 @@ class ModelStore:
 
     def _prune(self, keep: set) -> None:
         """Versions on disk: current, previous and the factory model (the last resort)."""
-        for p in self.versions.iterdir():
-            if p.name.isdigit() and int(p.name) not in keep | {0}:
-                shutil.rmtree(p, ignore_errors=True)
+        keep = keep | {0, self.current_version()}
+        for v in self.on_disk():
+            if v not in keep:
+                shutil.rmtree(self.versions / str(v), ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -61,6 +61,8 @@ class ModelSlot:
     def reload_if_changed(self) -> str | None:
         """'reloaded', 'failed' (the old model keeps running) or None when nothing changed."""
         ident = identity(self.path)
+        if ident == self.ident and self.failed:  # back to the file it runs (a fleet rollback): nothing failed now
+            self.failed = self.reload_error = None
         if ident is None or ident == self.ident or ident == self.failed:
             return None
         t0 = time.perf_counter()

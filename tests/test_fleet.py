@@ -117,12 +117,22 @@ def test_store_swaps_current_whole_keeps_previous_and_prunes(tmp_path, stage2_ma
         assert os.readlink(store.current) == f"versions/{v}"
     assert sorted(p.name for p in store.versions.iterdir()) == ["0", "3", "4"]  # factory, previous, current
     assert store.rollback() == 3 and os.readlink(store.current) == "versions/3"
-    with pytest.raises(UpdateError, match="no previous version"):
-        store.rollback()
     assert store.state()["installed"] == 3
+    store.install(5, STAGE2, {**stage2_manifest, "version": 5})
+    assert sorted(p.name for p in store.versions.iterdir()) == ["0", "3", "5"]  # what current left stays
     store.state_path.write_text("{ half a file")
-    with pytest.raises(UpdateError, match="unreadable"):
+    with pytest.raises(UpdateError, match="unreadable.*moved aside"):
         store.state()
+    store.state_path.unlink()  # moved aside: rebuilt from the disk, the newest version seen included
+    assert store.state() == {"installed": 5, "previous": None, "newest_seen": 5, "history": []}
+    assert store.rollback() == 0 and os.readlink(store.current) == "versions/0"  # no previous: the factory model
+    with pytest.raises(UpdateError, match="no previous version and no factory model"):
+        store.rollback()
+    store.lock()
+    with pytest.raises(UpdateError, match="another agent uses the store"):
+        ModelStore(store.root).lock()
+    store.unlock()
+    ModelStore(store.root).lock()
 
 
 # ----------------------------------------------------------------------------- the daemon's model slot
@@ -142,6 +152,9 @@ def test_model_slot_reloads_a_new_file_and_keeps_the_old_model_when_one_fails(tm
     info = slot.info()
     assert info["sha256"] == first and info["failed_file"] == str(bad) and "CheckpointError" in info["reload_error"]
     assert slot.reload_if_changed() is None  # the same bad file is not tried again
+    os.symlink(STAGE1, tmp)
+    os.replace(tmp, link)  # back to the file it runs (a fleet rollback): no failure left to report
+    assert slot.reload_if_changed() is None and slot.info()["reload_error"] is None
     os.symlink(STAGE2, tmp)
     os.replace(tmp, link)
     assert slot.reload_if_changed() == "reloaded"
@@ -174,6 +187,10 @@ def test_agent_refuses_without_touching_the_store(keys, tmp_path):
     assert "not newer than 2" in reasons[0] and "expired" in reasons[1]
     assert "device models" in reasons[2] and "signature" in reasons[3]
     assert os.readlink(agent.store.current) == "versions/0" and agent.store.state()["newest_seen"] == 2
+    agent.store.unlock()
+    agent.store.state_path.write_text('{"installed": 17, "newest_seen": ')
+    with pytest.raises(UpdateError, match="unreadable"):  # said at start, not by a worker thread dying later
+        Agent(agent_config(tmp_path, public, "x", daemon_id=None))
 
 
 def test_agent_config_is_checked_before_anything_starts(tmp_path, keys):
@@ -236,7 +253,7 @@ def test_update_installs_the_daemon_adopts_it_and_a_failed_gate_rolls_back(mosqu
         # the daemon dies; the next update cannot pass its health gate and is rolled back
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
-        agent.cfg.adopt_timeout_s = 3.0
+        agent.cfg.health_timeout_s = 2.0  # not the 60 s adoption timeout: a daemon that is gone fails it sooner
         n = len(agent.results)
         r = panorama("fleet", "publish", pack(tmp_path, private, STAGE1, 4, notes="back to stage 1"),
                      "--prefix", f"{prefix}/fleet", "--broker", mosquitto)
@@ -244,6 +261,7 @@ def test_update_installs_the_daemon_adopts_it_and_a_failed_gate_rolls_back(mosqu
         assert wait(lambda: len(agent.results) > n and agent.results[-1]["state"] in ("SUCCEEDED", "FAILED"), 60)
         last = agent.results[-1]
         assert last["state"] == "FAILED" and "rolled back to version 3" in last["reason"], last
+        assert "no health report from the daemon for 2 s (it is offline)" in last["reason"]
         assert os.readlink(agent.store.current) == "versions/3" and agent.store.state()["newest_seen"] == 4
     finally:
         if daemon.poll() is None:
@@ -326,3 +344,68 @@ def test_rollout_goes_wave_by_wave_and_stops_before_the_next_when_one_fails(mosq
         fleet.close()
         for d in devices:
             d.stop()
+
+
+def test_a_fetch_a_restart_cut_short_is_tried_again_and_stray_messages_are_not_manifests(mosquitto, keys, tmp_path):
+    import uuid
+
+    from deploy.rollout import Fleet, read_package
+
+    private, public = keys
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+    cfg = agent_config(tmp_path, public, prefix, daemon_id=None)
+    store = ModelStore(cfg.store)
+    store.ensure_factory(STAGE1)
+    store.record(3, "QUEUED", seen=3)  # a run stopped while it fetched version 3: nothing installed
+    (store.staging).mkdir()
+    (store.staging / "half.safetensors").write_bytes(b"x" * 100)  # and left a download behind
+    agent = Agent(cfg).start()
+    fleet = Fleet(mosquitto, f"{prefix}/fleet")
+    try:
+        assert not (store.staging / "half.safetensors").exists()
+        fleet.publish(fleet.topics.artifact("ab" * 32), b"not a manifest")  # retained, never awaited
+        envelope, manifest, data = read_package(pack(tmp_path, private, STAGE2, 3), public)
+        fleet.publish_update(envelope, manifest, data, ["ward3"])
+        assert wait(lambda: agent.results[-1]["state"] in ("SUCCEEDED", "FAILED", "REJECTED"), 30)
+        fleet.publish(fleet.topics.artifact("ab" * 32), b"again")
+        time.sleep(0.5)
+    finally:
+        fleet.clear(fleet.topics.artifact("ab" * 32))
+        fleet.close()
+        agent.stop()
+    assert [r["state"] for r in agent.results] == ["READY", "QUEUED", "IN_PROGRESS", "IN_PROGRESS", "SUCCEEDED"]
+    assert os.readlink(store.current) == "versions/3" and list(store.staging.iterdir()) == []
+
+
+def test_publish_reads_back_and_never_announces_what_the_broker_dropped(keys, tmp_path):
+    import shutil as sh
+
+    from deploy.rollout import Fleet, read_package
+
+    if sh.which("mosquitto") is None:
+        pytest.skip("no mosquitto binary to start a broker with a small message size limit")
+    port = _free_port()
+    conf = tmp_path / "small.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmessage_size_limit 100000\n")
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from conftest import listening
+
+        assert wait(lambda: listening("127.0.0.1", port), 10)
+        private, public = keys
+        envelope, manifest, data = read_package(pack(tmp_path, private, STAGE2, 3), public)
+        fleet = Fleet(f"mqtt://127.0.0.1:{port}", "small/fleet", protocol="3.1.1")  # acknowledged, yet dropped
+        try:
+            with pytest.raises(UpdateError, match="does not hold it"):
+                fleet.publish_update(envelope, manifest, data, ["ward3"])
+            fleet.publish(fleet.topics.manifest("ward4"), b"{}")  # what fits is held and read back
+            got = []
+            fleet.client.on_message = lambda c, u, m: got.append(m.topic)
+            fleet.client.subscribe("small/fleet/+/manifest", qos=1)
+            time.sleep(1.0)
+        finally:
+            fleet.close()
+        assert got == ["small/fleet/ward4/manifest"], "the manifest of the dropped model was never published"
+    finally:
+        broker.terminate()
+        broker.wait(10)
