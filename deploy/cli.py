@@ -172,10 +172,7 @@ def _agent(args) -> int:
     from .agent import Agent, load_agent_config
 
     cfg = load_agent_config(args.config)
-    if args.validate_config:
-        from .manifest import _load_key
-
-        _load_key(cfg.public_key, private=False)
+    if args.validate_config:  # load_agent_config checked the key, topics, store and factory model too
         print(f"{args.config}: valid")
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
