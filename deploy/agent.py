@@ -10,8 +10,9 @@ acknowledged on the device's retained state topic::
 
     {prefix}/{group}/manifest          operator → devices   signed envelope (deploy/topics.py)
     {prefix}/artifacts/{sha256}        operator → devices   the checkpoint's bytes
-    {prefix}/devices/{device}/state    device → operator    QUEUED, IN_PROGRESS, SUCCEEDED, FAILED or
-                                                            REJECTED, with version, hash and reason
+    {prefix}/devices/{device}/state    device → operator    READY, QUEUED, IN_PROGRESS, SUCCEEDED, FAILED
+                                                            or REJECTED, with version, hash, reason and
+                                                            the last verdict
 
 Threads: paho's network thread only files messages (manifests into a bounded queue, the
 daemon's health and status into two fields, an awaited artifact into its slot); one worker
@@ -22,23 +23,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
-import socket
 import threading
 import time
-from pathlib import Path
-from typing import Literal
-
-import yaml
-from pydantic import Field, ValidationError
+from collections import deque
 
 from edge import mqtt as mq
-from edge.config import _Strict
 from edge.protocol import CONTENT_TYPE_JSON
 from edge.topics import Topics
-from panorama.errors import ConfigError, UpdateError
+from panorama.errors import UpdateError
 
 from . import manifest as mf
+from .agent_config import AgentConfig, check_agent_config
 from .store import ModelStore
 from .topics import FleetTopics
 
@@ -46,74 +43,11 @@ MAX_MANIFEST_BYTES = 1 << 20
 
 log = logging.getLogger("panorama.fleet")
 STATES = ("READY", "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
+FINAL = ("SUCCEEDED", "FAILED")  # verdicts the store's history keeps (a refusal is said, not kept)
 
 
 class _Stopped(Exception):
     """The agent is stopping in the middle of a health gate."""
-
-
-class AgentConfig(_Strict):
-    broker: str = "mqtt://127.0.0.1:1883"
-    protocol: Literal["5", "3.1.1"] = "5"
-    prefix: str = Field("panorama/fleet", description="root of the fleet topics")
-    group: str = Field(description="the rollout group this device belongs to (its manifest topic)")
-    device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:48] or "edge")
-    device_model: str = Field(description="this device's model; a manifest must name it in target.device_models")
-    public_key: Path = Field(description="the fleet operator's Ed25519 public key (fleet.pub), outside the store")
-    store: Path = Field(description="the model store; the daemon's model.path is STORE/current/model.safetensors")
-    factory_model: Path | None = Field(None, description="version 0 of an empty store (default: the shipped model)")
-    daemon_prefix: str = Field("ecg/v1", description="the daemon's mqtt.prefix")
-    daemon_id: str | None = Field(default_factory=lambda: socket.gethostname().split(".")[0][:48] or "edge",
-                                  description="the daemon whose health gates an update; null: no gate")
-    adopt_timeout_s: float = Field(900.0, gt=0, description="the daemon must run the new model within this "
-                                   "(a TensorRT engine build on a Jetson takes minutes)")
-    healthy_s: float = Field(60.0, ge=0, description="then stay healthy this long, or the update is rolled back")
-    health_timeout_s: float = Field(30.0, gt=0, description="no daemon health report for this long is a failure")
-    artifact_timeout_s: float = Field(120.0, gt=0)
-    max_artifact_bytes: int = Field(64 << 20, ge=1024)
-
-
-def check_agent_config(cfg: AgentConfig) -> None:
-    """What pydantic cannot see: topics, the store's folder, the factory model, the key.
-    ValueError or UpdateError naming the setting, before anything is created."""
-    FleetTopics(cfg.prefix).manifest(cfg.group)
-    FleetTopics(cfg.prefix).state(cfg.device_id)
-    mq.parse_broker_url(cfg.broker)
-    try:
-        daemon = Topics(cfg.daemon_prefix)
-        if cfg.daemon_id is not None:
-            daemon.health(cfg.daemon_id)
-    except ValueError as exc:
-        raise ValueError(f"daemon_prefix/daemon_id: {exc}") from None
-    if cfg.store.exists() and not cfg.store.is_dir():
-        raise ValueError(f"store: {cfg.store} is a file, not a folder")
-    if cfg.factory_model is not None and not (cfg.store / "current").exists():
-        from panorama import checkpoint
-        from panorama.errors import CheckpointError
-
-        try:
-            checkpoint.read_header(cfg.factory_model)
-        except CheckpointError as exc:
-            raise ValueError(f"factory_model: {exc}") from None
-    mf._load_key(cfg.public_key, private=False)  # a missing or wrong key: said now, not at the first update
-
-
-def load_agent_config(path: Path) -> AgentConfig:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    try:
-        cfg = AgentConfig.model_validate(raw if raw is not None else {})
-        check_agent_config(cfg)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from exc
-    except (ValueError, UpdateError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    return cfg
 
 
 class Agent:
@@ -146,7 +80,7 @@ class Agent:
         self.artifact: bytes | None = None
         self.got_artifact = threading.Event()
         self.stopping = threading.Event()
-        self.results: list[dict] = []  # every ack sent, for the log and the tests
+        self.results: deque[dict] = deque(maxlen=256)  # the latest acks sent, for the log and the tests
         self.client = mq.make_client(mq.client_id("fleet"), cfg.protocol)
         self.publisher = mq.Publisher(self.client, maxsize=256, protocol=cfg.protocol)
         self.worker = threading.Thread(target=self._work, name="fleet-worker", daemon=True)
@@ -157,10 +91,8 @@ class Agent:
         self.client.on_message = self._on_message
         self.publisher.start()
         mq.connect(self.client, self.cfg.broker)
-        last = (self.store.state()["history"] or [{}])[-1]
-        # so an operator's rollout knows this device before its first update; the last verdict stays in the reason
-        self._ack(None, "READY", f"last: version {last['version']} {last['result']}"
-                  + (f" ({last['reason']})" if last.get("reason") else "") if last else "no update yet")
+        # so an operator's rollout knows this device before its first update; its last verdict rides along
+        self._ack(None, "READY", "running")
         self.worker.start()
         return self
 
@@ -190,8 +122,9 @@ class Agent:
                 log.warning("unreadable daemon health report ignored")
         elif msg.topic == self.status_topic:
             self.daemon_status = bytes(msg.payload)
-        elif msg.topic == self.artifact_topic:
-            self.artifact = bytes(msg.payload)
+        elif msg.topic == self.artifact_topic:  # an oversized one is not held: its size says why
+            n = len(msg.payload)
+            self.artifact = bytes(msg.payload) if n <= self.cfg.max_artifact_bytes else n
             self.got_artifact.set()
         elif msg.topic != self.manifest_topic:
             return  # an artifact no longer awaited (a late or repeated copy): not a manifest
@@ -226,15 +159,19 @@ class Agent:
             return "IGNORED"  # a cleared retained manifest
         try:
             m = mf.verify(envelope, self.cfg.public_key)
-        except UpdateError as exc:
-            return self._ack(None, "REJECTED", str(exc))
+        except UpdateError as exc:  # what it claims to be, unverified, so an operator can tell which
+            return self._ack(None, "REJECTED", str(exc), claimed=_claimed(envelope))
         version = m.get("version")
         state = self.store.state()
         newest = int(state["newest_seen"])
         done = [h["result"] for h in state["history"] if h.get("version") == version]
         if version == state.get("installed") or (done and version == newest and done[-1] != "QUEUED"):
-            # the retained manifest again, after a restart or reconnect: answered before
-            log.info("version %s was handled before (%s)", version, done[-1] if done else "installed")
+            # the retained manifest again, after a restart or reconnect, or a rollout run again:
+            # answered before, and answered again so the answer is the retained state
+            verdict = [h for h in state["history"] if h.get("version") == version and h["result"] in FINAL]
+            log.info("version %s was handled before (%s)", version, verdict[-1]["result"] if verdict else "installed")
+            if verdict:
+                self._ack(m, verdict[-1]["result"], verdict[-1].get("reason", ""))
             return "IGNORED"
         if done and version == newest:  # QUEUED, never installed: a run stopped while fetching it; again
             log.warning("version %s was interrupted before it was installed: trying again", version)
@@ -276,8 +213,15 @@ class Agent:
             log.warning("stopped during the health gate of version %s; it is gated again at the next start",
                         m["version"])
             return "INTERRUPTED"
+        except Exception as exc:  # whatever went wrong, the new model was not seen to run well
+            log.exception("health gate of version %s failed", m["version"])
+            problem = f"health gate error: {type(exc).__name__}: {exc}"
         if problem:
-            prev = self.store.rollback()
+            try:
+                prev = self.store.rollback()
+            except (UpdateError, OSError) as exc:
+                self._ack(m, "FAILED", f"{problem}; and the rollback failed: {exc}")
+                raise
             why = f"rolled back to version {prev}: {problem}"
             self.store.record(m["version"], "FAILED", why)
             return self._ack(m, "FAILED", why)
@@ -308,6 +252,9 @@ class Agent:
                     raise _Stopped
                 if time.monotonic() > deadline:
                     raise UpdateError(f"no artifact on {topic} within {self.cfg.artifact_timeout_s:g} s")
+            if isinstance(self.artifact, int):
+                raise UpdateError(f"artifact on {topic} is {self.artifact} bytes, more than max_artifact_bytes "
+                                  f"{self.cfg.max_artifact_bytes}")
             return self.artifact
         finally:
             self.artifact_topic = None
@@ -326,7 +273,7 @@ class Agent:
             if time.monotonic() - heard > self.cfg.health_timeout_s:  # down, or crash-looping on the new model
                 return (f"no health report from the daemon for {self.cfg.health_timeout_s:g} s"
                         + (" (it is offline)" if self.daemon_status == b"offline" else ""))
-            model = (self.health[1].get("model") or {}) if self.health else {}
+            model = _model_block(self.health[1]) if self.health else {}
             if model.get("sha256") == want:
                 break
             if model.get("reload_error") and model.get("failed_file") == installed:
@@ -334,33 +281,64 @@ class Agent:
             if time.monotonic() > deadline:
                 return f"the daemon did not report the new model within {self.cfg.adopt_timeout_s:g} s"
             time.sleep(0.2)
-        failures = int(model.get("inference_failures", 0))
+        failures = _failures(model)
         end = time.monotonic() + self.cfg.healthy_s
         while time.monotonic() < end:  # then health
             if self.stopping.is_set():
                 raise _Stopped
             seen, doc = self.health
-            model = doc.get("model") or {}
+            model = _model_block(doc)
             if self.daemon_status == b"offline":
                 return "the daemon went offline"
             if time.monotonic() - seen > self.cfg.health_timeout_s:
                 return f"no health report from the daemon for {self.cfg.health_timeout_s:g} s"
             if model.get("sha256") != want:
                 return "the daemon stopped running the new model"
-            if int(model.get("inference_failures", 0)) > failures:
-                return f"inference failed {int(model['inference_failures']) - failures} time(s) on the new model"
+            if _failures(model) > failures:
+                return f"inference failed {_failures(model) - failures} time(s) on the new model"
             time.sleep(0.2)
         return None
 
-    def _ack(self, m: dict | None, state: str, reason: str) -> str:
+    def _ack(self, m: dict | None, state: str, reason: str, claimed: dict | None = None) -> str:
         doc = {"device": self.cfg.device_id, "group": self.cfg.group, "device_model": self.cfg.device_model,
                "state": state, "reason": reason,
                "version": m.get("version") if m else None,
                "sha256": (m.get("artifact") or {}).get("sha256") if m else None,
-               "installed": self.store.current_version(), "t": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "installed": self.store.current_version(), "last": self._last_verdict(),
+               "t": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if claimed:
+            doc["claimed"] = claimed
         (log.warning if state in ("FAILED", "REJECTED") else log.info)(
             "update %s: %s%s", doc["version"], state, f" ({reason})" if reason else "")
         self.results.append(doc)
         self.publisher.put(self.topics.state(self.cfg.device_id), json.dumps(doc).encode(), qos=1, retain=True,
                            content_type=CONTENT_TYPE_JSON)
         return state
+
+    def _last_verdict(self) -> dict | None:
+        """The last SUCCEEDED or FAILED, carried in every state: a READY or a REJECTED that
+        replaces the retained state must not hide a rollout's answer."""
+        try:
+            done = [h for h in self.store.state()["history"] if h["result"] in FINAL]
+        except UpdateError:
+            return None
+        return {k: done[-1].get(k) for k in ("version", "result", "reason")} if done else None
+
+
+def _claimed(envelope: bytes) -> dict:
+    try:
+        m = json.loads(envelope)["manifest"]
+        return {"version": m.get("version"), "sha256": (m.get("artifact") or {}).get("sha256")}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return {}
+
+
+def _model_block(health) -> dict:
+    """The health report's model block, or {} for anything else (anyone may publish there)."""
+    model = health.get("model") if isinstance(health, dict) else None
+    return model if isinstance(model, dict) else {}
+
+
+def _failures(model: dict) -> int:
+    n = model.get("inference_failures", 0)
+    return int(n) if isinstance(n, (int, float)) and math.isfinite(n) else 0

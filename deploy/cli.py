@@ -159,7 +159,8 @@ def _rollout(args) -> int:
         print(f"wave {i} ({', '.join(r.groups)}): {r.count('SUCCEEDED')} succeeded, {r.count('FAILED')} failed, "
               f"{r.count('REJECTED')} refused, {len(r.pending)} without a verdict"
               + (f"; STOPPED: {r.stopped}" if r.stopped else ""))
-        _print_states({**{d: {"state": "PENDING", "group": "?"} for d in r.pending}, **r.verdicts})
+        for dev, v in sorted({**{d: {"state": "PENDING", "reason": ""} for d in r.pending}, **r.verdicts}.items()):
+            print(f"  {dev:24} {v['state']:10} {v['reason']}")
     left = len(waves) - len(results)
     if results and results[-1].stopped:
         print(f"rollout stopped; {left} wave(s) not published" if left else "rollout stopped at its last wave")
@@ -169,7 +170,8 @@ def _rollout(args) -> int:
 
 
 def _agent(args) -> int:
-    from .agent import Agent, load_agent_config
+    from .agent import Agent
+    from .agent_config import load_agent_config
 
     cfg = load_agent_config(args.config)
     if args.validate_config:  # load_agent_config checked the key, topics, store and factory model too

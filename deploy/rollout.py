@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -60,8 +61,12 @@ class Fleet:
         self._lock = threading.Lock()
         self.client = mq.make_client(mq.client_id("fleet-operator"), protocol)
         self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
         mq.connect(self.client, broker)
-        self.client.subscribe(self.topics.states(), qos=1)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if not reason_code.is_failure:  # every (re)connect: a clean session forgets subscriptions
+            client.subscribe(self.topics.states(), qos=1)
 
     def _on_message(self, client, userdata, msg):
         with self._lock:
@@ -123,10 +128,25 @@ class Fleet:
             self.publish(self.topics.manifest(g), envelope)
 
 
+def verdict(state: dict, version: int) -> dict | None:
+    """A device's answer on ``version`` in its retained state, as {"state", "reason"}: the state
+    itself, or the last verdict it carries (a READY after a restart replaces the state), or a
+    refusal of a manifest claiming that version (a signature this device does not trust)."""
+    if state.get("version") == version and state.get("state") in FINAL:
+        return {"state": state["state"], "reason": state.get("reason", "")}
+    last = state.get("last")
+    if isinstance(last, dict) and last.get("version") == version and last.get("result") in FINAL:
+        return {"state": last["result"], "reason": last.get("reason", "")}
+    claimed = state.get("claimed")
+    if state.get("state") == "REJECTED" and isinstance(claimed, dict) and claimed.get("version") == version:
+        return {"state": "REJECTED", "reason": state.get("reason", "")}
+    return None
+
+
 @dataclass
 class WaveResult:
     groups: list[str]
-    verdicts: dict[str, dict] = field(default_factory=dict)  # device → its final state doc
+    verdicts: dict[str, dict] = field(default_factory=dict)  # device → {"state", "reason"} on this version
     pending: list[str] = field(default_factory=list)
     stopped: str = ""  # why the rollout stopped here; empty when the wave passed
 
@@ -145,6 +165,10 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
         raise UpdateError(f"groups {unknown} are not among the update's {targets}: pack it for them")
     if not waves or not all(waves):
         raise ValueError("every wave names at least one group")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout_s}")
+    if max_failed < 0 or min_devices < 1:
+        raise ValueError("--max-failed must be 0 or more and --min-devices 1 or more")
     version, results = manifest["version"], []
     for groups in waves:
         fleet.publish_update(envelope, manifest, data, groups)
@@ -154,7 +178,7 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
         deadline = time.monotonic() + timeout_s
         while True:
             mine = {d: s for d, s in fleet.snapshot().items() if s.get("group") in groups}
-            res.verdicts = {d: s for d, s in mine.items() if s.get("version") == version and s.get("state") in FINAL}
+            res.verdicts = {d: v for d, v in ((d, verdict(s, version)) for d, s in mine.items()) if v}
             res.pending = sorted(set(mine) - set(res.verdicts))
             if res.count("FAILED") > max_failed:
                 res.stopped = f"{res.count('FAILED')} device(s) failed the update (at most {max_failed} allowed)"

@@ -15,7 +15,8 @@ kept for rollback; nothing ``current`` points at is ever removed. ``state.json``
 the same way and only by this module, never by an update: the newest version seen only
 grows, so a replayed older manifest is refused after a restart too. Without a
 ``state.json`` (moved aside because it was damaged) the store rebuilds one from the versions
-on disk, taking the highest of them as the newest seen.
+on disk, taking the highest of them as the newest seen and the installed one as not yet
+gated (the agent gates it again).
 """
 
 from __future__ import annotations
@@ -80,13 +81,19 @@ class ModelStore:
 
     def state(self) -> dict:
         if not self.state_path.exists():
-            present = self.on_disk()
-            return {"installed": self.current_version(), "previous": None,
-                    "newest_seen": max(present, default=0), "history": []}
+            present, installed = self.on_disk(), self.current_version()
+            # whether the installed version passed its health gate is not known: gate it again
+            history = [{"version": installed, "result": "QUEUED", "reason": "state rebuilt from the versions on disk",
+                        "t": _now()}] if installed else []
+            return {"installed": installed, "previous": None, "newest_seen": max(present, default=0),
+                    "history": history}
         try:
             doc = json.loads(self.state_path.read_text())
-            int(doc["newest_seen"])
-            list(doc["history"])
+            if not isinstance(doc, dict) or type(doc["newest_seen"]) is not int or not isinstance(doc["history"], list):
+                raise TypeError("newest_seen must be a whole number and history a list")
+            for h in doc["history"]:
+                if not isinstance(h, dict) or not isinstance(h.get("result"), str) or "version" not in h:
+                    raise TypeError(f"history entry {h!r} is not {{version, result, ...}}")
             return doc
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # without it a replayed old manifest could not be told from a new one: stop, do not guess
@@ -102,8 +109,7 @@ class ModelStore:
         doc = self.state()
         if seen is not None:
             doc["newest_seen"] = max(int(doc["newest_seen"]), int(seen))
-        doc["history"].append({"version": version, "result": result, "reason": reason,
-                               "t": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        doc["history"].append({"version": version, "result": result, "reason": reason, "t": _now()})
         self._save(doc)
 
     # ---- versions -------------------------------------------------------------------
@@ -124,8 +130,10 @@ class ModelStore:
         self._save(doc)
 
     def sweep(self) -> None:
-        """What an interrupted run left: staged downloads and half-written versions."""
+        """What an interrupted run left: staged downloads, half-written versions, temp files."""
         for p in list(self.staging.glob("*")) if self.staging.is_dir() else []:
+            p.unlink(missing_ok=True)
+        for p in self.root.glob(".*.tmp"):  # a state.json or current link being replaced
             p.unlink(missing_ok=True)
         for p in list(self.versions.glob("*.tmp")) if self.versions.is_dir() else []:
             shutil.rmtree(p, ignore_errors=True)
@@ -141,12 +149,19 @@ class ModelStore:
 
     def install(self, version: int, staged: Path, manifest: dict) -> None:
         """Make ``staged`` version ``version`` and point ``current`` at it; the old one becomes previous."""
+        running = self.current_version()
+        if version == running:  # never write over the folder the daemon reads
+            raise UpdateError(f"version {version} is the one installed")
         self._write_version(version, staged, manifest)
         doc = self.state()
-        running = self.current_version()
         self._point(version)
         doc.update(previous=running, installed=version)
-        self._save(doc)
+        try:
+            self._save(doc)
+        except BaseException:  # state.json must say what current is: point it back
+            if running is not None:
+                self._point(running)
+            raise
         self._prune(keep={version, running})
 
     def rollback(self) -> int:
@@ -192,6 +207,10 @@ class ModelStore:
         for v in self.on_disk():
             if v not in keep:
                 shutil.rmtree(self.versions / str(v), ignore_errors=True)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -2,7 +2,8 @@
 
     {prefix}/{group}/manifest          operator → devices   the signed envelope of the group's latest update
     {prefix}/artifacts/{sha256}        operator → devices   a checkpoint's bytes, named by their hash
-    {prefix}/devices/{device}/state    device → operator    QUEUED, IN_PROGRESS, SUCCEEDED, FAILED or REJECTED
+    {prefix}/devices/{device}/state    device → operator    READY, QUEUED, IN_PROGRESS, SUCCEEDED, FAILED or
+                                                            REJECTED, and the device's last verdict
 """
 
 from __future__ import annotations

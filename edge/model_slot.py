@@ -74,13 +74,20 @@ class ModelSlot:
             log.error("model at %s (%s) not loaded, the old one keeps running: %s", self.path, ident[0],
                       self.reload_error)
             return "failed"
-        self.model, self.meta, self.backend = model, meta, backend
-        self.ident, self.failed, self.reload_error = ident, None, None
+        # in this order: a health report never shows the new hash with the old model's failures
         self.inference_failures = 0
+        self.backend, self.model = backend, model
+        self.meta = meta
+        self.ident, self.failed, self.reload_error = ident, None, None
         self.reloads += 1
         log.info("model reloaded from %s (sha256 %s…, stage %s) in %.1f s", ident[0], meta["sha256"][:12],
                  meta.get("stage", "?"), time.perf_counter() - t0)
         return "reloaded"
+
+    def failed_batch(self, backend) -> None:
+        """A batch failed on ``backend``: counted against the model now served only if it ran there."""
+        if backend is self.backend:
+            self.inference_failures += 1
 
     def info(self) -> dict:
         """The health report's model block: what runs, and the last reload that failed."""

@@ -346,10 +346,11 @@ class Daemon:
 
     def _synthesise(self, windows) -> None:
         t0 = time.perf_counter()
+        backend = self.slot.backend  # one model for the whole batch, even if a reload swaps it meanwhile
         try:
-            outputs = run_windows(self.slot.backend.run, windows, self.cfg.stream.max_batch)
+            outputs = run_windows(backend.run, windows, self.cfg.stream.max_batch)
         except Exception as exc:  # a backend failure loses these windows, not the daemon
-            self.slot.inference_failures += 1  # a fleet update's health gate watches this
+            self.slot.failed_batch(backend)  # a fleet update's health gate watches this
             log.exception("inference failed for %d windows", len(windows))
             for key in {w.key for w in windows}:
                 self.report.error(key, "inference", f"{type(exc).__name__}: {exc}")

@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from deploy import manifest as mf
-from deploy.agent import Agent, AgentConfig, load_agent_config
+from deploy.agent import Agent
+from deploy.agent_config import AgentConfig, load_agent_config
 from deploy.store import ModelStore
 from deploy.topics import FleetTopics
 from edge.config import ModelConfig
@@ -124,7 +125,14 @@ def test_store_swaps_current_whole_keeps_previous_and_prunes(tmp_path, stage2_ma
     with pytest.raises(UpdateError, match="unreadable.*moved aside"):
         store.state()
     store.state_path.unlink()  # moved aside: rebuilt from the disk, the newest version seen included
-    assert store.state() == {"installed": 5, "previous": None, "newest_seen": 5, "history": []}
+    rebuilt = store.state()  # the installed version's gate is not known: QUEUED, so the agent gates it again
+    assert (rebuilt["installed"], rebuilt["previous"], rebuilt["newest_seen"]) == (5, None, 5)
+    assert [(h["version"], h["result"]) for h in rebuilt["history"]] == [(5, "QUEUED")]
+    for bad in ('{"newest_seen": 4, "history": [5]}', '{"newest_seen": 1e400, "history": []}'):
+        store.state_path.write_text(bad)  # parses, but is not a state
+        with pytest.raises(UpdateError, match="unreadable"):
+            store.state()
+    store.state_path.unlink()
     assert store.rollback() == 0 and os.readlink(store.current) == "versions/0"  # no previous: the factory model
     with pytest.raises(UpdateError, match="no previous version and no factory model"):
         store.rollback()
@@ -267,12 +275,15 @@ def test_update_installs_the_daemon_adopts_it_and_a_failed_gate_rolls_back(mosqu
         if daemon.poll() is None:
             daemon.kill()
         agent.stop()
-    # a restarted agent gets the retained manifest of version 4 again: answered before, not retried
+    # a restarted agent gets the retained manifest of version 4 again: not retried, its verdict said again
     again = Agent(agent_config(tmp_path, public, prefix)).start()
     try:
-        time.sleep(1.5)
-        assert [r["state"] for r in again.results] == ["READY"] and os.readlink(again.store.current) == "versions/3"
-        assert "version 4 FAILED (rolled back to version 3" in again.results[0]["reason"]
+        assert wait(lambda: len(again.results) == 2, 10)
+        time.sleep(0.5)
+        assert [r["state"] for r in again.results] == ["READY", "FAILED"]
+        assert os.readlink(again.store.current) == "versions/3"
+        assert again.results[0]["last"]["version"] == 4 and again.results[0]["last"]["result"] == "FAILED"
+        assert "rolled back to version 3" in again.results[1]["reason"]
     finally:
         again.stop()
     states = [h["result"] for h in json.loads((tmp_path / "store" / "state.json").read_text())["history"]]
@@ -329,6 +340,20 @@ def test_rollout_goes_wave_by_wave_and_stops_before_the_next_when_one_fails(mosq
         waves = rollout(fleet, pack(tmp_path, private, STAGE2, 3, groups=both), [["canary"], ["ward"]], timeout_s=60)
         assert [w.stopped for w in waves] == ["", ""] and [w.count("SUCCEEDED") for w in waves] == [1, 2]
         assert all(os.readlink(d.store.current) == "versions/3" for d in devices)
+        # run again after a device restarted (its READY replaced its verdict) and beside a device
+        # that trusts another key: every answer is counted, none waited for
+        devices[1].stop()
+        devices[1] = device("w1", "ward")
+        _, foreign = mf.generate_keys(tmp_path / "foreign")
+        x1 = Agent(agent_config(tmp_path, foreign, prefix, group="canary", device_id="x1", store=tmp_path / "x1",
+                                daemon_id=None)).start()
+        devices.append(x1)
+        assert wait(lambda: "x1" in fleet.snapshot(), 10)
+        t0 = time.monotonic()
+        waves = rollout(fleet, tmp_path / "pkg3", [["canary"], ["ward"]], timeout_s=20)
+        assert time.monotonic() - t0 < 15 and [w.stopped for w in waves] == ["", ""]
+        assert {d: v["state"] for d, v in waves[0].verdicts.items()} == {"c1": "SUCCEEDED", "x1": "REJECTED"}
+        assert "signature" in waves[0].verdicts["x1"]["reason"] and waves[1].count("SUCCEEDED") == 2
         # a canary whose daemon never adopts the update fails it: the ward never sees version 4
         devices.append(device("c2", "canary", daemon_id="nobody", adopt_timeout_s=1.0))
         assert wait(lambda: "c2" in fleet.snapshot(), 10)
@@ -337,7 +362,7 @@ def test_rollout_goes_wave_by_wave_and_stops_before_the_next_when_one_fails(mosq
         assert waves[0].verdicts["c2"]["state"] == "FAILED" and waves[0].verdicts["c1"]["state"] == "SUCCEEDED"
         time.sleep(1.0)
         assert [os.readlink(d.store.current) for d in devices] == ["versions/4", "versions/3", "versions/3",
-                                                                   "versions/0"]
+                                                                   "versions/0", "versions/0"]
         with pytest.raises(UpdateError, match="not among the update's"):
             rollout(fleet, tmp_path / "pkg4", [["icu"]])
     finally:

@@ -1,0 +1,84 @@
+"""The fleet agent's configuration (deploy/fleet.yaml): pydantic for the fields, then the
+checks pydantic cannot make — topics, the store's folder, the factory model, the key —
+all before anything is created."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from edge import mqtt as mq
+from edge.config import _Strict
+from edge.topics import Topics
+from panorama.errors import ConfigError, UpdateError
+
+from . import manifest as mf
+from .topics import FleetTopics
+
+
+class AgentConfig(_Strict):
+    broker: str = "mqtt://127.0.0.1:1883"
+    protocol: Literal["5", "3.1.1"] = "5"
+    prefix: str = Field("panorama/fleet", description="root of the fleet topics")
+    group: str = Field(description="the rollout group this device belongs to (its manifest topic)")
+    device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:48] or "edge")
+    device_model: str = Field(description="this device's model; a manifest must name it in target.device_models")
+    public_key: Path = Field(description="the fleet operator's Ed25519 public key (fleet.pub), outside the store")
+    store: Path = Field(description="the model store; the daemon's model.path is STORE/current/model.safetensors")
+    factory_model: Path | None = Field(None, description="version 0 of an empty store (default: the shipped model)")
+    daemon_prefix: str = Field("ecg/v1", description="the daemon's mqtt.prefix")
+    daemon_id: str | None = Field(default_factory=lambda: socket.gethostname().split(".")[0][:48] or "edge",
+                                  description="the daemon whose health gates an update; null: no gate")
+    adopt_timeout_s: float = Field(900.0, gt=0, description="the daemon must run the new model within this "
+                                   "(a TensorRT engine build on a Jetson takes minutes)")
+    healthy_s: float = Field(60.0, ge=0, description="then stay healthy this long, or the update is rolled back")
+    health_timeout_s: float = Field(30.0, gt=0, description="no daemon health report for this long is a failure")
+    artifact_timeout_s: float = Field(120.0, gt=0)
+    max_artifact_bytes: int = Field(64 << 20, ge=1024)
+
+
+def check_agent_config(cfg: AgentConfig) -> None:
+    """What pydantic cannot see: topics, the store's folder, the factory model, the key.
+    ValueError or UpdateError naming the setting, before anything is created."""
+    FleetTopics(cfg.prefix).manifest(cfg.group)
+    FleetTopics(cfg.prefix).state(cfg.device_id)
+    mq.parse_broker_url(cfg.broker)
+    try:
+        daemon = Topics(cfg.daemon_prefix)
+        if cfg.daemon_id is not None:
+            daemon.health(cfg.daemon_id)
+    except ValueError as exc:
+        raise ValueError(f"daemon_prefix/daemon_id: {exc}") from None
+    if cfg.store.exists() and not cfg.store.is_dir():
+        raise ValueError(f"store: {cfg.store} is a file, not a folder")
+    if cfg.factory_model is not None and not (cfg.store / "current").exists():
+        from panorama import checkpoint
+        from panorama.errors import CheckpointError
+
+        try:
+            checkpoint.read_header(cfg.factory_model)
+        except CheckpointError as exc:
+            raise ValueError(f"factory_model: {exc}") from None
+    mf._load_key(cfg.public_key, private=False)  # a missing or wrong key: said now, not at the first update
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    try:
+        cfg = AgentConfig.model_validate(raw if raw is not None else {})
+        check_agent_config(cfg)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: {problems}") from exc
+    except (ValueError, UpdateError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return cfg
