@@ -202,8 +202,8 @@ def check_applicable(manifest: dict, group: str, device_model: str, newest_seen:
         raise UpdateError(f"manifest is for device models {models}, this device is {device_model!r}")
     if fmt != checkpoint.FORMAT_VERSION:
         raise UpdateError(f"checkpoint format {fmt!r}; this code reads {checkpoint.FORMAT_VERSION!r}")
-    if size <= 0 or len(digest) != 64:
-        raise UpdateError("manifest's artifact has no size or sha256")
+    if size <= 0 or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise UpdateError("manifest's artifact has no size or no sha256 (64 lower-case hex digits)")
 
 
 def check_artifact(manifest: dict, path: Path) -> None:

@@ -103,7 +103,7 @@ class Fleet:
         with self._lock:
             self._echo[topic] = None
         self.client.subscribe(topic, qos=1)  # the broker sends the retained message on every subscribe
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5  # a retained message comes back within milliseconds
         try:
             while time.monotonic() < deadline:
                 with self._lock:
