@@ -69,6 +69,14 @@ def register(sub) -> None:
     st.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained states (default 2)")
     st.set_defaults(func=_status)
 
+    fg = fleet.add_parser("forget", help="clear retained messages: a retired device's state, an old model file")
+    fg.add_argument("--device", action="append", default=[], dest="devices",
+                    help="a retired device: rollouts stop waiting for it (repeat)")
+    fg.add_argument("--artifact", action="append", default=[], dest="artifacts",
+                    help="the sha256 of a model file no manifest names any more (repeat)")
+    _broker_args(fg)
+    fg.set_defaults(func=_forget)
+
     ag = fleet.add_parser("agent", help="run the device's update agent")
     ag.add_argument("--config", type=Path, required=True, help="agent YAML (deploy/fleet.yaml)")
     ag.add_argument("--validate-config", action="store_true", help="check the config and exit")
@@ -166,6 +174,22 @@ def _rollout(args) -> int:
         print(f"rollout stopped; {left} wave(s) not published" if left else "rollout stopped at its last wave")
         return 1
     print("rollout complete")
+    return 0
+
+
+def _forget(args) -> int:
+    from .rollout import Fleet
+
+    if not args.devices and not args.artifacts:
+        raise ValueError("name a --device or an --artifact to forget")
+    fleet = Fleet(args.broker, args.prefix, args.protocol)
+    try:
+        topics = [fleet.topics.state(d) for d in args.devices] + [fleet.topics.artifact(a) for a in args.artifacts]
+        for topic in topics:
+            fleet.clear(topic)
+    finally:
+        fleet.close()
+    print(f"cleared {len(topics)} retained message(s) on {args.broker}")
     return 0
 
 

@@ -434,3 +434,34 @@ def test_publish_reads_back_and_never_announces_what_the_broker_dropped(keys, tm
     finally:
         broker.terminate()
         broker.wait(10)
+
+
+def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panorama):
+    import uuid
+
+    from deploy.rollout import Fleet
+
+    prefix = f"test/{uuid.uuid4().hex[:8]}/fleet"
+    fleet = Fleet(mosquitto, prefix)
+    sha = "cd" * 32
+    try:
+        fleet.publish(fleet.topics.state("old-bed"), json.dumps({"device": "old-bed", "state": "READY"}).encode())
+        fleet.publish(fleet.topics.artifact(sha), b"an old model")
+        assert wait(lambda: "old-bed" in fleet.snapshot(), 5)
+    finally:
+        fleet.close()
+    r = panorama("fleet", "forget", "--device", "old-bed", "--artifact", sha, "--prefix", prefix, "--broker", mosquitto)
+    assert r.returncode == 0 and "cleared 2 retained message(s)" in r.stdout, r.stderr
+    r = panorama("fleet", "status", "--prefix", prefix, "--broker", mosquitto, "--wait", "1")
+    assert "no device has reported" in r.stdout
+    fresh = Fleet(mosquitto, prefix)
+    got = []
+    try:
+        fresh.client.on_message = lambda c, u, m: got.append(m.topic)
+        fresh.client.subscribe(fresh.topics.artifact(sha), qos=1)
+        time.sleep(1.0)
+    finally:
+        fresh.close()
+    assert got == [], "the old model file is no longer retained"
+    r = panorama("fleet", "forget", "--prefix", prefix, "--broker", mosquitto)
+    assert r.returncode == 2 and "name a --device or an --artifact" in r.stderr
