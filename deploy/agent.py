@@ -183,7 +183,7 @@ class Agent:
                 raise UpdateError(f"artifact of {size} bytes exceeds max_artifact_bytes {self.cfg.max_artifact_bytes}")
         except UpdateError as exc:
             return self._ack(m, "REJECTED", str(exc))
-        self.store.record(version, "QUEUED", seen=version)  # from now on this version is never tried again
+        self.store.record(version, "QUEUED", seen=version)  # never tried again, but for a fetch a stop cut short
         self._ack(m, "QUEUED", "")
         self._ack(m, "IN_PROGRESS", "fetching the artifact")
         staged = self.store.staging / f"{m['artifact']['sha256']}.safetensors"

@@ -4,17 +4,14 @@ all before anything is created."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from edge import mqtt as mq
-from edge.config import _Strict
+from edge.config import _Strict, host_id, read_config
 from edge.topics import Topics
-from panorama.errors import ConfigError, UpdateError
 
 from . import manifest as mf
 from .topics import FleetTopics
@@ -25,13 +22,13 @@ class AgentConfig(_Strict):
     protocol: Literal["5", "3.1.1"] = "5"
     prefix: str = Field("panorama/fleet", description="root of the fleet topics")
     group: str = Field(description="the rollout group this device belongs to (its manifest topic)")
-    device_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:48] or "edge")
+    device_id: str = Field(default_factory=host_id)
     device_model: str = Field(description="this device's model; a manifest must name it in target.device_models")
     public_key: Path = Field(description="the fleet operator's Ed25519 public key (fleet.pub), outside the store")
     store: Path = Field(description="the model store; the daemon's model.path is STORE/current/model.safetensors")
     factory_model: Path | None = Field(None, description="version 0 of an empty store (default: the shipped model)")
     daemon_prefix: str = Field("ecg/v1", description="the daemon's mqtt.prefix")
-    daemon_id: str | None = Field(default_factory=lambda: socket.gethostname().split(".")[0][:48] or "edge",
+    daemon_id: str | None = Field(default_factory=host_id,
                                   description="the daemon whose health gates an update; null: no gate")
     adopt_timeout_s: float = Field(900.0, gt=0, description="the daemon must run the new model within this "
                                    "(a TensorRT engine build on a Jetson takes minutes)")
@@ -67,18 +64,4 @@ def check_agent_config(cfg: AgentConfig) -> None:
 
 
 def load_agent_config(path: Path) -> AgentConfig:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    try:
-        cfg = AgentConfig.model_validate(raw if raw is not None else {})
-        check_agent_config(cfg)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from exc
-    except (ValueError, UpdateError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
-    return cfg
+    return read_config(path, AgentConfig, check_agent_config)

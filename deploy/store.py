@@ -30,7 +30,7 @@ from pathlib import Path
 
 from panorama import checkpoint as ckpt
 from panorama.errors import CheckpointError, UpdateError
-from panorama.files import atomic_write
+from panorama.files import atomic_write, fsync_dir
 
 from .manifest import ARTIFACT_NAME
 
@@ -188,7 +188,7 @@ class ModelStore:
             if final.exists():  # a version installed before and since rolled away from: replace it whole
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.versions)
+            fsync_dir(self.versions)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise OSError(exc.errno, f"cannot write version {version} into {self.versions}: {exc.strerror}") from exc
@@ -199,7 +199,7 @@ class ModelStore:
             link.unlink()
         os.symlink(Path("versions") / str(version), link)  # relative: the store can move
         os.replace(link, self.current)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _prune(self, keep: set) -> None:
         """Versions on disk: current, previous and the factory model (the last resort)."""
@@ -211,11 +211,3 @@ class ModelStore:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

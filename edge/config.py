@@ -9,15 +9,21 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from panorama.errors import ConfigError
+from panorama.errors import ConfigError, UpdateError
 from panorama.geometry import resolve_views
 
+M = TypeVar("M", bound=BaseModel)
 DEFAULT_VIEWS = ["V7", "V8", "V9", "V3R", "V4R", "V5R", "V6R", "V1ICS2"]
+
+
+def host_id() -> str:
+    """This host's short name: the default id of a daemon, and of a fleet device."""
+    return socket.gethostname().split(".")[0][:48] or "edge"
 
 
 class _Strict(BaseModel):
@@ -29,7 +35,7 @@ class MqttConfig(_Strict):
     protocol: Literal["5", "3.1.1"] = Field(
         "5", description="MQTT protocol version; the embedded amqtt broker speaks 3.1.1 only")
     prefix: str = "ecg/v1"
-    daemon_id: str = Field(default_factory=lambda: socket.gethostname().split(".")[0][:48] or "edge")
+    daemon_id: str = Field(default_factory=host_id)
     virtual_format: Literal["float32", "int16", "json"] = "float32"
     expiry_s: int = Field(2, ge=0, description="MQTT v5 message expiry on waveforms (0: none)")
 
@@ -127,8 +133,12 @@ class EdgeConfig(_Strict):
 
 def load_config(path: str | Path | None) -> EdgeConfig:
     """Read and validate ``path`` (None: all defaults); a ConfigError names every problem."""
-    if path is None:
-        return EdgeConfig()
+    return EdgeConfig() if path is None else read_config(path, EdgeConfig)
+
+
+def read_config(path: str | Path, model: type[M], check: Callable[[M], None] | None = None) -> M:
+    """A YAML file validated as ``model`` and then by ``check`` (ValueError or UpdateError for
+    what pydantic cannot see); one ConfigError naming the file and every problem."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -139,9 +149,12 @@ def load_config(path: str | Path | None) -> EdgeConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
-        return EdgeConfig.model_validate(raw)
+        cfg = model.model_validate(raw)
+        if check is not None:
+            check(cfg)
+        return cfg
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from exc
-    except ValueError as exc:
+    except (ValueError, UpdateError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc

@@ -25,11 +25,16 @@ def atomic_write(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:  # the rename itself must survive a power cut
-        os.fsync(dir_fd)
+    fsync_dir(path.parent)  # the rename itself must survive a power cut
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new link) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:

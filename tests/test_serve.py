@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,8 @@ import pytest
 import wfdb
 import yaml
 
+from conftest import free_port, wait
+
 from edge import protocol
 from edge.listen import Listener
 from edge.monitor import record_stream, run_monitor, sim_streams
@@ -31,12 +32,6 @@ from panorama.records import find_records, read_record
 
 REPO = Path(__file__).resolve().parents[1]
 VIEWS = ["V7", "V8", "V3R", "V4R", "120:45"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Tap:
@@ -56,12 +51,7 @@ class Tap:
         return [p for t, p in list(self.messages) if t.endswith(suffix)]
 
     def wait(self, cond, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if cond():
-                return True
-            time.sleep(0.05)
-        return False
+        return wait(cond, timeout)
 
     def close(self):
         self.client.loop_stop()
@@ -72,7 +62,7 @@ class Tap:
 def serve(tmp_path: Path, url: str, prefix: str, proto: str = "5", **overrides):
     cfg = {"mqtt": {"broker": url, "protocol": proto, "prefix": prefix, "daemon_id": "test"},
            "stream": {"views": VIEWS, "idle_timeout_s": 1.5},
-           "health": {"interval_s": 1.0, "metrics_port": _free_port()}}
+           "health": {"interval_s": 1.0, "metrics_port": free_port()}}
     for section, values in overrides.items():
         cfg.setdefault(section, {}).update(values)
     path = tmp_path / "edge.yaml"

@@ -1,0 +1,249 @@
+"""Fleet device-calibration updates through a real Mosquitto broker: the agent beside a
+running daemon, its health gate and rollback, restarts, rollouts in waves, the publish
+read-back and the operator's commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import REPO, free_port, listening, wait
+from fleet_support import STAGE1, STAGE2, agent_config, pack
+
+from deploy import manifest as mf
+from deploy.agent import Agent
+from deploy.store import ModelStore
+from panorama import checkpoint
+from panorama.errors import UpdateError
+
+
+@pytest.mark.slow
+def test_update_installs_the_daemon_adopts_it_and_a_failed_gate_rolls_back(mosquitto, keys, tmp_path, panorama):
+    import uuid
+
+    private, public = keys
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+    agent = Agent(agent_config(tmp_path, public, prefix, healthy_s=2.0, adopt_timeout_s=60.0)).start()
+    edge = tmp_path / "edge.yaml"
+    edge.write_text(yaml.safe_dump({
+        "mqtt": {"broker": mosquitto, "prefix": f"{prefix}/ecg", "daemon_id": "bed7"},
+        "model": {"path": str(agent.store.model_path), "reload_check_s": 0.3},
+        "health": {"interval_s": 0.5}}))
+    daemon = subprocess.Popen([sys.executable, "-m", "panorama_cli", "serve", "--config", str(edge)], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait(lambda: agent.health is not None, 90), "the daemon never reported its health"
+        stage1 = checkpoint.read_header(STAGE1)["sha256"]
+        assert agent.health[1]["model"]["sha256"] == stage1
+        # an update: published by the operator's command, installed, adopted by the running daemon
+        r = panorama("fleet", "publish", pack(tmp_path, private, STAGE2, 3), "--prefix", f"{prefix}/fleet",
+                     "--broker", mosquitto)
+        assert r.returncode == 0, r.stderr
+        assert wait(lambda: agent.results and agent.results[-1]["state"] in ("SUCCEEDED", "FAILED"), 90)
+        assert [r["state"] for r in agent.results] == ["READY", "QUEUED", "IN_PROGRESS", "IN_PROGRESS", "SUCCEEDED"]
+        assert agent.health[1]["model"]["sha256"] == checkpoint.read_header(STAGE2)["sha256"]
+        assert os.readlink(agent.store.current) == "versions/3"
+        # the operator sees it too
+        r = panorama("fleet", "status", "--prefix", f"{prefix}/fleet", "--broker", mosquitto, "--wait", "1")
+        assert "bed7" in r.stdout and "SUCCEEDED" in r.stdout
+        # the daemon dies; the next update cannot pass its health gate and is rolled back
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+        agent.cfg.health_timeout_s = 2.0  # not the 60 s adoption timeout: a daemon that is gone fails it sooner
+        n = len(agent.results)
+        r = panorama("fleet", "publish", pack(tmp_path, private, STAGE1, 4, notes="back to stage 1"),
+                     "--prefix", f"{prefix}/fleet", "--broker", mosquitto)
+        assert r.returncode == 0, r.stderr
+        assert wait(lambda: len(agent.results) > n and agent.results[-1]["state"] in ("SUCCEEDED", "FAILED"), 60)
+        last = agent.results[-1]
+        assert last["state"] == "FAILED" and "rolled back to version 3" in last["reason"], last
+        assert "no health report from the daemon for 2 s (it is offline)" in last["reason"]
+        assert os.readlink(agent.store.current) == "versions/3" and agent.store.state()["newest_seen"] == 4
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+        agent.stop()
+    # a restarted agent gets the retained manifest of version 4 again: not retried, its verdict said again
+    again = Agent(agent_config(tmp_path, public, prefix)).start()
+    try:
+        assert wait(lambda: len(again.results) == 2, 10)
+        time.sleep(0.5)
+        assert [r["state"] for r in again.results] == ["READY", "FAILED"]
+        assert os.readlink(again.store.current) == "versions/3"
+        assert again.results[0]["last"]["version"] == 4 and again.results[0]["last"]["result"] == "FAILED"
+        assert "rolled back to version 3" in again.results[1]["reason"]
+    finally:
+        again.stop()
+    states = [h["result"] for h in json.loads((tmp_path / "store" / "state.json").read_text())["history"]]
+    assert states == ["QUEUED", "SUCCEEDED", "QUEUED", "FAILED"]
+
+
+def test_an_update_a_restart_left_ungated_is_gated_at_the_next_start(mosquitto, keys, tmp_path):
+    import uuid
+
+    _, public = keys
+    cfg = agent_config(tmp_path, public, f"test/{uuid.uuid4().hex[:8]}", adopt_timeout_s=1.0)
+    store = ModelStore(cfg.store)
+    store.ensure_factory(STAGE1)
+    store.record(3, "QUEUED", seen=3)  # what a run cut off between install and verdict leaves behind
+    store.install(3, STAGE2, mf.build(STAGE2, 3, ["ward3"], ["monitor-x"]))
+    agent = Agent(cfg).start()  # no daemon runs: it never adopts version 3
+    try:
+        assert wait(lambda: agent.results[-1]["state"] != "READY", 20)
+    finally:
+        agent.stop()
+    last = agent.results[-1]
+    assert last["state"] == "FAILED" and "rolled back to version 0" in last["reason"]
+    assert "did not report the new model" in last["reason"] and os.readlink(store.current) == "versions/0"
+
+
+def test_rollout_goes_wave_by_wave_and_stops_before_the_next_when_one_fails(mosquitto, keys, tmp_path):
+    import uuid
+
+    from deploy.rollout import Fleet, rollout
+
+    private, public = keys
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+
+    def device(name, group, **kw):  # no daemon to gate on unless said: they install at once
+        kw = {"daemon_id": None, **kw}
+        return Agent(agent_config(tmp_path, public, prefix, group=group, device_id=name, store=tmp_path / name,
+                                  **kw)).start()
+
+    devices = [device("c1", "canary"), device("w1", "ward"), device("w2", "ward")]
+    fleet = Fleet(mosquitto, f"{prefix}/fleet")
+    try:
+        assert wait(lambda: len(fleet.snapshot()) == 3, 10), "every agent announces itself (READY)"
+        both = ["canary", "ward"]
+        waves = rollout(fleet, pack(tmp_path, private, STAGE2, 3, groups=both), [["canary"], ["ward"]], timeout_s=60)
+        assert [w.stopped for w in waves] == ["", ""] and [w.count("SUCCEEDED") for w in waves] == [1, 2]
+        assert all(os.readlink(d.store.current) == "versions/3" for d in devices)
+        # run again after a device restarted (its READY replaced its verdict) and beside a device
+        # that trusts another key: every answer is counted, none waited for
+        devices[1].stop()
+        devices[1] = device("w1", "ward")
+        _, foreign = mf.generate_keys(tmp_path / "foreign")
+        x1 = Agent(agent_config(tmp_path, foreign, prefix, group="canary", device_id="x1", store=tmp_path / "x1",
+                                daemon_id=None)).start()
+        devices.append(x1)
+        assert wait(lambda: "x1" in fleet.snapshot(), 10)
+        t0 = time.monotonic()
+        waves = rollout(fleet, tmp_path / "pkg3", [["canary"], ["ward"]], timeout_s=20)
+        assert time.monotonic() - t0 < 15 and [w.stopped for w in waves] == ["", ""]
+        assert {d: v["state"] for d, v in waves[0].verdicts.items()} == {"c1": "SUCCEEDED", "x1": "REJECTED"}
+        assert "signature" in waves[0].verdicts["x1"]["reason"] and waves[1].count("SUCCEEDED") == 2
+        # a canary whose daemon never adopts the update fails it: the ward never sees version 4
+        devices.append(device("c2", "canary", daemon_id="nobody", adopt_timeout_s=1.0))
+        assert wait(lambda: "c2" in fleet.snapshot(), 10)
+        waves = rollout(fleet, pack(tmp_path, private, STAGE1, 4, groups=both), [["canary"], ["ward"]], timeout_s=60)
+        assert len(waves) == 1 and "1 device(s) failed" in waves[0].stopped
+        assert waves[0].verdicts["c2"]["state"] == "FAILED" and waves[0].verdicts["c1"]["state"] == "SUCCEEDED"
+        time.sleep(1.0)
+        assert [os.readlink(d.store.current) for d in devices] == ["versions/4", "versions/3", "versions/3",
+                                                                   "versions/0", "versions/0"]
+        with pytest.raises(UpdateError, match="not among the update's"):
+            rollout(fleet, tmp_path / "pkg4", [["icu"]])
+    finally:
+        fleet.close()
+        for d in devices:
+            d.stop()
+
+
+def test_a_fetch_a_restart_cut_short_is_tried_again_and_stray_messages_are_not_manifests(mosquitto, keys, tmp_path):
+    import uuid
+
+    from deploy.rollout import Fleet, read_package
+
+    private, public = keys
+    prefix = f"test/{uuid.uuid4().hex[:8]}"
+    cfg = agent_config(tmp_path, public, prefix, daemon_id=None)
+    store = ModelStore(cfg.store)
+    store.ensure_factory(STAGE1)
+    store.record(3, "QUEUED", seen=3)  # a run stopped while it fetched version 3: nothing installed
+    (store.staging).mkdir()
+    (store.staging / "half.safetensors").write_bytes(b"x" * 100)  # and left a download behind
+    agent = Agent(cfg).start()
+    fleet = Fleet(mosquitto, f"{prefix}/fleet")
+    try:
+        assert not (store.staging / "half.safetensors").exists()
+        fleet.publish(fleet.topics.artifact("ab" * 32), b"not a manifest")  # retained, never awaited
+        envelope, manifest, data = read_package(pack(tmp_path, private, STAGE2, 3), public)
+        fleet.publish_update(envelope, manifest, data, ["ward3"])
+        assert wait(lambda: agent.results[-1]["state"] in ("SUCCEEDED", "FAILED", "REJECTED"), 30)
+        fleet.publish(fleet.topics.artifact("ab" * 32), b"again")
+        time.sleep(0.5)
+    finally:
+        fleet.clear(fleet.topics.artifact("ab" * 32))
+        fleet.close()
+        agent.stop()
+    assert [r["state"] for r in agent.results] == ["READY", "QUEUED", "IN_PROGRESS", "IN_PROGRESS", "SUCCEEDED"]
+    assert os.readlink(store.current) == "versions/3" and list(store.staging.iterdir()) == []
+
+
+def test_publish_reads_back_and_never_announces_what_the_broker_dropped(keys, tmp_path):
+    import shutil as sh
+
+    from deploy.rollout import Fleet, read_package
+
+    if sh.which("mosquitto") is None:
+        pytest.skip("no mosquitto binary to start a broker with a small message size limit")
+    port = free_port()
+    conf = tmp_path / "small.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmessage_size_limit 100000\n")
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait(lambda: listening("127.0.0.1", port), 10)
+        private, public = keys
+        envelope, manifest, data = read_package(pack(tmp_path, private, STAGE2, 3), public)
+        fleet = Fleet(f"mqtt://127.0.0.1:{port}", "small/fleet", protocol="3.1.1")  # acknowledged, yet dropped
+        try:
+            with pytest.raises(UpdateError, match="does not hold it"):
+                fleet.publish_update(envelope, manifest, data, ["ward3"])
+            fleet.publish(fleet.topics.manifest("ward4"), b"{}")  # what fits is held and read back
+            got = []
+            fleet.client.on_message = lambda c, u, m: got.append(m.topic)
+            fleet.client.subscribe("small/fleet/+/manifest", qos=1)
+            time.sleep(1.0)
+        finally:
+            fleet.close()
+        assert got == ["small/fleet/ward4/manifest"], "the manifest of the dropped model was never published"
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panorama):
+    import uuid
+
+    from deploy.rollout import Fleet
+
+    prefix = f"test/{uuid.uuid4().hex[:8]}/fleet"
+    fleet = Fleet(mosquitto, prefix)
+    sha = "cd" * 32
+    try:
+        fleet.publish(fleet.topics.state("old-bed"), json.dumps({"device": "old-bed", "state": "READY"}).encode())
+        fleet.publish(fleet.topics.artifact(sha), b"an old model")
+        assert wait(lambda: "old-bed" in fleet.snapshot(), 5)
+    finally:
+        fleet.close()
+    r = panorama("fleet", "forget", "--device", "old-bed", "--artifact", sha, "--prefix", prefix, "--broker", mosquitto)
+    assert r.returncode == 0 and "cleared 2 retained message(s)" in r.stdout, r.stderr
+    r = panorama("fleet", "status", "--prefix", prefix, "--broker", mosquitto, "--wait", "1")
+    assert "no device has reported" in r.stdout
+    fresh = Fleet(mosquitto, prefix)
+    got = []
+    try:
+        fresh.client.on_message = lambda c, u, m: got.append(m.topic)
+        fresh.client.subscribe(fresh.topics.artifact(sha), qos=1)
+        time.sleep(1.0)
+    finally:
+        fresh.close()
+    assert got == [], "the old model file is no longer retained"
+    r = panorama("fleet", "forget", "--prefix", prefix, "--broker", mosquitto)
+    assert r.returncode == 2 and "name a --device or an --artifact" in r.stderr
