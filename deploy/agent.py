@@ -90,7 +90,7 @@ class Agent:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.publisher.start()
-        mq.connect(self.client, self.cfg.broker)
+        mq.connect(self.client, self.cfg.endpoint())
         # so an operator's rollout knows this device before its first update; its last verdict rides along
         self._ack(None, "READY", "running")
         self.worker.start()

@@ -5,21 +5,17 @@ all before anything is created."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 
-from edge import mqtt as mq
-from edge.config import _Strict, host_id, read_config
+from edge.config import BrokerSettings, host_id, read_config
 from edge.topics import Topics
 
 from . import manifest as mf
 from .topics import FleetTopics
 
 
-class AgentConfig(_Strict):
-    broker: str = "mqtt://127.0.0.1:1883"
-    protocol: Literal["5", "3.1.1"] = "5"
+class AgentConfig(BrokerSettings):  # broker, protocol, TLS and credentials first
     prefix: str = Field("panorama/fleet", description="root of the fleet topics")
     group: str = Field(description="the rollout group this device belongs to (its manifest topic)")
     device_id: str = Field(default_factory=host_id)
@@ -43,7 +39,6 @@ def check_agent_config(cfg: AgentConfig) -> None:
     ValueError or UpdateError naming the setting, before anything is created."""
     FleetTopics(cfg.prefix).manifest(cfg.group)
     FleetTopics(cfg.prefix).state(cfg.device_id)
-    mq.parse_broker_url(cfg.broker)
     try:
         daemon = Topics(cfg.daemon_prefix)
         if cfg.daemon_id is not None:

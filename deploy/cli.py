@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from edge import mqtt as mq
 from panorama.errors import UpdateError
 
 log = logging.getLogger("panorama.fleet")
@@ -84,9 +85,15 @@ def register(sub) -> None:
 
 
 def _broker_args(p) -> None:
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="default mqtt://127.0.0.1:1883")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                   help="mqtt:// or mqtts:// for TLS (default mqtt://127.0.0.1:1883)")
     p.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
     p.add_argument("--prefix", default="panorama/fleet", help="root of the fleet topics (default panorama/fleet)")
+    mq.add_security_args(p)
+
+
+def _broker(args) -> "mq.Broker":
+    return mq.Broker(args.broker, **mq.security_from_args(args))
 
 
 def _keygen(args) -> int:
@@ -122,7 +129,7 @@ def _publish(args) -> int:
     unknown = sorted(set(groups) - set(manifest["target"]["groups"]))
     if unknown:
         raise UpdateError(f"groups {unknown} are not among the update's {manifest['target']['groups']}")
-    fleet = Fleet(args.broker, args.prefix, args.protocol)
+    fleet = Fleet(_broker(args), args.prefix, args.protocol)
     try:
         fleet.publish_update(envelope, manifest, data, groups)
     finally:
@@ -142,7 +149,7 @@ def _print_states(states: dict[str, dict]) -> None:
 def _status(args) -> int:
     from .rollout import Fleet
 
-    fleet = Fleet(args.broker, args.prefix, args.protocol)
+    fleet = Fleet(_broker(args), args.prefix, args.protocol)
     time.sleep(args.wait)  # retained states arrive within it
     states = fleet.snapshot()
     fleet.close()
@@ -157,7 +164,7 @@ def _rollout(args) -> int:
     from .rollout import Fleet, rollout
 
     waves = [[g.strip() for g in w.split(",") if g.strip()] for w in args.waves]
-    fleet = Fleet(args.broker, args.prefix, args.protocol)
+    fleet = Fleet(_broker(args), args.prefix, args.protocol)
     try:
         results = rollout(fleet, args.package, waves, args.max_failed, args.min_devices, args.timeout,
                           public_key=args.public_key)
@@ -182,7 +189,7 @@ def _forget(args) -> int:
 
     if not args.devices and not args.artifacts:
         raise ValueError("name a --device or an --artifact to forget")
-    fleet = Fleet(args.broker, args.prefix, args.protocol)
+    fleet = Fleet(_broker(args), args.prefix, args.protocol)
     try:
         topics = [fleet.topics.state(d) for d in args.devices] + [fleet.topics.artifact(a) for a in args.artifacts]
         for topic in topics:

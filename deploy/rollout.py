@@ -54,7 +54,7 @@ def read_package(folder: Path, public_key: Path | None = None) -> tuple[bytes, d
 class Fleet:
     """One connection to the fleet's broker that keeps every device's latest state."""
 
-    def __init__(self, broker: str, prefix: str = "panorama/fleet", protocol: str = "5"):
+    def __init__(self, broker: "str | mq.Broker", prefix: str = "panorama/fleet", protocol: str = "5"):
         self.topics = FleetTopics(prefix)
         self.states: dict[str, dict] = {}
         self._echo: dict[str, bytes | None] = {}  # topics read back after publishing, and what came back

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Callable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from panorama.errors import ConfigError, UpdateError
 from panorama.geometry import resolve_views
+
+from . import mqtt as mq
 
 M = TypeVar("M", bound=BaseModel)
 DEFAULT_VIEWS = ["V7", "V8", "V9", "V3R", "V4R", "V5R", "V6R", "V1ICS2"]
@@ -30,21 +32,37 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class MqttConfig(_Strict):
-    broker: str = "mqtt://127.0.0.1:1883"
+class BrokerSettings(_Strict):
+    """Where the broker is and how to reach it: the daemon's ``mqtt`` section and the fleet
+    agent's top level share these keys."""
+
+    broker: str = Field("mqtt://127.0.0.1:1883", description="mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS")
     protocol: Literal["5", "3.1.1"] = Field(
         "5", description="MQTT protocol version; the embedded amqtt broker speaks 3.1.1 only")
+    ca_file: Path | None = Field(None, description="mqtts: the CA the broker's certificate chains to "
+                                 "(default: the system's trust store)")
+    cert_file: Path | None = Field(None, description="mqtts: this device's certificate, where the broker asks")
+    key_file: Path | None = Field(None, description="mqtts: its private key (unencrypted PEM, mode 0600)")
+    username: str | None = None
+    password_file: Path | None = Field(None, description="the MQTT password is this file's first line "
+                                       "(read at each connect; never written in a config)")
+
+    @model_validator(mode="after")
+    def _reachable(self):
+        self.endpoint()  # a bad URL, a missing or unreadable file, a wrong pairing: said now
+        return self
+
+    def endpoint(self) -> mq.Broker:
+        """The broker with its TLS and credentials, for ``edge.mqtt.connect``."""
+        return mq.Broker(self.broker, self.ca_file, self.cert_file, self.key_file, self.username,
+                         self.password_file)
+
+
+class MqttConfig(BrokerSettings):
     prefix: str = "ecg/v1"
     daemon_id: str = Field(default_factory=host_id)
     virtual_format: Literal["float32", "int16", "json"] = "float32"
     expiry_s: int = Field(2, ge=0, description="MQTT v5 message expiry on waveforms (0: none)")
-
-    @field_validator("broker")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not v.startswith("mqtt://"):
-            raise ValueError("broker must look like mqtt://HOST:PORT")
-        return v
 
 
 class ModelConfig(_Strict):
@@ -136,6 +154,29 @@ def load_config(path: str | Path | None) -> EdgeConfig:
     return EdgeConfig() if path is None else read_config(path, EdgeConfig)
 
 
+def with_overrides(cfg: M, section: str | None, values: dict, origin: str = "command line") -> M:
+    """``cfg`` with ``values`` replacing keys of ``section`` (None: the top level), validated
+    again; one ConfigError naming every problem."""
+    if not values:
+        return cfg
+    raw = cfg.model_dump()
+    if section is None:
+        raw.update(values)
+    else:
+        raw[section] = {**raw[section], **values}
+    try:
+        return type(cfg).model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {_problems(exc)}") from exc
+
+
+def _problems(exc: ValidationError) -> str:
+    def msg(e) -> str:  # our own checks' words, without pydantic's "Value error, " before them
+        return e["msg"].removeprefix("Value error, ") if e["type"] == "value_error" else e["msg"]
+
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {msg(e)}" for e in exc.errors())
+
+
 def read_config(path: str | Path, model: type[M], check: Callable[[M], None] | None = None) -> M:
     """A YAML file validated as ``model`` and then by ``check`` (ValueError or UpdateError for
     what pydantic cannot see); one ConfigError naming the file and every problem."""
@@ -154,7 +195,6 @@ def read_config(path: str | Path, model: type[M], check: Callable[[M], None] | N
             check(cfg)
         return cfg
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"{path}: {problems}") from exc
+        raise ConfigError(f"{path}: {_problems(exc)}") from exc
     except (ValueError, UpdateError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc

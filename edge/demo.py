@@ -22,6 +22,8 @@ from panorama.geometry import STANDARD_12
 from panorama.metrics import score_record
 from panorama.records import MODEL_FS
 
+from .mqtt import Broker, add_security_args, security_from_args
+
 log = logging.getLogger(__name__)
 
 DEMO_VIEWS = ["V7", "V8", "V9", "V3R", "V4R", "V5R", "120:45", "60:120"]
@@ -36,13 +38,14 @@ def register(sub) -> None:
         "received views (WFDB) and ECG-paper figures to --out.")
     p.add_argument("--patients", type=int, default=3, help="simulated patients (default 3)")
     p.add_argument("--seconds", type=float, default=30.0, help="seconds of streaming (default 30)")
-    p.add_argument("--broker", help="use this broker (mqtt://HOST:PORT) instead of the embedded one")
+    p.add_argument("--broker", help="use this broker (mqtt://HOST:PORT, mqtts:// for TLS) instead of the embedded one")
     p.add_argument("--protocol", choices=("5", "3.1.1"),
                    help="MQTT version (default: 3.1.1 on the embedded broker, 5 otherwise)")
     p.add_argument("--backend", default="onnxruntime", choices=("torch", "onnxruntime"),
                    help="inference backend (default onnxruntime, the fastest on a CPU)")
     p.add_argument("--seed", type=int, default=2026, help="first simulated patient's seed")
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder (default out/demo)")
+    add_security_args(p)
     p.set_defaults(func=run)
 
 
@@ -57,6 +60,12 @@ def run(args) -> int:
 
     if args.patients < 1 or args.seconds < 8:
         raise ValueError("--patients must be ≥ 1 and --seconds ≥ 8 (5 s calibration, then streaming)")
+    security = security_from_args(args)
+    if security and args.broker is None:
+        raise ValueError("the embedded broker takes anonymous plain MQTT on loopback: TLS and credential "
+                         "options need --broker")
+    if args.broker is not None:
+        Broker(args.broker, **security)  # a bad URL or file: said before anything starts
     broker = None
     url = args.broker
     if url is None:
@@ -71,11 +80,12 @@ def run(args) -> int:
     streams = [MonitorStream("demo-bed", f"patient-{i + 1}", list(STANDARD_12), s.signals[:12])
                for i, s in enumerate(sims)]
     cfg = EdgeConfig.model_validate({
-        "mqtt": {"broker": url, "protocol": protocol, "prefix": prefix, "daemon_id": "demo"},
+        "mqtt": {"broker": url, "protocol": protocol, "prefix": prefix, "daemon_id": "demo", **security},
         "model": {"backend": args.backend},
         # every sample after calibration is scored, so none is skipped as stale here
         "stream": {"views": DEMO_VIEWS, "idle_timeout_s": 1.0, "max_backlog_s": 60,  # one monitor id: every patient
                    "max_patients": max(64, args.patients), "max_patients_per_monitor": max(64, args.patients)}})
+    url = cfg.mqtt.endpoint()  # the broker with its TLS and credentials, for every client below
     daemon = listener = None
     try:
         daemon = Daemon(cfg).start()

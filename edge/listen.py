@@ -31,6 +31,7 @@ import numpy as np
 import wfdb
 
 from . import ecgpaper
+from .mqtt import Broker, add_security_args, security_from_args
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class _Stream:
 class Listener:
     """Subscribe to chunk topics and reassemble every stream; ``stop`` writes to ``out`` if given."""
 
-    def __init__(self, url: str, protocol: str = "5", topic: str = "ecg/v1/+/+/virtual",
+    def __init__(self, url: "str | Broker", protocol: str = "5", topic: str = "ecg/v1/+/+/virtual",
                  out: str | Path | None = None, limits=None, client_id: str | None = None):
         self.url, self.protocol, self.topic = url, protocol, topic
         self.out = Path(out) if out is not None else None
@@ -299,7 +300,7 @@ class Listener:
     def stats(self) -> dict:
         with self._lock:
             per = {f"{k[0]}/{k[1]}": s.stats.summary() for k, s in self._streams.items()}
-        return {"broker": self.url, "topic": self.topic, "messages": self.messages, "malformed": self.malformed,
+        return {"broker": str(self.url), "topic": self.topic, "messages": self.messages, "malformed": self.malformed,
                 "ignored": self.ignored, "errors": self.errors, "streams": per}
 
     def write(self, out: str | Path) -> dict:
@@ -362,17 +363,20 @@ def register(sub) -> None:
         "<monitor>_<patient> (signal names = the view labels, mV), an ECG-paper PNG of its last 10 s and "
         "summary.json (chunks, gaps, duplicates, out of order, latency p50/p99). Stops after --duration "
         "seconds, --chunks chunks or Ctrl-C.")
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL (default mqtt://127.0.0.1:1883)")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                   help="broker URL, mqtt:// or mqtts:// for TLS (default mqtt://127.0.0.1:1883)")
     p.add_argument("--protocol", default="5", choices=("5", "3.1.1"), help="MQTT version (default 5)")
     p.add_argument("--topic", default="ecg/v1/+/+/virtual",
                    help="topic filter (default ecg/v1/+/+/virtual; e.g. ecg/v1/bed/+/raw for a monitor's input)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--chunks", type=int, metavar="N", help="stop after N chunks")
+    add_security_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    broker = Broker(args.broker, **security_from_args(args))
     if args.duration is not None and not args.duration > 0:
         raise ValueError(f"--duration must be positive seconds, got {args.duration}")
     if args.chunks is not None and args.chunks < 1:
@@ -380,7 +384,7 @@ def run(args) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        listener = Listener(args.broker, args.protocol, args.topic, args.out).start()
+        listener = Listener(broker, args.protocol, args.topic, args.out).start()
         print(f"listening on {args.topic} at {args.broker}" + ("" if args.duration or args.chunks else "; Ctrl-C ends"),
               flush=True)
         listener.wait(chunks=args.chunks, timeout=args.duration, stop_event=stop)

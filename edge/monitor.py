@@ -33,6 +33,8 @@ from panorama.errors import PanoramaError, RecordError
 from panorama.geometry import STANDARD_12, canonical_lead_name, resolve_views
 from panorama.records import MODEL_FS, find_records, read_record, record_base
 
+from .mqtt import Broker, add_security_args, security_from_args
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("int16", "float32", "json")
@@ -131,7 +133,7 @@ def sim_streams(n: int, seed: int = 0, monitor_id: str = "bed", seconds: float =
 
 # --- streaming ---------------------------------------------------------------------------------
 
-def run_monitor(streams: list[MonitorStream], url: str, protocol: str = "5", chunk_ms: float = 250,
+def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str = "5", chunk_ms: float = 250,
                 speed: float = 1.0, fmt: str = "int16", views: list[str] | None = None,
                 stop_event: threading.Event | None = None, *, fast: bool = False, loop: bool = False,
                 duration_s: float | None = None, prefix: str = "ecg/v1",
@@ -278,7 +280,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="first simulated patient's seed (default 0)")
     p.add_argument("--device", default="diagnostic",
                    help="simulated recording device: ideal, diagnostic (default), monitor, holter, random")
-    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="broker URL (default mqtt://127.0.0.1:1883)")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883",
+                   help="broker URL, mqtt:// or mqtts:// for TLS (default mqtt://127.0.0.1:1883)")
     p.add_argument("--protocol", default="5", choices=("5", "3.1.1"), help="MQTT version (default 5)")
     p.add_argument("--prefix", default="ecg/v1", help="topic prefix (default ecg/v1)")
     p.add_argument("--monitor-id", default="bed", help="monitor id in the topics (default bed)")
@@ -294,10 +297,12 @@ def register(sub) -> None:
     p.add_argument("--format", dest="fmt", default="int16", choices=FORMATS, help="sample format (default int16)")
     p.add_argument("--loop", action="store_true", help="start again at the end (seq and time go on)")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds of signal per stream")
+    add_security_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    broker = Broker(args.broker, **security_from_args(args))  # a bad URL or key file: said before reading
     if bool(args.records) == bool(args.sim):
         raise ValueError("give WFDB records or folders, or --sim N (one of the two)")
     if args.sim < 0:
@@ -335,7 +340,7 @@ def run(args) -> int:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stats = run_monitor(streams, args.broker, args.protocol, args.chunk_ms, args.speed, args.fmt, views, stop,
+        stats = run_monitor(streams, broker, args.protocol, args.chunk_ms, args.speed, args.fmt, views, stop,
                             fast=args.fast, loop=args.loop, duration_s=args.duration, prefix=args.prefix)
     finally:
         for sig, handler in previous.items():

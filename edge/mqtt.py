@@ -1,4 +1,5 @@
-"""MQTT plumbing shared by the daemon and the tools: broker URLs, clients, one publisher thread.
+"""MQTT plumbing shared by the daemon and the tools: brokers (URL, TLS, credentials), clients,
+one publisher thread.
 
 paho-mqtt 2.x with VERSION2 callbacks. The protocol version is explicit ("5" or "3.1.1"):
 Mosquitto 2 speaks both; the embedded amqtt broker speaks 3.1.1 only. MQTT v5 PUBLISH
@@ -7,18 +8,28 @@ properties (content type, message expiry) are sent only over v5.
 Publishing from paho callbacks, or from many threads at once, is paho's most reported
 deadlock, so every publish goes through one ``Publisher`` thread fed by a bounded queue:
 a full queue drops (and counts) instead of blocking the caller.
+
+A broker is ``mqtt://HOST[:PORT]`` (plain, port 1883) or ``mqtts://HOST[:PORT]`` (TLS 1.2 or
+newer, port 8883, the server's certificate checked against ``ca_file`` or the system's
+trust store, its host name too), with an optional client certificate and a user name whose
+password is read from a file at each connect (never from a command line or YAML).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import queue
 import re
 import secrets
 import socket
+import ssl
+import stat
 import threading
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -27,13 +38,15 @@ from paho.mqtt.properties import Properties
 
 from panorama.errors import BackendError
 
-__all__ = ["PROTOCOLS", "BrokerConnectionError", "client_id", "parse_broker_url", "make_client",
-           "publish_props", "Publisher", "connect"]
+__all__ = ["PROTOCOLS", "Broker", "BrokerConnectionError", "client_id", "parse_broker_url", "make_client",
+           "publish_props", "Publisher", "connect", "add_security_args", "security_from_args"]
 
 log = logging.getLogger(__name__)
 
 PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 DEFAULT_PORT = 1883
+TLS_PORT = 8883
+SCHEMES = {"mqtt": DEFAULT_PORT, "mqtts": TLS_PORT}
 
 
 class BrokerConnectionError(BackendError, ConnectionError):
@@ -47,24 +60,165 @@ def client_id(role: str) -> str:
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
-    """``mqtt://host[:port]`` → (host, port); port 1883 by default."""
-    hint = "write the broker as mqtt://HOST[:PORT], e.g. mqtt://127.0.0.1:1883"
+    """``mqtt://host[:port]`` or ``mqtts://host[:port]`` → (host, port); port 1883 (8883 for
+    mqtts) by default. Whether TLS is spoken is ``Broker(url).tls``."""
+    hint = "write the broker as mqtt://HOST[:PORT] or, for TLS, mqtts://HOST[:PORT], e.g. mqtt://127.0.0.1:1883"
     try:
         parts = urlsplit(url)
         port = parts.port
     except (ValueError, TypeError, AttributeError) as exc:
         raise ValueError(f"bad broker URL {url!r} ({exc}); {hint}") from None
-    if parts.scheme != "mqtt":
-        raise ValueError(f"bad broker URL {url!r}: the scheme must be mqtt:// (TLS is not supported yet); {hint}")
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"bad broker URL {url!r}: the scheme must be mqtt:// or mqtts:// (TLS); {hint}")
     if not parts.hostname:
         raise ValueError(f"bad broker URL {url!r}: no host; {hint}")
     if parts.username is not None or parts.password is not None:
-        raise ValueError(f"bad broker URL {url!r}: credentials in the URL are not supported")
+        raise ValueError(f"bad broker URL {url!r}: no credentials in the URL (they would show in logs and "
+                         "process lists); give a user name and a password file")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"bad broker URL {url!r}: nothing may follow the port; {hint}")
     if port == 0:
         raise ValueError(f"bad broker URL {url!r}: port 0 is not a broker's port; {hint}")
-    return parts.hostname, DEFAULT_PORT if port is None else port
+    return parts.hostname, SCHEMES[parts.scheme] if port is None else port
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_encrypted_key() -> bytes:
+    raise ValueError("the key is encrypted with a passphrase; give an unencrypted key file, readable by "
+                     "this service only (mode 0600)")
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A broker and how to reach it: URL, TLS trust and client certificate, user name and password
+    file. Checked when made (ValueError naming the setting), so a bad file is said at start-up,
+    not at the first reconnect. ``str(broker)`` is the URL: it never carries the password."""
+
+    url: str
+    ca_file: Path | None = None  # mqtts: the CA that signed the broker's certificate (default: system store)
+    cert_file: Path | None = None  # mqtts: this client's certificate (PEM), for brokers that require one
+    key_file: Path | None = None  # mqtts: its private key (PEM, unencrypted)
+    username: str | None = None
+    password_file: Path | None = None  # the password, on the file's first line; read at each connect
+    host: str = field(init=False, repr=False, compare=False)
+    port: int = field(init=False, repr=False, compare=False)
+    tls: bool = field(init=False, repr=False, compare=False)
+    _context: ssl.SSLContext | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        host, port = parse_broker_url(self.url)
+        for name in ("ca_file", "cert_file", "key_file", "password_file"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "host", host)
+        object.__setattr__(self, "port", port)
+        object.__setattr__(self, "tls", urlsplit(self.url).scheme == "mqtts")
+        tls_files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(self, n) is not None]
+        if tls_files and not self.tls:
+            raise ValueError(f"{', '.join(tls_files)} given but the broker {self.url} is not TLS: write it as "
+                             f"mqtts://{host}:{TLS_PORT if port == DEFAULT_PORT else port}")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (a client certificate and its private key)")
+        if self.username is not None and not self.username:
+            raise ValueError("username is empty")
+        if self.password_file is not None:
+            if self.username is None:
+                raise ValueError("password_file given without a username")
+            self.password()  # readable and not empty, now
+        if self.tls:
+            object.__setattr__(self, "_context", self._tls_context())
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _tls_context(self) -> ssl.SSLContext:
+        def readable(name: str) -> str:
+            path = getattr(self, name)
+            if not path.is_file():
+                raise ValueError(f"{name} {path}: no such file")
+            return str(path)
+
+        try:
+            ctx = ssl.create_default_context(
+                ssl.Purpose.SERVER_AUTH, cafile=readable("ca_file") if self.ca_file is not None else None)
+        except ssl.SSLError as exc:
+            raise ValueError(f"ca_file {self.ca_file}: not a PEM certificate ({exc.reason or exc})") from None
+        except OSError as exc:
+            raise ValueError(f"ca_file {self.ca_file}: {exc.strerror or exc}") from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.cert_file is not None:
+            try:
+                ctx.load_cert_chain(readable("cert_file"), readable("key_file"), password=_refuse_encrypted_key)
+            except ssl.SSLError as exc:
+                raise ValueError(f"cert_file {self.cert_file} / key_file {self.key_file}: not a PEM certificate "
+                                 f"and its private key ({exc.reason or exc})") from None
+            except ValueError as exc:
+                raise ValueError(f"key_file {self.key_file}: {exc}") from None
+            except OSError as exc:
+                raise ValueError(f"cert_file/key_file: {exc.strerror or exc}") from None
+        return ctx
+
+    def password(self) -> str | None:
+        """The first line of ``password_file`` (None without one). ValueError when it cannot be read
+        or is empty; a warning when anyone on the machine may read it."""
+        if self.password_file is None:
+            return None
+        try:
+            mode = self.password_file.stat().st_mode
+            text = self.password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"password_file {self.password_file}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        password = text.splitlines()[0] if text.strip() else ""
+        if not password:
+            raise ValueError(f"password_file {self.password_file}: empty (the password is its first line)")
+        if mode & stat.S_IROTH:
+            log.warning("password_file %s may be read by every user of this machine: chmod 600 it",
+                        self.password_file)
+        return password
+
+    def configure(self, client: mqtt.Client) -> None:
+        """Give ``client`` this broker's TLS and credentials (before its first connect)."""
+        if self._context is not None:
+            try:
+                client.tls_set_context(self._context)
+            except ValueError:  # paho: "SSL/TLS has already been configured" (a second connect)
+                pass
+        if self.username is not None:
+            if not self.tls and not _is_loopback(self.host):
+                log.warning("sending the MQTT password to %s unencrypted: use mqtts://", self.host)
+            client.username_pw_set(self.username, self.password())
+
+
+def as_broker(broker: "str | Broker") -> Broker:
+    return broker if isinstance(broker, Broker) else Broker(broker)
+
+
+def add_security_args(p) -> None:
+    """The TLS and credential options every command that talks to a broker takes."""
+    g = p.add_argument_group("broker security (mqtts:// brokers, user names)")
+    g.add_argument("--ca-file", type=Path, metavar="PEM",
+                   help="CA certificate the broker's certificate must chain to (default: the system's store)")
+    g.add_argument("--cert-file", type=Path, metavar="PEM", help="client certificate, for brokers that require one")
+    g.add_argument("--key-file", type=Path, metavar="PEM", help="its private key (unencrypted; chmod 600)")
+    g.add_argument("--username", help="MQTT user name")
+    g.add_argument("--password-file", type=Path, metavar="FILE",
+                   help="file whose first line is the MQTT password (never on the command line)")
+
+
+def security_from_args(args) -> dict:
+    """The options of ``add_security_args`` that were given, as Broker/config keyword arguments."""
+    keys = ("ca_file", "cert_file", "key_file", "username", "password_file")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
 def _check_protocol(protocol: str) -> int:
@@ -197,12 +351,18 @@ class Publisher:
             self.failed += 1
 
 
-def connect(client: mqtt.Client, url: str, timeout: float = 10.0, keepalive: int = 30) -> None:
-    """Connect, start paho's network thread (which then owns reconnects) and wait for the
-    broker's CONNACK. BrokerConnectionError (a ConnectionError) naming the broker when it
-    cannot be reached, refuses, or does not answer within ``timeout`` seconds."""
-    host, port = parse_broker_url(url)
-    where = f"{host}:{port}"
+# CONNACK reason codes (paho maps MQTT 3.1.1's 4 and 5 onto these) that mean "who are you?"
+_AUTH_REFUSALS = {134: "bad user name or password", 135: "not authorized", 140: "bad authentication method"}
+
+
+def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, keepalive: int = 30) -> None:
+    """Give the client the broker's TLS and credentials, connect, start paho's network thread
+    (which then owns reconnects) and wait for the broker's CONNACK. BrokerConnectionError (a
+    ConnectionError) naming the broker when it cannot be reached, its certificate is not
+    trusted, it refuses, or it does not answer within ``timeout`` seconds."""
+    broker = as_broker(broker)
+    host, port = broker.host, broker.port
+    where = f"{host}:{port}" + (" (TLS)" if broker.tls else "")
     answered = threading.Event()
     result: dict = {}
     previous_connect, previous_disconnect = client.on_connect, client.on_disconnect
@@ -231,11 +391,23 @@ def connect(client: mqtt.Client, url: str, timeout: float = 10.0, keepalive: int
         restore()
         raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: {why}") from exc
 
+    broker.configure(client)
     client.on_connect, client.on_disconnect = on_connect, on_disconnect
     try:
         client.connect_timeout = max(0.1, float(timeout))
         extra = {"clean_start": True} if client.protocol == mqtt.MQTTv5 else {}
         client.connect(host, port, keepalive=keepalive, **extra)
+    except ssl.SSLCertVerificationError as exc:
+        restore()
+        hint = ("give the CA that signed it (ca_file, --ca-file)" if broker.ca_file is None else
+                f"is it signed by {broker.ca_file}, and does it name {host}?")
+        raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: its certificate is not trusted "
+                                    f"({exc.verify_message or exc}); {hint}") from exc
+    except ssl.SSLError as exc:
+        restore()
+        hint = "; is it a TLS port? (mqtts:// speaks TLS, mqtt:// does not)" if broker.tls else ""
+        raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: TLS failed ({exc.reason or exc}){hint}"
+                                    ) from exc
     except (OSError, ValueError, RuntimeError) as exc:
         restore()
         raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: {exc}") from exc
@@ -243,11 +415,27 @@ def connect(client: mqtt.Client, url: str, timeout: float = 10.0, keepalive: int
     if not answered.wait(timeout):
         hint = ("; a broker that speaks MQTT 3.1.1 only (the embedded amqtt one) drops an MQTT 5 CONNECT "
                 "without a word: try protocol 3.1.1") if client.protocol == mqtt.MQTTv5 else ""
+        if not broker.tls:
+            hint += "; a TLS port says nothing to a plain CONNECT: is it mqtts://?"
         fail(f"no answer to CONNECT within {timeout:g} s{hint}")
     rc = result.get("rc")
     if rc is None or rc.is_failure:
         why = f"the broker refused the connection ({rc if rc is not None else result.get('closed')})"
-        if client.protocol == mqtt.MQTTv5:
-            why += "; it may speak MQTT 3.1.1 only (amqtt does): try protocol 3.1.1"
+        code = getattr(rc, "value", None)
+        if code in _AUTH_REFUSALS:
+            who = f"user {broker.username!r}" if broker.username is not None else "an anonymous client"
+            why += (f": {_AUTH_REFUSALS[code]} for {who}; check username and password_file"
+                    + ("" if broker.username is not None or broker.cert_file is not None
+                       else " (this broker wants credentials)"))
+        else:
+            hints = []
+            if rc is None and broker.tls:  # closed during or right after the TLS handshake
+                hints.append("it may want a client certificate (cert_file, --cert-file)" if broker.cert_file is None
+                             else f"it may not take the client certificate {broker.cert_file}")
+            elif rc is None:
+                hints.append("a TLS port closes a plain connection: is it mqtts://?")
+            if client.protocol == mqtt.MQTTv5:
+                hints.append("it may speak MQTT 3.1.1 only (amqtt does): try protocol 3.1.1")
+            why += "".join(f"; {h}" for h in hints)
         fail(why)
     restore()

@@ -42,7 +42,7 @@ from panorama.synth import default_checkpoint
 from . import mqtt as mq
 from .model_slot import ModelSlot
 from .batch import Output, run_windows
-from .config import EdgeConfig, load_config
+from .config import EdgeConfig, load_config, with_overrides
 from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Chunk, Limits, ProtocolError, decode_any, encode, to_json
 from .topics import Topics, parse_views_request
 from .reporting import LatencyWindow, Reporter
@@ -57,18 +57,17 @@ def register(sub) -> None:
                        description="Ingest lead samples over MQTT, calibrate each patient on their first "
                        "seconds, and publish synthesised views continuously. See docs/wire-protocol.md.")
     p.add_argument("--config", type=Path, help="edge YAML config (default: every default)")
-    p.add_argument("--broker", help="override mqtt.broker, e.g. mqtt://127.0.0.1:1883")
+    p.add_argument("--broker", help="override mqtt.broker, e.g. mqtt://127.0.0.1:1883 or mqtts://HOST:8883")
     p.add_argument("--protocol", choices=("5", "3.1.1"), help="override mqtt.protocol")
     p.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    mq.add_security_args(p)  # each overrides the mqtt key of the same name
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     cfg = load_config(args.config)
-    if args.broker:
-        cfg.mqtt.broker = args.broker
-    if args.protocol:
-        cfg.mqtt.protocol = args.protocol
+    given = {"broker": args.broker, "protocol": args.protocol, **mq.security_from_args(args)}
+    cfg = with_overrides(cfg, "mqtt", {k: v for k, v in given.items() if v is not None})
     if args.validate_config:
         checkpoint.read_header(cfg.model.path or default_checkpoint())  # the model must be one this code reads
         print(f"{args.config or 'defaults'}: valid")
@@ -131,7 +130,7 @@ class Daemon:
         self.publisher.start()
         if self.params.calibrate_s > 0:  # first in the pool: a patient needs calibrate_s of data first anyway
             self.pool.submit(self._warm_up)
-        mq.connect(self.client, self.cfg.mqtt.broker)
+        mq.connect(self.client, self.cfg.mqtt.endpoint())
         loops = [("ingest", self._ingest_loop), ("inference", self._inference_loop), ("health", self._health_loop)]
         if self.cfg.model.path and self.cfg.model.reload_check_s > 0:
             loops.append(("model", self._watch_model))

@@ -213,12 +213,14 @@ def test_broker_connection_error_is_both_kinds():
     ("mqtt://127.0.0.1:1883", ("127.0.0.1", 1883)),
     ("mqtt://broker.local", ("broker.local", 1883)),
     ("mqtt://[::1]:1884/", ("::1", 1884)),
+    ("mqtts://broker.local", ("broker.local", 8883)),
+    ("mqtts://10.0.0.2:8884", ("10.0.0.2", 8884)),
 ])
 def test_parse_broker_url(url, expected):
     assert parse_broker_url(url) == expected
 
 
-@pytest.mark.parametrize("url", ["127.0.0.1:1883", "tcp://h:1883", "mqtts://h", "mqtt://", "mqtt://h:99999",
+@pytest.mark.parametrize("url", ["127.0.0.1:1883", "tcp://h:1883", "ssl://h", "mqtt://", "mqtt://h:99999",
                                  "mqtt://h:x", "mqtt://u:p@h", "mqtt://h:1883/topic", "mqtt://h:0", ""])
 def test_parse_broker_url_refuses(url):
     with pytest.raises(ValueError, match="mqtt://|port|credentials"):

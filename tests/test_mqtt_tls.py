@@ -1,0 +1,183 @@
+"""Brokers that demand TLS and credentials: the settings checked before anything connects,
+each refusal said plainly, and the daemon, monitor, listener and fleet working through a
+real Mosquitto with a password listener and a client-certificate listener (tests/tls_support.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+
+from conftest import REPO, wait
+from tls_support import USER, make_pki, secure_mosquitto
+
+from edge.config import EdgeConfig, load_config
+from edge.listen import Listener
+from edge.monitor import run_monitor, sim_streams
+from edge.mqtt import Broker, BrokerConnectionError, client_id, connect, make_client
+from panorama.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def secure(tmp_path_factory):
+    with secure_mosquitto(tmp_path_factory.mktemp("secure-broker")) as broker:
+        yield broker
+
+
+def test_broker_settings_are_checked_before_anything_connects(pki, tmp_path, caplog):
+    ok = Broker("mqtts://broker.ward3:8883", ca_file=pki.ca, username=USER, password_file=pki.password_file)
+    assert (ok.host, ok.port, ok.tls) == ("broker.ward3", 8883, True)
+    assert str(ok) == "mqtts://broker.ward3:8883" and "s3cret" not in repr(ok)  # never the password
+    assert Broker("mqtts://b").port == 8883 and not Broker("mqtt://b").tls
+
+    garbage, empty = tmp_path / "garbage.crt", tmp_path / "empty.password"
+    garbage.write_text("not a certificate\n")
+    empty.write_text("\n")
+    refusals = [
+        (dict(url="mqtt://b:1883", ca_file=pki.ca), "not TLS: write it as mqtts://b:8883"),
+        (dict(url="mqtts://b", cert_file=pki.client_cert), "cert_file and key_file go together"),
+        (dict(url="mqtts://b", password_file=pki.password_file), "password_file given without a username"),
+        (dict(url="mqtts://b", username=USER, password_file=tmp_path / "none"), "No such file"),
+        (dict(url="mqtts://b", username=USER, password_file=empty), "empty"),
+        (dict(url="mqtts://b", ca_file=tmp_path / "none.crt"), "ca_file .* no such file"),
+        (dict(url="mqtts://b", ca_file=garbage), "ca_file .* not a PEM certificate"),
+        (dict(url="mqtts://b", cert_file=pki.client_cert, key_file=pki.client_key_encrypted), "encrypted"),
+        (dict(url="mqtts://b", cert_file=pki.client_cert, key_file=pki.server_key), "KEY_VALUES_MISMATCH"),
+        (dict(url="mqtts://u:p@b"), "no credentials in the URL"),
+    ]
+    for kwargs, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            Broker(**kwargs)
+
+    loose = tmp_path / "loose.password"
+    loose.write_text("pw\n")
+    loose.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="edge.mqtt"):
+        assert Broker("mqtts://b", username=USER, password_file=loose).password() == "pw"
+    assert "may be read by every user" in caplog.text
+
+    # the daemon's config: every problem named with the file, before anything starts
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump({"mqtt": {"broker": "mqtts://b", "ca_file": str(garbage)}}))
+    with pytest.raises(ConfigError, match="edge.yaml: mqtt: .*ca_file .* not a PEM certificate"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"mqtt": {"broker": "mqtts://b", "ca_file": str(pki.ca), "username": USER,
+                                             "password_file": str(pki.password_file)}}))
+    assert load_config(path).mqtt.endpoint() == Broker("mqtts://b", pki.ca, None, None, USER, pki.password_file)
+
+
+def test_serve_and_the_tools_refuse_bad_security_options_in_one_line(pki, tmp_path, panorama):
+    r = panorama("serve", "--validate-config", "--broker", "mqtts://b", "--ca-file", tmp_path / "none.crt")
+    assert r.returncode == 2 and "panorama serve: error: command line: mqtt: ca_file " in r.stderr
+    assert "no such file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = panorama("serve", "--validate-config", "--broker", "mqtts://b", "--ca-file", pki.ca, "--username", USER,
+                 "--password-file", pki.password_file)
+    assert r.returncode == 0, r.stderr
+    dumped = json.loads(r.stdout.split("\n", 1)[1])["mqtt"]
+    assert dumped["ca_file"] == str(pki.ca) and dumped["username"] == USER and "s3cret" not in r.stdout
+    for argv in (["listen", "--out", tmp_path, "--broker", "mqtt://b", "--cert-file", pki.client_cert],
+                 ["monitor", "--sim", "1", "--broker", "mqtts://b", "--password-file", pki.password_file],
+                 ["fleet", "status", "--broker", "mqtt://b", "--ca-file", pki.ca],
+                 ["demo", "--username", USER]):
+        r = panorama(*argv)
+        assert r.returncode == 2 and r.stderr.startswith(f"panorama {argv[0]}: error:"), (argv, r.stderr)
+        assert any(w in r.stderr for w in ("not TLS", "go together", "without a username", "need --broker")), r.stderr
+
+
+def _connect(broker: Broker, protocol: str = "5") -> None:
+    client = make_client(client_id("tls-test"), protocol)
+    connect(client, broker, timeout=5)
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_each_refusal_says_why(secure):
+    p = secure.pki
+    _connect(Broker(secure.password_url, ca_file=p.ca, username=USER, password_file=p.password_file))
+    _connect(Broker(secure.mutual_url, ca_file=p.ca, cert_file=p.client_cert, key_file=p.client_key), "3.1.1")
+    cases = [
+        (Broker(secure.password_url, username=USER, password_file=p.password_file), "5",
+         "certificate is not trusted .*give the CA that signed it"),  # the system store knows no test CA
+        (Broker(secure.password_url, ca_file=p.rogue_ca, username=USER, password_file=p.password_file), "5",
+         "certificate is not trusted"),
+        (Broker(f"mqtts://localhost:{secure.password_port}", ca_file=p.ca, username=USER,
+                password_file=p.password_file), "5", "Hostname mismatch.*does it name localhost"),
+        (Broker(secure.password_url, ca_file=p.ca, username=USER, password_file=p.wrong_password_file), "3.1.1",
+         f"for user '{USER}'; check username and password_file"),
+        (Broker(secure.password_url, ca_file=p.ca), "5", "anonymous client.*this broker wants credentials"),
+        (Broker(f"mqtt://127.0.0.1:{secure.password_port}"), "3.1.1", "is it mqtts://"),
+        (Broker(secure.mutual_url, ca_file=p.ca), "3.1.1", "it may want a client certificate"),
+    ]
+    for broker, protocol, message in cases:
+        with pytest.raises(BrokerConnectionError, match=message):
+            _connect(broker, protocol)
+
+
+def test_daemon_monitor_and_listener_through_tls_with_a_password_and_a_client_certificate(secure, tmp_path):
+    p, prefix = secure.pki, f"secure/{uuid.uuid4().hex[:8]}"
+    with_password = Broker(secure.password_url, ca_file=p.ca, username=USER, password_file=p.password_file)
+    with_cert = Broker(secure.mutual_url, ca_file=p.ca, cert_file=p.client_cert, key_file=p.client_key)
+    cfg = {"mqtt": {"broker": secure.password_url, "prefix": prefix, "daemon_id": "tls", "ca_file": str(p.ca),
+                    "username": USER, "password_file": str(p.password_file)},
+           "stream": {"views": ["V7", "V4R"], "idle_timeout_s": 1.5}, "calibration": {"seconds": 2}}
+    EdgeConfig.model_validate(cfg)
+    path = tmp_path / "edge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    status: list[bytes] = []
+    tap = make_client(client_id("tls-tap"), "5")
+    tap.on_message = lambda c, u, m: status.append(bytes(m.payload))
+    tap.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(f"{prefix}/_daemon/tls/status", qos=1)
+    connect(tap, with_cert)
+    proc = subprocess.Popen([sys.executable, "-m", "panorama_cli", "serve", "--config", str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        if not wait(lambda: b"online" in status, 60):
+            proc.kill()
+            pytest.fail(f"the daemon did not come online through TLS:\n{proc.communicate()[0]}")
+        with Listener(with_password, topic=f"{prefix}/+/+/virtual") as lis:
+            stats = run_monitor(sim_streams(1, seconds=4.0), with_cert, prefix=prefix, speed=4.0)
+            assert stats[0].dropped == 0
+            assert wait(lambda: len(lis.streams) == 1 and next(iter(lis.streams.values())).signals.shape[1] >= 1000,
+                        60), "no virtual leads came back through the TLS broker"
+            (stream,) = lis.streams.values()
+            assert stream.views == ["V7", "V4R"] and stream.stats.gaps == 0
+            assert lis.stats["broker"] == secure.password_url  # the summary names the URL, never a password
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+        tap.disconnect()
+        tap.loop_stop()
+    assert "Traceback" not in out and "password" not in out.replace("password_file", "")
+
+
+def test_fleet_agent_and_operator_through_tls(secure, keys, tmp_path, panorama):
+    from deploy.agent import Agent
+    from fleet_support import agent_config
+
+    p, prefix = secure.pki, f"secure/{uuid.uuid4().hex[:8]}"
+    _, public = keys
+    cfg = agent_config(tmp_path, public, prefix, broker=secure.mutual_url, ca_file=p.ca, cert_file=p.client_cert,
+                       key_file=p.client_key, daemon_id=None)
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    r = panorama("fleet", "agent", "--config", path, "--validate-config")
+    assert r.returncode == 0, r.stderr
+    agent = Agent(cfg).start()
+    try:
+        r = panorama("fleet", "status", "--prefix", f"{prefix}/fleet", "--broker", secure.password_url,
+                     "--ca-file", p.ca, "--username", USER, "--password-file", p.password_file, "--wait", "1")
+    finally:
+        agent.stop()
+    assert r.returncode == 0, r.stderr
+    assert "bed7" in r.stdout and "READY" in r.stdout

@@ -1,0 +1,150 @@
+"""A small PKI and a Mosquitto that demands TLS and credentials, for the broker-security tests.
+
+Certificates are made with ``cryptography`` (a project dependency) for each test session;
+the broker is the real ``mosquitto`` binary on free loopback ports:
+
+- ``password``: TLS, no anonymous clients, users from a ``mosquitto_passwd`` file;
+- ``mutual``: TLS that requires a client certificate signed by the CA, whose common name is
+  the MQTT user name.
+
+Both listeners have an ACL that lets their users under ``secure/`` only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import shutil
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from conftest import free_port, listening, wait
+
+USER, PASSWORD = "bedside-07", "s3cret-pass"
+CLIENT_CN = "bedside-08"  # the mutual listener's user: the client certificate's common name
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _write_key(key, path: Path, passphrase: bytes | None = None) -> None:
+    enc = (serialization.BestAvailableEncryption(passphrase) if passphrase
+           else serialization.NoEncryption())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc))
+    path.chmod(0o600)
+
+
+def _cert(subject: str, key, issuer_cert, issuer_key, *, ca: bool = False, sans=()) -> x509.Certificate:
+    now = dt.datetime.now(dt.timezone.utc)
+    b = (x509.CertificateBuilder().subject_name(_name(subject))
+         .issuer_name(issuer_cert.subject if issuer_cert is not None else _name(subject))
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                          content_commitment=False, key_encipherment=False,
+                                          data_encipherment=False, key_agreement=False,
+                                          encipher_only=False, decipher_only=False), critical=True)
+        b = b.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    else:
+        b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                            critical=False)
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return b.sign(issuer_key if issuer_key is not None else key, hashes.SHA256())
+
+
+def _pem(cert: x509.Certificate, path: Path) -> Path:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+@dataclass
+class Pki:
+    ca: Path  # the CA that signed the broker's and the client's certificates
+    rogue_ca: Path  # a CA that signed nothing here
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    client_key_encrypted: Path
+    password_file: Path
+    wrong_password_file: Path
+
+
+def make_pki(folder: Path) -> Pki:
+    """The broker's certificate names 127.0.0.1 only (so ``localhost`` fails the host check)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    new = lambda: ec.generate_private_key(ec.SECP256R1())  # noqa: E731
+    ca_key, rogue_key, server_key, client_key = new(), new(), new(), new()
+    ca = _cert("panorama test CA", ca_key, None, None, ca=True)
+    rogue = _cert("someone else's CA", rogue_key, None, None, ca=True)
+    server = _cert("127.0.0.1", server_key, ca, ca_key, sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    client = _cert(CLIENT_CN, client_key, ca, ca_key)
+    _write_key(server_key, folder / "server.key")
+    _write_key(client_key, folder / "client.key")
+    _write_key(client_key, folder / "client-encrypted.key", b"passphrase")
+    pw, wrong = folder / "mqtt.password", folder / "wrong.password"
+    pw.write_text(PASSWORD + "\n")
+    wrong.write_text("not-the-password\n")
+    pw.chmod(0o600)
+    wrong.chmod(0o600)
+    return Pki(_pem(ca, folder / "ca.crt"), _pem(rogue, folder / "rogue-ca.crt"), _pem(server, folder / "server.crt"),
+               folder / "server.key", _pem(client, folder / "client.crt"), folder / "client.key",
+               folder / "client-encrypted.key", pw, wrong)
+
+
+@dataclass
+class SecureBroker:
+    pki: Pki
+    password_port: int
+    mutual_port: int
+
+    @property
+    def password_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.password_port}"
+
+    @property
+    def mutual_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.mutual_port}"
+
+
+@contextmanager
+def secure_mosquitto(folder: Path):
+    """Mosquitto with the two listeners above; skips where the binaries are not installed."""
+    if shutil.which("mosquitto") is None or shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto and mosquitto_passwd are needed for a broker that demands TLS and passwords")
+    pki = make_pki(folder)
+    passwd, acl = folder / "passwd", folder / "acl"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), USER, PASSWORD], check=True,
+                   capture_output=True)
+    acl.write_text(f"user {USER}\ntopic readwrite secure/#\n\nuser {CLIENT_CN}\ntopic readwrite secure/#\n")
+    password_port, mutual_port = free_port(), free_port()
+    tls = f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
+    conf = folder / "mosquitto.conf"
+    conf.write_text(
+        "per_listener_settings true\nuser root\n"  # root only where started as root: the files are in tmp
+        f"listener {password_port} 127.0.0.1\n{tls}allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
+        f"listener {mutual_port} 127.0.0.1\n{tls}require_certificate true\nuse_identity_as_username true\n"
+        f"allow_anonymous false\nacl_file {acl}\n")
+    log = folder / "mosquitto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        if not wait(lambda: listening("127.0.0.1", password_port) and listening("127.0.0.1", mutual_port), 10):
+            proc.kill()
+            pytest.fail(f"mosquitto did not start:\n{log.read_text()}")
+        yield SecureBroker(pki, password_port, mutual_port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
