@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, wait
-from tls_support import USER, make_pki, secure_mosquitto
+from tls_support import CLIENT_CN, DEVICE, OPERATOR, STATION, USER, make_pki, secure_mosquitto
 
 from edge.config import EdgeConfig, load_config
 from edge.listen import Listener
@@ -124,60 +124,74 @@ def test_each_refusal_says_why(secure):
             _connect(broker, protocol)
 
 
-def test_daemon_monitor_and_listener_through_tls_with_a_password_and_a_client_certificate(secure, tmp_path):
-    p, prefix = secure.pki, f"secure/{uuid.uuid4().hex[:8]}"
-    with_password = Broker(secure.password_url, ca_file=p.ca, username=USER, password_file=p.password_file)
-    with_cert = Broker(secure.mutual_url, ca_file=p.ca, cert_file=p.client_cert, key_file=p.client_key)
-    cfg = {"mqtt": {"broker": secure.password_url, "prefix": prefix, "daemon_id": "tls", "ca_file": str(p.ca),
+def test_daemon_monitor_and_station_through_tls_under_the_documented_acl(secure, tmp_path):
+    """The daemon with a password, a bedside monitor with its certificate (common name = monitor
+    id), a nurse station with a password; deploy/README's ACL lets each do its part."""
+    p = secure.pki
+    station = Broker(secure.password_url, ca_file=p.ca, username=STATION, password_file=p.password_file)
+    monitor = Broker(secure.mutual_url, ca_file=p.ca, cert_file=p.client_cert, key_file=p.client_key)
+    cfg = {"mqtt": {"broker": secure.password_url, "daemon_id": "tls", "ca_file": str(p.ca),
                     "username": USER, "password_file": str(p.password_file)},
            "stream": {"views": ["V7", "V4R"], "idle_timeout_s": 1.5}, "calibration": {"seconds": 2}}
-    EdgeConfig.model_validate(cfg)
     path = tmp_path / "edge.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    status: list[bytes] = []
+    seen: list[tuple[str, bytes]] = []
     tap = make_client(client_id("tls-tap"), "5")
-    tap.on_message = lambda c, u, m: status.append(bytes(m.payload))
-    tap.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(f"{prefix}/_daemon/tls/status", qos=1)
-    connect(tap, with_cert)
+    tap.on_message = lambda c, u, m: seen.append((m.topic, bytes(m.payload)))
+    tap.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(
+        [("ecg/v1/_daemon/tls/status", 1), ("ecg/v1/+/+/calibration", 1)])
+    connect(tap, station)
     proc = subprocess.Popen([sys.executable, "-m", "panorama_cli", "serve", "--config", str(path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        if not wait(lambda: b"online" in status, 60):
+        if not wait(lambda: ("ecg/v1/_daemon/tls/status", b"online") in seen, 60):
             proc.kill()
             pytest.fail(f"the daemon did not come online through TLS:\n{proc.communicate()[0]}")
-        with Listener(with_password, topic=f"{prefix}/+/+/virtual") as lis:
-            stats = run_monitor(sim_streams(1, seconds=4.0), with_cert, prefix=prefix, speed=4.0)
+        with Listener(station, topic="ecg/v1/+/+/virtual") as lis:
+            stats = run_monitor(sim_streams(1, monitor_id=CLIENT_CN, seconds=4.0), monitor, speed=4.0,
+                                views=["V7", "V4R", "V8"])
             assert stats[0].dropped == 0
             assert wait(lambda: len(lis.streams) == 1 and next(iter(lis.streams.values())).signals.shape[1] >= 1000,
                         60), "no virtual leads came back through the TLS broker"
             (stream,) = lis.streams.values()
-            assert stream.views == ["V7", "V4R"] and stream.stats.gaps == 0
+            assert stream.monitor == CLIENT_CN and stream.views == ["V7", "V4R", "V8"]  # the monitor's request
+            assert stream.stats.gaps == 0
             assert lis.stats["broker"] == secure.password_url  # the summary names the URL, never a password
+        cal = [json.loads(m) for t, m in seen if t == f"ecg/v1/{CLIENT_CN}/sim-000/calibration"]
+        assert cal and cal[-1]["state"] == "streaming"
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
         tap.disconnect()
         tap.loop_stop()
-    assert "Traceback" not in out and "password" not in out.replace("password_file", "")
+    assert "Traceback" not in out and "s3cret" not in out
 
 
-def test_fleet_agent_and_operator_through_tls(secure, keys, tmp_path, panorama):
+def test_fleet_agent_and_operator_through_tls_under_the_documented_acl(secure, keys, tmp_path, panorama):
+    """The operator publishes an update (each message read back) and the device's agent, as user
+    ``bed7``, fetches and installs it; deploy/README's ACL lets each do its part."""
     from deploy.agent import Agent
-    from fleet_support import agent_config
+    from fleet_support import STAGE2, agent_config, pack
 
-    p, prefix = secure.pki, f"secure/{uuid.uuid4().hex[:8]}"
-    _, public = keys
-    cfg = agent_config(tmp_path, public, prefix, broker=secure.mutual_url, ca_file=p.ca, cert_file=p.client_cert,
-                       key_file=p.client_key, daemon_id=None)
+    p = secure.pki
+    private, public = keys
+    cfg = agent_config(tmp_path, public, "panorama", broker=secure.password_url, ca_file=p.ca, username=DEVICE,
+                       password_file=p.password_file, device_id=DEVICE, daemon_id=None)
     path = tmp_path / "fleet.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     r = panorama("fleet", "agent", "--config", path, "--validate-config")
     assert r.returncode == 0, r.stderr
+    operator = ["--broker", secure.password_url, "--ca-file", p.ca, "--username", OPERATOR,
+                "--password-file", p.password_file]
     agent = Agent(cfg).start()
     try:
-        r = panorama("fleet", "status", "--prefix", f"{prefix}/fleet", "--broker", secure.password_url,
-                     "--ca-file", p.ca, "--username", USER, "--password-file", p.password_file, "--wait", "1")
+        r = panorama("fleet", "publish", pack(tmp_path, private, STAGE2, 3), *operator)
+        assert r.returncode == 0, r.stderr
+        assert wait(lambda: agent.results[-1]["state"] in ("SUCCEEDED", "FAILED", "REJECTED"), 60)
+        r = panorama("fleet", "status", *operator, "--wait", "1")
     finally:
         agent.stop()
+    assert agent.results[-1]["state"] == "SUCCEEDED", agent.results[-1]
     assert r.returncode == 0, r.stderr
-    assert "bed7" in r.stdout and "READY" in r.stdout
+    (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith(DEVICE)]
+    assert "SUCCEEDED" in line and " 3 " in line

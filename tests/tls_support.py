@@ -7,13 +7,16 @@ the broker is the real ``mosquitto`` binary on free loopback ports:
 - ``mutual``: TLS that requires a client certificate signed by the CA, whose common name is
   the MQTT user name.
 
-Both listeners have an ACL that lets their users under ``secure/`` only.
+Both listeners share ``ACL``, deploy/README's example word for word (a test checks that it
+is), so the daemon, a monitor, a nurse station and the fleet working through it shows that
+example is enough, role by role.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -28,8 +31,21 @@ from cryptography.x509.oid import NameOID
 
 from conftest import free_port, listening, wait
 
-USER, PASSWORD = "bedside-07", "s3cret-pass"
-CLIENT_CN = "bedside-08"  # the mutual listener's user: the client certificate's common name
+PASSWORD = "s3cret-pass"  # every password user's, in this test broker
+USER = "panorama-daemon"  # the streaming daemon
+STATION = "nurse-station"  # a central station reading every patient's views
+OPERATOR = "fleet-operator"
+DEVICE = "bed7"  # a device's fleet agent, named as its device id
+CLIENT_CN = "bed-07"  # a bedside monitor's certificate: its common name is its monitor id
+
+README = Path(__file__).resolve().parents[1] / "deploy" / "README.md"
+
+
+def documented_acl() -> str:
+    """The Mosquitto ACL of deploy/README's "Securing the broker" (its ``acl`` block)."""
+    blocks = re.findall(r"```acl\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) == 1, "deploy/README holds one acl example"
+    return blocks[0]
 
 
 def _name(cn: str) -> x509.Name:
@@ -126,9 +142,10 @@ def secure_mosquitto(folder: Path):
         pytest.skip("mosquitto and mosquitto_passwd are needed for a broker that demands TLS and passwords")
     pki = make_pki(folder)
     passwd, acl = folder / "passwd", folder / "acl"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), USER, PASSWORD], check=True,
-                   capture_output=True)
-    acl.write_text(f"user {USER}\ntopic readwrite secure/#\n\nuser {CLIENT_CN}\ntopic readwrite secure/#\n")
+    for i, user in enumerate((USER, STATION, OPERATOR, DEVICE)):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, PASSWORD],
+                       check=True, capture_output=True)
+    acl.write_text(documented_acl())
     password_port, mutual_port = free_port(), free_port()
     tls = f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
     conf = folder / "mosquitto.conf"
