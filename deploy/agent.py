@@ -192,7 +192,8 @@ class Agent:
             mf.check_artifact(m, staged)
             err = mf.dry_run(m, staged)
             self._ack(m, "IN_PROGRESS", f"dry-run passed ({err:.2f} µV from the golden views); installing")
-            self.store.install(version, staged, m)
+            retired = self.store.install(version, staged, m)
+            self._forget_cached(retired)
         except _Stopped:  # left QUEUED: the next start fetches it again
             return "INTERRUPTED"
         except (UpdateError, OSError) as exc:
@@ -239,6 +240,22 @@ class Agent:
         m = json.loads((self.store.versions / str(v) / "manifest.json").read_text())
         log.warning("version %s was installed but its health gate never ended: gating it now", v)
         self._conclude(m, "the daemon runs it (gated after a restart)")
+
+    def _forget_cached(self, retired: list[str]) -> None:
+        """The daemon's cached ONNX exports and TensorRT engines of models no version holds any
+        more; a failure to remove them is logged, never the update's."""
+        if not retired:
+            return
+        from export.cache import forget_models
+
+        try:
+            removed = forget_models(retired, self.cfg.cache_dir)
+        except OSError as exc:
+            log.warning("cannot clear the cache of retired models in %s: %s", self.cfg.cache_dir or "the cache", exc)
+            return
+        if removed:
+            log.info("removed %d cached file(s) of %d retired model(s): %s", len(removed), len(retired),
+                     ", ".join(p.name for p in removed))
 
     def _fetch(self, sha256: str) -> bytes:
         topic = self.topics.artifact(sha256)

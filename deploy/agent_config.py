@@ -30,6 +30,9 @@ class AgentConfig(BrokerSettings):  # broker, protocol, TLS and credentials firs
                                    "(a TensorRT engine build on a Jetson takes minutes)")
     healthy_s: float = Field(60.0, ge=0, description="then stay healthy this long, or the update is rolled back")
     health_timeout_s: float = Field(30.0, gt=0, description="no daemon health report for this long is a failure")
+    cache_dir: Path | None = Field(None, description="the daemon's PANORAMA_CACHE: the ONNX exports and "
+                                   "TensorRT engines of models an update retires are removed from it "
+                                   "(default: this process's PANORAMA_CACHE, or ~/.cache/panorama)")
     artifact_timeout_s: float = Field(120.0, gt=0)
     max_artifact_bytes: int = Field(64 << 20, ge=1024)
 

@@ -147,8 +147,10 @@ class ModelStore:
             raise OSError(exc.errno, f"cannot stage the download in {self.staging}: {exc.strerror}") from exc
         return path
 
-    def install(self, version: int, staged: Path, manifest: dict) -> None:
-        """Make ``staged`` version ``version`` and point ``current`` at it; the old one becomes previous."""
+    def install(self, version: int, staged: Path, manifest: dict) -> list[str]:
+        """Make ``staged`` version ``version`` and point ``current`` at it; the old one becomes previous.
+        Returns the content hashes of the models no version on disk holds any more (their
+        cached ONNX exports and engines can go)."""
         running = self.current_version()
         if version == running:  # never write over the folder the daemon reads
             raise UpdateError(f"version {version} is the one installed")
@@ -162,7 +164,7 @@ class ModelStore:
             if running is not None:
                 self._point(running)
             raise
-        self._prune(keep={version, running})
+        return self._prune(keep={version, running})
 
     def rollback(self) -> int:
         """Point ``current`` back at the previous version, or the factory model when there is
@@ -201,12 +203,25 @@ class ModelStore:
         os.replace(link, self.current)
         fsync_dir(self.root)
 
-    def _prune(self, keep: set) -> None:
-        """Versions on disk: current, previous and the factory model (the last resort)."""
+    def _prune(self, keep: set) -> list[str]:
+        """Versions on disk: current, previous and the factory model (the last resort). Returns
+        the content hashes of the models only the removed versions held."""
         keep = keep | {0, self.current_version()}
+        removed, kept = set(), set()
         for v in self.on_disk():
-            if v not in keep:
+            sha = self._model_sha(v)
+            if v in keep:
+                kept.add(sha)
+            else:
                 shutil.rmtree(self.versions / str(v), ignore_errors=True)
+                removed.add(sha)
+        return sorted(removed - kept - {None})
+
+    def _model_sha(self, version: int) -> str | None:
+        try:
+            return ckpt.read_header(self.versions / str(version) / ARTIFACT_NAME)["sha256"]
+        except CheckpointError:
+            return None
 
 
 def _now() -> str:

@@ -74,6 +74,35 @@ def sweep_stale(folder: Path, max_age_s: float = STALE_TMP_S, pattern: str = ".*
     return removed
 
 
+def forget_models(model_sha256s, root: str | Path | None = None) -> list[Path]:
+    """Remove what the cache holds for these checkpoints (their content hashes): their ONNX
+    exports under ``root/onnx`` and the TensorRT engines built from those exports under
+    ``root/engines`` (``root``: ``cache_root()``). For models a fleet update retired, so a
+    device's disk does not fill one update at a time. Returns the files removed; lock files
+    stay (empty, and another process may hold one)."""
+    root = Path(root) if root is not None else cache_root()
+    removed, onnx_shas = [], set()
+    for sha in model_sha256s:
+        for export in sorted((root / "onnx").glob(f"{sha[:32]}-v*.onnx")):
+            with contextlib.suppress(FileNotFoundError):
+                onnx_shas.add(file_sha256(export))
+                export.unlink()
+                removed.append(export)
+    engines = root / "engines"
+    for sidecar in sorted(engines.glob("*.json")) if onnx_shas else ():
+        try:
+            key = json.loads(sidecar.read_text())["key"]
+            built_from = key["onnx_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not an entry of ours, or damaged: lookup() reports and replaces those
+        if built_from in onnx_shas:
+            for path in (sidecar, sidecar.with_suffix(".engine")):  # the sidecar first: it marks the entry
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

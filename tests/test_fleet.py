@@ -122,6 +122,45 @@ def test_store_swaps_current_whole_keeps_previous_and_prunes(tmp_path, stage2_ma
     ModelStore(store.root).lock()
 
 
+def test_a_model_an_update_retires_leaves_the_daemons_cache_and_kept_ones_stay(tmp_path, keys, stage2_manifest,
+                                                                                monkeypatch):
+    """Each update's model gets its own ONNX export (and engine on a Jetson); once no version
+    on disk holds a model, the agent removes those from the daemon's cache."""
+    import torch
+
+    from export.cache import EngineCache, EngineKey
+    from export.onnx import cached_onnx
+    from panorama.files import file_sha256
+
+    cache = tmp_path / "cache"
+    model, _ = checkpoint.load(STAGE2)
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for path in (a, b):
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)  # another model: another content hash
+        checkpoint.save(model, path)
+    with monkeypatch.context() as env:
+        env.setenv("PANORAMA_CACHE", str(cache))
+        exports = {p: cached_onnx(p) for p in (a, b)}  # what the daemon made when it ran each
+    engines = EngineCache(cache / "engines")
+    for p, onnx in exports.items():
+        engines.store(EngineKey("10.3.0", "Orin", "8.7", 16, "fp16", "test", file_sha256(onnx)), p.name.encode(), 1.0)
+
+    store = ModelStore(tmp_path / "store")
+    store.ensure_factory(STAGE1)
+    manifest = lambda v: {**stage2_manifest, "version": v}  # noqa: E731
+    assert store.install(1, a, manifest(1)) == [] and store.install(2, b, manifest(2)) == []
+    retired = store.install(3, STAGE2, manifest(3))  # version 1 goes: only it held a
+    assert retired == [checkpoint.read_header(a)["sha256"]]
+    _, public = keys
+    Agent(agent_config(tmp_path, public, "t", cache_dir=cache))._forget_cached(retired)
+    assert not exports[a].exists() and exports[b].exists()
+    left = sorted(p.name for p in (cache / "engines").iterdir() if p.suffix in (".engine", ".json"))
+    assert len(left) == 2 and (cache / "engines" / left[0]).read_bytes() == b"b.safetensors"
+    assert store.install(4, b, manifest(4)) == []  # version 2 goes, but version 4 holds b still
+    assert exports[b].exists()
+
+
 # ----------------------------------------------------------------------------- the daemon's model slot
 
 def test_model_slot_reloads_a_new_file_and_keeps_the_old_model_when_one_fails(tmp_path):

@@ -8,7 +8,6 @@ import json
 import logging
 import subprocess
 import sys
-import uuid
 
 import pytest
 import yaml
@@ -16,7 +15,7 @@ import yaml
 from conftest import REPO, wait
 from tls_support import CLIENT_CN, DEVICE, OPERATOR, STATION, USER, make_pki, secure_mosquitto
 
-from edge.config import EdgeConfig, load_config
+from edge.config import load_config
 from edge.listen import Listener
 from edge.monitor import run_monitor, sim_streams
 from edge.mqtt import Broker, BrokerConnectionError, client_id, connect, make_client
