@@ -160,9 +160,14 @@ class ModelStore:
         doc.update(previous=running, installed=version)
         try:
             self._save(doc)
-        except BaseException:  # state.json must say what current is: point it back
-            if running is not None:
-                self._point(running)
+        except BaseException as exc:  # state.json must say what current is: point it back
+            if running is None:
+                raise
+            self._point(running)
+            shutil.rmtree(self.versions / str(version), ignore_errors=True)  # its room, for the verdict
+            if isinstance(exc, OSError):
+                raise OSError(exc.errno, f"cannot record version {version} in {self.state_path} "
+                                         f"({exc.strerror}); version {running} stays current") from exc
             raise
         return self._prune(keep={version, running})
 

@@ -161,6 +161,35 @@ def test_a_model_an_update_retires_leaves_the_daemons_cache_and_kept_ones_stay(t
     assert exports[b].exists()
 
 
+def test_a_disk_that_fills_after_the_swap_leaves_the_previous_model_current(tmp_path, stage2_manifest):
+    """A real full disk (a 4 MB tmpfs, filled so the new version fits and state.json does not):
+    current goes back to the previous version, the new one is removed, and the verdict can be
+    written."""
+    import math
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        store = ModelStore(mnt / "store")
+        store.ensure_factory(STAGE1)
+        store.install(1, STAGE2, {**stage2_manifest, "version": 1})
+        pages = lambda n: math.ceil(n / 4096) * 4096  # noqa: E731
+        need = pages(STAGE2.stat().st_size) + pages(len(json.dumps({**stage2_manifest, "version": 2}, indent=1)))
+        fs = os.statvfs(mnt)
+        (mnt / "filler").write_bytes(bytes(fs.f_bavail * fs.f_frsize - need))
+        with pytest.raises(OSError, match="cannot record version 2 .*No space left.*version 1 stays current"):
+            store.install(2, STAGE2, {**stage2_manifest, "version": 2})
+        assert os.readlink(store.current) == "versions/1" and store.state()["installed"] == 1
+        assert sorted(p.name for p in store.versions.iterdir()) == ["0", "1"]
+        store.record(2, "FAILED", "disk full")  # the room the new version took is the verdict's
+        assert store.state()["history"][-1]["result"] == "FAILED"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
 # ----------------------------------------------------------------------------- the daemon's model slot
 
 def test_model_slot_reloads_a_new_file_and_keeps_the_old_model_when_one_fails(tmp_path):
