@@ -58,7 +58,7 @@ def check_agent_config(cfg: AgentConfig) -> None:
             checkpoint.read_header(cfg.factory_model)
         except CheckpointError as exc:
             raise ValueError(f"factory_model: {exc}") from None
-    mf._load_key(cfg.public_key, private=False)  # a missing or wrong key: said now, not at the first update
+    mf.trusted_keys(cfg.public_key)  # a missing or wrong key: said now, not at the first update
 
 
 def load_agent_config(path: Path) -> AgentConfig:

@@ -97,10 +97,12 @@ def _broker(args) -> "mq.Broker":
 
 
 def _keygen(args) -> int:
-    from .manifest import generate_keys
+    from .manifest import generate_keys, trusted_keys
 
     private, public = generate_keys(args.out)
-    print(f"private key {private} (keep it off the devices), public key {public} (install on every device)")
+    (kid,) = trusted_keys(public)
+    print(f"private key {private} (keep it off the devices), public key {public} (install on every device), "
+          f"key id {kid}")
     return 0
 
 

@@ -30,6 +30,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -92,6 +93,35 @@ def _load_key(path: Path, private: bool):
     if not isinstance(key, Ed25519PrivateKey if private else Ed25519PublicKey):
         raise UpdateError(f"{path} is not an Ed25519 key")
     return key
+
+
+_PEM_PUBLIC = re.compile(rb"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.S)
+
+
+def trusted_keys(path: Path) -> dict:
+    """The Ed25519 public keys in ``path`` by key id: one PEM key, or several one after the
+    other (a trust file, for rotating the signing key: devices trust the old and the new key
+    while updates move from one to the other). UpdateError for anything else."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UpdateError(f"cannot read key {path}: {exc.strerror}") from exc
+    blocks = _PEM_PUBLIC.findall(data)
+    if not blocks:
+        raise UpdateError(f"{path} holds no PEM public key")
+    keys = {}
+    for i, block in enumerate(blocks, 1):
+        try:
+            key = serialization.load_pem_public_key(block)
+        except (ValueError, TypeError) as exc:
+            raise UpdateError(f"{path}: public key {i} is not a PEM public key: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise UpdateError(f"{path}: public key {i} is not an Ed25519 key")
+        keys[key_id(key)] = key
+    return keys
 
 
 def key_id(public_key) -> str:
@@ -163,7 +193,7 @@ def verify(envelope: bytes, public_key_path: Path) -> dict:
     """The manifest inside ``envelope`` if the trusted key signed it; UpdateError otherwise."""
     from cryptography.exceptions import InvalidSignature
 
-    key = _load_key(public_key_path, private=False)
+    keys = trusted_keys(public_key_path)
     try:
         doc = json.loads(bytes(envelope).decode("utf-8"))
         manifest, sig = doc["manifest"], base64.b64decode(doc["signature"], validate=True)
@@ -171,11 +201,19 @@ def verify(envelope: bytes, public_key_path: Path) -> dict:
             raise TypeError("manifest is not an object")
     except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise UpdateError(f"not a signed manifest envelope: {exc}") from None
-    try:
-        key.verify(sig, canonical(manifest))
-    except InvalidSignature:
-        raise UpdateError(f"signature does not verify with the trusted key {key_id(key)} "
-                          f"(signed by key {doc.get('key_id')!r}, or altered after signing)") from None
+    claimed = doc.get("key_id")
+    # the key the envelope names, if trusted; else each trusted key (the key id is not signed)
+    candidates = [keys[claimed]] if isinstance(claimed, str) and claimed in keys else list(keys.values())
+    for key in candidates:
+        try:
+            key.verify(sig, canonical(manifest))
+            break
+        except InvalidSignature:
+            continue
+    else:
+        trusted = ", ".join(keys)
+        raise UpdateError(f"signature does not verify with the trusted key{'s' if len(keys) > 1 else ''} {trusted} "
+                          f"(signed by key {claimed!r}, or altered after signing)") from None
     if manifest.get("schema") != SCHEMA:
         raise UpdateError(f"manifest schema {manifest.get('schema')!r}, this code reads {SCHEMA!r}")
     return manifest

@@ -53,6 +53,35 @@ def test_signature_verifies_and_any_change_or_other_key_is_refused(keys, stage2_
     assert oct(private.stat().st_mode & 0o777) == "0o600"
 
 
+def test_a_trust_file_of_two_keys_lets_the_signing_key_be_rotated(keys, stage2_manifest, tmp_path, panorama):
+    old_private, old_public = keys
+    r = panorama("fleet", "keygen", "--out", tmp_path / "new")
+    assert r.returncode == 0, r.stderr
+    new_private, new_public = tmp_path / "new" / "fleet.key", tmp_path / "new" / "fleet.pub"
+    (new_id,) = mf.trusted_keys(new_public)
+    assert f"key id {new_id}" in r.stdout
+    both = tmp_path / "trust.pub"  # what devices hold while updates move to the new key
+    both.write_bytes(old_public.read_bytes() + new_public.read_bytes())
+    assert len(mf.trusted_keys(both)) == 2
+    for private in (old_private, new_private):
+        assert mf.verify(mf.sign(stage2_manifest, private), both) == stage2_manifest
+    doc = json.loads(mf.sign(stage2_manifest, new_private))
+    doc["key_id"] = "0" * 16  # the key id is a hint, not signed: every trusted key is tried
+    assert mf.verify(json.dumps(doc).encode(), both) == stage2_manifest
+    (old_id,) = mf.trusted_keys(old_public)
+    with pytest.raises(UpdateError, match=f"the trusted key {new_id} \\(signed by key '{old_id}'"):
+        mf.verify(mf.sign(stage2_manifest, old_private), new_public)  # the old key retired
+    third, _ = mf.generate_keys(tmp_path / "third")
+    with pytest.raises(UpdateError, match=f"trusted keys ({old_id}, {new_id}|{new_id}, {old_id})"):
+        mf.verify(mf.sign(stage2_manifest, third), both)
+    for bad, why in ((b"", "no PEM public key"), (old_private.read_bytes(), "no PEM public key"),
+                     (old_public.read_bytes() + b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+                      "public key 2 is not a PEM public key")):
+        (tmp_path / "bad.pub").write_bytes(bad)
+        with pytest.raises(UpdateError, match=why):
+            mf.trusted_keys(tmp_path / "bad.pub")
+
+
 def test_only_a_newer_unexpired_manifest_for_this_device_applies(stage2_manifest):
     m = stage2_manifest
     mf.check_applicable(m, "ward3", "monitor-x", newest_seen=2)
