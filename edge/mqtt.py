@@ -112,6 +112,7 @@ class Broker:
     port: int = field(init=False, repr=False, compare=False)
     tls: bool = field(init=False, repr=False, compare=False)
     _context: ssl.SSLContext | None = field(init=False, repr=False, compare=False, default=None)
+    _loaded: dict = field(init=False, repr=False, compare=False, default_factory=dict)  # client cert files' mtimes
 
     def __post_init__(self) -> None:
         host, port = parse_broker_url(self.url)
@@ -157,6 +158,7 @@ class Broker:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert_file is not None:
             try:
+                self._loaded["cert"] = self._cert_stamp()
                 ctx.load_cert_chain(readable("cert_file"), readable("key_file"), password=_refuse_encrypted_key)
             except ssl.SSLError as exc:
                 raise ValueError(f"cert_file {self.cert_file} / key_file {self.key_file}: not a PEM certificate "
@@ -187,7 +189,8 @@ class Broker:
         return password
 
     def configure(self, client: mqtt.Client) -> None:
-        """Give ``client`` this broker's TLS and credentials (before its first connect)."""
+        """Give ``client`` this broker's TLS and credentials (before its first connect), and
+        have it pick up a renewed password or client certificate before each reconnect."""
         if self._context is not None:
             try:
                 client.tls_set_context(self._context)
@@ -197,6 +200,36 @@ class Broker:
             if not self.tls and not _is_loopback(self.host):
                 log.warning("sending the MQTT password to %s unencrypted: use mqtts://", self.host)
             client.username_pw_set(self.username, self.password())
+        client.on_pre_connect = lambda c, userdata: self.refresh(c)
+
+    def _cert_stamp(self) -> tuple:
+        return tuple(p.stat().st_mtime_ns for p in (self.cert_file, self.key_file))
+
+    def refresh(self, client: mqtt.Client) -> None:
+        """Before each (re)connect (paho's on_pre_connect): the password file is read again, and a
+        client certificate and key renewed on disk are loaded once they match each other. What
+        cannot be read is logged and the last good one kept: a half-done renewal never stops
+        a reconnect that the old credentials would still pass."""
+        if self.password_file is not None:
+            try:
+                client.username_pw_set(self.username, self.password())
+            except ValueError as exc:
+                log.warning("keeping the last MQTT password: %s", exc)
+        if self._context is None or self.cert_file is None:
+            return
+        try:
+            stamp = self._cert_stamp()
+            if stamp == self._loaded.get("cert"):
+                return
+            trial = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the pair must load whole before the live one takes it
+            trial.load_cert_chain(str(self.cert_file), str(self.key_file), password=_refuse_encrypted_key)
+            self._context.load_cert_chain(str(self.cert_file), str(self.key_file), password=_refuse_encrypted_key)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            log.warning("keeping the last client certificate: %s with %s cannot be loaded (%s)", self.cert_file,
+                        self.key_file, getattr(exc, "reason", None) or exc)
+            return
+        self._loaded["cert"] = stamp
+        log.info("client certificate %s renewed on disk: loaded for this connection", self.cert_file)
 
 
 def as_broker(broker: "str | Broker") -> Broker:

@@ -194,3 +194,48 @@ def test_fleet_agent_and_operator_through_tls_under_the_documented_acl(secure, k
     assert r.returncode == 0, r.stderr
     (line,) = [ln for ln in r.stdout.splitlines() if ln.startswith(DEVICE)]
     assert "SUCCEEDED" in line and " 3 " in line
+
+
+def test_a_renewed_password_and_client_certificate_are_used_at_the_next_reconnect(tmp_path):
+    """Credentials rotate while clients run: after the broker restarts with the new password, a
+    client reconnects with the password file's new line; a client whose certificate was renewed
+    on disk reconnects with the new one (the broker logs its common name)."""
+    from tls_support import issue_client
+
+    with secure_mosquitto(tmp_path / "broker") as b:
+        p = b.pki
+        password_file = tmp_path / "pw"
+        password_file.write_text("s3cret-pass\n")
+        cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+        cert.write_bytes(p.client_cert.read_bytes())
+        key.write_bytes(p.client_key.read_bytes())
+        states = {"password": [], "cert": []}
+        clients = {}
+        for name, broker in (("password", Broker(b.password_url, ca_file=p.ca, username=STATION,
+                                                 password_file=password_file)),
+                             ("cert", Broker(b.mutual_url, ca_file=p.ca, cert_file=cert, key_file=key))):
+            c = make_client(client_id(f"renew-{name}"), "5")
+            c.on_connect = lambda cl, u, f, rc, pr=None, n=name: states[n].append(rc.is_failure)
+            connect(c, broker)
+            clients[name] = c
+        try:
+            b.stop()
+            b.set_password(STATION, "renewed-pass")
+            password_file.write_text("renewed-pass\n")
+            key.write_text("half-written\n")  # a renewal caught half done: the old pair stays in use
+            for c in clients.values():
+                c.reconnect_delay_set(0.2, 0.5)
+            b.start()
+            assert wait(lambda: states["cert"][-1:] == [False] and len(states["cert"]) == 2, 20), states
+            issue_client(p, "bed-09", cert, key)  # now whole: renewed
+            b.stop()
+            b.start()
+            assert wait(lambda: len(states["cert"]) == 3 and not states["cert"][-1], 20), states
+            assert wait(lambda: states["password"] and not states["password"][-1] and len(states["password"]) >= 2,
+                        20), states
+        finally:
+            for c in clients.values():
+                c.disconnect()
+                c.loop_stop()
+        log = b.log
+    assert f"u'{STATION}'" in log and "u'bed-09'" in log and log.count(f"u'{CLIENT_CN}'") == 2

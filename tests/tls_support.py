@@ -107,6 +107,7 @@ def make_pki(folder: Path) -> Pki:
     rogue = _cert("someone else's CA", rogue_key, None, None, ca=True)
     server = _cert("127.0.0.1", server_key, ca, ca_key, sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     client = _cert(CLIENT_CN, client_key, ca, ca_key)
+    _write_key(ca_key, folder / "ca.key")
     _write_key(server_key, folder / "server.key")
     _write_key(client_key, folder / "client.key")
     _write_key(client_key, folder / "client-encrypted.key", b"passphrase")
@@ -120,11 +121,23 @@ def make_pki(folder: Path) -> Pki:
                folder / "client-encrypted.key", pw, wrong)
 
 
+def issue_client(pki: Pki, cn: str, cert: Path, key: Path) -> None:
+    """A new client key and certificate signed by the test CA, written over ``cert`` and ``key``
+    (a renewal as a device's certificate tooling would do it)."""
+    ca_key = serialization.load_pem_private_key((pki.ca.parent / "ca.key").read_bytes(), password=None)
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    new = ec.generate_private_key(ec.SECP256R1())
+    _write_key(new, key)
+    _pem(_cert(cn, new, ca, ca_key), cert)
+
+
 @dataclass
 class SecureBroker:
     pki: Pki
     password_port: int
     mutual_port: int
+    folder: Path
+    proc: subprocess.Popen | None = None
 
     @property
     def password_url(self) -> str:
@@ -133,6 +146,30 @@ class SecureBroker:
     @property
     def mutual_url(self) -> str:
         return f"mqtts://127.0.0.1:{self.mutual_port}"
+
+    @property
+    def log(self) -> str:
+        return (self.folder / "mosquitto.log").read_text(errors="replace")
+
+    def start(self) -> None:
+        with open(self.folder / "mosquitto.log", "ab") as out:
+            self.proc = subprocess.Popen(["mosquitto", "-c", str(self.folder / "mosquitto.conf")], stdout=out,
+                                         stderr=subprocess.STDOUT)
+        if not wait(lambda: listening("127.0.0.1", self.password_port) and listening("127.0.0.1", self.mutual_port),
+                    10):
+            self.stop()
+            pytest.fail(f"mosquitto did not start:\n{self.log}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def set_password(self, user: str, password: str) -> None:
+        """Change a user's password in the broker's file (it reads it at its next start)."""
+        subprocess.run(["mosquitto_passwd", "-b", str(self.folder / "passwd"), user, password], check=True,
+                       capture_output=True)
 
 
 @contextmanager
@@ -146,22 +183,16 @@ def secure_mosquitto(folder: Path):
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, PASSWORD],
                        check=True, capture_output=True)
     acl.write_text(documented_acl())
-    password_port, mutual_port = free_port(), free_port()
+    broker = SecureBroker(pki, free_port(), free_port(), folder)
     tls = f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
-    conf = folder / "mosquitto.conf"
-    conf.write_text(
+    (folder / "mosquitto.conf").write_text(
         "per_listener_settings true\nuser root\n"  # root only where started as root: the files are in tmp
-        f"listener {password_port} 127.0.0.1\n{tls}allow_anonymous false\npassword_file {passwd}\nacl_file {acl}\n"
-        f"listener {mutual_port} 127.0.0.1\n{tls}require_certificate true\nuse_identity_as_username true\n"
+        f"listener {broker.password_port} 127.0.0.1\n{tls}allow_anonymous false\npassword_file {passwd}\n"
+        f"acl_file {acl}\n"
+        f"listener {broker.mutual_port} 127.0.0.1\n{tls}require_certificate true\nuse_identity_as_username true\n"
         f"allow_anonymous false\nacl_file {acl}\n")
-    log = folder / "mosquitto.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT)
+    broker.start()
     try:
-        if not wait(lambda: listening("127.0.0.1", password_port) and listening("127.0.0.1", mutual_port), 10):
-            proc.kill()
-            pytest.fail(f"mosquitto did not start:\n{log.read_text()}")
-        yield SecureBroker(pki, password_port, mutual_port)
+        yield broker
     finally:
-        proc.terminate()
-        proc.wait(10)
+        broker.stop()
