@@ -54,6 +54,7 @@ class Agent:
     def __init__(self, cfg: AgentConfig):
         check_agent_config(cfg)
         self.cfg = cfg
+        self.broker = cfg.endpoint()
         self.topics = FleetTopics(cfg.prefix)
         self.store = ModelStore(cfg.store)
         self.store.lock()  # one agent per store
@@ -90,7 +91,7 @@ class Agent:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.publisher.start()
-        mq.connect(self.client, self.cfg.endpoint())
+        mq.connect(self.client, self.broker)
         # so an operator's rollout knows this device before its first update; its last verdict rides along
         self._ack(None, "READY", "running")
         self.worker.start()
@@ -106,6 +107,7 @@ class Agent:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:
+            self.broker.refused(client, reason_code)
             return
         subs = [(self.manifest_topic, 1)]
         if self.health_topic:
@@ -256,6 +258,11 @@ class Agent:
         if removed:
             log.info("removed %d cached file(s) of %d retired model(s): %s", len(removed), len(retired),
                      ", ".join(p.name for p in removed))
+        else:
+            from export.cache import cache_root
+
+            log.info("no cached export of the %d retired model(s) in %s (is cache_dir the daemon's PANORAMA_CACHE?)",
+                     len(retired), self.cfg.cache_dir or cache_root())
 
     def _fetch(self, sha256: str) -> bytes:
         topic = self.topics.artifact(sha256)

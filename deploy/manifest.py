@@ -109,9 +109,16 @@ def trusted_keys(path: Path) -> dict:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise UpdateError(f"cannot read key {path}: {exc.strerror}") from exc
+    if b"PRIVATE KEY" in data:
+        raise UpdateError(f"{path} holds a private key: only public keys belong on a device (and that "
+                          "private key should now be treated as leaked)")
     blocks = _PEM_PUBLIC.findall(data)
     if not blocks:
         raise UpdateError(f"{path} holds no PEM public key")
+    rest = _PEM_PUBLIC.sub(b"", data)
+    if rest.strip():  # a damaged block would otherwise be skipped, and its key silently not trusted
+        raise UpdateError(f"{path} holds something besides whole PEM public keys "
+                          f"({rest.strip()[:40]!r}…): a damaged or cut key?")
     keys = {}
     for i, block in enumerate(blocks, 1):
         try:

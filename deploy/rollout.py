@@ -62,10 +62,13 @@ class Fleet:
         self.client = mq.make_client(mq.client_id("fleet-operator"), protocol)
         self.client.on_message = self._on_message
         self.client.on_connect = self._on_connect
-        mq.connect(self.client, broker)
+        self.broker = mq.as_broker(broker)
+        mq.connect(self.client, self.broker)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
-        if not reason_code.is_failure:  # every (re)connect: a clean session forgets subscriptions
+        if reason_code.is_failure:
+            self.broker.refused(client, reason_code)
+        else:  # every (re)connect: a clean session forgets subscriptions
             client.subscribe(self.topics.states(), qos=1)
 
     def _on_message(self, client, userdata, msg):
@@ -78,8 +81,10 @@ class Fleet:
             device = doc["device"]
             if not isinstance(device, str) or not isinstance(doc, dict):
                 raise TypeError
+            if msg.topic != self.topics.state(device):  # a state filed under another device's name
+                raise ValueError
         except (ValueError, KeyError, TypeError):
-            return  # not a state an agent wrote (anyone who may publish there can write one)
+            return  # not a state this device's agent wrote (anyone who may publish there can write one)
         with self._lock:
             self.states[device] = doc
 

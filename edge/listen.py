@@ -31,7 +31,7 @@ import numpy as np
 import wfdb
 
 from . import ecgpaper
-from .mqtt import Broker, add_security_args, security_from_args
+from .mqtt import Broker, add_security_args, as_broker, security_from_args
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,7 @@ class Listener:
     def __init__(self, url: "str | Broker", protocol: str = "5", topic: str = "ecg/v1/+/+/virtual",
                  out: str | Path | None = None, limits=None, client_id: str | None = None):
         self.url, self.protocol, self.topic = url, protocol, topic
+        self.broker = as_broker(url)
         self.out = Path(out) if out is not None else None
         self.limits = limits
         self.client_id = client_id
@@ -216,7 +217,7 @@ class Listener:
         client.on_subscribe = lambda *a, **k: self._subscribed.set()
         client.on_connect = self._on_connect
         self.started_ns = time.time_ns()
-        connect(client, self.url, timeout=timeout)
+        connect(client, self.broker, timeout=timeout)
         self._client = client
         if not self._subscribed.wait(timeout):
             self.stop(write=False)
@@ -226,6 +227,8 @@ class Listener:
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if not reason_code.is_failure:  # (re)subscribe on every connect
             client.subscribe(self.topic, qos=1)
+        else:
+            self.broker.refused(client, reason_code)
 
     def stop(self, write: bool = True) -> dict | None:
         """Disconnect; with an ``out`` folder (and ``write``), write everything; returns the summary."""

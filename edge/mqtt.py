@@ -26,6 +26,7 @@ import secrets
 import socket
 import ssl
 import stat
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,8 +39,9 @@ from paho.mqtt.properties import Properties
 
 from panorama.errors import BackendError
 
-__all__ = ["PROTOCOLS", "Broker", "BrokerConnectionError", "client_id", "parse_broker_url", "make_client",
-           "publish_props", "Publisher", "connect", "add_security_args", "security_from_args"]
+__all__ = ["PROTOCOLS", "Broker", "BrokerConnectionError", "client_id", "parse_broker_url", "host_port", "make_client",
+           "publish_props", "Publisher", "connect", "as_broker", "explain_exception", "explain_refusal",
+           "add_security_args", "security_from_args"]
 
 log = logging.getLogger(__name__)
 
@@ -59,27 +61,42 @@ def client_id(role: str) -> str:
     return f"panorama-{role}-{host}-{os.getpid()}-{secrets.token_hex(6)}"
 
 
+def _redact(url) -> str:
+    """The URL as it may be shown: any user name and password before an ``@`` masked."""
+    return re.sub(r"(?<=//)[^/@]*@", "***@", url) if isinstance(url, str) else repr(url)
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_broker_url(url: str) -> tuple[str, int]:
     """``mqtt://host[:port]`` or ``mqtts://host[:port]`` → (host, port); port 1883 (8883 for
-    mqtts) by default. Whether TLS is spoken is ``Broker(url).tls``."""
+    mqtts) by default. Whether TLS is spoken is ``Broker(url).tls``. Errors never repeat a
+    password written into the URL."""
     hint = "write the broker as mqtt://HOST[:PORT] or, for TLS, mqtts://HOST[:PORT], e.g. mqtt://127.0.0.1:1883"
+    shown = repr(_redact(url))
     try:
         parts = urlsplit(url)
         port = parts.port
     except (ValueError, TypeError, AttributeError) as exc:
-        raise ValueError(f"bad broker URL {url!r} ({exc}); {hint}") from None
-    if parts.scheme not in SCHEMES:
-        raise ValueError(f"bad broker URL {url!r}: the scheme must be mqtt:// or mqtts:// (TLS); {hint}")
-    if not parts.hostname:
-        raise ValueError(f"bad broker URL {url!r}: no host; {hint}")
+        why = str(exc).replace(url, _redact(url)) if isinstance(url, str) else str(exc)
+        raise ValueError(f"bad broker URL {shown} ({why}); {hint}") from None
     if parts.username is not None or parts.password is not None:
-        raise ValueError(f"bad broker URL {url!r}: no credentials in the URL (they would show in logs and "
+        raise ValueError(f"bad broker URL {shown}: no credentials in the URL (they would show in logs and "
                          "process lists); give a user name and a password file")
+    if parts.scheme.lower() not in SCHEMES:
+        raise ValueError(f"bad broker URL {shown}: the scheme must be mqtt:// or mqtts:// (TLS); {hint}")
+    if not parts.hostname:
+        raise ValueError(f"bad broker URL {shown}: no host; {hint}")
+    if re.search(r"\s", parts.hostname):
+        raise ValueError(f"bad broker URL {shown}: the host has a space in it; {hint}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"bad broker URL {url!r}: nothing may follow the port; {hint}")
+        raise ValueError(f"bad broker URL {shown}: nothing may follow the port; {hint}")
     if port == 0:
-        raise ValueError(f"bad broker URL {url!r}: port 0 is not a broker's port; {hint}")
-    return parts.hostname, SCHEMES[parts.scheme] if port is None else port
+        raise ValueError(f"bad broker URL {shown}: port 0 is not a broker's port; {hint}")
+    return parts.hostname, SCHEMES[parts.scheme.lower()] if port is None else port
 
 
 def _is_loopback(host: str) -> bool:
@@ -91,9 +108,31 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class _EncryptedKey(ValueError):
+    pass
+
+
 def _refuse_encrypted_key() -> bytes:
-    raise ValueError("the key is encrypted with a passphrase; give an unencrypted key file, readable by "
-                     "this service only (mode 0600)")
+    raise _EncryptedKey("the key is encrypted with a passphrase; give an unencrypted key file, readable by "
+                        "this service only (mode 0600)")
+
+
+def _readable_file(name: str, path: Path, secret: bool = False) -> str:
+    """``path`` as a string if it is a file this process can read; ValueError naming the setting
+    otherwise. A secret (a key, a password) that every user may read is warned about."""
+    if not path.exists():
+        raise ValueError(f"{name} {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{name} {path}: not a file")
+    try:
+        with open(path, "rb"):
+            pass
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ValueError(f"{name} {path}: {exc.strerror or exc}") from None
+    if secret and mode & stat.S_IROTH:
+        log.warning("%s %s may be read by every user of this machine: chmod 600 it", name, path)
+    return str(path)
 
 
 @dataclass(frozen=True)
@@ -113,6 +152,7 @@ class Broker:
     tls: bool = field(init=False, repr=False, compare=False)
     _context: ssl.SSLContext | None = field(init=False, repr=False, compare=False, default=None)
     _loaded: dict = field(init=False, repr=False, compare=False, default_factory=dict)  # client cert files' mtimes
+    _warned: dict = field(init=False, repr=False, compare=False, default_factory=dict)  # client → (why, when)
 
     def __post_init__(self) -> None:
         host, port = parse_broker_url(self.url)
@@ -122,15 +162,15 @@ class Broker:
                 object.__setattr__(self, name, Path(value))
         object.__setattr__(self, "host", host)
         object.__setattr__(self, "port", port)
-        object.__setattr__(self, "tls", urlsplit(self.url).scheme == "mqtts")
+        object.__setattr__(self, "tls", urlsplit(self.url).scheme.lower() == "mqtts")
         tls_files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(self, n) is not None]
         if tls_files and not self.tls:
             raise ValueError(f"{', '.join(tls_files)} given but the broker {self.url} is not TLS: write it as "
-                             f"mqtts://{host}:{TLS_PORT if port == DEFAULT_PORT else port}")
+                             f"mqtts://{host_port(host, TLS_PORT if port == DEFAULT_PORT else port)}")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together (a client certificate and its private key)")
-        if self.username is not None and not self.username:
-            raise ValueError("username is empty")
+        if self.username is not None and (not self.username.strip() or self.username != self.username.strip()):
+            raise ValueError(f"username {self.username!r} is empty or has spaces around it")
         if self.password_file is not None:
             if self.username is None:
                 raise ValueError("password_file given without a username")
@@ -142,31 +182,28 @@ class Broker:
         return self.url
 
     def _tls_context(self) -> ssl.SSLContext:
-        def readable(name: str) -> str:
-            path = getattr(self, name)
-            if not path.is_file():
-                raise ValueError(f"{name} {path}: no such file")
-            return str(path)
-
+        cafile = _readable_file("ca_file", self.ca_file) if self.ca_file is not None else None
         try:
-            ctx = ssl.create_default_context(
-                ssl.Purpose.SERVER_AUTH, cafile=readable("ca_file") if self.ca_file is not None else None)
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
         except ssl.SSLError as exc:
             raise ValueError(f"ca_file {self.ca_file}: not a PEM certificate ({exc.reason or exc})") from None
         except OSError as exc:
             raise ValueError(f"ca_file {self.ca_file}: {exc.strerror or exc}") from None
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert_file is not None:
+            cert = _readable_file("cert_file", self.cert_file)
+            key = _readable_file("key_file", self.key_file, secret=True)
+            self._loaded["cert"] = self._cert_stamp()
             try:
-                self._loaded["cert"] = self._cert_stamp()
-                ctx.load_cert_chain(readable("cert_file"), readable("key_file"), password=_refuse_encrypted_key)
+                ctx.load_cert_chain(cert, key, password=_refuse_encrypted_key)
+            except _EncryptedKey as exc:
+                raise ValueError(f"key_file {self.key_file}: {exc}") from None
             except ssl.SSLError as exc:
                 raise ValueError(f"cert_file {self.cert_file} / key_file {self.key_file}: not a PEM certificate "
                                  f"and its private key ({exc.reason or exc})") from None
-            except ValueError as exc:
-                raise ValueError(f"key_file {self.key_file}: {exc}") from None
             except OSError as exc:
-                raise ValueError(f"cert_file/key_file: {exc.strerror or exc}") from None
+                raise ValueError(f"cert_file {self.cert_file} / key_file {self.key_file}: "
+                                 f"{exc.strerror or exc}") from None
         return ctx
 
     def password(self) -> str | None:
@@ -174,18 +211,15 @@ class Broker:
         or is empty; a warning when anyone on the machine may read it."""
         if self.password_file is None:
             return None
+        path = _readable_file("password_file", self.password_file, secret=True)
         try:
-            mode = self.password_file.stat().st_mode
-            text = self.password_file.read_text(encoding="utf-8")
+            text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not the password's
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"password_file {self.password_file}: "
                              f"{getattr(exc, 'strerror', None) or exc}") from None
-        password = text.splitlines()[0] if text.strip() else ""
+        password = text.splitlines()[0] if text.strip() else ""  # the whole first line: spaces are the password's
         if not password:
             raise ValueError(f"password_file {self.password_file}: empty (the password is its first line)")
-        if mode & stat.S_IROTH:
-            log.warning("password_file %s may be read by every user of this machine: chmod 600 it",
-                        self.password_file)
         return password
 
     def configure(self, client: mqtt.Client) -> None:
@@ -201,6 +235,24 @@ class Broker:
                 log.warning("sending the MQTT password to %s unencrypted: use mqtts://", self.host)
             client.username_pw_set(self.username, self.password())
         client.on_pre_connect = lambda c, userdata: self.refresh(c)
+        # paho calls this inside its except block, with the reason at DEBUG only: say it
+        client.on_connect_fail = lambda c, userdata: self.reconnect_failed(c, explain_exception(self, sys.exc_info()[1]))
+
+    def reconnect_failed(self, client: mqtt.Client, why: str) -> None:
+        """Log why a reconnect failed: at once, then again when the reason changes or each
+        minute while it lasts (paho retries every 1–30 s)."""
+        now, key = time.monotonic(), id(client)
+        if key not in self._warned:  # never connected yet: connect() raises with the reason
+            return
+        last = self._warned[key]
+        if last[0] != why or now - last[1] >= 60:
+            self._warned[key] = (why, now)
+            log.warning("cannot reconnect to MQTT broker at %s%s: %s (retrying)", host_port(self.host, self.port),
+                        " (TLS)" if self.tls else "", why)
+
+    def refused(self, client: mqtt.Client, reason_code) -> None:
+        """For an on_connect callback that got a failed CONNACK: log why (rate-limited)."""
+        self.reconnect_failed(client, explain_refusal(self, reason_code, client.protocol == mqtt.MQTTv5))
 
     def _cert_stamp(self) -> tuple:
         return tuple(p.stat().st_mtime_ns for p in (self.cert_file, self.key_file))
@@ -388,14 +440,55 @@ class Publisher:
 _AUTH_REFUSALS = {134: "bad user name or password", 135: "not authorized", 140: "bad authentication method"}
 
 
+def explain_exception(broker: Broker, exc: BaseException | None) -> str:
+    """Why a connection attempt raised ``exc``, with what to check."""
+    host = broker.host
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in (9, 10):  # X509_V_ERR_CERT_NOT_YET_VALID, X509_V_ERR_CERT_HAS_EXPIRED
+            hint = "outside its validity dates: renew it, or check this device's clock"
+        elif broker.ca_file is None:
+            hint = "give the CA that signed it (ca_file, --ca-file)"
+        else:
+            hint = f"is it signed by {broker.ca_file}, and does it name {host}?"
+        return f"its certificate is not trusted ({exc.verify_message or exc}); {hint}"
+    if isinstance(exc, ssl.SSLError):
+        hint = "; is it a TLS port? (mqtts:// speaks TLS, mqtt:// does not)" if broker.tls else ""
+        return f"TLS failed ({exc.reason or exc}){hint}"
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError)) and broker.tls:
+        return f"{exc}; is it a TLS port? (a plain MQTT port drops a TLS hello)"
+    return str(exc) if exc is not None else "the connection failed"
+
+
+def explain_refusal(broker: Broker, reason_code, v5: bool) -> str:
+    """Why the broker refused (``reason_code`` from CONNACK, or None when it closed the
+    connection without one), with what to check."""
+    why = f"the broker refused the connection ({reason_code if reason_code is not None else 'closed unanswered'})"
+    code = getattr(reason_code, "value", None)
+    if code in _AUTH_REFUSALS:
+        who = f"user {broker.username!r}" if broker.username is not None else "an anonymous client"
+        return why + (f": {_AUTH_REFUSALS[code]} for {who}; check username and password_file"
+                       + ("" if broker.username is not None or broker.cert_file is not None
+                          else " (this broker wants credentials)"))
+    hints = []
+    if reason_code is None and broker.tls:  # closed during or right after the TLS handshake
+        hints.append("it may want a client certificate (cert_file, --cert-file)" if broker.cert_file is None
+                     else f"it may not take the client certificate {broker.cert_file}")
+    elif reason_code is None:
+        hints.append("a TLS port closes a plain connection: is it mqtts://?")
+    if v5:
+        hints.append("it may speak MQTT 3.1.1 only (amqtt does): try protocol 3.1.1")
+    return why + "".join(f"; {h}" for h in hints)
+
+
 def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, keepalive: int = 30) -> None:
     """Give the client the broker's TLS and credentials, connect, start paho's network thread
     (which then owns reconnects) and wait for the broker's CONNACK. BrokerConnectionError (a
     ConnectionError) naming the broker when it cannot be reached, its certificate is not
-    trusted, it refuses, or it does not answer within ``timeout`` seconds."""
+    trusted, it refuses, or it does not answer within ``timeout`` seconds. A reconnect that
+    fails later is logged (``Broker.reconnect_failed``)."""
     broker = as_broker(broker)
     host, port = broker.host, broker.port
-    where = f"{host}:{port}" + (" (TLS)" if broker.tls else "")
+    where = host_port(host, port) + (" (TLS)" if broker.tls else "")
     answered = threading.Event()
     result: dict = {}
     previous_connect, previous_disconnect = client.on_connect, client.on_disconnect
@@ -430,20 +523,10 @@ def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, 
         client.connect_timeout = max(0.1, float(timeout))
         extra = {"clean_start": True} if client.protocol == mqtt.MQTTv5 else {}
         client.connect(host, port, keepalive=keepalive, **extra)
-    except ssl.SSLCertVerificationError as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # ssl.SSLError is an OSError
         restore()
-        hint = ("give the CA that signed it (ca_file, --ca-file)" if broker.ca_file is None else
-                f"is it signed by {broker.ca_file}, and does it name {host}?")
-        raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: its certificate is not trusted "
-                                    f"({exc.verify_message or exc}); {hint}") from exc
-    except ssl.SSLError as exc:
-        restore()
-        hint = "; is it a TLS port? (mqtts:// speaks TLS, mqtt:// does not)" if broker.tls else ""
-        raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: TLS failed ({exc.reason or exc}){hint}"
+        raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: {explain_exception(broker, exc)}"
                                     ) from exc
-    except (OSError, ValueError, RuntimeError) as exc:
-        restore()
-        raise BrokerConnectionError(f"cannot reach MQTT broker at {where}: {exc}") from exc
     client.loop_start()
     if not answered.wait(timeout):
         hint = ("; a broker that speaks MQTT 3.1.1 only (the embedded amqtt one) drops an MQTT 5 CONNECT "
@@ -453,22 +536,6 @@ def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, 
         fail(f"no answer to CONNECT within {timeout:g} s{hint}")
     rc = result.get("rc")
     if rc is None or rc.is_failure:
-        why = f"the broker refused the connection ({rc if rc is not None else result.get('closed')})"
-        code = getattr(rc, "value", None)
-        if code in _AUTH_REFUSALS:
-            who = f"user {broker.username!r}" if broker.username is not None else "an anonymous client"
-            why += (f": {_AUTH_REFUSALS[code]} for {who}; check username and password_file"
-                    + ("" if broker.username is not None or broker.cert_file is not None
-                       else " (this broker wants credentials)"))
-        else:
-            hints = []
-            if rc is None and broker.tls:  # closed during or right after the TLS handshake
-                hints.append("it may want a client certificate (cert_file, --cert-file)" if broker.cert_file is None
-                             else f"it may not take the client certificate {broker.cert_file}")
-            elif rc is None:
-                hints.append("a TLS port closes a plain connection: is it mqtts://?")
-            if client.protocol == mqtt.MQTTv5:
-                hints.append("it may speak MQTT 3.1.1 only (amqtt does): try protocol 3.1.1")
-            why += "".join(f"; {h}" for h in hints)
-        fail(why)
+        fail(explain_refusal(broker, rc, client.protocol == mqtt.MQTTv5))
     restore()
+    broker._warned.setdefault(id(client), ("", 0.0))  # connected: later failures are reconnects, logged

@@ -130,7 +130,8 @@ class Daemon:
         self.publisher.start()
         if self.params.calibrate_s > 0:  # first in the pool: a patient needs calibrate_s of data first anyway
             self.pool.submit(self._warm_up)
-        mq.connect(self.client, self.cfg.mqtt.endpoint())
+        self.broker = self.cfg.mqtt.endpoint()
+        mq.connect(self.client, self.broker)
         loops = [("ingest", self._ingest_loop), ("inference", self._inference_loop), ("health", self._health_loop)]
         if self.cfg.model.path and self.cfg.model.reload_check_s > 0:
             loops.append(("model", self._watch_model))
@@ -180,6 +181,7 @@ class Daemon:
     # ---- MQTT callbacks (network thread: enqueue only) ----------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:
+            self.broker.refused(client, reason_code)
             return
         client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
         # "online" on every (re)connect: the broker published our will if the link dropped

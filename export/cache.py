@@ -82,14 +82,15 @@ def forget_models(model_sha256s, root: str | Path | None = None) -> list[Path]:
     stay (empty, and another process may hold one)."""
     root = Path(root) if root is not None else cache_root()
     removed, onnx_shas = [], set()
+    exports = _listing(root / "onnx")  # an unreadable folder raises (glob would say nothing)
     for sha in model_sha256s:
-        for export in sorted((root / "onnx").glob(f"{sha[:32]}-v*.onnx")):
+        for export in sorted(p for p in exports if p.name.startswith(f"{sha[:32]}-v") and p.suffix == ".onnx"):
             with contextlib.suppress(FileNotFoundError):
                 onnx_shas.add(file_sha256(export))
                 export.unlink()
                 removed.append(export)
     engines = root / "engines"
-    for sidecar in sorted(engines.glob("*.json")) if onnx_shas else ():
+    for sidecar in sorted(p for p in _listing(engines) if p.suffix == ".json") if onnx_shas else ():
         try:
             key = json.loads(sidecar.read_text())["key"]
             built_from = key["onnx_sha256"]
@@ -101,6 +102,14 @@ def forget_models(model_sha256s, root: str | Path | None = None) -> list[Path]:
                     path.unlink()
                     removed.append(path)
     return removed
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The entries of ``folder`` (none if it does not exist); OSError if it cannot be read."""
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
 
 
 def _sha256(data: bytes) -> str:

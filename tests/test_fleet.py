@@ -74,7 +74,10 @@ def test_a_trust_file_of_two_keys_lets_the_signing_key_be_rotated(keys, stage2_m
     third, _ = mf.generate_keys(tmp_path / "third")
     with pytest.raises(UpdateError, match=f"trusted keys ({old_id}, {new_id}|{new_id}, {old_id})"):
         mf.verify(mf.sign(stage2_manifest, third), both)
-    for bad, why in ((b"", "no PEM public key"), (old_private.read_bytes(), "no PEM public key"),
+    cut = new_public.read_bytes().replace(b"-----END PUBLIC KEY-----", b"----END PUBLIC KEY----")
+    for bad, why in ((b"", "no PEM public key"), (old_private.read_bytes(), "holds a private key"),
+                     (old_public.read_bytes() + new_private.read_bytes(), "holds a private key"),
+                     (old_public.read_bytes() + cut, "something besides whole PEM public keys"),
                      (old_public.read_bytes() + b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
                       "public key 2 is not a PEM public key")):
         (tmp_path / "bad.pub").write_bytes(bad)
@@ -157,7 +160,7 @@ def test_a_model_an_update_retires_leaves_the_daemons_cache_and_kept_ones_stay(t
     on disk holds a model, the agent removes those from the daemon's cache."""
     import torch
 
-    from export.cache import EngineCache, EngineKey
+    from export.cache import EngineCache, EngineKey, forget_models
     from export.onnx import cached_onnx
     from panorama.files import file_sha256
 
@@ -188,6 +191,11 @@ def test_a_model_an_update_retires_leaves_the_daemons_cache_and_kept_ones_stay(t
     assert len(left) == 2 and (cache / "engines" / left[0]).read_bytes() == b"b.safetensors"
     assert store.install(4, b, manifest(4)) == []  # version 2 goes, but version 4 holds b still
     assert exports[b].exists()
+    unreadable = tmp_path / "not-a-cache"
+    (unreadable / "onnx").parent.mkdir()
+    (unreadable / "onnx").write_text("a file where the exports' folder should be")
+    with pytest.raises(OSError):  # said, not taken for an empty cache
+        forget_models([checkpoint.read_header(b)["sha256"]], unreadable)
 
 
 def test_a_disk_that_fills_after_the_swap_leaves_the_previous_model_current(tmp_path, stage2_manifest):

@@ -229,7 +229,12 @@ def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panoram
     try:
         fleet.publish(fleet.topics.state("old-bed"), json.dumps({"device": "old-bed", "state": "READY"}).encode())
         fleet.publish(fleet.topics.artifact(sha), b"an old model")
+        # a state filed under another device's topic is not that device's answer (a forged verdict)
+        fleet.publish(fleet.topics.state("impostor"), json.dumps({"device": "bed7", "state": "SUCCEEDED"}).encode())
         assert wait(lambda: "old-bed" in fleet.snapshot(), 5)
+        time.sleep(0.5)
+        assert set(fleet.snapshot()) == {"old-bed"}
+        fleet.clear(fleet.topics.state("impostor"))
     finally:
         fleet.close()
     r = panorama("fleet", "forget", "--device", "old-bed", "--artifact", sha, "--prefix", prefix, "--broker", mosquitto)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from tls_support import CLIENT_CN, DEVICE, OPERATOR, STATION, USER, make_pki, se
 from edge.config import load_config
 from edge.listen import Listener
 from edge.monitor import run_monitor, sim_streams
-from edge.mqtt import Broker, BrokerConnectionError, client_id, connect, make_client
+from edge.mqtt import Broker, BrokerConnectionError, client_id, connect, explain_exception, make_client
 from panorama.errors import ConfigError
 
 
@@ -46,7 +47,14 @@ def test_broker_settings_are_checked_before_anything_connects(pki, tmp_path, cap
         (dict(url="mqtt://b:1883", ca_file=pki.ca), "not TLS: write it as mqtts://b:8883"),
         (dict(url="mqtts://b", cert_file=pki.client_cert), "cert_file and key_file go together"),
         (dict(url="mqtts://b", password_file=pki.password_file), "password_file given without a username"),
-        (dict(url="mqtts://b", username=USER, password_file=tmp_path / "none"), "No such file"),
+        (dict(url="mqtts://b", username=USER, password_file=tmp_path / "none"), "password_file .* no such file"),
+        (dict(url="mqtts://b", username=USER, password_file=tmp_path), "password_file .* not a file"),
+        (dict(url="mqtts://b", ca_file=tmp_path), "ca_file .* not a file"),
+        (dict(url="mqtts://b", cert_file=tmp_path / "none.crt", key_file=pki.client_key), "cert_file .* no such file"),
+        (dict(url="mqtts://b", cert_file=pki.client_cert, key_file=tmp_path), "key_file .* not a file"),
+        (dict(url="mqtts://b", username=" "), "username ' ' is empty or has spaces"),
+        (dict(url="mqtts://ho st:8883"), "the host has a space"),
+        (dict(url="mqtt://[::1]:1883", ca_file=pki.ca), r"write it as mqtts://\[::1\]:8883"),
         (dict(url="mqtts://b", username=USER, password_file=empty), "empty"),
         (dict(url="mqtts://b", ca_file=tmp_path / "none.crt"), "ca_file .* no such file"),
         (dict(url="mqtts://b", ca_file=garbage), "ca_file .* not a PEM certificate"),
@@ -57,13 +65,28 @@ def test_broker_settings_are_checked_before_anything_connects(pki, tmp_path, cap
     for kwargs, message in refusals:
         with pytest.raises(ValueError, match=message):
             Broker(**kwargs)
+    for url in ("mqtts://daemon:Hunter2@b:8883", "mqtts://daemon:Hunter2@b:99999", "tcp://daemon:Hunter2@b"):
+        with pytest.raises(ValueError) as refused:  # refused, and the password never echoed
+            Broker(url)
+        assert "Hunter2" not in str(refused.value) and "***@b" in str(refused.value)
+    assert Broker("MQTTS://b").tls and Broker("mqtts://[::1]").host == "::1"
+    bom = tmp_path / "bom.password"
+    bom.write_bytes("\ufeffpass word \r\n".encode())  # a Windows editor's: the mark goes, the spaces stay
+    assert Broker("mqtts://b", username=USER, password_file=bom).password() == "pass word "
 
     loose = tmp_path / "loose.password"
     loose.write_text("pw\n")
     loose.chmod(0o644)
     with caplog.at_level(logging.WARNING, logger="edge.mqtt"):
         assert Broker("mqtts://b", username=USER, password_file=loose).password() == "pw"
-    assert "may be read by every user" in caplog.text
+    assert "password_file" in caplog.text and "may be read by every user" in caplog.text
+    caplog.clear()
+    loose_key = tmp_path / "loose.key"
+    loose_key.write_bytes(pki.client_key.read_bytes())
+    loose_key.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="edge.mqtt"):
+        Broker("mqtts://b", cert_file=pki.client_cert, key_file=loose_key)
+    assert f"key_file {loose_key} may be read by every user" in caplog.text
 
     # the daemon's config: every problem named with the file, before anything starts
     path = tmp_path / "edge.yaml"
@@ -101,7 +124,7 @@ def _connect(broker: Broker, protocol: str = "5") -> None:
     client.loop_stop()
 
 
-def test_each_refusal_says_why(secure):
+def test_each_refusal_says_why(secure, mosquitto):
     p = secure.pki
     _connect(Broker(secure.password_url, ca_file=p.ca, username=USER, password_file=p.password_file))
     _connect(Broker(secure.mutual_url, ca_file=p.ca, cert_file=p.client_cert, key_file=p.client_key), "3.1.1")
@@ -117,6 +140,7 @@ def test_each_refusal_says_why(secure):
         (Broker(secure.password_url, ca_file=p.ca), "5", "anonymous client.*this broker wants credentials"),
         (Broker(f"mqtt://127.0.0.1:{secure.password_port}"), "3.1.1", "is it mqtts://"),
         (Broker(secure.mutual_url, ca_file=p.ca), "3.1.1", "it may want a client certificate"),
+        (Broker(mosquitto.replace("mqtt://", "mqtts://"), ca_file=p.ca), "5", "is it a TLS port"),  # a plain port
     ]
     for broker, protocol, message in cases:
         with pytest.raises(BrokerConnectionError, match=message):
@@ -239,3 +263,27 @@ def test_a_renewed_password_and_client_certificate_are_used_at_the_next_reconnec
                 c.loop_stop()
         log = b.log
     assert f"u'{STATION}'" in log and "u'bed-09'" in log and log.count(f"u'{CLIENT_CN}'") == 2
+
+
+def test_an_expired_certificate_points_at_its_dates_and_the_clock(pki):
+    expired = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    expired.verify_code, expired.verify_message = 10, "certificate has expired"  # as OpenSSL reports it
+    assert "renew it, or check this device's clock" in explain_exception(Broker("mqtts://b", ca_file=pki.ca), expired)
+
+
+def test_a_reconnect_that_fails_is_logged_with_the_reason(tmp_path, caplog):
+    """The daemon, the agent, a listener and the operator log why a reconnect fails (paho
+    itself says so only at DEBUG): a broker gone, then one that no longer takes the password."""
+    with secure_mosquitto(tmp_path / "broker") as b:
+        p = b.pki
+        station = Broker(b.password_url, ca_file=p.ca, username=STATION, password_file=p.password_file)
+        with caplog.at_level(logging.WARNING, logger="edge.mqtt"), Listener(station, topic="ecg/v1/+/+/virtual") as lis:
+            lis._client.reconnect_delay_set(0.2, 0.5)
+            b.stop()
+            assert wait(lambda: "Connection refused" in caplog.text, 10), caplog.text
+            b.set_password(STATION, "changed-on-the-broker")
+            b.start()
+            assert wait(lambda: f"not authorized for user '{STATION}'" in caplog.text, 10), caplog.text
+    lines = [r.getMessage() for r in caplog.records if "cannot reconnect" in r.getMessage()]
+    assert lines and all(f"127.0.0.1:{b.password_port} (TLS)" in line for line in lines)
+    assert len(lines) <= 4, lines  # once per reason (then each minute), not at every retry

@@ -7,9 +7,9 @@ the broker is the real ``mosquitto`` binary on free loopback ports:
 - ``mutual``: TLS that requires a client certificate signed by the CA, whose common name is
   the MQTT user name.
 
-Both listeners share ``ACL``, deploy/README's example word for word (a test checks that it
-is), so the daemon, a monitor, a nurse station and the fleet working through it shows that
-example is enough, role by role.
+The configuration and both ACLs are deploy/README's examples ("Securing the broker"), read
+from it with only the paths and ports replaced, so the daemon, a monitor, a nurse station
+and the fleet working through them shows those examples are enough, role by role.
 """
 
 from __future__ import annotations
@@ -41,11 +41,24 @@ CLIENT_CN = "bed-07"  # a bedside monitor's certificate: its common name is its 
 README = Path(__file__).resolve().parents[1] / "deploy" / "README.md"
 
 
-def documented_acl() -> str:
-    """The Mosquitto ACL of deploy/README's "Securing the broker" (its ``acl`` block)."""
-    blocks = re.findall(r"```acl\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 1, "deploy/README holds one acl example"
-    return blocks[0]
+def documented(kind: str) -> list[str]:
+    """deploy/README's code blocks of ``kind`` (``conf``: the Mosquitto configuration; ``acl``:
+    the services' ACL, then the monitors')."""
+    return re.findall(rf"```{kind}\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def documented_config(folder: Path, password_port: int, mutual_port: int, pki: "Pki") -> str:
+    """The README's Mosquitto configuration with this test's files and ports (and ``user root``,
+    which only matters where the test runs as root: its files are in a private tmp folder)."""
+    (conf,) = documented("conf")
+    subs = {"/etc/mosquitto/certs/ca.crt": pki.ca, "/etc/mosquitto/certs/broker.crt": pki.server_cert,
+            "/etc/mosquitto/certs/broker.key": pki.server_key, "/etc/mosquitto/passwd": folder / "passwd",
+            "/etc/mosquitto/acl-monitors": folder / "acl-monitors", "/etc/mosquitto/acl": folder / "acl",
+            "listener 8883": f"listener {password_port} 127.0.0.1", "listener 8884": f"listener {mutual_port} 127.0.0.1"}
+    for old, new in subs.items():
+        assert old in conf, f"deploy/README's Mosquitto configuration no longer names {old}"
+        conf = re.sub(rf"{re.escape(old)}$", str(new), conf, flags=re.M)
+    return "user root\n" + conf
 
 
 def _name(cn: str) -> x509.Name:
@@ -182,15 +195,11 @@ def secure_mosquitto(folder: Path):
     for i, user in enumerate((USER, STATION, OPERATOR, DEVICE)):
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, PASSWORD],
                        check=True, capture_output=True)
-    acl.write_text(documented_acl())
+    services, monitors = documented("acl")
+    acl.write_text(services)
+    (folder / "acl-monitors").write_text(monitors)
     broker = SecureBroker(pki, free_port(), free_port(), folder)
-    tls = f"cafile {pki.ca}\ncertfile {pki.server_cert}\nkeyfile {pki.server_key}\n"
-    (folder / "mosquitto.conf").write_text(
-        "per_listener_settings true\nuser root\n"  # root only where started as root: the files are in tmp
-        f"listener {broker.password_port} 127.0.0.1\n{tls}allow_anonymous false\npassword_file {passwd}\n"
-        f"acl_file {acl}\n"
-        f"listener {broker.mutual_port} 127.0.0.1\n{tls}require_certificate true\nuse_identity_as_username true\n"
-        f"allow_anonymous false\nacl_file {acl}\n")
+    (folder / "mosquitto.conf").write_text(documented_config(folder, broker.password_port, broker.mutual_port, pki))
     broker.start()
     try:
         yield broker
