@@ -63,7 +63,7 @@ def client_id(role: str) -> str:
 
 def _redact(url) -> str:
     """The URL as it may be shown: any user name and password before an ``@`` masked."""
-    return re.sub(r"(?<=//)[^/@]*@", "***@", url) if isinstance(url, str) else repr(url)
+    return re.sub(r"(?<=//).*@", "***@", url) if isinstance(url, str) else repr(url)  # up to the last @
 
 
 def host_port(host: str, port: int) -> str:
@@ -81,7 +81,8 @@ def parse_broker_url(url: str) -> tuple[str, int]:
         parts = urlsplit(url)
         port = parts.port
     except (ValueError, TypeError, AttributeError) as exc:
-        why = str(exc).replace(url, _redact(url)) if isinstance(url, str) else str(exc)
+        # urllib's words may quote a piece of the URL, which with an "@" may be a password
+        why = "malformed" if isinstance(url, str) and "@" in url else str(exc)
         raise ValueError(f"bad broker URL {shown} ({why}); {hint}") from None
     if parts.username is not None or parts.password is not None:
         raise ValueError(f"bad broker URL {shown}: no credentials in the URL (they would show in logs and "
