@@ -106,8 +106,7 @@ class Agent:
         self.store.unlock()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
-        if reason_code.is_failure:
-            self.broker.refused(client, reason_code)
+        if reason_code.is_failure:  # said by the broker's watch (edge.endpoint)
             return
         subs = [(self.manifest_topic, 1)]
         if self.health_topic:

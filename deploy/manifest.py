@@ -115,10 +115,13 @@ def trusted_keys(path: Path) -> dict:
     blocks = _PEM_PUBLIC.findall(data)
     if not blocks:
         raise UpdateError(f"{path} holds no PEM public key")
-    rest = _PEM_PUBLIC.sub(b"", data)
+    rest = _PEM_PUBLIC.sub(b"\n", data)
     if rest.strip():  # a damaged block would otherwise be skipped, and its key silently not trusted
-        raise UpdateError(f"{path} holds something besides whole PEM public keys "
-                          f"({rest.strip()[:40]!r}…): a damaged or cut key?")
+        line = rest.lstrip().split(b"\n", 1)[0]
+        where = data.find(line) if line else -1
+        at = f" at line {data[:where].count(chr(10).encode()) + 1}" if where >= 0 else ""
+        raise UpdateError(f"{path} holds something besides whole PEM public keys{at} (a damaged or cut key?); "
+                          "its content is not shown, as it may be secret")
     keys = {}
     for i, block in enumerate(blocks, 1):
         try:

@@ -66,9 +66,7 @@ class Fleet:
         mq.connect(self.client, self.broker)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
-        if reason_code.is_failure:
-            self.broker.refused(client, reason_code)
-        else:  # every (re)connect: a clean session forgets subscriptions
+        if not reason_code.is_failure:  # every (re)connect: a clean session forgets subscriptions
             client.subscribe(self.topics.states(), qos=1)
 
     def _on_message(self, client, userdata, msg):

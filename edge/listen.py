@@ -227,8 +227,6 @@ class Listener:
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if not reason_code.is_failure:  # (re)subscribe on every connect
             client.subscribe(self.topic, qos=1)
-        else:
-            self.broker.refused(client, reason_code)
 
     def stop(self, write: bool = True) -> dict | None:
         """Disconnect; with an ``out`` folder (and ``write``), write everything; returns the summary."""

@@ -180,8 +180,7 @@ class Daemon:
 
     # ---- MQTT callbacks (network thread: enqueue only) ----------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
-        if reason_code.is_failure:
-            self.broker.refused(client, reason_code)
+        if reason_code.is_failure:  # said by the broker's watch (edge.endpoint)
             return
         client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
         # "online" on every (re)connect: the broker published our will if the link dropped

@@ -66,10 +66,17 @@ def test_broker_settings_are_checked_before_anything_connects(pki, tmp_path, cap
         with pytest.raises(ValueError, match=message):
             Broker(**kwargs)
     for url in ("mqtts://daemon:Hunter2@b:8883", "mqtts://daemon:Hunter2@b:99999", "tcp://daemon:Hunter2@b",
-                "mqtts://daemon:Hun/ter2@b", "mqtts://daemon:Hun@ter2@b"):
+                "mqtts://daemon:Hun/ter2@b", "mqtts://daemon:Hun@ter2@b", "daemon:Hunter2@b:8883",
+                "mqtts:daemon:Hunter2@b", "mqtts:/daemon:Hunter2@b", "mqtts://daemon:Hunter2",
+                "mqtts://b:8883?password=Hunter2", "mqtts://dae\nmon:Hunter2@b", "mqtts://[::1]:Hunter2"):
         with pytest.raises(ValueError) as refused:  # refused, and the password never echoed
             Broker(url)
-        assert "ter2" not in str(refused.value) and "***@b" in str(refused.value)
+        assert "ter2" not in str(refused.value) and "***" in str(refused.value), str(refused.value)
+    with pytest.raises(ValueError, match=r"'mqtts://\[::1\]:8883/x'"):  # what is no secret is shown as written
+        Broker("mqtts://[::1]:8883/x")
+    with pytest.raises(ValueError) as refused:  # the password given where its file belongs
+        Broker("mqtts://b", username=USER, password_file="Hunter2")
+    assert "ter2" not in str(refused.value) and "give the path of a file holding it" in str(refused.value)
     assert Broker("MQTTS://b").tls and Broker("mqtts://[::1]").host == "::1"
     bom = tmp_path / "bom.password"
     bom.write_bytes("\ufeffpass word \r\n".encode())  # a Windows editor's: the mark goes, the spaces stay
@@ -273,18 +280,32 @@ def test_an_expired_certificate_points_at_its_dates_and_the_clock(pki):
 
 
 def test_a_reconnect_that_fails_is_logged_with_the_reason(tmp_path, caplog):
-    """The daemon, the agent, a listener and the operator log why a reconnect fails (paho
-    itself says so only at DEBUG): a broker gone, then one that no longer takes the password."""
+    """The daemon, the agent, the monitor, a listener and the operator log why a reconnect fails
+    (paho says why only at DEBUG), once per reason and outage: a broker gone, one that no
+    longer takes the password, one that revoked the client certificate, and a second outage."""
     with secure_mosquitto(tmp_path / "broker") as b:
         p = b.pki
         station = Broker(b.password_url, ca_file=p.ca, username=STATION, password_file=p.password_file)
-        with caplog.at_level(logging.WARNING, logger="edge.mqtt"), Listener(station, topic="ecg/v1/+/+/virtual") as lis:
-            lis._client.reconnect_delay_set(0.2, 0.5)
+        monitor = Broker(b.mutual_url, ca_file=p.ca, cert_file=p.client_cert, key_file=p.client_key)
+        said = lambda text: text in caplog.text  # noqa: E731
+        with caplog.at_level(logging.INFO, logger="edge.mqtt"), \
+                Listener(station, topic="ecg/v1/+/+/virtual") as lis, Listener(monitor, topic="ecg/v1/bed-07/+/virtual") as own:
+            for c in (lis._client, own._client):
+                c.reconnect_delay_set(0.2, 0.5)
             b.stop()
-            assert wait(lambda: "Connection refused" in caplog.text, 10), caplog.text
+            assert wait(lambda: caplog.text.count("Connection refused") == 2, 10), caplog.text
+            b.start()  # back: both reconnect, and say so
+            assert wait(lambda: caplog.text.count("reconnected to MQTT broker") == 2, 10), caplog.text
+            b.stop()  # a second outage is said again at once
+            assert wait(lambda: caplog.text.count("Connection refused") == 4, 10), caplog.text
             b.set_password(STATION, "changed-on-the-broker")
+            b.revoke(p.client_cert)
             b.start()
-            assert wait(lambda: f"not authorized for user '{STATION}'" in caplog.text, 10), caplog.text
+            assert wait(lambda: said(f"not authorized for user '{STATION}'"), 10), caplog.text
+            assert wait(lambda: said(f"does not take the client certificate {p.client_cert}")
+                        or said(f"may not take the client certificate {p.client_cert}"), 10), caplog.text
     lines = [r.getMessage() for r in caplog.records if "cannot reconnect" in r.getMessage()]
-    assert lines and all(f"127.0.0.1:{b.password_port} (TLS)" in line for line in lines)
-    assert len(lines) <= 4, lines  # once per reason (then each minute), not at every retry
+    assert all(f"127.0.0.1:{b.password_port} (TLS)" in line or f"127.0.0.1:{b.mutual_port} (TLS)" in line
+               for line in lines)
+    assert len(lines) <= 8, lines  # once per reason and outage, not at every retry
+    assert not [r for r in caplog.records if r.name == "paho.mqtt" and "Client is not connected" in r.getMessage()]

@@ -179,6 +179,22 @@ class SecureBroker:
             self.proc.wait(10)
             self.proc = None
 
+    def revoke(self, cert: Path) -> None:
+        """Revoke a client certificate: a CRL signed by the test CA, named by the certificate
+        listener's ``crlfile`` (the last listener in the configuration), read at the next start."""
+        ca_key = serialization.load_pem_private_key((self.pki.ca.parent / "ca.key").read_bytes(), password=None)
+        ca = x509.load_pem_x509_certificate(self.pki.ca.read_bytes())
+        now = dt.datetime.now(dt.timezone.utc)
+        revoked = (x509.RevokedCertificateBuilder().serial_number(x509.load_pem_x509_certificate(
+            cert.read_bytes()).serial_number).revocation_date(now - dt.timedelta(minutes=1)).build())
+        crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject).last_update(now - dt.timedelta(minutes=5))
+               .next_update(now + dt.timedelta(days=1)).add_revoked_certificate(revoked).sign(ca_key, hashes.SHA256()))
+        path = self.folder / "revoked.crl"
+        path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        conf = self.folder / "mosquitto.conf"
+        if "crlfile" not in conf.read_text():
+            conf.write_text(conf.read_text().rstrip("\n") + f"\ncrlfile {path}\n")
+
     def set_password(self, user: str, password: str) -> None:
         """Change a user's password in the broker's file (it reads it at its next start)."""
         subprocess.run(["mosquitto_passwd", "-b", str(self.folder / "passwd"), user, password], check=True,
