@@ -247,7 +247,7 @@ class Agent:
         more; a failure to remove them is logged, never the update's."""
         if not retired:
             return
-        from export.cache import forget_models
+        from export.cache import cache_root, forget_models
 
         try:
             removed = forget_models(retired, self.cfg.cache_dir)
@@ -258,8 +258,6 @@ class Agent:
             log.info("removed %d cached file(s) of %d retired model(s): %s", len(removed), len(retired),
                      ", ".join(p.name for p in removed))
         else:
-            from export.cache import cache_root
-
             log.info("no cached export of the %d retired model(s) in %s (is cache_dir the daemon's PANORAMA_CACHE?)",
                      len(retired), self.cfg.cache_dir or cache_root())
 

@@ -119,7 +119,8 @@ def trusted_keys(path: Path) -> dict:
     if rest.strip():  # a damaged block would otherwise be skipped, and its key silently not trusted
         line = rest.lstrip().split(b"\n", 1)[0]
         where = data.find(line) if line else -1
-        at = f" at line {data[:where].count(chr(10).encode()) + 1}" if where >= 0 else ""
+        lineno = data.count(b"\n", 0, where) + 1
+        at = f" at line {lineno}" if where >= 0 else ""
         raise UpdateError(f"{path} holds something besides whole PEM public keys{at} (a damaged or cut key?); "
                           "its content is not shown, as it may be secret")
     keys = {}
