@@ -76,12 +76,15 @@ class StreamStats:
     chunks: int = 0
     samples: int = 0  # per lead
     dropped: int = 0  # chunks the publisher's queue refused
+    refused: str = ""  # why the broker refused the stream's first chunk (MQTT 5), which stops the stream
 
     def line(self) -> str:
         return (f"{self.monitor_id}/{self.patient_id}: {self.chunks} chunks, {self.samples} samples "
                 f"({self.samples / self.fs:.1f} s) of {self.n_leads} leads, "
                 + (f"int16 at {self.scale_mv:g} mV" if self.fmt == "int16" else self.fmt)
-                + (f", {self.dropped} dropped" if self.dropped else ""))
+                + (f", {self.dropped} dropped" if self.dropped else "")
+                + (f"; REFUSED by the broker ({self.refused}): is the monitor id this client's user name "
+                   "(its certificate's common name)?" if self.refused else ""))
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -202,12 +205,16 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
             for p in live:
                 chunk = p.chunk(i, start_ns)
                 payload = _encode(chunk, fmt, p.stream.scale_mv)
-                if publisher.put(p.topic, payload, qos=0, content_type=content_type,
+                # MQTT 5: the first chunk at QoS 1, so a broker that refuses the stream (an ACL) says so
+                qos = 1 if i == 0 and protocol == "5" else 0
+                if publisher.put(p.topic, payload, qos=qos, content_type=content_type,
                                  expiry_s=None if fast else expiry_s):
                     p.stats.chunks += 1
                     p.stats.samples += chunk.n_samples
                 else:
                     p.stats.dropped += 1
+            if i == 0 and protocol == "5":
+                _stop_refused(plans, publisher, stop)
             i += 1
     finally:
         publisher.stop()
@@ -219,6 +226,21 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
     return [p.stats for p in plans]
 
 
+def _stop_refused(plans: list["_Plan"], publisher, stop: threading.Event, timeout: float = 2.0) -> None:
+    """After the first chunks (QoS 1): wait for the broker's PUBACKs and end each stream it
+    refused, saying why; the others go on (one refused patient never stops another)."""
+    deadline = time.monotonic() + timeout
+    while (publisher.queued or publisher.awaiting) and time.monotonic() < deadline and not stop.is_set():
+        time.sleep(0.01)
+    for p in plans:
+        why = publisher.refused.get(p.topic)
+        if why:
+            p.stats.refused = why
+            p.refused = True
+            log.error("the broker refuses %s (%s): this stream stops; the broker takes a monitor's chunks "
+                      "only under its own user name", p.topic, why)
+
+
 class _Plan:
     """Where one stream is: which samples chunk i holds."""
 
@@ -227,6 +249,7 @@ class _Plan:
         from .protocol import Limits
 
         self.stream, self.topic, self.loop = stream, topic, loop
+        self.refused = False  # the broker refused its first chunk: it sends no more
         self.n = max(1, int(round(chunk_ms * stream.fs / 1000.0)))
         if self.n > Limits().max_samples:
             raise ValueError(f"chunk of {chunk_ms} ms is {self.n} samples; the protocol allows "
@@ -241,7 +264,7 @@ class _Plan:
                                  fmt)
 
     def done(self, i: int) -> bool:
-        return self.total is not None and i * self.n >= self.total
+        return self.refused or (self.total is not None and i * self.n >= self.total)
 
     def chunk(self, i: int, start_ns: int):
         from .protocol import Chunk
@@ -347,4 +370,4 @@ def run(args) -> int:
             signal.signal(sig, handler)
     for st in stats:
         print(st.line())
-    return 1 if failed or any(st.dropped for st in stats) else 0
+    return 1 if failed or any(st.dropped or st.refused for st in stats) else 0

@@ -117,6 +117,11 @@ class Publisher:
         self.dropped = 0  # refused by put: queue full, or publisher stopped
         self.published = 0  # handed to paho successfully
         self.failed = 0  # paho refused (not connected with QoS 0, its own queue full, bad topic)
+        self.refused: dict[str, str] = {}  # topic → why the broker refused a QoS ≥ 1 message (MQTT 5 PUBACK)
+        self._acks = threading.Lock()  # never held while calling paho: its network thread calls back holding its own
+        self._pending: dict[int, str] = {}  # mid → topic of QoS ≥ 1 messages whose PUBACK has not come
+        self._early: dict[int, str] = {}  # refusals that came back before their mid was filed
+        client.on_publish = self._on_publish
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._lock = threading.Lock()
         self._props: dict[tuple, Properties | None] = {}
@@ -192,8 +197,33 @@ class Publisher:
         if info.rc == mqtt.MQTT_ERR_SUCCESS:
             self.published += 1
             self._last = info
+            if qos > 0:
+                with self._acks:
+                    if info.mid in self._early:
+                        self.refused[topic] = self._early.pop(info.mid)
+                    else:
+                        self._pending[info.mid] = topic
+                        while len(self._pending) > 4096:  # PUBACKs that never come (a 3.1.1 broker drops silently)
+                            self._pending.pop(next(iter(self._pending)))
         else:
             self.failed += 1
+
+    @property
+    def awaiting(self) -> int:
+        """QoS ≥ 1 messages published whose PUBACK has not come back."""
+        with self._acks:
+            return len(self._pending)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties=None) -> None:
+        failed = getattr(reason_code, "is_failure", False)
+        with self._acks:
+            topic = self._pending.pop(mid, None)
+            if failed and topic is not None:
+                self.refused[topic] = str(reason_code)
+            elif failed:
+                self._early[mid] = str(reason_code)
+                while len(self._early) > 1024:
+                    self._early.pop(next(iter(self._early)))
 
 
 def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, keepalive: int = 30) -> None:

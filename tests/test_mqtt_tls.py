@@ -179,9 +179,13 @@ def test_daemon_monitor_and_station_through_tls_under_the_documented_acl(secure,
             proc.kill()
             pytest.fail(f"the daemon did not come online through TLS:\n{proc.communicate()[0]}")
         with Listener(station, topic="ecg/v1/+/+/virtual") as lis:
-            stats = run_monitor(sim_streams(1, monitor_id=CLIENT_CN, seconds=4.0), monitor, speed=4.0,
-                                views=["V7", "V4R", "V8"])
-            assert stats[0].dropped == 0
+            # the second stream claims another monitor's id: the broker refuses it, and only it
+            streams = sim_streams(1, monitor_id=CLIENT_CN, seconds=4.0) + sim_streams(1, monitor_id="bed-99",
+                                                                                     seconds=4.0)
+            stats = run_monitor(streams, monitor, speed=4.0, views=["V7", "V4R", "V8"])
+            assert stats[0].dropped == 0 and not stats[0].refused and stats[0].chunks == 16
+            assert stats[1].refused == "Not authorized" and stats[1].chunks == 1
+            assert "REFUSED by the broker (Not authorized)" in stats[1].line()
             assert wait(lambda: len(lis.streams) == 1 and next(iter(lis.streams.values())).signals.shape[1] >= 1000,
                         60), "no virtual leads came back through the TLS broker"
             (stream,) = lis.streams.values()
