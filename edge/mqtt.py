@@ -120,7 +120,7 @@ class Publisher:
         self.refused: dict[str, str] = {}  # topic → why the broker refused a QoS ≥ 1 message (MQTT 5 PUBACK)
         self._acks = threading.Lock()  # never held while calling paho: its network thread calls back holding its own
         self._pending: dict[int, str] = {}  # mid → topic of QoS ≥ 1 messages whose PUBACK has not come
-        self._early: dict[int, str] = {}  # refusals that came back before their mid was filed
+        self._early: dict[int, str] = {}  # acks that came back before their mid was filed: why refused, or ""
         client.on_publish = self._on_publish
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._lock = threading.Lock()
@@ -199,8 +199,9 @@ class Publisher:
             self._last = info
             if qos > 0:
                 with self._acks:
-                    if info.mid in self._early:
-                        self.refused[topic] = self._early.pop(info.mid)
+                    if info.mid in self._early:  # acknowledged already
+                        if why := self._early.pop(info.mid):
+                            self.refused[topic] = why
                     else:
                         self._pending[info.mid] = topic
                         while len(self._pending) > 4096:  # PUBACKs that never come (a 3.1.1 broker drops silently)
@@ -218,12 +219,12 @@ class Publisher:
         failed = getattr(reason_code, "is_failure", False)
         with self._acks:
             topic = self._pending.pop(mid, None)
-            if failed and topic is not None:
-                self.refused[topic] = str(reason_code)
-            elif failed:
-                self._early[mid] = str(reason_code)
+            if topic is None:  # before _publish filed it (or a QoS 0 message): kept for a moment
+                self._early[mid] = str(reason_code) if failed else ""
                 while len(self._early) > 1024:
                     self._early.pop(next(iter(self._early)))
+            elif failed:
+                self.refused[topic] = str(reason_code)
 
 
 def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, keepalive: int = 30) -> None:
