@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from panorama.errors import ConfigError, UpdateError
 from panorama.geometry import resolve_views
@@ -47,15 +47,19 @@ class BrokerSettings(_Strict):
     password_file: Path | None = Field(None, description="the MQTT password is this file's first line "
                                        "(read at each connect; never written in a config)")
 
+    _endpoint: mq.Broker | None = PrivateAttr(None)
+
     @model_validator(mode="after")
     def _reachable(self):
-        self.endpoint()  # a bad URL, a missing or unreadable file, a wrong pairing: said now
+        # a bad URL, a missing or unreadable file, a wrong pairing: said now; the files read once
+        self._endpoint = mq.Broker(self.broker, self.ca_file, self.cert_file, self.key_file, self.username,
+                                   self.password_file)
         return self
 
     def endpoint(self) -> mq.Broker:
-        """The broker with its TLS and credentials, for ``edge.mqtt.connect``."""
-        return mq.Broker(self.broker, self.ca_file, self.cert_file, self.key_file, self.username,
-                         self.password_file)
+        """The broker with its TLS and credentials, for ``edge.mqtt.connect`` (made when the
+        settings were validated)."""
+        return self._endpoint
 
 
 class MqttConfig(BrokerSettings):

@@ -14,6 +14,7 @@ Nothing here ever writes a password, or a URL that may hold one, into a message.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import re
@@ -202,6 +203,9 @@ class Broker:
                 raise ValueError("password_file given without a username")
             self.password()  # readable and not empty, now
         if self.tls:
+            if self.cert_file is not None:  # before loading: a renewal meanwhile is then seen as one
+                with contextlib.suppress(OSError):  # a missing file: _tls_context says which
+                    object.__setattr__(self, "_stamp", self._cert_stamp())
             object.__setattr__(self, "_context", self._tls_context())
 
     def __str__(self) -> str:
@@ -228,7 +232,6 @@ class Broker:
         if self.cert_file is not None:
             cert = _readable_file("cert_file", self.cert_file)
             key = _readable_file("key_file", self.key_file, secret=True)
-            object.__setattr__(self, "_stamp", self._cert_stamp())
             try:
                 ctx.load_cert_chain(cert, key, password=_refuse_encrypted_key)
             except _EncryptedKey as exc:

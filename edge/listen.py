@@ -194,8 +194,7 @@ class Listener:
 
     def __init__(self, url: "str | Broker", protocol: str = "5", topic: str = "ecg/v1/+/+/virtual",
                  out: str | Path | None = None, limits=None, client_id: str | None = None):
-        self.url, self.protocol, self.topic = url, protocol, topic
-        self.broker = as_broker(url)
+        self.broker, self.protocol, self.topic = as_broker(url), protocol, topic
         self.out = Path(out) if out is not None else None
         self.limits = limits
         self.client_id = client_id
@@ -221,7 +220,7 @@ class Listener:
         self._client = client
         if not self._subscribed.wait(timeout):
             self.stop(write=False)
-            raise ConnectionError(f"{self.url} did not acknowledge the subscription to {self.topic} in {timeout:g} s")
+            raise ConnectionError(f"{self.broker} did not acknowledge the subscription to {self.topic} in {timeout:g} s")
         return self
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
@@ -301,7 +300,7 @@ class Listener:
     def stats(self) -> dict:
         with self._lock:
             per = {f"{k[0]}/{k[1]}": s.stats.summary() for k, s in self._streams.items()}
-        return {"broker": str(self.url), "topic": self.topic, "messages": self.messages, "malformed": self.malformed,
+        return {"broker": str(self.broker), "topic": self.topic, "messages": self.messages, "malformed": self.malformed,
                 "ignored": self.ignored, "errors": self.errors, "streams": per}
 
     def write(self, out: str | Path) -> dict:
@@ -318,7 +317,7 @@ class Listener:
                     continue
                 name = record_name(monitor, patient, k)
                 write_wfdb(out, name, seg.signals, seg.views, seg.fs, seg.t0_ns,
-                           [f"panorama listen: {monitor}/{patient} from {self.topic} on {self.url}"])
+                           [f"panorama listen: {monitor}/{patient} from {self.topic} on {self.broker}"])
                 ecgpaper.render(seg.signals, seg.views, seg.fs, out / f"{name}.png", title=f"{monitor}/{patient}")
                 entry["records"].append({"name": name, "views": seg.views, "samples": int(seg.signals.shape[1]),
                                          "missing_samples": int(np.isnan(seg.signals).any(axis=0).sum()),

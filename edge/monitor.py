@@ -176,7 +176,7 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
 
     client = make_client(client_id or new_client_id("monitor"), protocol)
     connect(client, url)
-    publisher = Publisher(client, protocol=protocol)
+    publisher = Publisher(client, protocol=protocol, track_refusals=protocol == "5")
     publisher.start()
     try:
         if view_names:
@@ -236,7 +236,6 @@ def _stop_refused(plans: list["_Plan"], publisher, stop: threading.Event, timeou
         why = publisher.refused.get(p.topic)
         if why:
             p.stats.refused = why
-            p.refused = True
             log.error("the broker refuses %s (%s): this stream stops; the broker takes a monitor's chunks "
                       "only under its own user name", p.topic, why)
 
@@ -249,7 +248,6 @@ class _Plan:
         from .protocol import Limits
 
         self.stream, self.topic, self.loop = stream, topic, loop
-        self.refused = False  # the broker refused its first chunk: it sends no more
         self.n = max(1, int(round(chunk_ms * stream.fs / 1000.0)))
         if self.n > Limits().max_samples:
             raise ValueError(f"chunk of {chunk_ms} ms is {self.n} samples; the protocol allows "
@@ -264,7 +262,7 @@ class _Plan:
                                  fmt)
 
     def done(self, i: int) -> bool:
-        return self.refused or (self.total is not None and i * self.n >= self.total)
+        return bool(self.stats.refused) or (self.total is not None and i * self.n >= self.total)
 
     def chunk(self, i: int, start_ns: int):
         from .protocol import Chunk

@@ -32,9 +32,9 @@ from panorama.errors import BackendError
 from .endpoint import (DEFAULT_PORT, TLS_PORT, Broker, add_security_args, as_broker, explain_exception,
                        explain_refusal, host_port, parse_broker_url, security_from_args)
 
-__all__ = ["PROTOCOLS", "DEFAULT_PORT", "TLS_PORT", "Broker", "BrokerConnectionError", "client_id", "parse_broker_url", "host_port", "make_client",
-           "publish_props", "Publisher", "connect", "as_broker", "explain_exception", "explain_refusal",
-           "add_security_args", "security_from_args"]
+__all__ = ["PROTOCOLS", "DEFAULT_PORT", "TLS_PORT", "Broker", "BrokerConnectionError", "client_id",
+           "parse_broker_url", "host_port", "make_client", "publish_props", "Publisher", "connect", "as_broker",
+           "explain_exception", "explain_refusal", "add_security_args", "security_from_args"]
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ _STOP = object()
 class Publisher:
     """One thread that owns all publishing, fed by a bounded queue (never publish from callbacks)."""
 
-    def __init__(self, client: mqtt.Client, maxsize: int = 2048, protocol: str = "5"):
+    def __init__(self, client: mqtt.Client, maxsize: int = 2048, protocol: str = "5", track_refusals: bool = False):
         version = _check_protocol(protocol)
         actual = getattr(client, "protocol", version)
         if actual in PROTOCOLS.values() and actual != version:
@@ -117,11 +117,14 @@ class Publisher:
         self.dropped = 0  # refused by put: queue full, or publisher stopped
         self.published = 0  # handed to paho successfully
         self.failed = 0  # paho refused (not connected with QoS 0, its own queue full, bad topic)
-        self.refused: dict[str, str] = {}  # topic → why the broker refused a QoS ≥ 1 message (MQTT 5 PUBACK)
+        # track_refusals (MQTT 5): topic → why the broker refused a QoS ≥ 1 message (its PUBACK)
+        self.refused: dict[str, str] = {}
+        self._track = track_refusals
         self._acks = threading.Lock()  # never held while calling paho: its network thread calls back holding its own
         self._pending: dict[int, str] = {}  # mid → topic of QoS ≥ 1 messages whose PUBACK has not come
         self._early: dict[int, str] = {}  # acks that came back before their mid was filed: why refused, or ""
-        client.on_publish = self._on_publish
+        if track_refusals:
+            client.on_publish = self._on_publish
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._lock = threading.Lock()
         self._props: dict[tuple, Properties | None] = {}
@@ -197,7 +200,7 @@ class Publisher:
         if info.rc == mqtt.MQTT_ERR_SUCCESS:
             self.published += 1
             self._last = info
-            if qos > 0:
+            if qos > 0 and self._track:
                 with self._acks:
                     if info.mid in self._early:  # acknowledged already
                         if why := self._early.pop(info.mid):
