@@ -9,13 +9,14 @@ model's hash within ``adopt_timeout_s`` and then stay online, with no inference 
 acknowledged on the device's retained state topic::
 
     {prefix}/{group}/manifest          operator → devices   signed envelope (deploy/topics.py)
-    {prefix}/artifacts/{sha256}        operator → devices   the checkpoint's bytes
+    {prefix}/artifacts/{sha256}/{i}    operator → devices   the checkpoint's bytes, in chunks whose hashes
+                                                            the manifest signs (deploy/download.py)
     {prefix}/devices/{device}/state    device → operator    READY, QUEUED, IN_PROGRESS, SUCCEEDED, FAILED
                                                             or REJECTED, with version, hash, reason and
                                                             the last verdict
 
 Threads: paho's network thread only files messages (manifests into a bounded queue, the
-daemon's health and status into two fields, an awaited artifact into its slot); one worker
+daemon's health and status into two fields, an awaited artifact's messages into its Download); one worker
 thread does everything else, one update at a time; edge.mqtt.Publisher publishes.
 """
 
@@ -36,6 +37,7 @@ from panorama.errors import UpdateError
 
 from . import manifest as mf
 from .agent_config import AgentConfig, check_agent_config
+from .download import Download
 from .store import ModelStore
 from .topics import FleetTopics
 
@@ -77,9 +79,7 @@ class Agent:
         self.manifests: queue.Queue = queue.Queue(maxsize=16)
         self.health: tuple[float, dict] | None = None  # (monotonic time, last health report)
         self.daemon_status = b""
-        self.artifact_topic: str | None = None
-        self.artifact: bytes | None = None
-        self.got_artifact = threading.Event()
+        self.download: Download | None = None  # the artifact being fetched
         self.stopping = threading.Event()
         self.results: deque[dict] = deque(maxlen=256)  # the latest acks sent, for the log and the tests
         self.client = mq.make_client(mq.client_id("fleet"), cfg.protocol)
@@ -111,11 +111,13 @@ class Agent:
         subs = [(self.manifest_topic, 1)]
         if self.health_topic:
             subs += [(self.health_topic, 0), (self.status_topic, 1)]
-        if self.artifact_topic:
-            subs.append((self.artifact_topic, 1))
+        download = self.download
+        if download:
+            subs.append((download.filter, 1))
         client.subscribe(subs)
 
     def _on_message(self, client, userdata, msg):
+        download = self.download
         if msg.topic == self.health_topic:
             try:
                 self.health = (time.monotonic(), json.loads(msg.payload))
@@ -123,10 +125,8 @@ class Agent:
                 log.warning("unreadable daemon health report ignored")
         elif msg.topic == self.status_topic:
             self.daemon_status = bytes(msg.payload)
-        elif msg.topic == self.artifact_topic:  # an oversized one is not held: its size says why
-            n = len(msg.payload)
-            self.artifact = bytes(msg.payload) if n <= self.cfg.max_artifact_bytes else n
-            self.got_artifact.set()
+        elif download is not None and download.offer(msg.topic, msg.payload):
+            pass  # checked against its signed size and hash there; a wrong one is not held
         elif msg.topic != self.manifest_topic:
             return  # an artifact no longer awaited (a late or repeated copy): not a manifest
         elif len(msg.payload) > MAX_MANIFEST_BYTES:
@@ -186,10 +186,11 @@ class Agent:
             return self._ack(m, "REJECTED", str(exc))
         self.store.record(version, "QUEUED", seen=version)  # never tried again, but for a fetch a stop cut short
         self._ack(m, "QUEUED", "")
-        self._ack(m, "IN_PROGRESS", "fetching the artifact")
+        download = Download(self.topics, m["artifact"])
+        self._ack(m, "IN_PROGRESS", f"fetching the artifact ({download.describe()})")
         staged = self.store.staging / f"{m['artifact']['sha256']}.safetensors"
         try:
-            self.store.stage(self._fetch(m["artifact"]["sha256"]), staged.name)
+            self.store.stage(self._fetch(download), staged.name)
             mf.check_artifact(m, staged)
             err = mf.dry_run(m, staged)
             self._ack(m, "IN_PROGRESS", f"dry-run passed ({err:.2f} µV from the golden views); installing")
@@ -201,7 +202,6 @@ class Agent:
             self.store.record(version, "FAILED", str(exc))
             return self._ack(m, "FAILED", str(exc))
         finally:
-            self.artifact = None  # the bytes are on disk or refused: do not hold them
             staged.unlink(missing_ok=True)
         log.info("version %s installed; %s", version, "gating on the daemon's health" if self.health_topic
                  else "no daemon to gate on")
@@ -261,25 +261,22 @@ class Agent:
             log.info("no cached export of the %d retired model(s) in %s (is cache_dir the daemon's PANORAMA_CACHE?)",
                      len(retired), self.cfg.cache_dir or cache_root())
 
-    def _fetch(self, sha256: str) -> bytes:
-        topic = self.topics.artifact(sha256)
-        self.artifact, self.artifact_topic = None, topic
-        self.got_artifact.clear()
-        self.client.subscribe(topic, qos=1)
+    def _fetch(self, download: Download) -> bytes:
+        """The artifact's bytes from its retained messages; the download is dropped after,
+        so what arrives later is not held."""
+        self.download = download
+        self.client.subscribe(download.filter, qos=1)  # the broker sends what it retains there
         deadline = time.monotonic() + self.cfg.artifact_timeout_s
         try:
-            while not self.got_artifact.wait(0.2):
+            while not download.finished.wait(0.2):
                 if self.stopping.is_set():
                     raise _Stopped
                 if time.monotonic() > deadline:
-                    raise UpdateError(f"no artifact on {topic} within {self.cfg.artifact_timeout_s:g} s")
-            if isinstance(self.artifact, int):
-                raise UpdateError(f"artifact on {topic} is {self.artifact} bytes, more than max_artifact_bytes "
-                                  f"{self.cfg.max_artifact_bytes}")
-            return self.artifact
+                    raise UpdateError(f"{download.missing()} within {self.cfg.artifact_timeout_s:g} s")
+            return download.result()
         finally:
-            self.artifact_topic = None
-            self.client.unsubscribe(topic)
+            self.download = None
+            self.client.unsubscribe(download.filter)
 
     def _gate(self, m: dict) -> str | None:
         """None when the daemon adopts the new model and stays healthy; else what went wrong."""

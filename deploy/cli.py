@@ -19,6 +19,8 @@ from pathlib import Path
 from edge import mqtt as mq
 from panorama.errors import UpdateError
 
+from .topics import CHUNK_BYTES, MIN_CHUNK_BYTES
+
 log = logging.getLogger("panorama.fleet")
 
 
@@ -43,6 +45,10 @@ def register(sub) -> None:
                     help="a device model the update is for (repeat for several)")
     pk.add_argument("--expires-days", type=float, default=30.0, help="devices refuse it after this (default 30)")
     pk.add_argument("--notes", default="", help="free text carried in the manifest")
+    pk.add_argument("--chunk-kb", type=int, default=CHUNK_BYTES >> 10,
+                    help=f"send the model in retained messages of at most this many KiB, each hash signed "
+                    f"(default {CHUNK_BYTES >> 10}: fits brokers that cap a message, AWS IoT Core at 128 KB; "
+                    f"at least {MIN_CHUNK_BYTES >> 10}; 0: the whole file in one message)")
     pk.add_argument("--out", type=Path, required=True, help="folder for manifest.json and model.safetensors")
     pk.set_defaults(func=_pack)
 
@@ -111,7 +117,8 @@ def _pack(args) -> int:
 
     if args.out.exists() and any(args.out.iterdir()):
         raise UpdateError(f"{args.out} is not empty: pack into a new folder")
-    manifest = build(args.model, args.version, args.groups, args.device_models, args.expires_days, args.notes)
+    manifest = build(args.model, args.version, args.groups, args.device_models, args.expires_days, args.notes,
+                     chunk_bytes=args.chunk_kb * 1024)
     envelope = sign(manifest, args.key)
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.model, args.out / ARTIFACT_NAME)
@@ -119,7 +126,8 @@ def _pack(args) -> int:
     art = manifest["artifact"]
     print(f"{args.out}: version {args.version} for groups {', '.join(manifest['target']['groups'])} "
           f"({', '.join(manifest['target']['device_models'])}), "
-          f"{art['size']} bytes, sha256 {art['sha256'][:16]}…, expires {manifest['expires']}")
+          f"{art['size']} bytes in {len(art.get('chunks', [0]))} message(s), sha256 {art['sha256'][:16]}…, "
+          f"expires {manifest['expires']}")
     return 0
 
 
@@ -136,7 +144,9 @@ def _publish(args) -> int:
         fleet.publish_update(envelope, manifest, data, groups)
     finally:
         fleet.close()
-    print(f"published version {manifest['version']} for {', '.join(groups)} ({len(data)} bytes) on {args.broker}")
+    n = len(manifest["artifact"].get("chunks", [0]))
+    print(f"published version {manifest['version']} for {', '.join(groups)} ({len(data)} bytes in {n} message(s) "
+          f"and the manifest) on {args.broker}")
     return 0
 
 
@@ -193,7 +203,14 @@ def _forget(args) -> int:
         raise ValueError("name a --device or an --artifact to forget")
     fleet = Fleet(_broker(args), args.prefix, args.protocol)
     try:
-        topics = [fleet.topics.state(d) for d in args.devices] + [fleet.topics.artifact(a) for a in args.artifacts]
+        for sha in args.artifacts:
+            fleet.topics.artifact(sha)  # a bad hash is refused before anything is cleared
+        topics = [fleet.topics.state(d) for d in args.devices]
+        for sha in args.artifacts:
+            held = fleet.artifact_topics(sha)
+            if not held:
+                print(f"the broker holds no message of artifact {sha[:16]}…")
+            topics += held
         for topic in topics:
             fleet.clear(topic)
     finally:

@@ -13,7 +13,8 @@ the key did not sign (the scheme hawkBit, Mender, AWS IoT Jobs and TUF agree on)
       "created": "...Z", "expires": "...Z",      an expired manifest is refused (a freeze attack)
       "target": {"groups": ["canary", "ward-3"], "device_models": ["monitor-x"], "checkpoint_format": "1"},
       "artifact": {"name": "model.safetensors", "size": N, "sha256": file hash,
-                   "model_sha256": the checkpoint's own content hash},
+                   "model_sha256": the checkpoint's own content hash,
+                   "chunk_bytes": 65536, "chunks": [sha256 of each]},   absent: one message
       "golden": {...},                           what the model must draw on a fixed recording
       "notes": "..."}
 
@@ -41,6 +42,8 @@ from panorama.errors import UpdateError
 from panorama.files import file_sha256
 from panorama.geometry import STANDARD_12, resolve_views, unit_vector
 from panorama.records import MODEL_FS
+
+from .topics import CHUNK_BYTES, MIN_CHUNK_BYTES, check_group
 
 SCHEMA = "panorama-fleet-update/1"
 ARTIFACT_NAME = "model.safetensors"
@@ -163,30 +166,36 @@ def parse_time(s) -> datetime:
 
 
 def build(model_path: Path, version: int, groups: list[str], device_models: list[str], expires_days: float = 30.0,
-          notes: str = "", now: datetime | None = None) -> dict:
-    """The manifest of ``model_path``: hashes, target, expiry and its golden outputs."""
+          notes: str = "", now: datetime | None = None, chunk_bytes: int = CHUNK_BYTES) -> dict:
+    """The manifest of ``model_path``: hashes, target, expiry and its golden outputs; the
+    artifact split into chunks of ``chunk_bytes`` (0: sent as one message)."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ValueError(f"version must be a whole number ≥ 1, got {version!r}")
     if not device_models or not all(isinstance(m, str) and m.strip() for m in device_models):
         raise ValueError("name at least one device model the update is for (--device-model)")
     if not 0 < expires_days <= MAX_EXPIRY_DAYS:
         raise ValueError(f"expiry must lie within {MAX_EXPIRY_DAYS} days from now, got {expires_days} days")
-    from .topics import check_group
-
+    if chunk_bytes != 0 and not (isinstance(chunk_bytes, int) and chunk_bytes >= MIN_CHUNK_BYTES):
+        raise ValueError(f"chunks must be at least {MIN_CHUNK_BYTES >> 10} KiB (or 0: the whole file in one "
+                         f"message), got {chunk_bytes / 1024:g} KiB")
     if not groups:
         raise ValueError("name at least one group the update is for (--group)")
     for g in groups:
         check_group(g)
     model, meta = checkpoint.load(model_path)  # a clear CheckpointError for anything unreadable
     now = now or datetime.now(timezone.utc)
+    data = Path(model_path).read_bytes()
+    chunked = {} if not chunk_bytes else {
+        "chunk_bytes": chunk_bytes,
+        "chunks": [hashlib.sha256(data[i:i + chunk_bytes]).hexdigest() for i in range(0, len(data), chunk_bytes)]}
     return {
         "schema": SCHEMA, "version": version, "created": _utc(now),
         "expires": _utc(now + timedelta(days=expires_days)),
         "target": {"groups": sorted(set(groups)), "device_models": sorted(set(m.strip() for m in device_models)),
                    "checkpoint_format": checkpoint.FORMAT_VERSION},
-        "artifact": {"name": ARTIFACT_NAME, "size": Path(model_path).stat().st_size,
-                     "sha256": file_sha256(model_path), "model_sha256": meta["sha256"],
-                     "stage": str(meta.get("stage", "")), "device": str(meta.get("device", ""))},
+        "artifact": {"name": ARTIFACT_NAME, "size": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest(), "model_sha256": meta["sha256"],
+                     "stage": str(meta.get("stage", "")), "device": str(meta.get("device", "")), **chunked},
         "golden": golden(model, meta),
         "notes": notes,
     }
@@ -251,8 +260,45 @@ def check_applicable(manifest: dict, group: str, device_model: str, newest_seen:
         raise UpdateError(f"manifest is for device models {models}, this device is {device_model!r}")
     if fmt != checkpoint.FORMAT_VERSION:
         raise UpdateError(f"checkpoint format {fmt!r}; this code reads {checkpoint.FORMAT_VERSION!r}")
-    if size <= 0 or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+    if size <= 0 or not _is_sha256(digest):
         raise UpdateError("manifest's artifact has no size or no sha256 (64 lower-case hex digits)")
+    chunk_plan(art)
+
+
+def _is_sha256(s) -> bool:
+    return isinstance(s, str) and len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+
+
+def chunk_plan(art: dict) -> list[tuple[str | None, int]]:
+    """How the manifest's artifact travels: (sha256, size) of each message, in order; one
+    message with no hash of its own where the manifest names no chunks (the whole file's
+    hash is checked once it is on disk). UpdateError for a plan that does not add up."""
+    size = int(art["size"])
+    if "chunks" not in art and "chunk_bytes" not in art:
+        return [(None, size)]
+    n, hashes = art.get("chunk_bytes"), art.get("chunks")
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= MIN_CHUNK_BYTES and isinstance(hashes, list)
+            and len(hashes) == -(-size // n) and all(_is_sha256(h) for h in hashes)):
+        count = len(hashes) if isinstance(hashes, list) else "no list of"
+        raise UpdateError(f"manifest's artifact chunks do not add up: {count} hashes for {size} bytes in chunks "
+                          f"of {n!r} bytes (at least {MIN_CHUNK_BYTES} each)")
+    return [(h, min(n, size - i * n)) for i, h in enumerate(hashes)]
+
+
+def split(art: dict, data: bytes) -> list[bytes]:
+    """``data`` cut as the manifest's artifact travels (see ``chunk_plan``), each piece
+    checked against the hash the manifest signed for it."""
+    plan = chunk_plan(art)
+    if len(data) != int(art["size"]):
+        raise UpdateError(f"artifact is {len(data)} bytes, the manifest says {art['size']}")
+    out, at = [], 0
+    for i, (digest, n) in enumerate(plan):
+        piece = data[at:at + n]
+        if digest is not None and hashlib.sha256(piece).hexdigest() != digest:
+            raise UpdateError(f"chunk {i} of the artifact differs from the hash its manifest signed")
+        out.append(piece)
+        at += n
+    return out
 
 
 def check_artifact(manifest: dict, path: Path) -> None:

@@ -23,7 +23,7 @@ from edge import mqtt as mq
 from panorama.errors import UpdateError
 from panorama.files import file_sha256
 
-from .manifest import ARTIFACT_NAME, verify
+from .manifest import ARTIFACT_NAME, chunk_plan, split, verify
 from .topics import FleetTopics
 
 log = logging.getLogger("panorama.fleet")
@@ -124,9 +124,39 @@ class Fleet:
         """Remove a retained message (an empty one replaces it)."""
         self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
 
+    def retained(self, topic_filter: str, wait: float = 1.0) -> list[str]:
+        """The topics under ``topic_filter`` where the broker holds a retained message."""
+        found: set[str] = set()
+
+        def on_message(client, userdata, msg):
+            if msg.retain and msg.payload:
+                with self._lock:
+                    found.add(msg.topic)
+
+        self.client.message_callback_add(topic_filter, on_message)  # before the states' own callback
+        self.client.subscribe(topic_filter, qos=1)
+        try:
+            time.sleep(wait)  # retained messages come back within milliseconds of the subscribe
+        finally:
+            self.client.unsubscribe(topic_filter)
+            self.client.message_callback_remove(topic_filter)
+        with self._lock:
+            return sorted(found)
+
+    def artifact_topics(self, sha256: str, wait: float = 1.0) -> list[str]:
+        """Every retained message of one artifact: the whole file, or its chunks."""
+        return self.retained(self.topics.artifact(sha256) + "/#", wait)  # "/#" matches the level above too
+
     def publish_update(self, envelope: bytes, manifest: dict, data: bytes, groups: list[str]) -> None:
-        """The artifact first, so a device that sees the manifest finds its bytes there."""
-        self.publish(self.topics.artifact(manifest["artifact"]["sha256"]), data)
+        """The artifact first (its chunks, as the manifest signed them), so a device that
+        sees the manifest finds its bytes there."""
+        art = manifest["artifact"]
+        pieces = split(art, data)
+        if len(pieces) == 1 and chunk_plan(art)[0][0] is None:
+            self.publish(self.topics.artifact(art["sha256"]), data)
+        else:
+            for i, piece in enumerate(pieces):
+                self.publish(self.topics.artifact_chunk(art["sha256"], i), piece)
         for g in groups:
             self.publish(self.topics.manifest(g), envelope)
 

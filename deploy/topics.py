@@ -1,7 +1,10 @@
 """The fleet's topic tree (all retained, QoS 1):
 
     {prefix}/{group}/manifest          operator → devices   the signed envelope of the group's latest update
-    {prefix}/artifacts/{sha256}        operator → devices   a checkpoint's bytes, named by their hash
+    {prefix}/artifacts/{sha256}/{i}    operator → devices   chunk i of a checkpoint's bytes, named by their
+                                                            hash (the manifest signs each chunk's hash)
+    {prefix}/artifacts/{sha256}        operator → devices   the whole checkpoint, where its manifest names
+                                                            no chunks (``panorama fleet pack --chunk-kb 0``)
     {prefix}/devices/{device}/state    device → operator    READY, QUEUED, IN_PROGRESS, SUCCEEDED, FAILED or
                                                             REJECTED, and the device's last verdict
 """
@@ -11,6 +14,10 @@ from __future__ import annotations
 from edge.topics import Topics, _check_id
 
 RESERVED_GROUPS = ("artifacts", "devices")
+# An artifact travels in chunks of at most this many bytes, each its own retained message
+# whose hash the manifest signs: managed brokers cap a message (AWS IoT Core at 128 KB).
+CHUNK_BYTES = 64 << 10
+MIN_CHUNK_BYTES = 16 << 10  # keeps the manifest's list of hashes small (≤ 4,096 for a 64 MB artifact)
 
 
 def check_group(group) -> str:
@@ -33,6 +40,13 @@ class FleetTopics:
         if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
             raise ValueError(f"not a sha256: {sha256!r}")
         return f"{self.prefix}/artifacts/{sha256}"
+
+    def artifact_chunk(self, sha256: str, index: int) -> str:
+        return f"{self.artifact(sha256)}/{int(index)}"
+
+    def artifact_chunks(self, sha256: str) -> str:
+        """The filter for every chunk of one artifact."""
+        return f"{self.artifact(sha256)}/+"
 
     def state(self, device: str) -> str:
         return f"{self.prefix}/devices/{_check_id('device', device)}/state"

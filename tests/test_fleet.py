@@ -117,6 +117,52 @@ def test_dry_run_refuses_another_file_another_model_and_other_views(stage2_manif
         mf.dry_run(shifted, good)
 
 
+def test_the_artifact_travels_in_signed_chunks_and_a_device_takes_only_matching_ones(stage2_manifest):
+    from deploy.download import Download
+
+    art, data = stage2_manifest["artifact"], STAGE2.read_bytes()
+    plan = mf.chunk_plan(art)  # 64 KiB chunks by default: under AWS IoT Core's 128 KB a message
+    assert len(plan) == -(-len(data) // (64 << 10)) > 1 and sum(n for _, n in plan) == len(data)
+    pieces = mf.split(art, data)
+    assert b"".join(pieces) == data and max(map(len, pieces)) == 64 << 10
+    with pytest.raises(UpdateError, match="chunk 2 of the artifact differs"):
+        mf.split(art, data[:2 << 16] + b"x" + data[(2 << 16) + 1:])  # a package whose file is not what was signed
+    topics = FleetTopics("f")
+    d = Download(topics, art)
+    assert d.filter == f"f/artifacts/{art['sha256']}/+" and "of at most 64 KiB" in d.describe()
+    assert not d.offer(f"f/artifacts/{'ab' * 32}/0", pieces[0])  # another artifact's: not ours
+    for i in reversed(range(len(pieces))):  # any order, repeats welcome
+        assert d.offer(topics.artifact_chunk(art["sha256"], i), pieces[i])
+        d.offer(topics.artifact_chunk(art["sha256"], i), pieces[i])
+        assert d.finished.is_set() == (i == 0)
+    assert d.result() == data
+    d = Download(topics, art)
+    d.offer(topics.artifact_chunk(art["sha256"], 0), pieces[0])
+    assert "5 of 6 chunks missing" in d.missing() and "(1, 2, 3, 4, 5)" in d.missing()
+    d.offer(topics.artifact_chunk(art["sha256"], 1), pieces[2])  # a damaged copy ends it, naming the chunk
+    with pytest.raises(UpdateError, match="chunk 1 of 6 on .*/1 differs from the sha256 its manifest signed"):
+        d.result()
+    d = Download(topics, art)
+    d.offer(topics.artifact_chunk(art["sha256"], 5), pieces[5] + b"more")
+    with pytest.raises(UpdateError, match=f"chunk 5 of 6 .* is {len(pieces[5]) + 4} bytes, the manifest says"):
+        d.result()
+    whole = mf.build(STAGE2, 3, ["ward3"], ["monitor-x"], chunk_bytes=0)  # the whole file in one message
+    assert "chunks" not in whole["artifact"] and mf.split(whole["artifact"], data) == [data]
+    d = Download(topics, whole["artifact"])
+    assert d.filter == topics.artifact(art["sha256"]) and d.describe() == "one message"
+    d.offer(d.filter, data[:-1])
+    with pytest.raises(UpdateError, match="the artifact on .* is .* bytes, the manifest says"):
+        d.result()
+    for bad in ({"chunk_bytes": 1024}, {"chunks": art["chunks"][:-1]}, {"chunks": ["x" * 64] * len(plan)},
+                {"chunks": None}):
+        garbled = json.loads(json.dumps(stage2_manifest))
+        garbled["artifact"].update(bad)
+        with pytest.raises(UpdateError, match="chunks do not add up"):
+            mf.check_applicable(garbled, "ward3", "monitor-x", newest_seen=2)
+    with pytest.raises(ValueError, match="at least 16 KiB"):
+        mf.build(STAGE2, 3, ["ward3"], ["monitor-x"], chunk_bytes=4096)
+
+
 # ----------------------------------------------------------------------------- the store
 
 def test_store_swaps_current_whole_keeps_previous_and_prunes(tmp_path, stage2_manifest):

@@ -186,7 +186,7 @@ def test_a_fetch_a_restart_cut_short_is_tried_again_and_stray_messages_are_not_m
     assert os.readlink(store.current) == "versions/3" and list(store.staging.iterdir()) == []
 
 
-def test_publish_reads_back_and_never_announces_what_the_broker_dropped(keys, tmp_path):
+def test_a_broker_that_caps_messages_gets_the_model_in_chunks_and_publish_reads_back(keys, tmp_path):
     import shutil as sh
 
     from deploy.rollout import Fleet, read_package
@@ -197,22 +197,40 @@ def test_publish_reads_back_and_never_announces_what_the_broker_dropped(keys, tm
     conf = tmp_path / "small.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmessage_size_limit 100000\n")
     broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"mqtt://127.0.0.1:{port}"
     try:
         assert wait(lambda: listening("127.0.0.1", port), 10)
         private, public = keys
-        envelope, manifest, data = read_package(pack(tmp_path, private, STAGE2, 3), public)
-        fleet = Fleet(f"mqtt://127.0.0.1:{port}", "small/fleet", protocol="3.1.1")  # acknowledged, yet dropped
+        # the model as one 346 kB message: acknowledged, yet dropped, so its manifest never goes out
+        envelope, manifest, data = read_package(pack(tmp_path, private, STAGE2, 3, chunk_bytes=0), public)
+        fleet = Fleet(url, "small/fleet", protocol="3.1.1")
+        got = []
         try:
             with pytest.raises(UpdateError, match="does not hold it"):
                 fleet.publish_update(envelope, manifest, data, ["ward3"])
             fleet.publish(fleet.topics.manifest("ward4"), b"{}")  # what fits is held and read back
-            got = []
             fleet.client.on_message = lambda c, u, m: got.append(m.topic)
             fleet.client.subscribe("small/fleet/+/manifest", qos=1)
             time.sleep(1.0)
         finally:
             fleet.close()
         assert got == ["small/fleet/ward4/manifest"], "the manifest of the dropped model was never published"
+        # in 64 KiB chunks (pack's default) the same broker carries it, and a device behind it installs it
+        cfg = agent_config(tmp_path, public, "small", daemon_id=None, broker=url, protocol="3.1.1")
+        agent = Agent(cfg).start()
+        fleet = Fleet(url, "small/fleet", protocol="3.1.1")
+        try:
+            envelope, manifest, data = read_package(pack(tmp_path, private, STAGE2, 4), public)
+            assert len(manifest["artifact"]["chunks"]) == 6
+            fleet.publish_update(envelope, manifest, data, ["ward3"])
+            assert wait(lambda: agent.results[-1]["state"] in ("SUCCEEDED", "FAILED", "REJECTED"), 30)
+        finally:
+            fleet.close()
+            agent.stop()
+        assert [r["state"] for r in agent.results] == ["READY", "QUEUED", "IN_PROGRESS", "IN_PROGRESS", "SUCCEEDED"]
+        assert "6 chunks of at most 64 KiB" in agent.results[2]["reason"]
+        assert os.readlink(agent.store.current) == "versions/4"
+        assert agent.store.model_path.read_bytes() == STAGE2.read_bytes()
     finally:
         broker.terminate()
         broker.wait(10)
@@ -225,10 +243,12 @@ def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panoram
 
     prefix = f"test/{uuid.uuid4().hex[:8]}/fleet"
     fleet = Fleet(mosquitto, prefix)
-    sha = "cd" * 32
+    sha, chunked, never = "cd" * 32, "ef" * 32, "01" * 32
     try:
         fleet.publish(fleet.topics.state("old-bed"), json.dumps({"device": "old-bed", "state": "READY"}).encode())
-        fleet.publish(fleet.topics.artifact(sha), b"an old model")
+        fleet.publish(fleet.topics.artifact(sha), b"an old model")  # in one message
+        for i in range(2):  # and one in chunks
+            fleet.publish(fleet.topics.artifact_chunk(chunked, i), b"a chunk of another")
         # a state filed under another device's topic is not that device's answer (a forged verdict)
         fleet.publish(fleet.topics.state("impostor"), json.dumps({"device": "bed7", "state": "SUCCEEDED"}).encode())
         assert wait(lambda: "old-bed" in fleet.snapshot(), 5)
@@ -237,18 +257,21 @@ def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panoram
         fleet.clear(fleet.topics.state("impostor"))
     finally:
         fleet.close()
-    r = panorama("fleet", "forget", "--device", "old-bed", "--artifact", sha, "--prefix", prefix, "--broker", mosquitto)
-    assert r.returncode == 0 and "cleared 2 retained message(s)" in r.stdout, r.stderr
+    r = panorama("fleet", "forget", "--device", "old-bed", "--artifact", sha, "--artifact", chunked,
+                 "--artifact", never, "--prefix", prefix, "--broker", mosquitto)
+    assert r.returncode == 0 and "cleared 4 retained message(s)" in r.stdout, r.stderr
+    assert "the broker holds no message of artifact 0101010101010101…" in r.stdout
     r = panorama("fleet", "status", "--prefix", prefix, "--broker", mosquitto, "--wait", "1")
     assert "no device has reported" in r.stdout
     fresh = Fleet(mosquitto, prefix)
     got = []
     try:
         fresh.client.on_message = lambda c, u, m: got.append(m.topic)
-        fresh.client.subscribe(fresh.topics.artifact(sha), qos=1)
+        for a in (sha, chunked):
+            fresh.client.subscribe(fresh.topics.artifact(a) + "/#", qos=1)
         time.sleep(1.0)
     finally:
         fresh.close()
-    assert got == [], "the old model file is no longer retained"
+    assert got == [], "the old model files are no longer retained"
     r = panorama("fleet", "forget", "--prefix", prefix, "--broker", mosquitto)
     assert r.returncode == 2 and "name a --device or an --artifact" in r.stderr
