@@ -14,7 +14,8 @@ from typing import Callable, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from panorama.errors import ConfigError, UpdateError
+from panorama.devices import check_device_name
+from panorama.errors import BackendError, ConfigError, UpdateError
 from panorama.geometry import resolve_views
 
 from . import mqtt as mq
@@ -73,10 +74,15 @@ class ModelConfig(_Strict):
     path: Path | None = Field(None, description="checkpoint; default: the shipped pretrained one")
     backend: Literal["torch", "onnxruntime", "tensorrt"] = Field(
         "onnxruntime", description="onnxruntime: about 2x faster than torch on a CPU; tensorrt on a Jetson")
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu, cuda or cuda:N (tensorrt: cuda)")
     threads: int = Field(2, ge=1, le=64, description="CPU threads for torch (inference and calibration)")
     reload_check_s: float = Field(5.0, ge=0, description="look this often for a new checkpoint at path (a fleet "
                                   "update swapping the store's current link) and load it; 0: never")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device_name(v)
 
 
 class StreamConfig(_Strict):
@@ -112,8 +118,13 @@ class StreamConfig(_Strict):
 
 class CalibrationConfig(_Strict):
     seconds: float = Field(5.0, ge=0, le=60, description="0 turns on-the-fly calibration off; else at least 1")
-    device: str = "cpu"
+    device: str = Field("cpu", description="the torch device calibration runs on: cpu, cuda or cuda:N")
     workers: int = Field(1, ge=1, le=8)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device_name(v)
 
     @field_validator("seconds")
     @classmethod
@@ -151,6 +162,26 @@ class EdgeConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     queues: QueueConfig = Field(default_factory=QueueConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
+
+
+def check_devices(cfg: EdgeConfig) -> None:
+    """What a file cannot tell: that this machine has the devices the config names. A
+    ConfigError naming each key, before any model loads (``serve`` and ``--validate-config``)."""
+    from panorama.devices import check_torch_device
+
+    from .backends import check_device
+
+    problems = []
+    try:
+        check_device(cfg.model.backend, cfg.model.device)
+    except (ValueError, BackendError) as exc:
+        problems.append(f"model.device (backend {cfg.model.backend}): {exc}")
+    try:
+        check_torch_device(cfg.calibration.device)
+    except ValueError as exc:
+        problems.append(f"calibration.device: {exc}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def load_config(path: str | Path | None) -> EdgeConfig:

@@ -42,7 +42,7 @@ from panorama.synth import default_checkpoint
 from . import mqtt as mq
 from .model_slot import ModelSlot
 from .batch import Output, run_windows
-from .config import EdgeConfig, load_config, with_overrides
+from .config import EdgeConfig, check_devices, load_config, with_overrides
 from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Chunk, Limits, ProtocolError, decode_any, encode, to_json
 from .topics import Topics, parse_views_request
 from .reporting import LatencyWindow, Reporter
@@ -70,6 +70,7 @@ def run(args) -> int:
     cfg = with_overrides(cfg, "mqtt", {k: v for k, v in given.items() if v is not None})
     if args.validate_config:
         checkpoint.read_header(cfg.model.path or default_checkpoint())  # the model must be one this code reads
+        check_devices(cfg)
         print(f"{args.config or 'defaults'}: valid")
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
@@ -88,6 +89,7 @@ def run(args) -> int:
 
 class Daemon:
     def __init__(self, cfg: EdgeConfig):
+        check_devices(cfg)  # this machine has what the config names, before anything loads
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.prefix)
         self.id = cfg.mqtt.daemon_id

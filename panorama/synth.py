@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from .devices import check_torch_device
 from .errors import CheckpointError
 from .geometry import View, descriptors, redundant_limb_leads
 from .model import DOWNSAMPLE
@@ -50,7 +51,7 @@ class Synthesizer:
     60-minute record took 1.6 GB in one pass)."""
 
     def __init__(self, model, meta: dict | None = None, device: str = "cpu", runner=None, chunk: int = CHUNK):
-        self.device = torch.device(device)
+        self.device = torch.device(check_torch_device(str(device)))  # a clear error where there is no such GPU
         self.model = model.to(self.device).eval()
         self.meta = meta or {}
         self.runner = runner

@@ -125,6 +125,34 @@ def test_validate_config(tmp_path, panorama):
         assert r.returncode != 0 and says in r.stderr and "valid" not in r.stdout
 
 
+def test_devices_this_machine_lacks_are_refused_before_anything_loads(tmp_path, panorama):
+    import onnxruntime as ort
+    import torch
+
+    from edge.config import EdgeConfig
+    from edge.serve import Daemon
+    from panorama.errors import ConfigError
+    from panorama.synth import Synthesizer
+
+    cfg = tmp_path / "gpu.yaml"
+    cfg.write_text("model:\n  device: gpu0\n")
+    r = panorama("serve", "--config", cfg, "--validate-config")
+    assert r.returncode == 2 and "model.device: device 'gpu0': use cpu, cuda or cuda:N" in r.stderr
+    if torch.cuda.is_available() or "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("checks the errors on a machine without CUDA")
+    # the Jetson settings of deploy/README on a machine (or a torch wheel) without CUDA: one line, no traceback
+    cfg.write_text("model: {backend: onnxruntime, device: cuda}\ncalibration: {device: cuda}\n")
+    for args in (("--validate-config",), ()):
+        r = panorama("serve", "--config", cfg, *args, "--broker", "mqtt://127.0.0.1:9")
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert "model.device (backend onnxruntime): device cuda: this ONNX Runtime" in r.stderr
+        assert "install onnxruntime-gpu" in r.stderr and "calibration.device: device cuda: this torch" in r.stderr
+    with pytest.raises(ConfigError, match="model.device \\(backend torch\\): device cuda:1: this torch"):
+        Daemon(EdgeConfig.model_validate({"model": {"backend": "torch", "device": "cuda:1"}}))
+    with pytest.raises(ValueError, match="device cuda: this torch .* sees no CUDA GPU"):
+        Synthesizer.load(device="cuda")  # bench, synthesize and the API go through it
+
+
 def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, panorama):
     """A real record replayed by the monitor: after the 5 s calibration the streamed views
     equal ``panorama synthesize --calibrate 5`` of the same record within 1 µV RMS."""

@@ -5,13 +5,13 @@ Relative paths are relative to the working directory (the repo root in the READM
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from panorama.devices import check_device_name
 from panorama.errors import ConfigError
 from panorama.geometry import resolve_views
 
@@ -115,9 +115,7 @@ class TrainConfig(Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"cpu|cuda(:\d+)?", v):
-            raise ValueError(f"device {v!r}: use cpu, cuda or cuda:N")
-        return v
+        return check_device_name(v)
 
     @model_validator(mode="after")
     def _check(self):

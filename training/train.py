@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from panorama import checkpoint
+from panorama.devices import check_torch_device
 from panorama.geometry import resolve_views
 from panorama.model import ModelConfig, NefNetV2
 from panorama.synth import Synthesizer
@@ -145,8 +146,10 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     cfg = cfg.model_copy(deep=True)  # optim.minutes may fix optim.steps: the caller's config stays as given
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {cfg.device}: this torch sees no CUDA GPU")
+    try:
+        check_torch_device(cfg.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     dev = torch.device(cfg.device)
     out = cfg.out
     check_run_folder(cfg, resume)  # before any work, and before config.json is written over

@@ -10,6 +10,7 @@ installed fails with a message naming what to install.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Protocol
 
@@ -50,3 +51,23 @@ def make_backend(name: str, checkpoint: Path, device: str | None = None) -> Back
                            f"{INSTALL.get(missing, f'it (pip install {missing})')}") from exc
     backend = getattr(mod, cls)
     return backend(checkpoint) if device is None else backend(checkpoint, device)
+
+
+def check_device(name: str, device: str) -> None:
+    """Refuse, before anything loads, a device backend ``name`` cannot run on here: a
+    BackendError naming what is missing (ValueError for a name no backend takes)."""
+    if name == "torch":
+        from panorama.devices import check_torch_device
+
+        check_torch_device(device)
+    elif name == "onnxruntime" and device.startswith("cuda"):
+        from .onnxruntime import check_cuda_provider  # onnxruntime is a dependency: always there
+
+        check_cuda_provider(device)
+    elif name == "tensorrt":
+        if not device.startswith("cuda"):
+            raise ValueError(f"the tensorrt backend runs on a CUDA device (cuda or cuda:N), not {device!r}")
+        for module in ("tensorrt", "cuda"):
+            if importlib.util.find_spec(module) is None:
+                raise BackendError(f"backend 'tensorrt' needs {module}, which is not installed; install "
+                                   f"{INSTALL[module]}")

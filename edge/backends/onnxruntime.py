@@ -1,6 +1,6 @@
 """The ONNX Runtime backend: the checkpoint exported once (export.onnx.cached_onnx: cached by
-its hash) or an exported .onnx, run on the CPU provider, or CUDA's where ONNX Runtime has it
-and the device asks for it."""
+its hash) or an exported .onnx, run on the CPU provider, or on CUDA's where the device asks
+for it (a BackendError where this ONNX Runtime has none: never a silent fall back to the CPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import numpy as np
 import onnxruntime as ort
 
 from export.onnx import cached_onnx
+from panorama.errors import BackendError
 from panorama.model import DOWNSAMPLE
+
+
+def check_cuda_provider(device: str) -> None:
+    """BackendError unless this ONNX Runtime can run on CUDA (onnxruntime-gpu)."""
+    have = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in have:
+        raise BackendError(f"device {device}: this ONNX Runtime ({ort.__version__}) has no CUDA provider, only "
+                           f"{', '.join(have)}; install onnxruntime-gpu, or use device cpu")
 
 
 class OnnxRuntimeBackend:
@@ -22,11 +31,16 @@ class OnnxRuntimeBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
-        providers = ["CPUExecutionProvider"]
-        if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        providers: list = ["CPUExecutionProvider"]
+        cuda = str(device).startswith("cuda")
+        if cuda:
+            check_cuda_provider(device)
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(str(device).partition(":")[2] or 0)}))
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.providers = self.session.get_providers()
+        if cuda and "CUDAExecutionProvider" not in self.providers:  # ONNX Runtime falls back without a word
+            raise BackendError(f"device {device}: ONNX Runtime could not start its CUDA provider (CUDA or cuDNN "
+                               "libraries missing? its log above says which); or use device cpu")
 
     def run(self, x, in_views, mask, q_views) -> np.ndarray:
         t = x.shape[-1]
