@@ -362,6 +362,8 @@ class PatientStream:
             s = max(0, floor8(e - self.p.window) if not last else floor8(o0 - self.p.context))
             s = min(s, floor8(max(0, o0 - self.p.context)))
             out.append(self._window(s, e, o0, o1, last))
+            if final:
+                out[-1].sent_ns = 0  # flushed at the stream's close, not completed by a raw chunk: no latency
             self.emitted = o1
             self.consumed = max(self.consumed, e)
         return out

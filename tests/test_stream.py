@@ -143,6 +143,18 @@ def test_stale_output_is_skipped_not_delivered_late(record, backend):
     assert out.data.shape == (len(VIEWS), st.p.hop) and np.isfinite(out.data).all()
 
 
+def test_windows_carry_the_newest_sent_time_and_a_closing_flush_none(record):
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    windows = []
+    for k, i in enumerate(range(0, 1500, 125)):
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125], sent_ns=T0 + k)
+        windows += [(k, w) for w in st.due()]
+    assert windows and all(w.sent_ns == T0 + k for k, w in windows)  # the raw chunk that completed each
+    flushed = st.due(final=True)  # the stream closing (silent, or the daemon stopping): no chunk completed it
+    assert flushed and all(w.sent_ns == 0 for w in flushed), "a flush would count its wait as latency"
+
+
 def test_clock_jump_restarts_the_stream():
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=5.0), VIEWS)
     x = np.ones((12, 125), np.float32)
