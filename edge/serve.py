@@ -332,14 +332,17 @@ class Daemon:
                     before, signal_before = st.counts.skipped, st.signal
                     windows += st.due()
                     if st.counts.skipped > before:
-                        stale.append((st.key, st.counts.skipped - before))
+                        stale.append((st.key, st.counts.skipped - before, st.ahead_s()))
                     if (st.signal == "missing") != (signal_before == "missing"):  # every lead lost, or one back
                         self.report.status(st, NO_SIGNAL if st.signal == "missing" else "signal back")
                         if st.signal == "missing":
                             self.report.error(st.key, "no_signal", NO_SIGNAL)
-            for key, n in stale:
+            for key, n, ahead in stale:
+                why = (f"the monitor runs {ahead:.0f} s ahead of real time, as panorama monitor --fast does: "
+                       "output is drawn for a screen, in real time"
+                       if ahead > self.cfg.stream.max_backlog_s else "calibration queue or overload")
                 self.report.error(key, "stale_output", f"{n} samples ({n / self.params.fs:.1f} s) of output were "
-                            "already stale when due and were skipped (calibration queue or overload)")
+                                  f"already stale when due and were skipped ({why})")
             if windows:
                 try:
                     self._synthesise(windows)

@@ -23,6 +23,7 @@ This module is pure logic (numpy, no MQTT, no model) so it is tested directly.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +104,7 @@ class PatientStream:
         self.last_n = 0  # samples in the newest chunk placed
         self.placed: dict[int, tuple[int, int, int]] = {}  # seq -> (position, samples, t0_ns) of recent chunks
         self.last_sent_ns = 0
+        self.first_arrival: float | None = None  # monotonic time of the first chunk
         self.state = "waiting" if params.calibrate_s > 0 else "streaming"
         self.emitted = 0 if params.calibrate_s <= 0 else params.calibration_samples
         self.offsets: np.ndarray | None = None  # (L, 2) degrees, once calibrated
@@ -213,9 +215,18 @@ class PatientStream:
         self.end = max(self.end, pos + n)
         self.counts.chunks += 1
         self.counts.samples += n
+        if self.first_arrival is None:
+            self.first_arrival = time.monotonic() - n / self.p.fs  # the first chunk took its own length to record
         self.last_n = n
         self.last_sent_ns = max(self.last_sent_ns, sent_ns)
         return outcome
+
+    def ahead_s(self) -> float:
+        """Seconds of signal received beyond the time since the first chunk: a sender faster
+        than real time (``panorama monitor --fast``) runs ahead; a real monitor stays near 0."""
+        if self.first_arrival is None:
+            return 0.0
+        return self.counts.samples / self.p.fs - (time.monotonic() - self.first_arrival)
 
     def _by_seq(self, seq: int, n: int) -> int | None:
         """Where a chunk of ``n`` samples goes by its seq: right after ``seq − 1``, or right
