@@ -48,6 +48,18 @@ def test_shipped_configs_validate(panorama, data_dir):  # the configs name ../sh
         assert "valid" in proc.stdout
 
 
+def test_the_configs_find_the_records_from_any_folder(data_dir, tmp_path, monkeypatch):
+    from conftest import REPO
+
+    from training.config import load_config
+
+    monkeypatch.chdir(tmp_path)  # not the repo: ../shared/data/ecg is not there
+    monkeypatch.setenv("PANORAMA_DATA", str(data_dir))
+    assert load_config(REPO / "training" / "configs" / "stage1.yaml").data.real == data_dir
+    with pytest.raises(ValueError, match="data.real ../shared/data/ecg holds no WFDB records"):
+        TrainConfig.model_validate({"data": {"real": "../shared/data/ecg"}})  # a path is the user's own, as given
+
+
 def test_a_short_run_trains_validates_and_resumes(data_dir, tmp_path):
     from training.train import run
 

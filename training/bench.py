@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from panorama.geometry import STANDARD_12, redundant_limb_leads, resolve_views
-from panorama.records import MODEL_FS
+from panorama.records import MODEL_FS, default_data_dir
 from panorama.synth import Synthesizer
 
 # the calibration benches live in their own module; importable from here as before
 from .bench_calibration import MONTAGES, bench_calibration, bench_identifiability  # noqa: F401
+
+DATA_BENCHES = ("transfer", "realism", "adapt", "wander", "blend", "electrodes")  # the ones that read --data
 
 
 def register(sub) -> None:
@@ -49,8 +51,9 @@ def register(sub) -> None:
                         "their mean (training/tune_blend.py); long: time and peak memory of a --minutes recording drawn "
                         "in chunks and in one pass (training/bench_long.py); electrodes: false alarms and swaps "
                         "named by the swapped-electrode check (training/tune_electrodes.py)")
-    p.add_argument("--data", nargs="+", type=Path, default=[Path("../shared/data/ecg")], metavar="PATH",
-                   help="transfer, realism, adapt, wander, blend, electrodes: real records (default ../shared/data/ecg)")
+    p.add_argument("--data", nargs="+", type=Path, metavar="PATH",
+                   help="transfer, realism, adapt, wander, blend, electrodes: real records (default $PANORAMA_DATA, "
+                   "else ../shared/data/ecg beside the repo)")
     p.add_argument("--split", default=None, choices=("all", "train", "val"),
                    help="transfer, realism, adapt, wander, blend, electrodes: which split of --data (default val; "
                    "adapt: train)")
@@ -108,6 +111,12 @@ def run(args) -> int:
             args.json.write_text(json.dumps(res, indent=2, default=float))
         return 0
     split = args.split or ("train" if args.what == "adapt" else "val")
+    if args.data is None and args.what in DATA_BENCHES:
+        found = default_data_dir()
+        if found is None:
+            raise ValueError(f"bench {args.what} needs real records: give --data PATH, set $PANORAMA_DATA, or put "
+                             "them at ../shared/data/ecg beside the repo")
+        args.data = [found]
     if args.what == "electrodes":
         from .tune_electrodes import COVARIANCE, format_electrodes, tune_electrodes
 

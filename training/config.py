@@ -1,6 +1,7 @@
 """The training configuration: YAML, validated in full before any work starts.
 
-Relative paths are relative to the working directory (the repo root in the README).
+Relative paths are relative to the working directory (the repo root in the README);
+``data.real: default`` is ``$PANORAMA_DATA``, else ``../shared/data/ecg`` beside the repo.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from panorama.devices import check_device_name
 from panorama.errors import ConfigError
 from panorama.geometry import resolve_views
+from panorama.records import default_data_dir
 
 
 class Strict(BaseModel):
@@ -21,7 +23,8 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    real: Path | None = Field(None, description="folder of real WFDB records; null for simulator only")
+    real: Path | None = Field(None, description="folder of real WFDB records; default: $PANORAMA_DATA, else "
+                              "../shared/data/ecg beside the repo; null for simulator only")
     sources: list[str] = Field(default_factory=list,
                                description="keep only real records whose source contains one of these (stage 2)")
     hidden: list[str] = Field(["V2", "V6"], description="leads never supervised nor used as input")
@@ -36,6 +39,17 @@ class DataConfig(Strict):
     crop_samples: int = Field(1024, ge=256, le=10_000, description="training crop length at 500 Hz")
     max_inputs: int = Field(12, ge=2, le=24)
     max_queries: int = Field(4, ge=1, le=16)
+
+    @field_validator("real", mode="before")
+    @classmethod
+    def _default_real(cls, v):
+        if v != "default":
+            return v
+        found = default_data_dir()
+        if found is None:
+            raise ValueError("default: no records at $PANORAMA_DATA nor at ../shared/data/ecg beside the repo; "
+                             "give their folder")
+        return found
 
     @model_validator(mode="after")
     def _check(self):
