@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ import wfdb
 
 from . import ecgpaper
 from .mqtt import Broker, add_security_args, as_broker, security_from_args
+from .topics import check_filter
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +196,15 @@ class Listener:
 
     def __init__(self, url: "str | Broker", protocol: str = "5", topic: str = "ecg/v1/+/+/virtual",
                  out: str | Path | None = None, limits=None, client_id: str | None = None):
-        self.broker, self.protocol, self.topic = as_broker(url), protocol, topic
+        self.broker, self.protocol, self.topic = as_broker(url), protocol, check_filter(topic)
         self.out = Path(out) if out is not None else None
+        if self.out is not None:  # found out now, not after capturing for the whole duration
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OSError(f"cannot write to {self.out}: {exc.strerror or exc}") from None
+            if not os.access(self.out, os.W_OK | os.X_OK):
+                raise OSError(f"cannot write to {self.out}: permission denied")
         self.limits = limits
         self.client_id = client_id
         self.messages = self.malformed = self.ignored = self.errors = 0

@@ -51,6 +51,21 @@ DAEMON = "_daemon"
 STREAM_KINDS = ("raw", "virtual", "views", "calibration", "status")
 
 
+def check_filter(topic) -> str:
+    """``topic`` if it is an MQTT subscription filter: '+' a whole level, '#' only the last
+    level; ValueError saying which rule it breaks otherwise (paho would refuse it inside its
+    network thread, where the caller never hears why)."""
+    if not isinstance(topic, str) or not topic or "\0" in topic or len(topic.encode()) > 65535:
+        raise ValueError(f"topic filter {topic!r} must be 1 to 65535 bytes without NUL")
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            raise ValueError(f"topic filter {topic!r}: '#' must be a whole level, and the last")
+        if "+" in level and level != "+":
+            raise ValueError(f"topic filter {topic!r}: '+' must be a whole level")
+    return topic
+
+
 def _check_id(what: str, value) -> str:
     if not isinstance(value, str) or not _ID.fullmatch(value) or value == DAEMON:
         raise ValueError(f"{what} id {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . -, "

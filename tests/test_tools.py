@@ -4,6 +4,7 @@ through Mosquitto at 127.0.0.1:1883 (skipped when nothing listens) and the embed
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -207,6 +208,21 @@ def test_listen_counts_hand_made_chunks_and_survives_malformed_payloads(mosquitt
     assert np.isnan(first.p_signal[4 * 125:5 * 125]).all() and not np.isnan(first.p_signal[:4 * 125]).any()
     assert wfdb.rdrecord(str(tmp_path / "bed2_p9_2")).sig_name == ["V7", "120:45"]
     assert (tmp_path / "bed2_p9.png").is_file() and (tmp_path / "bed2_p9_2.png").is_file()
+
+
+def test_listen_refuses_an_unusable_folder_or_filter_before_it_captures(tmp_path, panorama):
+    (tmp_path / "afile").write_text("")
+    bad = {("--out", tmp_path / "afile" / "sub"): "cannot write to .*afile/sub: Not a directory",
+           ("--topic", "bad topic/#/x"): "'#' must be a whole level, and the last",
+           ("--topic", "ecg/v1/bed+/+/virtual"): "'\\+' must be a whole level"}
+    for args, says in bad.items():
+        argv = ["listen", "--broker", "mqtt://127.0.0.1:9", "--duration", "30", *args]
+        if "--out" not in args:
+            argv += ["--out", tmp_path / "out"]
+        t0 = time.monotonic()
+        r = panorama(*argv)
+        assert r.returncode == 2 and re.search(says, r.stderr), r.stderr
+        assert time.monotonic() - t0 < 10, "refused before connecting, not after the capture"
 
 
 def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path):
