@@ -45,7 +45,7 @@ _SCHEME = re.compile(r"\A([A-Za-z][A-Za-z0-9+.\-]*:/*)?(.*)\Z", re.S)
 
 def _redact(url) -> str:
     """The URL as it may be shown in a message: everything up to the last ``@`` (user name and
-    password), a port that is not a number (``user:password`` without a host looks like
+    password), a port that is not a (signed) number (``user:password`` without a host looks like
     ``host:port``) and anything after ``?`` or ``#`` masked."""
     if not isinstance(url, str):
         return f"<{type(url).__name__}>"
@@ -54,7 +54,7 @@ def _redact(url) -> str:
         rest = "***@" + rest.rsplit("@", 1)[1]
     rest = re.sub(r"[?#].*\Z", "?***", rest, flags=re.S)
     host, sep, tail = rest.rpartition("]") if rest.startswith("[") else ("", "", rest)
-    tail = re.sub(r":(?![0-9]*(?:/|\Z))[^/]*", ":***", tail, flags=re.S)
+    tail = re.sub(r":(?!-?[0-9]*(?:/|\Z))[^/]*", ":***", tail, flags=re.S)  # "-5" is a port out of range
     return (scheme or "") + host + sep + tail
 
 

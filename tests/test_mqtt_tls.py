@@ -74,6 +74,8 @@ def test_broker_settings_are_checked_before_anything_connects(pki, tmp_path, cap
         assert "ter2" not in str(refused.value) and "***" in str(refused.value), str(refused.value)
     with pytest.raises(ValueError, match=r"'mqtts://\[::1\]:8883/x'"):  # what is no secret is shown as written
         Broker("mqtts://[::1]:8883/x")
+    with pytest.raises(ValueError, match=r"'mqtt://127.0.0.1:-5'"):  # a port out of range is shown, not masked
+        Broker("mqtt://127.0.0.1:-5")
     with pytest.raises(ValueError) as refused:  # the password given where its file belongs
         Broker("mqtts://b", username=USER, password_file="Hunter2")
     assert "ter2" not in str(refused.value) and "give the path of a file holding it" in str(refused.value)
