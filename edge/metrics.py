@@ -6,6 +6,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .endpoint import host_port
+
 
 class _Collector:
     def __init__(self, daemon):
@@ -44,7 +46,11 @@ class Metrics:
     def __init__(self, daemon, host: str, port: int):
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(daemon))
-        self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # most often another daemon on the port
+            raise OSError(f"health.metrics_port: cannot serve /metrics on {host_port(host, port)}: "
+                          f"{exc.strerror or exc}") from None
 
     def close(self) -> None:
         self.server.shutdown()

@@ -125,6 +125,9 @@ class Daemon:
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> "Daemon":
+        if self.cfg.health.metrics_port:  # first: a port in use stops the start before anything runs
+            from .metrics import Metrics
+            self.metrics = Metrics(self, self.cfg.health.metrics_host, self.cfg.health.metrics_port)
         status = self.topics.daemon_status(self.id)
         self.client.will_set(status, b"offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
@@ -141,9 +144,6 @@ class Daemon:
             t = threading.Thread(target=target, name=f"serve-{name}", daemon=True)
             t.start()
             self.threads.append(t)
-        if self.cfg.health.metrics_port:
-            from .metrics import Metrics
-            self.metrics = Metrics(self, self.cfg.health.metrics_host, self.cfg.health.metrics_port)
         return self
 
     def stop(self) -> None:

@@ -153,6 +153,24 @@ def test_devices_this_machine_lacks_are_refused_before_anything_loads(tmp_path, 
         Synthesizer.load(device="cuda")  # bench, synthesize and the API go through it
 
 
+def test_a_metrics_port_in_use_stops_the_start_naming_the_setting():
+    import socket
+
+    from edge.config import EdgeConfig
+    from edge.serve import Daemon
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = Daemon(EdgeConfig.model_validate({"mqtt": {"broker": "mqtt://127.0.0.1:9"},
+                                                   "health": {"metrics_port": port}}))
+        with pytest.raises(OSError, match=f"health.metrics_port: cannot serve /metrics on 127.0.0.1:{port}: "
+                                          "Address already in use"):
+            daemon.start()  # before connecting (nothing listens on port 9) or starting a thread
+        assert daemon.threads == [] and daemon.metrics is None
+
+
 def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, panorama):
     """A real record replayed by the monitor: after the 5 s calibration the streamed views
     equal ``panorama synthesize --calibrate 5`` of the same record within 1 µV RMS."""
