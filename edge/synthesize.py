@@ -48,8 +48,9 @@ def register(sub) -> None:
                    "plus a residual filter fitted on them) and give each view its nearest one of the same kind within "
                    "45 deg as an extra input, at the angle a second, leave-one-out calibration of those leads fits (neighbour "
                    "transfer; views with none that near are unchanged; asking for a recorded lead as a view takes it away "
-                   f"from its neighbours); a view on the precordial line V1-V6 between recorded ones also takes {LINE_BLEND:g} of "
-                   "their linear interpolation along the line, named in the header, also when every recorded lead "
+                   f"from its neighbours); a view on the precordial line V1-V6 beside recorded ones also takes {LINE_BLEND:g} of "
+                   "their linear interpolation along the line (V2 between V1 and V3; V6 extrapolated from V4 and V5), "
+                   "named in the header, also when every recorded lead "
                    "is an input and there is nothing to continue)")
     p.add_argument("--adapt", action="store_true",
                    help="with --calibrate: first fine-tune a copy of the model's fusion blocks on the same leads and "
@@ -268,7 +269,7 @@ def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, i
         changed = [v.name for v in views if WANDER.applies(v, inputs)]
         on_line = [v.name for v in views if WANDER.line(v, inputs)]
         notes.append(f"wander: {WANDER.summary()} (chest views given the drift: "
-                     f"{','.join(changed) or 'none, no chest view or no chest input'}; on the line between chest "
+                     f"{','.join(changed) or 'none, no chest view or no chest input'}; on the line beside chest "
                      f"inputs: {','.join(on_line) or 'none'})")
     else:
         y = draw(x, views)

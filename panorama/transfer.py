@@ -159,8 +159,8 @@ class Transfer:
     def synthesize(self, synth, x: np.ndarray, queries: list[View], offsets: np.ndarray | None = None) -> np.ndarray:
         """x (inputs, samples) mV at the model rate → (queries, samples) mV: each query from
         the inputs plus its reconstructed neighbours; queries without one from the inputs. A
-        query on the precordial line between recorded leads then takes ``line_blend`` of
-        their interpolation (:meth:`line`)."""
+        query on the precordial line beside recorded leads (between two, or past two as V6
+        past V4 and V5) then takes ``line_blend`` of their interpolation (:meth:`line`)."""
         x = np.asarray(x, dtype=np.float32)
         near, line = self.neighbours(queries), self.line(queries)
         recon = self.reconstruct(synth, x, offsets) if any(near) or (self.fitted and any(line)) else None

@@ -17,7 +17,7 @@ part the model drew and gains ``common_gain`` of the chest inputs' mean slow par
 shared terminal drift (``restore``). Limb and Frank views are drawn from the inputs as
 recorded: their drift is the limb electrodes', which the inputs carry.
 
-A chest view on the precordial line between chest inputs (a monitor's V2 between its
+A chest view on the precordial line beside chest inputs (a monitor's V2 between its
 recorded V1 and V3, V6 beyond V4 and V5) then moves ``line_share`` of the way to the
 interpolation of those inputs' slow parts along the line (the weights of
 :func:`~panorama.transfer.line_weights`): neighbouring electrodes breathe and drift alike,
@@ -98,7 +98,7 @@ class Wander:
                 fs: float = MODEL_FS) -> np.ndarray:
         """(queries, T) float32: ``pred`` with each chest view's slow part scaled by
         ``model_gain`` and ``common_gain`` × the chest inputs' mean slow part added, then,
-        for a view on the precordial line between chest inputs, moved ``line_share`` of the
+        for a view on the precordial line beside chest inputs, moved ``line_share`` of the
         way to their slow parts' interpolation; other views as they are. ``x``: (inputs, T)
         the inputs as recorded, mV, at ``fs``."""
         pred = np.asarray(pred)
@@ -142,7 +142,7 @@ class Wander:
         return out
 
     def summary(self) -> str:
-        tail = (f"; views between chest inputs on the precordial line move {self.line_share:g} of the way to "
+        tail = (f"; views beside chest inputs on the precordial line move {self.line_share:g} of the way to "
                 "their interpolation" if self.line_share > 0 else "")
         return (f"baseline below {self.cutoff_hz:g} Hz removed; chest views get {self.model_gain:.2f} x the "
                 f"model's + {self.common_gain:.2f} x the chest inputs' mean" + tail)

@@ -123,7 +123,7 @@ def test_synthesize_with_wander_changes_chest_views_only_and_says_so(panorama, d
         assert proc.returncode == 0, proc.stderr
     comments = wfdb.rdheader(str(tmp_path / "wander" / "ludb001")).comments
     assert any(c.startswith("wander: baseline below 0.5 Hz removed") and c.endswith(
-        "(chest views given the drift: V2,V7; on the line between chest inputs: none)") for c in comments), comments
+        "(chest views given the drift: V2,V7; on the line beside chest inputs: none)") for c in comments), comments
     plain = read_record(tmp_path / "plain" / "ludb001").signals
     wa = read_record(tmp_path / "wander" / "ludb001").signals
     assert np.abs(wa[:2] - plain[:2]).max() > 0.02  # chest views: drawn without the drift, shared drift back

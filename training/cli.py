@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --calibrate: also score calibration plus neighbour transfer (each view gets its "
                    "nearest recorded non-input lead of the same kind within 45 deg, continued past the calibration "
                    "window, as an extra input; views with none that near are unchanged; a view on the precordial "
-                   f"line V1-V6 between recorded ones also takes {LINE_BLEND:g} of their interpolation along the line, "
+                   f"line V1-V6 beside recorded ones also takes {LINE_BLEND:g} of their interpolation along the line "
+                   "(V2 between V1 and V3; V6 extrapolated from V4 and V5), "
                    "also when every recorded lead is an input and there is nothing to continue; panorama/transfer.py)")
     p.add_argument("--adapt", action="store_true",
                    help="with --calibrate: also score the model after patient adaptation (a copy of its fusion "
