@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import wfdb
 
+from panorama.argtypes import positive
+
 from . import ecgpaper
 from .mqtt import Broker, add_security_args, as_broker, security_from_args
 from .topics import check_filter
@@ -378,7 +380,7 @@ def register(sub) -> None:
     p.add_argument("--topic", default="ecg/v1/+/+/virtual",
                    help="topic filter (default ecg/v1/+/+/virtual; e.g. ecg/v1/bed/+/raw for a monitor's input)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--duration", type=positive, metavar="S", help="stop after S seconds")
     p.add_argument("--chunks", type=int, metavar="N", help="stop after N chunks")
     add_security_args(p)
     p.set_defaults(func=run)
@@ -386,8 +388,6 @@ def register(sub) -> None:
 
 def run(args) -> int:
     broker = Broker(args.broker, **security_from_args(args))
-    if args.duration is not None and not args.duration > 0:
-        raise ValueError(f"--duration must be positive seconds, got {args.duration}")
     if args.chunks is not None and args.chunks < 1:
         raise ValueError(f"--chunks must be at least 1, got {args.chunks}")
     stop = threading.Event()

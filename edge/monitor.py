@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import wfdb
 
+from panorama.argtypes import positive
 from panorama.errors import PanoramaError, RecordError
 from panorama.geometry import STANDARD_12, canonical_lead_name, resolve_views
 from panorama.records import MODEL_FS, find_records, read_record, record_base
@@ -308,16 +309,16 @@ def register(sub) -> None:
     p.add_argument("--monitor-id", default="bed", help="monitor id in the topics (default bed)")
     p.add_argument("--patients", help="patient ids, comma-separated, one per record (default: record names, "
                    "or sim-000, sim-001, ...)")
-    p.add_argument("--chunk-ms", type=float, default=250.0, help="chunk length in ms (default 250)")
+    p.add_argument("--chunk-ms", type=positive, default=250.0, help="chunk length in ms (default 250)")
     pace = p.add_mutually_exclusive_group()
-    pace.add_argument("--speed", type=float, default=1.0, help="real time x SPEED (default 1)")
+    pace.add_argument("--speed", type=positive, default=1.0, help="real time x SPEED (default 1)")
     pace.add_argument("--fast", action="store_true", help="as fast as the broker takes it")
     p.add_argument("--leads", help="publish only these leads, comma-separated (default: every known lead; "
                    "for --sim any views, e.g. I,II,V3,V7)")
     p.add_argument("--views", help="first publish the retained views request, e.g. V7,V8,120:45")
     p.add_argument("--format", dest="fmt", default="int16", choices=FORMATS, help="sample format (default int16)")
     p.add_argument("--loop", action="store_true", help="start again at the end (seq and time go on)")
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds of signal per stream")
+    p.add_argument("--duration", type=positive, metavar="S", help="stop after S seconds of signal per stream")
     add_security_args(p)
     p.set_defaults(func=run)
 

@@ -77,6 +77,17 @@ def test_bad_input_is_one_clear_line(panorama, tmp_path):
                         "a scored view must never be an input")
 
 
+def test_bad_numbers_are_refused_by_the_option_they_came_in(panorama, tmp_path):
+    for argv, says in ((["simulate", "--seconds", "-3", "--out", tmp_path], "argument --seconds: must be a positive"),
+                       (["monitor", "--sim", "1", "--duration", "-3"], "argument --duration: must be a positive"),
+                       (["monitor", "--sim", "1", "--chunk-ms", "0"], "argument --chunk-ms: must be a positive"),
+                       (["monitor", "--sim", "1", "--speed", "nan"], "argument --speed: must be a positive"),
+                       (["listen", "--out", tmp_path, "--duration", "x"], "argument --duration: not a number: 'x'"),
+                       (["simulate", "--rhythm", "foo", "--out", tmp_path], "argument --rhythm: invalid choice: 'foo'")):
+        r = panorama(*argv)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_simulate_writes_records_that_eval_can_score(cli, panorama, tmp_path):
     proc = cli("simulate", "--patients", "3", "--views", "I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6,V7,120:45",
                "--seconds", "10", "--out", tmp_path)

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from panorama.argtypes import positive
 from panorama.calibrate import check_seconds
 from panorama.errors import RecordError
 from panorama.geometry import FRANK, STANDARD_12, resolve_views
@@ -16,6 +17,7 @@ from panorama.transfer import LINE_BLEND
 from panorama.wander import WANDER
 
 from . import splits
+from .simulator import RHYTHMS
 from .evaluate import (CALIB_S, METHODS, PROTOCOLS, Case, Task, default_protocol, eligible, evaluate, format_bands,
                        format_table, load_cases, method_label)
 
@@ -99,10 +101,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "record holding the requested views (ground truth at any angle).")
     p.add_argument("--patients", type=int, default=4, help="how many patients (default 4)")
     p.add_argument("--views", default=",".join(STANDARD_12), help="views to write (default the 12 standard leads)")
-    p.add_argument("--seconds", type=float, default=10.0, help="duration (default 10)")
+    p.add_argument("--seconds", type=positive, default=10.0, help="duration (default 10)")
     p.add_argument("--fs", type=int, default=MODEL_FS, help="sampling rate in Hz (default 500)")
     p.add_argument("--device", default="diagnostic", help="device profile (default diagnostic)")
-    p.add_argument("--rhythm", default=None, help="force a rhythm (default: drawn at random)")
+    p.add_argument("--rhythm", default=None, choices=RHYTHMS, help="force a rhythm (default: drawn at random)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=run_simulate)
