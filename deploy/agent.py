@@ -326,8 +326,10 @@ class Agent:
                "t": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if claimed:
             doc["claimed"] = claimed
+        which = (f"update {doc['version']}" if doc["version"] is not None
+                 else f"a manifest claiming version {claimed.get('version')}" if claimed else "agent")
         (log.warning if state in ("FAILED", "REJECTED") else log.info)(
-            "update %s: %s%s", doc["version"], state, f" ({reason})" if reason else "")
+            "%s: %s%s", which, state, f" ({reason})" if reason else "")
         self.results.append(doc)
         self.publisher.put(self.topics.state(self.cfg.device_id), json.dumps(doc).encode(), qos=1, retain=True,
                            content_type=CONTENT_TYPE_JSON)

@@ -154,6 +154,9 @@ def _print_states(states: dict[str, dict]) -> None:
     print(f"{'device':24} {'group':12} {'state':12} {'version':>7} {'installed':>9} {'at (UTC)':20}  reason")
     for dev in sorted(states):
         d = {k: "" if v is None else str(v) for k, v in states[dev].items()}  # as written by anyone: text only
+        claimed = states[dev].get("claimed")
+        if not d.get("version") and isinstance(claimed, dict) and claimed.get("version") is not None:
+            d["version"] = f"{claimed['version']}?"  # a refused manifest's claim, unverified
         print(f"{dev:24} {d.get('group', ''):12} {d.get('state', '?'):12} {d.get('version', ''):>7} "
               f"{d.get('installed', ''):>9} {d.get('t', ''):20}  {d.get('reason', '')}")
 
@@ -205,7 +208,12 @@ def _forget(args) -> int:
     try:
         for sha in args.artifacts:
             fleet.topics.artifact(sha)  # a bad hash is refused before anything is cleared
-        topics = [fleet.topics.state(d) for d in args.devices]
+        topics = []
+        for device in args.devices:
+            held = fleet.retained(fleet.topics.state(device))
+            if not held:
+                print(f"the broker holds no state of device {device!r}")
+            topics += held
         for sha in args.artifacts:
             held = fleet.artifact_topics(sha)
             if not held:

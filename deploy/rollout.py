@@ -221,8 +221,12 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
                     res.stopped = "no device of the wave took the update"
                 break
             if time.monotonic() > deadline:
-                waiting = ", ".join(res.pending) or f"{min_devices - len(res.verdicts)} more device(s)"
-                res.stopped = f"no verdict within {timeout_s:g} s from {waiting}"
+                if res.pending:
+                    res.stopped = f"no verdict within {timeout_s:g} s from {', '.join(res.pending)}"
+                else:  # too few devices in the wave's groups have announced themselves
+                    res.stopped = (f"{len(res.verdicts)} device(s) of {','.join(groups)} answered within "
+                                   f"{timeout_s:g} s, fewer than --min-devices {min_devices} (is an agent of the "
+                                   "group running and connected?)")
                 break
             time.sleep(poll_s)
         if res.stopped:
