@@ -43,6 +43,7 @@ from . import mqtt as mq
 from .model_slot import ModelSlot
 from .batch import Output, run_windows
 from .config import EdgeConfig, check_devices, load_config, with_overrides
+from .sdnotify import Watchdog, notify, watchdog_period
 from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Chunk, Limits, ProtocolError, decode_any, encode, to_json
 from .topics import Topics, parse_views_request
 from .reporting import LatencyWindow, Reporter
@@ -122,6 +123,7 @@ class Daemon:
         self.report = Reporter(self.publisher, self.topics, self.id)
         self.threads: list[threading.Thread] = []
         self.metrics = None
+        self.watchdog: Watchdog | None = None  # under systemd with WatchdogSec
 
     # ---- lifecycle ----------------------------------------------------------------------
     def start(self) -> "Daemon":
@@ -144,12 +146,33 @@ class Daemon:
             t = threading.Thread(target=target, name=f"serve-{name}", daemon=True)
             t.start()
             self.threads.append(t)
+        period = watchdog_period()
+        if period:
+            self.watchdog = Watchdog(period, ["ingest", "inference"], self.stopping, self._status_line).start()
+        notify("READY=1", f"STATUS=serving {self.broker} as {self.id}")
         return self
+
+    def _status_line(self) -> str:
+        """For systemctl status; never waits on a lock a stuck loop may hold."""
+        if not self.lock.acquire(timeout=0.1):
+            return "busy"
+        try:
+            states = Counter(st.state for st in self.streams.values())
+        finally:
+            self.lock.release()
+        lat = self.latency_ms.percentiles()
+        return (", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "no patient") + \
+            (f"; latency p50 {lat['p50']:.0f} ms" if lat.get("n") else "")
+
+    def _beat(self, loop: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(loop)
 
     def stop(self) -> None:
         """Drain: stop taking input, synthesise what every stream still holds, publish it,
         say offline, disconnect."""
         log.info("draining")
+        notify("STOPPING=1", "STATUS=draining")
         try:
             self.client.unsubscribe([self.topics.pattern("raw"), self.topics.pattern("views")])
         except Exception:  # already disconnected: nothing more will arrive anyway
@@ -197,6 +220,7 @@ class Daemon:
     # ---- ingest -------------------------------------------------------------------------
     def _ingest_loop(self) -> None:
         while not self.stopping.is_set():
+            self._beat("ingest")
             try:
                 topic, payload, recv_ns = self.ingest_q.get(timeout=0.1)
             except queue.Empty:
@@ -322,6 +346,7 @@ class Daemon:
     def _inference_loop(self) -> None:
         wait = self.cfg.stream.batch_wait_ms / 1000
         while not self.stopping.is_set():
+            self._beat("inference")
             if self.wake.wait(0.1) and wait:
                 time.sleep(wait)  # monitors tick together: gather their chunks into one batch
             self.wake.clear()

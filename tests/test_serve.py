@@ -171,6 +171,51 @@ def test_a_metrics_port_in_use_stops_the_start_naming_the_setting():
         assert daemon.threads == [] and daemon.metrics is None
 
 
+def test_systemd_hears_ready_a_watchdog_that_stops_while_a_loop_is_stuck_and_stopping(mosquitto, prefix,
+                                                                                        monkeypatch, caplog):
+    import logging
+    import socket
+    import tempfile
+
+    from edge.config import EdgeConfig
+    from edge.serve import Daemon
+
+    folder = tempfile.mkdtemp(prefix="sd")  # a unix socket's path must stay short
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # what systemd hands a Type=notify service
+    sock.bind(f"{folder}/notify")
+    sock.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", f"{folder}/notify")
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")  # WatchdogSec=2: a ping each second, loops silent > 1 s are stuck
+
+    def heard(seconds: float) -> list[str]:
+        got, end = [], time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                got.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+        return got
+
+    daemon = Daemon(EdgeConfig.model_validate({"mqtt": {"broker": mosquitto, "prefix": prefix, "daemon_id": "sd"},
+                                               "calibration": {"seconds": 0}}))
+    try:
+        daemon.start()
+        first = heard(2.5)
+        assert first[0].startswith("READY=1\nSTATUS=serving") and "as sd" in first[0]
+        assert sum(m.startswith("WATCHDOG=1") for m in first) >= 1 and "STATUS=no patient" in first[-1]
+        with caplog.at_level(logging.ERROR, logger="panorama.serve"):
+            with daemon.lock:  # the inference loop takes it every turn: stuck as a hung backend would leave it
+                heard(1.6)  # the watchdog's next look finds it silent for over 1 s
+                stuck = heard(1.5)
+            assert not any(m.startswith("WATCHDOG=1") for m in stuck), stuck
+            assert "loop(s) inference silent for over 1.0 s" in caplog.text
+        assert any(m.startswith("WATCHDOG=1") for m in heard(2.0)), "pings resume once the loop runs"
+    finally:
+        daemon.stop()
+    assert any(m.startswith("STOPPING=1") for m in heard(0.5))
+    sock.close()
+
+
 def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, panorama):
     """A real record replayed by the monitor: after the 5 s calibration the streamed views
     equal ``panorama synthesize --calibrate 5`` of the same record within 1 µV RMS."""

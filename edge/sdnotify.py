@@ -1,0 +1,88 @@
+"""systemd's service notifications, for a unit of ``Type=notify`` with ``WatchdogSec=``.
+
+systemd hands a service a datagram socket in ``$NOTIFY_SOCKET`` and, with a watchdog, its
+period in ``$WATCHDOG_USEC``. The protocol is one datagram of ``KEY=value`` lines
+(sd_notify(3)): ``READY=1`` once serving, ``WATCHDOG=1`` at least once a period while
+healthy, ``STOPPING=1`` while draining, ``STATUS=...`` for ``systemctl status``. Outside
+systemd (no ``$NOTIFY_SOCKET``) every call does nothing. The protocol is a few lines of
+the standard library; the bindings (python-systemd) need libsystemd's headers to build.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger("panorama.serve")
+
+
+def notify(*lines: str) -> bool:
+    """Send ``lines`` to systemd; False outside systemd or when the socket is gone."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):  # an abstract socket
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall("\n".join(lines).encode())
+        return True
+    except OSError as exc:
+        log.warning("could not notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
+
+
+def watchdog_period() -> float | None:
+    """The watchdog's period in seconds where systemd set one for this process, else None."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        period = int(usec) / 1e6
+    except ValueError:
+        return None
+    return period if period > 0 else None
+
+
+class Watchdog:
+    """Pings systemd's watchdog every half period while each named loop has beaten within
+    half a period; a loop that stops beating (stuck on a lock, a hung backend) stops the
+    pings, and systemd restarts the service. ``beat(name)`` is cheap: call it every turn."""
+
+    def __init__(self, period_s: float, loops: list[str], stopping: threading.Event,
+                 status: Callable[[], str] | None = None):
+        self.period = period_s
+        self.beats = {name: time.monotonic() for name in loops}
+        self.stopping = stopping
+        self.status = status
+        self.stuck: list[str] = []
+        self.pings = 0
+        self.thread = threading.Thread(target=self._run, name="serve-watchdog", daemon=True)
+
+    def beat(self, name: str) -> None:
+        self.beats[name] = time.monotonic()  # one writer per name; a dict store is atomic
+
+    def start(self) -> "Watchdog":
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.period / 2):
+            now = time.monotonic()
+            stuck = sorted(n for n, t in self.beats.items() if now - t > self.period / 2)
+            if stuck != self.stuck:
+                if stuck:
+                    log.error("loop(s) %s silent for over %.1f s: no watchdog ping, systemd restarts the daemon "
+                              "when its WatchdogSec (%.0f s) runs out", ", ".join(stuck), self.period / 2, self.period)
+                else:
+                    log.warning("every loop beats again: watchdog pings resume")
+                self.stuck = stuck
+            if not stuck:
+                lines = ["WATCHDOG=1"] + ([f"STATUS={self.status()}"] if self.status else [])
+                if notify(*lines):
+                    self.pings += 1
