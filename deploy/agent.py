@@ -41,7 +41,8 @@ from .download import Download
 from .store import ModelStore
 from .topics import FleetTopics
 
-MAX_MANIFEST_BYTES = 1 << 20
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest with the hashes of 4,096 chunks is about 290 kB
+RESUBSCRIBE_S = 5.0  # a part asked for and not come by then is asked for again
 
 log = logging.getLogger("panorama.fleet")
 STATES = ("READY", "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
@@ -112,8 +113,8 @@ class Agent:
         if self.health_topic:
             subs += [(self.health_topic, 0), (self.status_topic, 1)]
         download = self.download
-        if download:
-            subs.append((download.filter, 1))
+        if download:  # a clean session forgets subscriptions: ask again for what has not come
+            subs += [(t, 1) for t in download.asked_topics()]
         client.subscribe(subs)
 
     def _on_message(self, client, userdata, msg):
@@ -130,7 +131,8 @@ class Agent:
         elif msg.topic != self.manifest_topic:
             return  # an artifact no longer awaited (a late or repeated copy): not a manifest
         elif len(msg.payload) > MAX_MANIFEST_BYTES:
-            log.warning("a %d-byte message on the manifest topic ignored: a manifest is a few kB", len(msg.payload))
+            log.warning("a %d-byte message on the manifest topic ignored: a manifest is at most %d bytes",
+                        len(msg.payload), MAX_MANIFEST_BYTES)
         else:
             try:
                 self.manifests.put_nowait(bytes(msg.payload))
@@ -262,21 +264,36 @@ class Agent:
                      len(retired), self.cfg.cache_dir or cache_root())
 
     def _fetch(self, download: Download) -> bytes:
-        """The artifact's bytes from its retained messages; the download is dropped after,
-        so what arrives later is not held."""
+        """The artifact's bytes from its retained messages, asked for a window at a time (the
+        broker sends what it retains on each subscribe); the download is dropped after, so
+        what arrives later is not held. Fails after ``artifact_timeout_s`` with no new part."""
         self.download = download
-        self.client.subscribe(download.filter, qos=1)  # the broker sends what it retains there
-        deadline = time.monotonic() + self.cfg.artifact_timeout_s
+        asked_again = time.monotonic()
         try:
-            while not download.finished.wait(0.2):
+            while True:
+                subscribe, done = download.next_topics()
+                if done:
+                    self.client.unsubscribe(done)
+                if subscribe:
+                    self.client.subscribe([(t, 1) for t in subscribe])
+                if download.finished.wait(0.2):
+                    return download.result()
                 if self.stopping.is_set():
                     raise _Stopped
-                if time.monotonic() > deadline:
-                    raise UpdateError(f"{download.missing()} within {self.cfg.artifact_timeout_s:g} s")
-            return download.result()
+                now = time.monotonic()
+                if now - download.progress_at > self.cfg.artifact_timeout_s:
+                    raise UpdateError(f"{download.missing()}: nothing new for {self.cfg.artifact_timeout_s:g} s")
+                if now - max(download.progress_at, asked_again) > RESUBSCRIBE_S:  # dropped on the way: again
+                    asked_again = now
+                    again = download.asked_topics()
+                    if again:
+                        log.info("%d part(s) of the artifact asked for did not come: asking again", len(again))
+                        self.client.subscribe([(t, 1) for t in again])
         finally:
             self.download = None
-            self.client.unsubscribe(download.filter)
+            left = download.asked_topics()
+            if left:
+                self.client.unsubscribe(left)
 
     def _gate(self, m: dict) -> str | None:
         """None when the daemon adopts the new model and stays healthy; else what went wrong."""
@@ -327,7 +344,8 @@ class Agent:
         if claimed:
             doc["claimed"] = claimed
         which = (f"update {doc['version']}" if doc["version"] is not None
-                 else f"a manifest claiming version {claimed.get('version')}" if claimed else "agent")
+                 else f"a manifest claiming version {claimed.get('version')}" if claimed
+                 else "an unreadable manifest" if state == "REJECTED" else "agent")
         (log.warning if state in ("FAILED", "REJECTED") else log.info)(
             "%s: %s%s", which, state, f" ({reason})" if reason else "")
         self.results.append(doc)

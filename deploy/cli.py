@@ -117,9 +117,16 @@ def _pack(args) -> int:
 
     if args.out.exists() and any(args.out.iterdir()):
         raise UpdateError(f"{args.out} is not empty: pack into a new folder")
+    if args.chunk_kb != 0 and not args.chunk_kb >= MIN_CHUNK_BYTES >> 10:
+        raise ValueError(f"--chunk-kb must be 0 (one message) or at least {MIN_CHUNK_BYTES >> 10}, got {args.chunk_kb}")
     manifest = build(args.model, args.version, args.groups, args.device_models, args.expires_days, args.notes,
                      chunk_bytes=args.chunk_kb * 1024)
     envelope = sign(manifest, args.key)
+    from .agent import MAX_MANIFEST_BYTES
+
+    if len(envelope) > MAX_MANIFEST_BYTES:  # a device would ignore it
+        raise UpdateError(f"the signed manifest is {len(envelope)} bytes, more than a device takes "
+                          f"({MAX_MANIFEST_BYTES}): a larger --chunk-kb lists fewer chunk hashes")
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.model, args.out / ARTIFACT_NAME)
     (args.out / "manifest.json").write_bytes(envelope)
@@ -208,22 +215,20 @@ def _forget(args) -> int:
     try:
         for sha in args.artifacts:
             fleet.topics.artifact(sha)  # a bad hash is refused before anything is cleared
-        topics = []
+        cleared = 0
         for device in args.devices:
-            held = fleet.retained(fleet.topics.state(device))
-            if not held:
+            n = fleet.forget(fleet.topics.state(device))
+            if not n:
                 print(f"the broker holds no state of device {device!r}")
-            topics += held
+            cleared += n
         for sha in args.artifacts:
-            held = fleet.artifact_topics(sha)
-            if not held:
+            n = fleet.forget(fleet.topics.artifact_all(sha))  # the whole file and every chunk, however cut
+            if not n:
                 print(f"the broker holds no message of artifact {sha[:16]}…")
-            topics += held
-        for topic in topics:
-            fleet.clear(topic)
+            cleared += n
     finally:
         fleet.close()
-    print(f"cleared {len(topics)} retained message(s) on {args.broker}")
+    print(f"cleared {cleared} retained message(s) on {args.broker}")
     return 0
 
 

@@ -1,44 +1,69 @@
 """An artifact on its way to a device: the retained messages its signed manifest names.
 
-paho's network thread offers every message on the artifact's topics; each is checked as it
-comes (in any order, and again when repeated) against the size and the hash the manifest
-signed for it. The first copy that does not match ends the download with the reason: a
-retained message stays what it is until the operator publishes it again. The device holds
-at most the manifest's size, which the agent has already checked against
-``max_artifact_bytes``.
+The device asks for the chunks a window at a time (``WINDOW`` subscriptions to exact
+topics): a broker sends a subscription's retained messages in one burst and queues only so
+many for a client (Mosquitto: ``max_queued_messages`` 1000, the rest dropped), so a wildcard
+over a few thousand chunks would lose some. A chunk asked for that does not come is asked
+for again (``stalled``). paho's network thread offers every message on the artifact's
+topics; each is checked as it comes (in any order, and again when repeated) against the size
+and the hash the manifest signed for it. The first copy that does not match ends the
+download with the reason: a retained message stays what it is until the operator publishes
+it again. The device holds at most the manifest's size, which the agent has already checked
+against ``max_artifact_bytes``, and gives the parts up with ``result``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 
 from panorama.errors import UpdateError
 
 from .manifest import chunk_plan
 from .topics import FleetTopics
 
+WINDOW = 32  # chunks asked for at once (2 MiB at the default 64 KiB)
+
 
 class Download:
     def __init__(self, topics: FleetTopics, artifact: dict):
         self.sha256 = artifact["sha256"]
         self.plan = chunk_plan(artifact)
-        if len(self.plan) == 1 and self.plan[0][0] is None:  # the whole file in one message
-            self.filter = topics.artifact(self.sha256)
-            self.index = {self.filter: 0}
-        else:
-            self.filter = topics.artifact_chunks(self.sha256)
-            self.index = {topics.artifact_chunk(self.sha256, i): i for i in range(len(self.plan))}
+        self.whole = self.plan[0][0] is None  # the file in one message
+        self.topics = [topics.artifact(self.sha256)] if self.whole else \
+            [topics.artifact_chunk(self.sha256, artifact["chunk_bytes"], i) for i in range(len(self.plan))]
+        self.index = {t: i for i, t in enumerate(self.topics)}
         self.parts: list[bytes | None] = [None] * len(self.plan)
+        self.asked: set[int] = set()  # subscribed to, not here yet
         self.failure: str | None = None
         self.finished = threading.Event()  # every part here, or a failure
+        self.progress_at = time.monotonic()  # when the last new part came (or the download began)
         self._lock = threading.Lock()
 
     def describe(self) -> str:
         n = len(self.plan)
-        return "one message" if self.plan[0][0] is None else f"{n} chunk{'s' if n > 1 else ''} of at most " \
+        return "one message" if self.whole else f"{n} chunk{'s' if n > 1 else ''} of at most " \
             f"{self.plan[0][1] >> 10} KiB"
 
+    # ---- the agent's worker thread -----------------------------------------------------
+    def next_topics(self, window: int = WINDOW) -> tuple[list[str], list[str]]:
+        """(topics to subscribe to, topics to unsubscribe from): the window moves on past
+        the parts that came."""
+        with self._lock:
+            came = sorted(i for i in self.asked if self.parts[i] is not None)
+            self.asked.difference_update(came)
+            room = max(0, window - len(self.asked))
+            want = [i for i, p in enumerate(self.parts) if p is None and i not in self.asked][:room]
+            self.asked.update(want)
+        return [self.topics[i] for i in want], [self.topics[i] for i in came]
+
+    def asked_topics(self) -> list[str]:
+        """What is asked for and has not come: subscribed again after a reconnect or a stall."""
+        with self._lock:
+            return [self.topics[i] for i in sorted(self.asked) if self.parts[i] is None]
+
+    # ---- paho's network thread ---------------------------------------------------------
     def offer(self, topic: str, payload: bytes) -> bool:
         """File one message; False when it is none of this artifact's."""
         i = self.index.get(topic)
@@ -52,28 +77,31 @@ class Download:
         elif digest is not None and hashlib.sha256(payload).hexdigest() != digest:
             problem = f"{what} on {topic} differs from the sha256 its manifest signed"
         with self._lock:
-            if self.finished.is_set():
+            if self.finished.is_set() or self.parts[i] is not None:
                 return True  # a late or repeated copy
             if problem:
                 self.failure = problem
             else:
                 self.parts[i] = bytes(payload)
+                self.progress_at = time.monotonic()
             if problem or all(p is not None for p in self.parts):
                 self.finished.set()
         return True
 
+    # ---- the outcome -------------------------------------------------------------------
     def result(self) -> bytes:
-        """The artifact's bytes once finished; UpdateError for a damaged part."""
+        """The artifact's bytes once finished, the parts given up; UpdateError for a damaged part."""
         with self._lock:
             if self.failure:
                 raise UpdateError(self.failure)
-            return b"".join(self.parts)
+            parts, self.parts = self.parts, [None] * len(self.plan)
+        return b"".join(parts)
 
     def missing(self) -> str:
         """What has not come, for a timeout's reason."""
         with self._lock:
             gone = [i for i, p in enumerate(self.parts) if p is None]
-        if self.plan[0][0] is None:
-            return f"no artifact on {self.filter}"
+        if self.whole:
+            return f"no artifact on {self.topics[0]}"
         shown = ", ".join(map(str, gone[:8])) + (", …" if len(gone) > 8 else "")
-        return f"{len(gone)} of {len(self.plan)} chunks missing on {self.filter} ({shown})"
+        return f"{len(gone)} of {len(self.plan)} chunks missing under {self.topics[0].rsplit('/', 1)[0]}/ ({shown})"

@@ -45,7 +45,9 @@ from panorama.records import MODEL_FS
 
 from .topics import CHUNK_BYTES, MIN_CHUNK_BYTES, check_group
 
-SCHEMA = "panorama-fleet-update/1"
+SCHEMA = "panorama-fleet-update/1"  # the artifact in one message
+SCHEMA_CHUNKED = "panorama-fleet-update/2"  # in chunks: an agent that reads only /1 refuses it (REJECTED, the
+SCHEMAS = (SCHEMA, SCHEMA_CHUNKED)          # version not used up) rather than waiting for a file never sent whole
 ARTIFACT_NAME = "model.safetensors"
 GOLDEN_INPUTS = ["I", "II", "V3"]
 GOLDEN_VIEWS = ["V2", "V7", "V4R", "120:45"]
@@ -189,7 +191,7 @@ def build(model_path: Path, version: int, groups: list[str], device_models: list
         "chunk_bytes": chunk_bytes,
         "chunks": [hashlib.sha256(data[i:i + chunk_bytes]).hexdigest() for i in range(0, len(data), chunk_bytes)]}
     return {
-        "schema": SCHEMA, "version": version, "created": _utc(now),
+        "schema": SCHEMA_CHUNKED if chunked else SCHEMA, "version": version, "created": _utc(now),
         "expires": _utc(now + timedelta(days=expires_days)),
         "target": {"groups": sorted(set(groups)), "device_models": sorted(set(m.strip() for m in device_models)),
                    "checkpoint_format": checkpoint.FORMAT_VERSION},
@@ -234,8 +236,9 @@ def verify(envelope: bytes, public_key_path: Path) -> dict:
         trusted = ", ".join(keys)
         raise UpdateError(f"signature does not verify with the trusted key{'s' if len(keys) > 1 else ''} {trusted} "
                           f"(signed by key {claimed!r}, or altered after signing)") from None
-    if manifest.get("schema") != SCHEMA:
-        raise UpdateError(f"manifest schema {manifest.get('schema')!r}, this code reads {SCHEMA!r}")
+    if manifest.get("schema") not in SCHEMAS:
+        readable = " and ".join(map(repr, SCHEMAS))
+        raise UpdateError(f"manifest schema {manifest.get('schema')!r}, this code reads {readable}")
     return manifest
 
 
@@ -262,7 +265,10 @@ def check_applicable(manifest: dict, group: str, device_model: str, newest_seen:
         raise UpdateError(f"checkpoint format {fmt!r}; this code reads {checkpoint.FORMAT_VERSION!r}")
     if size <= 0 or not _is_sha256(digest):
         raise UpdateError("manifest's artifact has no size or no sha256 (64 lower-case hex digits)")
-    chunk_plan(art)
+    plan = chunk_plan(art)
+    if (plan[0][0] is not None) != (manifest.get("schema") == SCHEMA_CHUNKED):
+        raise UpdateError(f"manifest schema {manifest.get('schema')!r} does not match how its artifact travels "
+                          f"({'in chunks' if plan[0][0] is not None else 'in one message'})")
 
 
 def _is_sha256(s) -> bool:

@@ -124,39 +124,79 @@ class Fleet:
         """Remove a retained message (an empty one replaces it)."""
         self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
 
-    def retained(self, topic_filter: str, wait: float = 1.0) -> list[str]:
-        """The topics under ``topic_filter`` where the broker holds a retained message."""
+    def retained(self, topic_filter: str, quiet: float = 0.5, timeout: float = 30.0) -> list[str]:
+        """The topics under ``topic_filter`` where the broker holds a retained message: those
+        it sends after acknowledging the subscription, until none has come for ``quiet`` s.
+        A broker queues only so many for one client (Mosquitto about 1,000): clear what this
+        finds and ask again until it finds none."""
         found: set[str] = set()
+        acked: set[int] = set()  # message ids of the SUBACKs come (one may come before subscribe() returns)
+        last = [time.monotonic()]
 
         def on_message(client, userdata, msg):
             if msg.retain and msg.payload:
                 with self._lock:
                     found.add(msg.topic)
+                    last[0] = time.monotonic()
+
+        def on_subscribe(client, userdata, mid, reason_codes, properties=None):
+            with self._lock:
+                acked.add(mid)
+                last[0] = time.monotonic()
 
         self.client.message_callback_add(topic_filter, on_message)  # before the states' own callback
-        self.client.subscribe(topic_filter, qos=1)
+        self.client.on_subscribe = on_subscribe
         try:
-            time.sleep(wait)  # retained messages come back within milliseconds of the subscribe
+            _, mid = self.client.subscribe(topic_filter, qos=1)
+            end = time.monotonic() + timeout
+            while True:
+                with self._lock:
+                    if mid in acked:
+                        break
+                if time.monotonic() > end:
+                    raise UpdateError(f"the broker did not acknowledge a subscription to {topic_filter} in "
+                                      f"{timeout:g} s")
+                time.sleep(0.02)
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                with self._lock:
+                    if time.monotonic() - last[0] > quiet:
+                        break
+                time.sleep(0.05)
         finally:
             self.client.unsubscribe(topic_filter)
             self.client.message_callback_remove(topic_filter)
+            self.client.on_subscribe = None
         with self._lock:
             return sorted(found)
 
-    def artifact_topics(self, sha256: str, wait: float = 1.0) -> list[str]:
-        """Every retained message of one artifact: the whole file, or its chunks."""
-        return self.retained(self.topics.artifact(sha256) + "/#", wait)  # "/#" matches the level above too
+    def forget(self, topic_filter: str, passes: int = 100) -> int:
+        """Clear every retained message under ``topic_filter``, asking again until the broker
+        holds none; how many were cleared. UpdateError where some remain."""
+        cleared = 0
+        for _ in range(passes):
+            held = self.retained(topic_filter)
+            if not held:
+                return cleared
+            for topic in held:
+                self.clear(topic)
+            cleared += len(held)
+        raise UpdateError(f"retained messages remain under {topic_filter} after clearing {cleared}")
 
     def publish_update(self, envelope: bytes, manifest: dict, data: bytes, groups: list[str]) -> None:
         """The artifact first (its chunks, as the manifest signed them), so a device that
         sees the manifest finds its bytes there."""
         art = manifest["artifact"]
         pieces = split(art, data)
-        if len(pieces) == 1 and chunk_plan(art)[0][0] is None:
+        if chunk_plan(art)[0][0] is None:
             self.publish(self.topics.artifact(art["sha256"]), data)
         else:
-            for i, piece in enumerate(pieces):
-                self.publish(self.topics.artifact_chunk(art["sha256"], i), piece)
+            try:
+                for i, piece in enumerate(pieces):
+                    self.publish(self.topics.artifact_chunk(art["sha256"], art["chunk_bytes"], i), piece)
+            except UpdateError as exc:
+                raise UpdateError(f"{exc}; the chunks before it stay retained until published again or cleared "
+                                  f"(panorama fleet forget --artifact {art['sha256']})") from None
         for g in groups:
             self.publish(self.topics.manifest(g), envelope)
 

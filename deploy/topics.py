@@ -1,8 +1,8 @@
 """The fleet's topic tree (all retained, QoS 1):
 
     {prefix}/{group}/manifest          operator → devices   the signed envelope of the group's latest update
-    {prefix}/artifacts/{sha256}/{i}    operator → devices   chunk i of a checkpoint's bytes, named by their
-                                                            hash (the manifest signs each chunk's hash)
+    {prefix}/artifacts/{sha256}/{n}/{i}  operator → devices chunk i of a checkpoint's bytes cut in chunks of n,
+                                                            named by their hash (the manifest signs each chunk's)
     {prefix}/artifacts/{sha256}        operator → devices   the whole checkpoint, where its manifest names
                                                             no chunks (``panorama fleet pack --chunk-kb 0``)
     {prefix}/devices/{device}/state    device → operator    READY, QUEUED, IN_PROGRESS, SUCCEEDED, FAILED or
@@ -41,12 +41,15 @@ class FleetTopics:
             raise ValueError(f"not a sha256: {sha256!r}")
         return f"{self.prefix}/artifacts/{sha256}"
 
-    def artifact_chunk(self, sha256: str, index: int) -> str:
-        return f"{self.artifact(sha256)}/{int(index)}"
+    def artifact_chunk(self, sha256: str, chunk_bytes: int, index: int) -> str:
+        """Chunk ``index`` of an artifact cut in ``chunk_bytes``: the same file cut two ways
+        (packed twice, for two brokers) never shares a topic."""
+        return f"{self.artifact(sha256)}/{int(chunk_bytes)}/{int(index)}"
 
-    def artifact_chunks(self, sha256: str) -> str:
-        """The filter for every chunk of one artifact."""
-        return f"{self.artifact(sha256)}/+"
+    def artifact_all(self, sha256: str) -> str:
+        """The filter for every message of one artifact, whole or in chunks ('#' matches the
+        level above it too)."""
+        return f"{self.artifact(sha256)}/#"
 
     def state(self, device: str) -> str:
         return f"{self.prefix}/devices/{_check_id('device', device)}/state"

@@ -138,7 +138,15 @@ class Daemon:
         if self.params.calibrate_s > 0:  # first in the pool: a patient needs calibrate_s of data first anyway
             self.pool.submit(self._warm_up)
         self.broker = self.cfg.mqtt.endpoint()
-        mq.connect(self.client, self.broker)
+        try:
+            mq.connect(self.client, self.broker)
+        except BaseException:  # nothing left running or bound: a retry in this process starts clean
+            self.publisher.stop(timeout=1)
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            if self.metrics:
+                self.metrics.close()
+                self.metrics = None
+            raise
         loops = [("ingest", self._ingest_loop), ("inference", self._inference_loop), ("health", self._health_loop)]
         if self.cfg.model.path and self.cfg.model.reload_check_s > 0:
             loops.append(("model", self._watch_model))

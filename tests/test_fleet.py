@@ -121,6 +121,7 @@ def test_the_artifact_travels_in_signed_chunks_and_a_device_takes_only_matching_
     from deploy.download import Download
 
     art, data = stage2_manifest["artifact"], STAGE2.read_bytes()
+    assert stage2_manifest["schema"] == mf.SCHEMA_CHUNKED  # an agent reading only /1 refuses it, nothing used up
     plan = mf.chunk_plan(art)  # 64 KiB chunks by default: under AWS IoT Core's 128 KB a message
     assert len(plan) == -(-len(data) // (64 << 10)) > 1 and sum(n for _, n in plan) == len(data)
     pieces = mf.split(art, data)
@@ -128,29 +129,37 @@ def test_the_artifact_travels_in_signed_chunks_and_a_device_takes_only_matching_
     with pytest.raises(UpdateError, match="chunk 2 of the artifact differs"):
         mf.split(art, data[:2 << 16] + b"x" + data[(2 << 16) + 1:])  # a package whose file is not what was signed
     topics = FleetTopics("f")
+    chunk = [topics.artifact_chunk(art["sha256"], 65536, i) for i in range(len(pieces))]
+    assert chunk[1] == f"f/artifacts/{art['sha256']}/65536/1"  # the same file cut another way: other topics
     d = Download(topics, art)
-    assert d.filter == f"f/artifacts/{art['sha256']}/+" and "of at most 64 KiB" in d.describe()
-    assert not d.offer(f"f/artifacts/{'ab' * 32}/0", pieces[0])  # another artifact's: not ours
+    assert "of at most 64 KiB" in d.describe()
+    assert d.next_topics(window=4) == (chunk[:4], [])  # asked for a window at a time
+    assert d.next_topics(window=4) == ([], [])
+    assert not d.offer(f"f/artifacts/{'ab' * 32}/65536/0", pieces[0])  # another artifact's: not ours
+    for i in (1, 0):
+        assert d.offer(chunk[i], pieces[i])
+    assert d.next_topics(window=4) == (chunk[4:6], chunk[:2])  # the window moves on past what came
+    assert d.asked_topics() == chunk[2:6]  # asked again after a reconnect or a stall
     for i in reversed(range(len(pieces))):  # any order, repeats welcome
-        assert d.offer(topics.artifact_chunk(art["sha256"], i), pieces[i])
-        d.offer(topics.artifact_chunk(art["sha256"], i), pieces[i])
-        assert d.finished.is_set() == (i == 0)
-    assert d.result() == data
+        assert d.offer(chunk[i], pieces[i])
+        assert d.finished.is_set() == (i <= 2)
+    assert d.result() == data and d.parts == [None] * len(pieces)  # the bytes given up, not held by the agent
     d = Download(topics, art)
-    d.offer(topics.artifact_chunk(art["sha256"], 0), pieces[0])
+    d.offer(chunk[0], pieces[0])
     assert "5 of 6 chunks missing" in d.missing() and "(1, 2, 3, 4, 5)" in d.missing()
-    d.offer(topics.artifact_chunk(art["sha256"], 1), pieces[2])  # a damaged copy ends it, naming the chunk
+    d.offer(chunk[1], pieces[2])  # a damaged copy ends it, naming the chunk
     with pytest.raises(UpdateError, match="chunk 1 of 6 on .*/1 differs from the sha256 its manifest signed"):
         d.result()
     d = Download(topics, art)
-    d.offer(topics.artifact_chunk(art["sha256"], 5), pieces[5] + b"more")
+    d.offer(chunk[5], pieces[5] + b"more")
     with pytest.raises(UpdateError, match=f"chunk 5 of 6 .* is {len(pieces[5]) + 4} bytes, the manifest says"):
         d.result()
     whole = mf.build(STAGE2, 3, ["ward3"], ["monitor-x"], chunk_bytes=0)  # the whole file in one message
-    assert "chunks" not in whole["artifact"] and mf.split(whole["artifact"], data) == [data]
+    assert whole["schema"] == mf.SCHEMA and "chunks" not in whole["artifact"]
+    assert mf.split(whole["artifact"], data) == [data]
     d = Download(topics, whole["artifact"])
-    assert d.filter == topics.artifact(art["sha256"]) and d.describe() == "one message"
-    d.offer(d.filter, data[:-1])
+    assert d.next_topics() == ([topics.artifact(art["sha256"])], []) and d.describe() == "one message"
+    d.offer(topics.artifact(art["sha256"]), data[:-1])
     with pytest.raises(UpdateError, match="the artifact on .* is .* bytes, the manifest says"):
         d.result()
     for bad in ({"chunk_bytes": 1024}, {"chunks": art["chunks"][:-1]}, {"chunks": ["x" * 64] * len(plan)},
@@ -159,6 +168,10 @@ def test_the_artifact_travels_in_signed_chunks_and_a_device_takes_only_matching_
         garbled["artifact"].update(bad)
         with pytest.raises(UpdateError, match="chunks do not add up"):
             mf.check_applicable(garbled, "ward3", "monitor-x", newest_seen=2)
+    mixed = json.loads(json.dumps(stage2_manifest))
+    mixed["schema"] = mf.SCHEMA  # chunks under the schema an old agent reads: it would wait for the whole file
+    with pytest.raises(UpdateError, match="does not match how its artifact travels"):
+        mf.check_applicable(mixed, "ward3", "monitor-x", newest_seen=2)
     with pytest.raises(ValueError, match="at least 16 KiB"):
         mf.build(STAGE2, 3, ["ward3"], ["monitor-x"], chunk_bytes=4096)
 

@@ -236,6 +236,60 @@ def test_a_broker_that_caps_messages_gets_the_model_in_chunks_and_publish_reads_
         broker.wait(10)
 
 
+def test_a_broker_that_queues_few_messages_still_delivers_every_chunk_and_a_damaged_one_fails_at_once(
+        keys, tmp_path, monkeypatch, caplog):
+    import logging
+    import shutil as sh
+
+    import deploy.agent
+    from deploy.rollout import Fleet, read_package
+
+    if sh.which("mosquitto") is None:
+        pytest.skip("no mosquitto binary to start a broker that queues few messages")
+    port = free_port()
+    conf = tmp_path / "few.conf"  # a subscription's retained burst beyond 4 queued + 2 in flight is dropped
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 4\n"
+                    "max_inflight_messages 2\n")
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"mqtt://127.0.0.1:{port}"
+    monkeypatch.setattr(deploy.agent, "RESUBSCRIBE_S", 1.0)  # ask again for what did not come after 1 s, not 5
+    try:
+        assert wait(lambda: listening("127.0.0.1", port), 10)
+        private, public = keys
+        cfg = agent_config(tmp_path, public, "few", daemon_id=None, broker=url, artifact_timeout_s=20.0)
+        agent = Agent(cfg).start()
+        fleet = Fleet(url, "few/fleet")
+        try:
+            # version 3: chunk 7 replaced on the broker by other bytes: refused as it comes, not after a timeout
+            envelope, manifest, data = read_package(pack(tmp_path, private, STAGE2, 3, chunk_bytes=16 << 10), public)
+            art = manifest["artifact"]
+            assert len(art["chunks"]) == 22
+            fleet.publish_update(envelope, manifest, data, [])  # the chunks, no manifest yet
+            fleet.publish(fleet.topics.artifact_chunk(art["sha256"], 16 << 10, 7), b"x" * (16 << 10))
+            t0 = time.monotonic()
+            fleet.publish(fleet.topics.manifest("ward3"), envelope)
+            assert wait(lambda: agent.results[-1]["state"] in ("SUCCEEDED", "FAILED", "REJECTED"), 30)
+            assert agent.results[-1]["state"] == "FAILED" and time.monotonic() - t0 < 15
+            assert "chunk 7 of 22 on few/fleet/artifacts/" in agent.results[-1]["reason"]
+            assert "differs from the sha256 its manifest signed" in agent.results[-1]["reason"]
+            # version 4, whole: 22 chunks, a burst the broker cannot queue; what it drops is asked for again
+            envelope, manifest, data = read_package(pack(tmp_path, private, STAGE2, 4, chunk_bytes=16 << 10), public)
+            caplog.set_level(logging.INFO, logger="panorama.fleet")
+            fleet.publish_update(envelope, manifest, data, ["ward3"])
+            assert wait(lambda: agent.results[-1]["version"] == 4 and agent.results[-1]["state"] in
+                        ("SUCCEEDED", "FAILED", "REJECTED"), 60)
+        finally:
+            fleet.forget(fleet.topics.artifact_all(art["sha256"]))
+            fleet.close()
+            agent.stop()
+        assert agent.results[-1]["state"] == "SUCCEEDED", agent.results[-1]
+        assert agent.store.model_path.read_bytes() == STAGE2.read_bytes()
+        assert "did not come: asking again" in caplog.text  # the broker did drop some, and they came after all
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
 def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panorama):
     import uuid
 
@@ -248,7 +302,7 @@ def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panoram
         fleet.publish(fleet.topics.state("old-bed"), json.dumps({"device": "old-bed", "state": "READY"}).encode())
         fleet.publish(fleet.topics.artifact(sha), b"an old model")  # in one message
         for i in range(2):  # and one in chunks
-            fleet.publish(fleet.topics.artifact_chunk(chunked, i), b"a chunk of another")
+            fleet.publish(fleet.topics.artifact_chunk(chunked, 16384, i), b"a chunk of another")
         # a state filed under another device's topic is not that device's answer (a forged verdict)
         fleet.publish(fleet.topics.state("impostor"), json.dumps({"device": "bed7", "state": "SUCCEEDED"}).encode())
         assert wait(lambda: "old-bed" in fleet.snapshot(), 5)
@@ -269,7 +323,7 @@ def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panoram
     try:
         fresh.client.on_message = lambda c, u, m: got.append(m.topic)
         for a in (sha, chunked):
-            fresh.client.subscribe(fresh.topics.artifact(a) + "/#", qos=1)
+            fresh.client.subscribe(fresh.topics.artifact_all(a), qos=1)
         time.sleep(1.0)
     finally:
         fresh.close()

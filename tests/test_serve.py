@@ -169,6 +169,12 @@ def test_a_metrics_port_in_use_stops_the_start_naming_the_setting():
                                           "Address already in use"):
             daemon.start()  # before connecting (nothing listens on port 9) or starting a thread
         assert daemon.threads == [] and daemon.metrics is None
+    daemon = Daemon(EdgeConfig.model_validate({"mqtt": {"broker": "mqtt://127.0.0.1:9"},
+                                               "health": {"metrics_port": port}}))
+    with pytest.raises(ConnectionError):
+        daemon.start()  # the broker is not there
+    with socket.socket() as again:  # and /metrics is not left bound, serving a daemon that never connected
+        again.bind(("127.0.0.1", port))
 
 
 def test_systemd_hears_ready_a_watchdog_that_stops_while_a_loop_is_stuck_and_stopping(mosquitto, prefix,
