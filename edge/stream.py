@@ -24,6 +24,7 @@ This module is pure logic (numpy, no MQTT, no model) so it is tested directly.
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,7 @@ from .batch import Window, window_quality
 
 RECEPTIVE_FIELD = 224  # samples each side whose input can change an output sample (measured)
 REORDER_SEQ = 64  # a chunk this many seqs behind the newest, or fewer, is a resend or reordered
+AHEAD_WINDOW_S = 10.0  # how far back ahead_s looks
 
 
 def floor8(n: int) -> int:
@@ -104,7 +106,7 @@ class PatientStream:
         self.last_n = 0  # samples in the newest chunk placed
         self.placed: dict[int, tuple[int, int, int]] = {}  # seq -> (position, samples, t0_ns) of recent chunks
         self.last_sent_ns = 0
-        self.first_arrival: float | None = None  # monotonic time of the first chunk
+        self.arrivals: deque[tuple[float, int]] = deque()  # (monotonic time, samples) of the last AHEAD_WINDOW_S
         self.state = "waiting" if params.calibrate_s > 0 else "streaming"
         self.emitted = 0 if params.calibrate_s <= 0 else params.calibration_samples
         self.offsets: np.ndarray | None = None  # (L, 2) degrees, once calibrated
@@ -215,18 +217,24 @@ class PatientStream:
         self.end = max(self.end, pos + n)
         self.counts.chunks += 1
         self.counts.samples += n
-        if self.first_arrival is None:
-            self.first_arrival = time.monotonic() - n / self.p.fs  # the first chunk took its own length to record
+        now = time.monotonic()
+        self.arrivals.append((now, n))
+        while now - self.arrivals[0][0] > AHEAD_WINDOW_S:
+            self.arrivals.popleft()
         self.last_n = n
         self.last_sent_ns = max(self.last_sent_ns, sent_ns)
         return outcome
 
     def ahead_s(self) -> float:
-        """Seconds of signal received beyond the time since the first chunk: a sender faster
-        than real time (``panorama monitor --fast``) runs ahead; a real monitor stays near 0."""
-        if self.first_arrival is None:
+        """Seconds of signal received over the last ``AHEAD_WINDOW_S`` beyond the time they
+        took to come: a sender faster than real time (``panorama monitor --fast``) runs ahead;
+        a real monitor stays near 0 whatever it did before (a burst at connect, a drifting
+        crystal), so its overloads are not blamed on it."""
+        if not self.arrivals:
             return 0.0
-        return self.counts.samples / self.p.fs - (time.monotonic() - self.first_arrival)
+        first_t, first_n = self.arrivals[0]
+        took = time.monotonic() - first_t + first_n / self.p.fs  # the first chunk took its own length to record
+        return sum(n for _, n in self.arrivals) / self.p.fs - took
 
     def _by_seq(self, seq: int, n: int) -> int | None:
         """Where a chunk of ``n`` samples goes by its seq: right after ``seq − 1``, or right
@@ -351,7 +359,8 @@ class PatientStream:
     def _due(self, final: bool) -> list[Window]:
         if self.state != "streaming" or not self.views:
             return []
-        ready = self.end if final else floor8(self.end) - self.p.lookahead
+        completed = floor8(self.end) - self.p.lookahead  # output the chunks so far made due
+        ready = self.end if final else completed
         hole = self.first_hole()
         if hole is not None and not final and self.end - hole <= self.p.lookahead + self.p.reorder:
             ready = min(ready, floor8(hole) - self.p.lookahead)  # a late chunk may still fill it
@@ -373,8 +382,8 @@ class PatientStream:
             s = max(0, floor8(e - self.p.window) if not last else floor8(o0 - self.p.context))
             s = min(s, floor8(max(0, o0 - self.p.context)))
             out.append(self._window(s, e, o0, o1, last))
-            if final:
-                out[-1].sent_ns = 0  # flushed at the stream's close, not completed by a raw chunk: no latency
+            if final and o1 > completed:
+                out[-1].sent_ns = 0  # its lookahead never came: made by the close, not by a chunk; no latency
             self.emitted = o1
             self.consumed = max(self.consumed, e)
         return out

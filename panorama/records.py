@@ -269,10 +269,19 @@ def write_record(out_dir: str | Path, name: str, signals: np.ndarray, leads: lis
 
 
 def default_data_dir() -> Path | None:
-    """The real records: ``$PANORAMA_DATA``, else ``../shared/data/ecg`` beside the repo; None if absent."""
+    """The real records: ``$PANORAMA_DATA`` (a RecordError where it holds none: never another
+    folder in its place), else ``../shared/data/ecg`` beside the repo or beside the working
+    folder (an installed package lives elsewhere); None where there are none."""
     import os
 
+    def holds(folder: Path) -> bool:
+        return folder.is_dir() and any(folder.rglob("*.hea"))
+
     env = os.environ.get("PANORAMA_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data" / "ecg")
-    return next((c for c in candidates if c.is_dir() and any(c.rglob("*.hea"))), None)
+    if env:
+        if not holds(Path(env)):
+            raise RecordError(f"$PANORAMA_DATA is {env}, which holds no WFDB records (*.hea)")
+        return Path(env)
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "ecg",
+                  Path.cwd().parent / "shared" / "data" / "ecg"]
+    return next((c for c in candidates if holds(c)), None)

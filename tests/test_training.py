@@ -58,6 +58,9 @@ def test_the_configs_find_the_records_from_any_folder(data_dir, tmp_path, monkey
     assert load_config(REPO / "training" / "configs" / "stage1.yaml").data.real == data_dir
     with pytest.raises(ValueError, match="data.real ../shared/data/ecg holds no WFDB records"):
         TrainConfig.model_validate({"data": {"real": "../shared/data/ecg"}})  # a path is the user's own, as given
+    monkeypatch.setenv("PANORAMA_DATA", str(tmp_path))  # a typo'd folder: said, never another folder in its place
+    with pytest.raises(ConfigError, match=f"PANORAMA_DATA is {tmp_path}, which holds no WFDB records"):
+        load_config(REPO / "training" / "configs" / "stage1.yaml")
 
 
 def test_a_short_run_trains_validates_and_resumes(data_dir, tmp_path):

@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from panorama.devices import check_device_name
-from panorama.errors import ConfigError
+from panorama.errors import ConfigError, RecordError
 from panorama.geometry import resolve_views
 from panorama.records import default_data_dir
 
@@ -45,7 +45,10 @@ class DataConfig(Strict):
     def _default_real(cls, v):
         if v != "default":
             return v
-        found = default_data_dir()
+        try:
+            found = default_data_dir()
+        except RecordError as exc:  # $PANORAMA_DATA set to a folder without records
+            raise ValueError(f"default: {exc}") from None
         if found is None:
             raise ValueError("default: no records at $PANORAMA_DATA nor at ../shared/data/ecg beside the repo; "
                              "give their folder")
