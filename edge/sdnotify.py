@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 log = logging.getLogger("panorama.serve")
+_warned: set[str] = set()  # reasons a notification failed, said once each
 
 
 def notify(*lines: str) -> bool:
@@ -33,7 +34,9 @@ def notify(*lines: str) -> bool:
             s.sendall("\n".join(lines).encode())
         return True
     except OSError as exc:
-        log.warning("could not notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
+        if str(exc) not in _warned:  # once per reason, not at every ping
+            _warned.add(str(exc))
+            log.warning("could not notify systemd at %s: %s", os.environ.get("NOTIFY_SOCKET"), exc)
         return False
 
 
