@@ -32,6 +32,7 @@ from collections import deque
 
 from edge import mqtt as mq
 from edge.protocol import CONTENT_TYPE_JSON
+from edge.sdnotify import notify
 from edge.topics import Topics
 from panorama.errors import UpdateError
 
@@ -96,9 +97,12 @@ class Agent:
         # so an operator's rollout knows this device before its first update; its last verdict rides along
         self._ack(None, "READY", "running")
         self.worker.start()
+        # under systemd (Type=notify) the daemon's unit, After= this one, starts once the store holds a model
+        notify("READY=1", f"STATUS=store {self.cfg.store}, version {self.store.current_version()}")
         return self
 
     def stop(self) -> None:
+        notify("STOPPING=1")
         self.stopping.set()
         self.worker.join(timeout=10)
         self.publisher.stop(timeout=5)

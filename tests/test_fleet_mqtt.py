@@ -103,6 +103,27 @@ def test_an_update_a_restart_left_ungated_is_gated_at_the_next_start(mosquitto, 
     assert "did not report the new model" in last["reason"] and os.readlink(store.current) == "versions/0"
 
 
+def test_under_systemd_the_agent_is_ready_once_its_store_holds_a_model(mosquitto, keys, tmp_path, monkeypatch):
+    import socket
+    import tempfile
+    import uuid
+
+    folder = tempfile.mkdtemp(prefix="sd")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # what systemd hands a Type=notify service
+    sock.bind(f"{folder}/notify")
+    sock.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", f"{folder}/notify")
+    agent = Agent(agent_config(tmp_path, keys[1], f"test/{uuid.uuid4().hex[:8]}", daemon_id=None)).start()
+    try:
+        ready = sock.recv(4096).decode()
+        assert ready.startswith("READY=1\nSTATUS=store ") and ready.endswith("version 0")
+        assert agent.store.model_path.read_bytes() == STAGE1.read_bytes()  # what the daemon, started next, loads
+    finally:
+        agent.stop()
+    assert sock.recv(4096).decode() == "STOPPING=1"
+    sock.close()
+
+
 def test_rollout_goes_wave_by_wave_and_stops_before_the_next_when_one_fails(mosquitto, keys, tmp_path):
     import uuid
 
