@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("int16", "float32", "json")
 DEFAULT_SCALE_MV = 0.001  # 1 µV per count: int16 covers ±32.8 mV
 SIM_SECONDS = 30.0  # a simulated patient's strip when --duration does not say (it loops with --loop)
+ANSWER_S = 10.0  # a daemon answers a new stream's first chunk within milliseconds; warn after this
 FAST_BURST = 16  # with fast=True: a short pause after this many chunks, so broker queues keep up
 FAST_PAUSE_S = 0.002
 _UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
@@ -78,6 +79,7 @@ class StreamStats:
     samples: int = 0  # per lead
     dropped: int = 0  # chunks the publisher's queue refused
     refused: str = ""  # why the broker refused the stream's first chunk (MQTT 5), which stops the stream
+    unanswered: bool = False  # no daemon said a word of it within ANSWER_S of its first chunk
 
     def line(self) -> str:
         return (f"{self.monitor_id}/{self.patient_id}: {self.chunks} chunks, {self.samples} samples "
@@ -85,7 +87,8 @@ class StreamStats:
                 + (f"int16 at {self.scale_mv:g} mV" if self.fmt == "int16" else self.fmt)
                 + (f", {self.dropped} dropped" if self.dropped else "")
                 + (f"; REFUSED by the broker ({self.refused}): is the monitor id this client's user name "
-                   "(its certificate's common name)?" if self.refused else ""))
+                   "(its certificate's common name)?" if self.refused else "")
+                + (f"; no daemon answered within {ANSWER_S:g} s" if self.unanswered else ""))
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -176,6 +179,21 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
     content_type = CONTENT_TYPE_JSON if fmt == "json" else CONTENT_TYPE_BINARY
 
     client = make_client(client_id or new_client_id("monitor"), protocol)
+    # a daemon answers each new stream on its status topic: silence says no daemon serves this prefix, or
+    # (MQTT 3.1.1, where a broker drops a refused publish without a word) the broker refuses the chunks
+    status = {topics.status(s.monitor_id, s.patient_id): p for s, p in zip(streams, plans)}
+    answered: set[str] = set()
+    watch = [(f"{topics.prefix}/{m}/+/status", 1) for m in sorted({s.monitor_id for s in streams})]
+
+    def on_message(c, userdata, msg):
+        if not msg.retain and msg.topic in status:  # a retained one may be an earlier run's
+            answered.add(msg.topic)
+
+    def on_connect(c, userdata, flags, reason_code, properties=None):
+        if not reason_code.is_failure:  # (re)subscribe on every connect
+            c.subscribe(watch)
+
+    client.on_message, client.on_connect = on_message, on_connect
     connect(client, url)
     publisher = Publisher(client, protocol=protocol, track_refusals=protocol == "5")
     publisher.start()
@@ -216,6 +234,10 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
                     p.stats.dropped += 1
             if i == 0 and protocol == "5":
                 _stop_refused(plans, publisher, stop)
+            if i == 0:
+                first_sent = time.monotonic()
+            elif time.monotonic() - first_sent >= ANSWER_S:
+                _say_unanswered(plans, status, answered, topics.prefix)
             i += 1
     finally:
         publisher.stop()
@@ -225,6 +247,17 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
     if publisher.failed:  # paho refused them: the connection was down (QoS 0 is not queued)
         log.warning("%d chunks were lost while the broker connection was down", publisher.failed)
     return [p.stats for p in plans]
+
+
+def _say_unanswered(plans: list["_Plan"], status: dict, answered: set[str], prefix: str) -> None:
+    """Once, for each stream still running that no daemon has answered: say what may be wrong."""
+    for topic, p in status.items():
+        if topic not in answered and not p.stats.unanswered and not p.stats.refused:
+            p.stats.unanswered = True
+            log.warning("no daemon has answered %s/%s within %g s: is panorama serve running with prefix %s on "
+                        "this broker, and does the broker take this monitor's chunks (over MQTT 3.1.1 a refused "
+                        "publish is dropped without a word)?", p.stats.monitor_id, p.stats.patient_id, ANSWER_S,
+                        prefix)
 
 
 def _stop_refused(plans: list["_Plan"], publisher, stop: threading.Event, timeout: float = 2.0) -> None:

@@ -222,6 +222,23 @@ def test_systemd_hears_ready_a_watchdog_that_stops_while_a_loop_is_stuck_and_sto
     sock.close()
 
 
+def test_a_monitor_says_when_no_daemon_answers_its_stream(mosquitto, prefix, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import edge.monitor
+
+    monkeypatch.setattr(edge.monitor, "ANSWER_S", 1.0)  # 10 s by default
+    with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0}):
+        with caplog.at_level(logging.WARNING):
+            served = run_monitor(sim_streams(1, seconds=3.0), mosquitto, prefix=prefix, protocol="3.1.1")
+            # the same stream where no daemon serves (over 3.1.1, as if the broker dropped its chunks)
+            lost = run_monitor(sim_streams(1, seconds=3.0), mosquitto, prefix=f"{prefix}-nobody", protocol="3.1.1")
+    assert not served[0].unanswered and "no daemon answered" not in served[0].line()
+    assert lost[0].unanswered and lost[0].line().endswith("; no daemon answered within 1 s")
+    assert f"no daemon has answered bed/sim-000 within 1 s: is panorama serve running with prefix {prefix}-nobody" \
+        in caplog.text
+
+
 def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, panorama):
     """A real record replayed by the monitor: after the 5 s calibration the streamed views
     equal ``panorama synthesize --calibrate 5`` of the same record within 1 µV RMS."""
