@@ -43,7 +43,8 @@ from .store import ModelStore
 from .topics import FleetTopics
 
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest with the hashes of 4,096 chunks is about 290 kB
-RESUBSCRIBE_S = 5.0  # a part asked for and not come by then is asked for again
+RESUBSCRIBE_S = 5.0  # a part asked for and not come by then is asked for again (then after 10 s, 20 s, ...)
+FILTERS_PER_PACKET = 8  # topic filters in one SUBSCRIBE: AWS IoT Core takes no more
 
 log = logging.getLogger("panorama.fleet")
 STATES = ("READY", "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
@@ -116,10 +117,12 @@ class Agent:
         subs = [(self.manifest_topic, 1)]
         if self.health_topic:
             subs += [(self.health_topic, 0), (self.status_topic, 1)]
+        client.subscribe(subs)
         download = self.download
         if download:  # a clean session forgets subscriptions: ask again for what has not come
-            subs += [(t, 1) for t in download.asked_topics()]
-        client.subscribe(subs)
+            again = download.asked_topics()
+            for i in range(0, len(again), FILTERS_PER_PACKET):
+                client.subscribe([(t, 1) for t in again[i: i + FILTERS_PER_PACKET]])
 
     def _on_message(self, client, userdata, msg):
         download = self.download
@@ -270,16 +273,21 @@ class Agent:
     def _fetch(self, download: Download) -> bytes:
         """The artifact's bytes from its retained messages, asked for a window at a time (the
         broker sends what it retains on each subscribe); the download is dropped after, so
-        what arrives later is not held. Fails after ``artifact_timeout_s`` with no new part."""
+        what arrives later is not held. Parts asked for and not come are asked for again after
+        ``RESUBSCRIBE_S``, then twice as long each time (a slow link is still delivering them).
+        Fails after ``artifact_timeout_s`` with no new part."""
         self.download = download
-        asked_again = time.monotonic()
+        subscribed: set[str] = set()
+        asked_again, wait_s = time.monotonic(), RESUBSCRIBE_S
         try:
             while True:
                 subscribe, done = download.next_topics()
                 if done:
-                    self.client.unsubscribe(done)
+                    self._unsubscribe(done)
+                    subscribed.difference_update(done)
                 if subscribe:
-                    self.client.subscribe([(t, 1) for t in subscribe])
+                    self._subscribe(subscribe)
+                    subscribed.update(subscribe)
                 if download.finished.wait(0.2):
                     return download.result()
                 if self.stopping.is_set():
@@ -287,17 +295,26 @@ class Agent:
                 now = time.monotonic()
                 if now - download.progress_at > self.cfg.artifact_timeout_s:
                     raise UpdateError(f"{download.missing()}: nothing new for {self.cfg.artifact_timeout_s:g} s")
-                if now - max(download.progress_at, asked_again) > RESUBSCRIBE_S:  # dropped on the way: again
-                    asked_again = now
+                if download.progress_at > asked_again:
+                    asked_again, wait_s = download.progress_at, RESUBSCRIBE_S  # progress: back to the first wait
+                elif now - asked_again > wait_s:  # dropped on the way, or a slow link: again, waiting longer
+                    asked_again, wait_s = now, min(2 * wait_s, 60.0)
                     again = download.asked_topics()
                     if again:
                         log.info("%d part(s) of the artifact asked for did not come: asking again", len(again))
-                        self.client.subscribe([(t, 1) for t in again])
+                        self._subscribe(again)
         finally:
             self.download = None
-            left = download.asked_topics()
-            if left:
-                self.client.unsubscribe(left)
+            if subscribed:  # what came since the window last moved, and what never came
+                self._unsubscribe(sorted(subscribed))
+
+    def _subscribe(self, topics: list[str]) -> None:
+        for i in range(0, len(topics), FILTERS_PER_PACKET):
+            self.client.subscribe([(t, 1) for t in topics[i: i + FILTERS_PER_PACKET]])
+
+    def _unsubscribe(self, topics: list[str]) -> None:
+        for i in range(0, len(topics), FILTERS_PER_PACKET):
+            self.client.unsubscribe(topics[i: i + FILTERS_PER_PACKET])
 
     def _gate(self, m: dict) -> str | None:
         """None when the daemon adopts the new model and stays healthy; else what went wrong."""

@@ -219,12 +219,12 @@ def _forget(args) -> int:
         for device in args.devices:
             n = fleet.forget(fleet.topics.state(device))
             if not n:
-                print(f"the broker holds no state of device {device!r}")
+                print(f"the broker holds no state of device {device!r} that this client may read")
             cleared += n
         for sha in args.artifacts:
             n = fleet.forget(fleet.topics.artifact_all(sha))  # the whole file and every chunk, however cut
             if not n:
-                print(f"the broker holds no message of artifact {sha[:16]}…")
+                print(f"the broker holds no message of artifact {sha[:16]}… that this client may read")
             cleared += n
     finally:
         fleet.close()

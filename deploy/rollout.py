@@ -125,8 +125,9 @@ class Fleet:
         self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
 
     def retained(self, topic_filter: str, quiet: float = 0.5, timeout: float = 30.0) -> list[str]:
-        """The topics under ``topic_filter`` where the broker holds a retained message: those
-        it sends after acknowledging the subscription, until none has come for ``quiet`` s.
+        """The topics under ``topic_filter`` where the broker holds a retained message this
+        client may read: those it sends after acknowledging the subscription, until none has
+        come for ``quiet`` s (a broker whose ACL hides them sends none, and says nothing).
         A broker queues only so many for one client (Mosquitto about 1,000): clear what this
         finds and ask again until it finds none."""
         found: set[str] = set()
@@ -139,8 +140,11 @@ class Fleet:
                     found.add(msg.topic)
                     last[0] = time.monotonic()
 
+        refused: list[str] = []
+
         def on_subscribe(client, userdata, mid, reason_codes, properties=None):
             with self._lock:
+                refused.extend(str(rc) for rc in reason_codes if rc.is_failure)
                 acked.add(mid)
                 last[0] = time.monotonic()
 
@@ -157,6 +161,9 @@ class Fleet:
                     raise UpdateError(f"the broker did not acknowledge a subscription to {topic_filter} in "
                                       f"{timeout:g} s")
                 time.sleep(0.02)
+            if refused:
+                raise UpdateError(f"the broker refuses this client a subscription to {topic_filter} ({refused[0]}): "
+                                  "its ACL must let the operator read what it may clear")
             end = time.monotonic() + timeout
             while time.monotonic() < end:
                 with self._lock:
@@ -194,7 +201,7 @@ class Fleet:
             try:
                 for i, piece in enumerate(pieces):
                     self.publish(self.topics.artifact_chunk(art["sha256"], art["chunk_bytes"], i), piece)
-            except UpdateError as exc:
+            except (UpdateError, RuntimeError, ValueError) as exc:  # paho's, when the connection drops mid-way
                 raise UpdateError(f"{exc}; the chunks before it stay retained until published again or cleared "
                                   f"(panorama fleet forget --artifact {art['sha256']})") from None
         for g in groups:

@@ -255,9 +255,9 @@ def _say_unanswered(plans: list["_Plan"], status: dict, answered: set[str], pref
         if topic not in answered and not p.stats.unanswered and not p.stats.refused:
             p.stats.unanswered = True
             log.warning("no daemon has answered %s/%s within %g s: is panorama serve running with prefix %s on "
-                        "this broker, and does the broker take this monitor's chunks (over MQTT 3.1.1 a refused "
-                        "publish is dropped without a word)?", p.stats.monitor_id, p.stats.patient_id, ANSWER_S,
-                        prefix)
+                        "this broker, does the broker take this monitor's chunks (over MQTT 3.1.1 a refused "
+                        "publish is dropped without a word), or is the daemon full (its errors topic says)?",
+                        p.stats.monitor_id, p.stats.patient_id, ANSWER_S, prefix)
 
 
 def _stop_refused(plans: list["_Plan"], publisher, stop: threading.Event, timeout: float = 2.0) -> None:

@@ -53,9 +53,11 @@ def watchdog_period() -> float | None:
 
 
 class Watchdog:
-    """Pings systemd's watchdog every half period while each named loop has beaten within
-    half a period; a loop that stops beating (stuck on a lock, a hung backend) stops the
-    pings, and systemd restarts the service. ``beat(name)`` is cheap: call it every turn."""
+    """Pings systemd's watchdog every quarter period while each named loop has beaten within
+    half a period; a loop that stops beating (stuck on a lock, a hung backend call) stops the
+    pings, and systemd restarts the service at most a period and a half after its last beat.
+    ``beat(name)`` is cheap: call it every turn, and between the steps of a long turn. paho's
+    own network thread is not watched (a dead one leaves the loops beating, idle)."""
 
     def __init__(self, period_s: float, loops: list[str], stopping: threading.Event,
                  status: Callable[[], str] | None = None):
@@ -75,17 +77,23 @@ class Watchdog:
         return self
 
     def _run(self) -> None:
-        while not self.stopping.wait(self.period / 2):
-            now = time.monotonic()
-            stuck = sorted(n for n, t in self.beats.items() if now - t > self.period / 2)
-            if stuck != self.stuck:
-                if stuck:
-                    log.error("loop(s) %s silent for over %.1f s: no watchdog ping, systemd restarts the daemon "
-                              "when its WatchdogSec (%.0f s) runs out", ", ".join(stuck), self.period / 2, self.period)
-                else:
-                    log.warning("every loop beats again: watchdog pings resume")
-                self.stuck = stuck
-            if not stuck:
-                lines = ["WATCHDOG=1"] + ([f"STATUS={self.status()}"] if self.status else [])
-                if notify(*lines):
-                    self.pings += 1
+        while not self.stopping.wait(self.period / 4):
+            try:
+                self._look()
+            except Exception:  # the thread must outlive a bad status line, or pings stop for nothing
+                log.exception("watchdog check failed")
+
+    def _look(self) -> None:
+        now = time.monotonic()
+        stuck = sorted(n for n, t in self.beats.items() if now - t > self.period / 2)
+        if stuck != self.stuck:
+            if stuck:
+                log.error("loop(s) %s silent for over %.1f s: no watchdog ping, systemd restarts the daemon "
+                          "when its WatchdogSec (%.0f s) runs out", ", ".join(stuck), self.period / 2, self.period)
+            else:
+                log.warning("every loop beats again: watchdog pings resume")
+            self.stuck = stuck
+        if not stuck:
+            lines = ["WATCHDOG=1"] + ([f"STATUS={self.status()}"] if self.status else [])
+            if notify(*lines):
+                self.pings += 1

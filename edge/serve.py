@@ -305,6 +305,8 @@ class Daemon:
                 self.pool.submit(self._calibrate, st, x, views, st.generation)
             if st.state != before:
                 self.report.status(st)
+            elif outcome == "reset":  # its sender restarted (or its clock jumped): said, so the sender hears it
+                self.report.status(st, "the stream started again: its sender restarted or its clock jumped")
         self.wake.set()
 
     def _known_leads(self, key, chunk: Chunk, topic: str) -> tuple[list[int], list[str]]:
@@ -386,7 +388,13 @@ class Daemon:
         t0 = time.perf_counter()
         backend = self.slot.backend  # one model for the whole batch, even if a reload swaps it meanwhile
         try:
-            outputs = run_windows(backend.run, windows, self.cfg.stream.max_batch)
+            def run(*args):  # a turn of many batches is progress, batch by batch, to the watchdog
+                self._beat("inference")
+                y = backend.run(*args)
+                self._beat("inference")
+                return y
+
+            outputs = run_windows(run, windows, self.cfg.stream.max_batch)
         except Exception as exc:  # a backend failure loses these windows, not the daemon
             self.slot.failed_batch(backend)  # a fleet update's health gate watches this
             log.exception("inference failed for %d windows", len(windows))

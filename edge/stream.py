@@ -377,6 +377,8 @@ class PatientStream:
             o1 = min(o0 + self.p.hop, ready)
             if final and ready - o0 <= self.p.hop + self.p.lookahead + DOWNSAMPLE:
                 o1 = ready  # the tail: one window that ends at the stream's end
+            if final and o0 < completed:
+                o1 = min(o1, completed)  # what the chunks made due, apart from what only the close does
             last = final and o1 == self.end
             e = self.end if last else ceil8(o1 + self.p.lookahead)
             s = max(0, floor8(e - self.p.window) if not last else floor8(o0 - self.p.context))

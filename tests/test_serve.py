@@ -227,15 +227,17 @@ def test_a_monitor_says_when_no_daemon_answers_its_stream(mosquitto, prefix, tmp
 
     import edge.monitor
 
-    monkeypatch.setattr(edge.monitor, "ANSWER_S", 1.0)  # 10 s by default
-    with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0}):
+    monkeypatch.setattr(edge.monitor, "ANSWER_S", 1.5)  # 10 s by default
+    with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0}, stream={"idle_timeout_s": 30}):
         with caplog.at_level(logging.WARNING):
             served = run_monitor(sim_streams(1, seconds=3.0), mosquitto, prefix=prefix, protocol="3.1.1")
+            # restarted while the daemon still holds its stream: the daemon says the stream started again
+            again = run_monitor(sim_streams(1, seconds=3.0), mosquitto, prefix=prefix, protocol="3.1.1")
             # the same stream where no daemon serves (over 3.1.1, as if the broker dropped its chunks)
             lost = run_monitor(sim_streams(1, seconds=3.0), mosquitto, prefix=f"{prefix}-nobody", protocol="3.1.1")
-    assert not served[0].unanswered and "no daemon answered" not in served[0].line()
-    assert lost[0].unanswered and lost[0].line().endswith("; no daemon answered within 1 s")
-    assert f"no daemon has answered bed/sim-000 within 1 s: is panorama serve running with prefix {prefix}-nobody" \
+    assert not served[0].unanswered and "no daemon answered" not in served[0].line() and not again[0].unanswered
+    assert lost[0].unanswered and lost[0].line().endswith("; no daemon answered within 1.5 s")
+    assert f"no daemon has answered bed/sim-000 within 1.5 s: is panorama serve running with prefix {prefix}-nobody" \
         in caplog.text
 
 

@@ -164,6 +164,16 @@ def test_windows_carry_the_newest_sent_time_and_a_closing_flush_none(record):
     assert windows and all(w.sent_ns == T0 + k for k, w in windows)  # the raw chunk that completed each
     flushed = st.due(final=True)  # the stream closing (silent, or the daemon stopping): no chunk completed it
     assert flushed and all(w.sent_ns == 0 for w in flushed), "a flush would count its wait as latency"
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    for k, i in enumerate(range(0, 1500, 125)):  # the daemon stops before drawing the last chunk's due output
+        st.ingest(k, T0 + int(i * 2e6), names, x[:, i: i + 125], sent_ns=T0 + k)
+        if k < 11:
+            st.due()
+    completed = 1500 - st.p.lookahead
+    flushed = st.due(final=True)
+    assert [w.sent_ns for w in flushed if w.start + w.n <= completed] == [T0 + 11]  # made due by chunk 11
+    assert all(w.sent_ns == 0 for w in flushed if w.start + w.n > completed)
+    assert sum(w.n for w in flushed) == 1500 - min(w.start for w in flushed)  # the output stays contiguous
 
 
 def test_clock_jump_restarts_the_stream():
