@@ -9,7 +9,7 @@ model's hash within ``adopt_timeout_s`` and then stay online, with no inference 
 acknowledged on the device's retained state topic::
 
     {prefix}/{group}/manifest          operator → devices   signed envelope (deploy/topics.py)
-    {prefix}/artifacts/{sha256}/{i}    operator → devices   the checkpoint's bytes, in chunks whose hashes
+    {prefix}/artifacts/{sha256}/{n}/{i}  operator → devices the checkpoint's bytes, in chunks whose hashes
                                                             the manifest signs (deploy/download.py)
     {prefix}/devices/{device}/state    device → operator    READY, QUEUED, IN_PROGRESS, SUCCEEDED, FAILED
                                                             or REJECTED, with version, hash, reason and
@@ -120,9 +120,7 @@ class Agent:
         client.subscribe(subs)
         download = self.download
         if download:  # a clean session forgets subscriptions: ask again for what has not come
-            again = download.asked_topics()
-            for i in range(0, len(again), FILTERS_PER_PACKET):
-                client.subscribe([(t, 1) for t in again[i: i + FILTERS_PER_PACKET]])
+            self._subscribe(download.asked_topics())
 
     def _on_message(self, client, userdata, msg):
         download = self.download
@@ -277,17 +275,12 @@ class Agent:
         ``RESUBSCRIBE_S``, then twice as long each time (a slow link is still delivering them).
         Fails after ``artifact_timeout_s`` with no new part."""
         self.download = download
-        subscribed: set[str] = set()
         asked_again, wait_s = time.monotonic(), RESUBSCRIBE_S
         try:
             while True:
                 subscribe, done = download.next_topics()
-                if done:
-                    self._unsubscribe(done)
-                    subscribed.difference_update(done)
-                if subscribe:
-                    self._subscribe(subscribe)
-                    subscribed.update(subscribe)
+                self._unsubscribe(done)
+                self._subscribe(subscribe)
                 if download.finished.wait(0.2):
                     return download.result()
                 if self.stopping.is_set():
@@ -305,8 +298,7 @@ class Agent:
                         self._subscribe(again)
         finally:
             self.download = None
-            if subscribed:  # what came since the window last moved, and what never came
-                self._unsubscribe(sorted(subscribed))
+            self._unsubscribe(download.release())  # what came since the window last moved, and what never came
 
     def _subscribe(self, topics: list[str]) -> None:
         for i in range(0, len(topics), FILTERS_PER_PACKET):

@@ -113,7 +113,7 @@ def _keygen(args) -> int:
 
 
 def _pack(args) -> int:
-    from .manifest import ARTIFACT_NAME, build, sign
+    from .manifest import ARTIFACT_NAME, build, chunk_plan, sign
 
     if args.out.exists() and any(args.out.iterdir()):
         raise UpdateError(f"{args.out} is not empty: pack into a new folder")
@@ -133,12 +133,13 @@ def _pack(args) -> int:
     art = manifest["artifact"]
     print(f"{args.out}: version {args.version} for groups {', '.join(manifest['target']['groups'])} "
           f"({', '.join(manifest['target']['device_models'])}), "
-          f"{art['size']} bytes in {len(art.get('chunks', [0]))} message(s), sha256 {art['sha256'][:16]}…, "
+          f"{art['size']} bytes in {len(chunk_plan(art))} message(s), sha256 {art['sha256'][:16]}…, "
           f"expires {manifest['expires']}")
     return 0
 
 
 def _publish(args) -> int:
+    from .manifest import chunk_plan
     from .rollout import Fleet, read_package
 
     envelope, manifest, data = read_package(args.package, args.public_key)
@@ -151,7 +152,7 @@ def _publish(args) -> int:
         fleet.publish_update(envelope, manifest, data, groups)
     finally:
         fleet.close()
-    n = len(manifest["artifact"].get("chunks", [0]))
+    n = len(chunk_plan(manifest["artifact"]))
     print(f"published version {manifest['version']} for {', '.join(groups)} ({len(data)} bytes in {n} message(s) "
           f"and the manifest) on {args.broker}")
     return 0

@@ -4,7 +4,7 @@ The device asks for the chunks a window at a time (``WINDOW`` subscriptions to e
 topics): a broker sends a subscription's retained messages in one burst and queues only so
 many for a client (Mosquitto: ``max_queued_messages`` 1000, the rest dropped), so a wildcard
 over a few thousand chunks would lose some. A chunk asked for that does not come is asked
-for again (``stalled``). paho's network thread offers every message on the artifact's
+for again (``asked_topics``). paho's network thread offers every message on the artifact's
 topics; each is checked as it comes (in any order, and again when repeated) against the size
 and the hash the manifest signed for it. The first copy that does not match ends the
 download with the reason: a retained message stays what it is until the operator publishes
@@ -20,7 +20,7 @@ import time
 
 from panorama.errors import UpdateError
 
-from .manifest import chunk_plan
+from .manifest import chunk_plan, chunked
 from .topics import FleetTopics
 
 WINDOW = 32  # chunks asked for at once (2 MiB at the default 64 KiB)
@@ -30,12 +30,12 @@ class Download:
     def __init__(self, topics: FleetTopics, artifact: dict):
         self.sha256 = artifact["sha256"]
         self.plan = chunk_plan(artifact)
-        self.whole = self.plan[0][0] is None  # the file in one message
+        self.whole = not chunked(artifact)  # the file in one message
         self.topics = [topics.artifact(self.sha256)] if self.whole else \
             [topics.artifact_chunk(self.sha256, artifact["chunk_bytes"], i) for i in range(len(self.plan))]
         self.index = {t: i for i, t in enumerate(self.topics)}
         self.parts: list[bytes | None] = [None] * len(self.plan)
-        self.asked: set[int] = set()  # subscribed to, not here yet
+        self.asked: set[int] = set()  # subscribed to (until the window moves past it, or ``release``)
         self.failure: str | None = None
         self.finished = threading.Event()  # every part here, or a failure
         self.progress_at = time.monotonic()  # when the last new part came (or the download began)
@@ -62,6 +62,12 @@ class Download:
         """What is asked for and has not come: subscribed again after a reconnect or a stall."""
         with self._lock:
             return [self.topics[i] for i in sorted(self.asked) if self.parts[i] is None]
+
+    def release(self) -> list[str]:
+        """Every topic still subscribed, come or not, to unsubscribe at the end (failure too)."""
+        with self._lock:
+            held, self.asked = sorted(self.asked), set()
+        return [self.topics[i] for i in held]
 
     # ---- paho's network thread ---------------------------------------------------------
     def offer(self, topic: str, payload: bytes) -> bool:

@@ -43,7 +43,7 @@ from panorama.files import file_sha256
 from panorama.geometry import STANDARD_12, resolve_views, unit_vector
 from panorama.records import MODEL_FS
 
-from .topics import CHUNK_BYTES, MIN_CHUNK_BYTES, check_group
+from .topics import CHUNK_BYTES, MIN_CHUNK_BYTES, check_group, is_sha256
 
 SCHEMA = "panorama-fleet-update/1"  # the artifact in one message
 SCHEMA_CHUNKED = "panorama-fleet-update/2"  # in chunks: an agent that reads only /1 refuses it (REJECTED, the
@@ -263,16 +263,17 @@ def check_applicable(manifest: dict, group: str, device_model: str, newest_seen:
         raise UpdateError(f"manifest is for device models {models}, this device is {device_model!r}")
     if fmt != checkpoint.FORMAT_VERSION:
         raise UpdateError(f"checkpoint format {fmt!r}; this code reads {checkpoint.FORMAT_VERSION!r}")
-    if size <= 0 or not _is_sha256(digest):
+    if size <= 0 or not is_sha256(digest):
         raise UpdateError("manifest's artifact has no size or no sha256 (64 lower-case hex digits)")
-    plan = chunk_plan(art)
-    if (plan[0][0] is not None) != (manifest.get("schema") == SCHEMA_CHUNKED):
+    chunk_plan(art)
+    if chunked(art) != (manifest.get("schema") == SCHEMA_CHUNKED):
         raise UpdateError(f"manifest schema {manifest.get('schema')!r} does not match how its artifact travels "
-                          f"({'in chunks' if plan[0][0] is not None else 'in one message'})")
+                          f"({'in chunks' if chunked(art) else 'in one message'})")
 
 
-def _is_sha256(s) -> bool:
-    return isinstance(s, str) and len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+def chunked(art: dict) -> bool:
+    """Whether the manifest's artifact travels in chunks (else in one message)."""
+    return "chunks" in art or "chunk_bytes" in art
 
 
 def chunk_plan(art: dict) -> list[tuple[str | None, int]]:
@@ -280,11 +281,11 @@ def chunk_plan(art: dict) -> list[tuple[str | None, int]]:
     message with no hash of its own where the manifest names no chunks (the whole file's
     hash is checked once it is on disk). UpdateError for a plan that does not add up."""
     size = int(art["size"])
-    if "chunks" not in art and "chunk_bytes" not in art:
+    if not chunked(art):
         return [(None, size)]
     n, hashes = art.get("chunk_bytes"), art.get("chunks")
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= MIN_CHUNK_BYTES and isinstance(hashes, list)
-            and len(hashes) == -(-size // n) and all(_is_sha256(h) for h in hashes)):
+            and len(hashes) == -(-size // n) and all(is_sha256(h) for h in hashes)):
         count = len(hashes) if isinstance(hashes, list) else "no list of"
         raise UpdateError(f"manifest's artifact chunks do not add up: {count} hashes for {size} bytes in chunks "
                           f"of {n!r} bytes (at least {MIN_CHUNK_BYTES} each)")

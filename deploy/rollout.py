@@ -23,7 +23,7 @@ from edge import mqtt as mq
 from panorama.errors import UpdateError
 from panorama.files import file_sha256
 
-from .manifest import ARTIFACT_NAME, chunk_plan, split, verify
+from .manifest import ARTIFACT_NAME, chunked, split, verify
 from .topics import FleetTopics
 
 log = logging.getLogger("panorama.fleet")
@@ -195,7 +195,7 @@ class Fleet:
         sees the manifest finds its bytes there."""
         art = manifest["artifact"]
         pieces = split(art, data)
-        if chunk_plan(art)[0][0] is None:
+        if not chunked(art):
             self.publish(self.topics.artifact(art["sha256"]), data)
         else:
             try:

@@ -20,6 +20,11 @@ CHUNK_BYTES = 64 << 10
 MIN_CHUNK_BYTES = 16 << 10  # keeps the manifest's list of hashes small (≤ 4,096 for a 64 MB artifact)
 
 
+def is_sha256(s) -> bool:
+    """64 lower-case hex digits."""
+    return isinstance(s, str) and len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+
+
 def check_group(group) -> str:
     """A group is one topic level, as any id, and not a name the fleet topics use."""
     _check_id("group", group)
@@ -37,7 +42,7 @@ class FleetTopics:
         return f"{self.prefix}/{check_group(group)}/manifest"
 
     def artifact(self, sha256: str) -> str:
-        if not isinstance(sha256, str) or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        if not is_sha256(sha256):
             raise ValueError(f"not a sha256: {sha256!r}")
         return f"{self.prefix}/artifacts/{sha256}"
 

@@ -19,6 +19,18 @@ def check_device_name(name) -> str:
     return name
 
 
+def device_index(name: str) -> int:
+    """N of ``cuda:N`` (0 for ``cuda``)."""
+    return int(str(name).partition(":")[2] or 0)
+
+
+def cuda_index(name, what: str) -> int:
+    """N of a CUDA device ``what`` must run on; ValueError for any other device."""
+    if str(name).partition(":")[0] != "cuda":
+        raise ValueError(f"{what} runs on a CUDA device (cuda or cuda:N), not {name!r}")
+    return device_index(name)
+
+
 def check_torch_device(name: str) -> str:
     """``name`` if this torch can compute there; ValueError saying why not otherwise."""
     import torch
@@ -28,7 +40,7 @@ def check_torch_device(name: str) -> str:
         if not torch.cuda.is_available():
             raise ValueError(f"device {name}: this torch ({torch.__version__}) sees no CUDA GPU (a CPU-only "
                              "build? on a Jetson, NVIDIA's torch wheel: deploy/README.md); or use cpu")
-        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        index, count = device_index(name), torch.cuda.device_count()
         if index >= count:
             raise ValueError(f"device {name}: this machine has {count} CUDA GPU{'s' if count != 1 else ''} "
                              f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")

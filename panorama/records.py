@@ -285,3 +285,12 @@ def default_data_dir() -> Path | None:
     candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "ecg",
                   Path.cwd().parent / "shared" / "data" / "ecg"]
     return next((c for c in candidates if holds(c)), None)
+
+
+def require_data_dir() -> Path:
+    """``default_data_dir``, or a RecordError saying where records are looked for."""
+    found = default_data_dir()
+    if found is None:
+        raise RecordError("no real records found: give their folder, set $PANORAMA_DATA, or put them at "
+                          "../shared/data/ecg beside the repo")
+    return found

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from panorama.geometry import STANDARD_12, redundant_limb_leads, resolve_views
-from panorama.records import MODEL_FS, default_data_dir
+from panorama.records import MODEL_FS, require_data_dir
 from panorama.synth import Synthesizer
 
 # the calibration benches live in their own module; importable from here as before
@@ -112,11 +112,7 @@ def run(args) -> int:
         return 0
     split = args.split or ("train" if args.what == "adapt" else "val")
     if args.data is None and args.what in DATA_BENCHES:
-        found = default_data_dir()
-        if found is None:
-            raise ValueError(f"bench {args.what} needs real records: give --data PATH, set $PANORAMA_DATA, or put "
-                             "them at ../shared/data/ecg beside the repo")
-        args.data = [found]
+        args.data = [require_data_dir()]  # or --data
     if args.what == "electrodes":
         from .tune_electrodes import COVARIANCE, format_electrodes, tune_electrodes
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from panorama.devices import check_device_name
 from panorama.errors import ConfigError, RecordError
 from panorama.geometry import resolve_views
-from panorama.records import default_data_dir
+from panorama.records import require_data_dir
 
 
 class Strict(BaseModel):
@@ -46,13 +46,9 @@ class DataConfig(Strict):
         if v != "default":
             return v
         try:
-            found = default_data_dir()
-        except RecordError as exc:  # $PANORAMA_DATA set to a folder without records
+            return require_data_dir()
+        except RecordError as exc:
             raise ValueError(f"default: {exc}") from None
-        if found is None:
-            raise ValueError("default: no records at $PANORAMA_DATA nor at ../shared/data/ecg beside the repo; "
-                             "give their folder")
-        return found
 
     @model_validator(mode="after")
     def _check(self):

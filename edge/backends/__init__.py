@@ -46,11 +46,14 @@ def make_backend(name: str, checkpoint: Path, device: str | None = None) -> Back
     try:
         mod = importlib.import_module(module)
     except ImportError as exc:
-        missing = (exc.name or "").split(".")[0]
-        raise BackendError(f"backend {name!r} needs {missing or exc}, which is not installed; install "
-                           f"{INSTALL.get(missing, f'it (pip install {missing})')}") from exc
+        raise _not_installed(name, (exc.name or "").split(".")[0] or str(exc)) from exc
     backend = getattr(mod, cls)
     return backend(checkpoint) if device is None else backend(checkpoint, device)
+
+
+def _not_installed(name: str, module: str) -> BackendError:
+    return BackendError(f"backend {name!r} needs {module}, which is not installed; install "
+                        f"{INSTALL.get(module, f'it (pip install {module})')}")
 
 
 def check_device(name: str, device: str) -> None:
@@ -65,9 +68,9 @@ def check_device(name: str, device: str) -> None:
 
         check_cuda_provider(device)
     elif name == "tensorrt":
-        if not device.startswith("cuda"):
-            raise ValueError(f"the tensorrt backend runs on a CUDA device (cuda or cuda:N), not {device!r}")
+        from panorama.devices import cuda_index
+
+        cuda_index(device, "the tensorrt backend")
         for module in ("tensorrt", "cuda"):
             if importlib.util.find_spec(module) is None:
-                raise BackendError(f"backend 'tensorrt' needs {module}, which is not installed; install "
-                                   f"{INSTALL[module]}")
+                raise _not_installed(name, module)

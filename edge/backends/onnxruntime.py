@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.onnx import cached_onnx
+from panorama.devices import device_index
 from panorama.errors import BackendError
 from panorama.model import DOWNSAMPLE
 
@@ -35,7 +36,7 @@ class OnnxRuntimeBackend:
         cuda = str(device).startswith("cuda")
         if cuda:
             check_cuda_provider(device)
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(str(device).partition(":")[2] or 0)}))
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_index(device)}))
         self.session = ort.InferenceSession(str(path), opts, providers=providers)
         self.providers = self.session.get_providers()
         if cuda and "CUDAExecutionProvider" not in self.providers:  # ONNX Runtime falls back without a word

@@ -19,6 +19,7 @@ import tensorrt as trt  # noqa: F401  (imported first: a missing TensorRT is the
 
 from export.onnx import cached_onnx
 from export.tensorrt import Profile, cuda_call, cudart, fp16_from_onnx, get_engine
+from panorama.devices import cuda_index
 from panorama.errors import BackendError
 from panorama.model import DOWNSAMPLE
 
@@ -44,10 +45,7 @@ class _Buffer:
 
 
 def _device_index(device: str) -> int:
-    kind, _, index = str(device).partition(":")
-    if kind != "cuda":
-        raise ValueError(f"the tensorrt backend runs on a CUDA device (cuda or cuda:N), not {device!r}")
-    return int(index or 0)
+    return cuda_index(device, "the tensorrt backend")
 
 
 class TensorRTBackend:
