@@ -22,6 +22,7 @@ import secrets
 import socket
 import threading
 import time
+from typing import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -86,6 +87,14 @@ def make_client(client_id: str, protocol: str = "5") -> mqtt.Client:
     return client
 
 
+def network_running(client: mqtt.Client) -> bool:
+    """Whether paho's network thread (``loop_start``; it reads, writes, pings and reconnects)
+    is alive. paho keeps the thread in ``_thread`` (None once it ends) and offers no public
+    way to ask; a paho without that attribute is taken as running (it cannot say)."""
+    thread = getattr(client, "_thread", True)
+    return thread is True or (thread is not None and thread.is_alive())
+
+
 def publish_props(protocol: str, content_type: str | None, expiry_s: int | None) -> Properties | None:
     """MQTT v5 PUBLISH properties (content type, message expiry); None on 3.1.1 or when empty."""
     if _check_protocol(protocol) != mqtt.MQTTv5 or (content_type is None and expiry_s is None):
@@ -106,7 +115,8 @@ _STOP = object()
 class Publisher:
     """One thread that owns all publishing, fed by a bounded queue (never publish from callbacks)."""
 
-    def __init__(self, client: mqtt.Client, maxsize: int = 2048, protocol: str = "5", track_refusals: bool = False):
+    def __init__(self, client: mqtt.Client, maxsize: int = 2048, protocol: str = "5", track_refusals: bool = False,
+                 beat: Callable[[], None] | None = None):
         version = _check_protocol(protocol)
         actual = getattr(client, "protocol", version)
         if actual in PROTOCOLS.values() and actual != version:
@@ -130,6 +140,7 @@ class Publisher:
         self._props: dict[tuple, Properties | None] = {}
         self._last: mqtt.MQTTMessageInfo | None = None
         self._stopping = threading.Event()
+        self._beat = beat or (lambda: None)  # each turn, at least every 0.1 s: for a watchdog
         self._thread = threading.Thread(target=self._run, name="panorama-publisher", daemon=True)
 
     @property
@@ -175,6 +186,7 @@ class Publisher:
 
     def _run(self) -> None:
         while True:
+            self._beat()
             try:
                 item = self._queue.get(timeout=0.1)
             except queue.Empty:

@@ -54,18 +54,21 @@ def watchdog_period() -> float | None:
 
 class Watchdog:
     """Pings systemd's watchdog every quarter period while each named loop has beaten within
-    half a period; a loop that stops beating (stuck on a lock, a hung backend call) stops the
-    pings, and systemd restarts the service at most a period and a half after its last beat.
-    ``beat(name)`` is cheap: call it every turn, and between the steps of a long turn. paho's
-    own network thread is not watched (a dead one leaves the loops beating, idle)."""
+    half a period and each named check holds; a loop that stops beating (stuck on a lock, a
+    hung backend call) or a check that fails (paho's network thread gone) stops the pings,
+    and systemd restarts the service at most a period and a half after the last beat.
+    ``beat(name)`` is cheap: call it every turn, and between the steps of a long turn.
+    ``checks`` map a name to a callable that says False when what it watches is dead; one
+    that raises counts as failed too."""
 
     def __init__(self, period_s: float, loops: list[str], stopping: threading.Event,
-                 status: Callable[[], str] | None = None):
+                 status: Callable[[], str] | None = None, checks: dict[str, Callable[[], bool]] | None = None):
         self.period = period_s
         self.beats = {name: time.monotonic() for name in loops}
+        self.checks = dict(checks or {})
         self.stopping = stopping
         self.status = status
-        self.stuck: list[str] = []
+        self.stuck: list[str] = []  # loops silent, then checks failed, as last said
         self.pings = 0
         self.thread = threading.Thread(target=self._run, name="serve-watchdog", daemon=True)
 
@@ -83,17 +86,32 @@ class Watchdog:
             except Exception:  # the thread must outlive a bad status line, or pings stop for nothing
                 log.exception("watchdog check failed")
 
+    def _failed(self) -> list[str]:
+        failed = []
+        for name, check in self.checks.items():
+            try:
+                ok = check()
+            except Exception:
+                log.exception("watchdog check %s raised", name)
+                ok = False
+            if not ok:
+                failed.append(name)
+        return failed
+
     def _look(self) -> None:
         now = time.monotonic()
-        stuck = sorted(n for n, t in self.beats.items() if now - t > self.period / 2)
-        if stuck != self.stuck:
-            if stuck:
-                log.error("loop(s) %s silent for over %.1f s: no watchdog ping, systemd restarts the daemon "
-                          "when its WatchdogSec (%.0f s) runs out", ", ".join(stuck), self.period / 2, self.period)
-            else:
+        silent = sorted(n for n, t in self.beats.items() if now - t > self.period / 2)
+        failed = self._failed()
+        if silent + failed != self.stuck:
+            then = f"no watchdog ping, systemd restarts the daemon when its WatchdogSec ({self.period:.0f} s) runs out"
+            if silent:
+                log.error("loop(s) %s silent for over %.1f s: %s", ", ".join(silent), self.period / 2, then)
+            if failed:
+                log.error("%s not running: %s", ", ".join(failed), then)
+            if not silent and not failed:
                 log.warning("every loop beats again: watchdog pings resume")
-            self.stuck = stuck
-        if not stuck:
+            self.stuck = silent + failed
+        if not self.stuck:
             lines = ["WATCHDOG=1"] + ([f"STATUS={self.status()}"] if self.status else [])
             if notify(*lines):
                 self.pings += 1

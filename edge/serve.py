@@ -119,7 +119,8 @@ class Daemon:
         self.inference_ms = LatencyWindow()
         self.started = time.time()
         self.client = mq.make_client(mq.client_id("serve"), cfg.mqtt.protocol)
-        self.publisher = mq.Publisher(self.client, maxsize=cfg.queues.publish, protocol=cfg.mqtt.protocol)
+        self.publisher = mq.Publisher(self.client, maxsize=cfg.queues.publish, protocol=cfg.mqtt.protocol,
+                                      beat=lambda: self._beat("publisher"))
         self.report = Reporter(self.publisher, self.topics, self.id)
         self.threads: list[threading.Thread] = []
         self.metrics = None
@@ -156,7 +157,9 @@ class Daemon:
             self.threads.append(t)
         period = watchdog_period()
         if period:
-            self.watchdog = Watchdog(period, ["ingest", "inference"], self.stopping, self._status_line).start()
+            self.watchdog = Watchdog(period, ["ingest", "inference", "publisher"], self.stopping, self._status_line,
+                                     checks={"paho's MQTT network thread": lambda: mq.network_running(self.client)}
+                                     ).start()
         notify("READY=1", f"STATUS=serving {self.broker} as {self.id}")
         return self
 

@@ -216,6 +216,17 @@ def test_systemd_hears_ready_a_watchdog_that_stops_while_a_loop_is_stuck_and_sto
             assert not any(m.startswith("WATCHDOG=1") for m in stuck), stuck
             assert "loop(s) inference silent for over 1.0 s" in caplog.text
         assert any(m.startswith("WATCHDOG=1") for m in heard(2.0)), "pings resume once the loop runs"
+        assert time.monotonic() - daemon.watchdog.beats["publisher"] < 0.5, "the publishing loop beats too"
+        with caplog.at_level(logging.ERROR, logger="panorama.serve"):
+            daemon.client.loop_stop()  # paho's network thread gone, as an exception inside paho would leave it
+            try:
+                heard(0.6)
+                gone = heard(1.5)
+            finally:
+                daemon.client.loop_start()
+            assert not any(m.startswith("WATCHDOG=1") for m in gone), gone
+            assert "paho's MQTT network thread not running: no watchdog ping" in caplog.text
+        assert any(m.startswith("WATCHDOG=1") for m in heard(2.0)), "pings resume with the thread"
     finally:
         daemon.stop()
     assert any(m.startswith("STOPPING=1") for m in heard(0.5))
