@@ -80,6 +80,7 @@ class StreamStats:
     dropped: int = 0  # chunks the publisher's queue refused
     refused: str = ""  # why the broker refused the stream's first chunk (MQTT 5), which stops the stream
     unanswered: bool = False  # no daemon said a word of it within ANSWER_S of its first chunk
+    daemon_refused: str = ""  # why the daemon refused the stream (it is full), while it does
 
     def line(self) -> str:
         return (f"{self.monitor_id}/{self.patient_id}: {self.chunks} chunks, {self.samples} samples "
@@ -88,7 +89,8 @@ class StreamStats:
                 + (f", {self.dropped} dropped" if self.dropped else "")
                 + (f"; REFUSED by the broker ({self.refused}): is the monitor id this client's user name "
                    "(its certificate's common name)?" if self.refused else "")
-                + (f"; no daemon answered within {ANSWER_S:g} s" if self.unanswered else ""))
+                + (f"; no daemon answered within {ANSWER_S:g} s" if self.unanswered else "")
+                + (f"; REFUSED by the daemon ({self.daemon_refused})" if self.daemon_refused else ""))
 
 
 # --- sources ---------------------------------------------------------------------------------
@@ -188,6 +190,7 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
     def on_message(c, userdata, msg):
         if not msg.retain and msg.topic in status:  # a retained one may be an earlier run's
             answered.add(msg.topic)
+            _heard_status(status[msg.topic].stats, msg.payload)
 
     def on_connect(c, userdata, flags, reason_code, properties=None):
         if not reason_code.is_failure:  # (re)subscribe on every connect
@@ -249,14 +252,30 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
     return [p.stats for p in plans]
 
 
+def _heard_status(stats: StreamStats, payload: bytes) -> None:
+    """A daemon's word on a stream: a full daemon refuses it (said once, and again when served)."""
+    try:
+        doc = json.loads(payload)
+        state, why = doc.get("state"), str(doc.get("reason", ""))
+    except (ValueError, AttributeError):  # not a daemon's status JSON: nothing to say
+        return
+    if state == "refused" and not stats.daemon_refused:
+        stats.daemon_refused = why or "no reason given"
+        log.warning("the daemon refused %s/%s: %s; its chunks go on, and it is served once the daemon has room",
+                    stats.monitor_id, stats.patient_id, stats.daemon_refused)
+    elif state != "refused" and stats.daemon_refused:
+        stats.daemon_refused = ""
+        log.info("the daemon now serves %s/%s", stats.monitor_id, stats.patient_id)
+
+
 def _say_unanswered(plans: list["_Plan"], status: dict, answered: set[str], prefix: str) -> None:
     """Once, for each stream still running that no daemon has answered: say what may be wrong."""
     for topic, p in status.items():
         if topic not in answered and not p.stats.unanswered and not p.stats.refused:
             p.stats.unanswered = True
             log.warning("no daemon has answered %s/%s within %g s: is panorama serve running with prefix %s on "
-                        "this broker, does the broker take this monitor's chunks (over MQTT 3.1.1 a refused "
-                        "publish is dropped without a word), or is the daemon full (its errors topic says)?",
+                        "this broker, and does the broker take this monitor's chunks (over MQTT 3.1.1 a refused "
+                        "publish is dropped without a word)?",
                         p.stats.monitor_id, p.stats.patient_id, ANSWER_S, prefix)
 
 
@@ -402,4 +421,4 @@ def run(args) -> int:
             signal.signal(sig, handler)
     for st in stats:
         print(st.line())
-    return 1 if failed or any(st.dropped or st.refused for st in stats) else 0
+    return 1 if failed or any(st.dropped or st.refused or st.daemon_refused for st in stats) else 0

@@ -22,6 +22,7 @@ from .protocol import CONTENT_TYPE_JSON, ProtocolError
 from .topics import Topics
 
 log = logging.getLogger("panorama.serve")
+REFUSED_EVERY_S = 30.0  # a refused stream's status is said again after this, while it keeps sending
 
 
 class LatencyWindow:
@@ -57,6 +58,7 @@ class Reporter:
         self._tokens, self._filled = errors_per_s, time.monotonic()
         self.unsent = 0  # error reports held back by the limits (the counts above still hold them)
         self._lock = threading.Lock()  # ingest and inference threads both report
+        self._refused: dict = {}  # stream → when its refusal was last said on its status topic
 
     def status(self, st, why: str = "") -> None:
         doc = {"state": st.state, "signal": st.signal, "leads": st.leads, "views": [v.name for v in st.views],
@@ -64,6 +66,20 @@ class Reporter:
         if why:
             doc["reason"] = why
         self._json(self.topics.status(*st.key), doc, qos=1, retain=True)
+
+    def refused(self, key, why: str) -> None:
+        """A new stream refused for want of room: said on its own status topic, which its
+        monitor reads (the errors topic is the operator's), at most every ``REFUSED_EVERY_S``
+        per stream, since every chunk it sends is refused again."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._refused.get(key, -REFUSED_EVERY_S) < REFUSED_EVERY_S:
+                return
+            if len(self._refused) > 10_000:  # ids come from senders: keep it bounded
+                self._refused.clear()
+            self._refused[key] = now
+        self._json(self.topics.status(*key), {"state": "refused", "reason": why, "t_ns": time.time_ns()},
+                   qos=1, retain=True)
 
     def calibration(self, key, res: CalibrationResult, seconds: float) -> None:
         doc = {"state": "streaming", "accepted": bool(res.accepted), "reason": res.reason,

@@ -283,13 +283,9 @@ class Daemon:
         with self.lock:
             st = self.streams.get(key)
             if st is None:
-                if len(self.streams) >= self.cfg.stream.max_patients:
-                    raise ProtocolError("capacity", f"this daemon serves at most {self.cfg.stream.max_patients} "
-                                        "patients; stream refused")
-                per_monitor = self.cfg.stream.max_patients_per_monitor
-                if sum(k[0] == monitor for k in self.streams) >= per_monitor:
-                    raise ProtocolError("capacity", f"monitor {monitor!r} already streams {per_monitor} patients, "
-                                        "the most one monitor may; stream refused")
+                if why := self._no_room(monitor):
+                    self.report.refused(key, why)  # on the stream's own status topic: its monitor hears it
+                    raise ProtocolError("capacity", why)
                 views = [resolve_view(n) for n in self.requested.get(key, [])] or list(self.default_views)
                 st = self.streams[key] = PatientStream(key, self.params, views)
                 self.report.status(st)
@@ -311,6 +307,15 @@ class Daemon:
             elif outcome == "reset":  # its sender restarted (or its clock jumped): said, so the sender hears it
                 self.report.status(st, "the stream started again: its sender restarted or its clock jumped")
         self.wake.set()
+
+    def _no_room(self, monitor: str) -> str:
+        """Why a new stream from ``monitor`` is refused, or "" when there is room (under the lock)."""
+        if len(self.streams) >= self.cfg.stream.max_patients:
+            return f"this daemon serves at most {self.cfg.stream.max_patients} patients; stream refused"
+        per_monitor = self.cfg.stream.max_patients_per_monitor
+        if sum(k[0] == monitor for k in self.streams) >= per_monitor:
+            return f"monitor {monitor!r} already streams {per_monitor} patients, the most one monitor may; stream refused"
+        return ""
 
     def _known_leads(self, key, chunk: Chunk, topic: str) -> tuple[list[int], list[str]]:
         rows, names = [], []

@@ -252,6 +252,22 @@ def test_a_monitor_says_when_no_daemon_answers_its_stream(mosquitto, prefix, tmp
         in caplog.text
 
 
+def test_a_full_daemon_tells_the_monitor_it_refused_the_stream(mosquitto, prefix, tmp_path, caplog):
+    import logging
+
+    with serve(tmp_path, mosquitto, prefix, proto="3.1.1", calibration={"seconds": 0},
+               stream={"max_patients": 1, "idle_timeout_s": 30}) as (proc, tap, cfg):
+        with caplog.at_level(logging.WARNING):  # over 3.1.1, where the broker says nothing itself
+            stats = run_monitor(sim_streams(2, seconds=3.0), mosquitto, prefix=prefix, protocol="3.1.1")
+        refused = [json.loads(p) for p in tap.payloads("bed/sim-001/status")]
+    served, full = stats
+    assert not served.daemon_refused and not served.unanswered
+    assert full.daemon_refused == "this daemon serves at most 1 patients; stream refused" and not full.unanswered
+    assert full.line().endswith("; REFUSED by the daemon (this daemon serves at most 1 patients; stream refused)")
+    assert "the daemon refused bed/sim-001: this daemon serves at most 1 patients" in caplog.text
+    assert len(refused) == 1 and refused[0]["state"] == "refused", "said once, not at every chunk"
+
+
 def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, panorama):
     """A real record replayed by the monitor: after the 5 s calibration the streamed views
     equal ``panorama synthesize --calibrate 5`` of the same record within 1 µV RMS."""
