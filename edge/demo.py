@@ -56,7 +56,7 @@ def run(args) -> int:
     from .config import EdgeConfig
     from .listen import Listener
     from .monitor import MonitorStream, run_monitor
-    from .serve import Daemon
+    from .daemon import Daemon
 
     if args.patients < 1 or args.seconds < 8:
         raise ValueError("--patients must be ≥ 1 and --seconds ≥ 8 (5 s calibration, then streaming)")

@@ -2,7 +2,7 @@
 verdict, refusals on the errors topic (counted, and rate-limited in the log), and the
 bounded latency windows the daemon's health report summarises. Everything goes out through
 the ``Publisher``, the only thread that publishes; the daemon's own online/offline status
-and health JSON stay in ``edge/serve.py``.
+and health JSON stay in ``edge/daemon.py``.
 """
 
 from __future__ import annotations
