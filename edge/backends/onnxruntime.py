@@ -37,7 +37,15 @@ class OnnxRuntimeBackend:
         if cuda:
             check_cuda_provider(device)
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_index(device)}))
-        self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:
+            if not cuda:
+                raise
+            # e.g. "invalid device ordinal": cuda:N past the GPUs this machine has
+            raise BackendError(f"device {device}: ONNX Runtime could not start on CUDA device "
+                               f"{device_index(device)}: {exc}; nvidia-smi -L lists this machine's GPUs, "
+                               "or use device cpu") from exc
         self.providers = self.session.get_providers()
         if cuda and "CUDAExecutionProvider" not in self.providers:  # ONNX Runtime falls back without a word
             raise BackendError(f"device {device}: ONNX Runtime could not start its CUDA provider (CUDA or cuDNN "
