@@ -178,6 +178,14 @@ def onnxruntime_rows(onnx_path: Path | None, x12, ref) -> None:
                 note=f"providers {', '.join(backend.providers)}")
         except Exception as exc:
             failed(label, exc)
+    if "CUDAExecutionProvider" in ort.get_available_providers() and not out_of_time():
+        label = "ONNX Runtime cuda:63 (no such GPU)"
+        try:
+            OnnxRuntimeBackend(onnx_path, "cuda:63")
+            add(label, note="FAILED: opened without a BackendError")
+        except Exception as exc:  # the daemon must refuse it, naming the device
+            ok = type(exc).__name__ == "BackendError" and "cuda:63" in str(exc)
+            add(label, note=("refused: " if ok else "FAILED: ") + f"{type(exc).__name__}: {str(exc)[:120]}")
 
 
 def tensorrt_rows(paths: dict, x12, ref, work: Path) -> None:
