@@ -96,7 +96,8 @@ def bench_stream(patients: int, broker: str, seconds: float, backend: str, threa
 
 
 def _drive(daemon, patients, broker, cfg, seconds, prefix) -> dict:
-    from .monitor import run_monitor, sim_streams
+    from .monitor import run_monitor
+    from .sources import sim_streams
     from .mqtt import client_id, connect, make_client
 
     proto = cfg["mqtt"]["protocol"]

@@ -55,7 +55,8 @@ def run(args) -> int:
     from .broker import EmbeddedBroker
     from .config import EdgeConfig
     from .listen import Listener
-    from .monitor import MonitorStream, run_monitor
+    from .monitor import run_monitor
+    from .sources import MonitorStream
     from .daemon import Daemon
 
     if args.patients < 1 or args.seconds < 8:

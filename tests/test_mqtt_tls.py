@@ -18,7 +18,8 @@ from tls_support import CLIENT_CN, DEVICE, OPERATOR, STATION, USER, make_pki, se
 
 from edge.config import load_config
 from edge.listen import Listener
-from edge.monitor import run_monitor, sim_streams
+from edge.monitor import run_monitor
+from edge.sources import sim_streams
 from edge.mqtt import Broker, BrokerConnectionError, client_id, connect, explain_exception, make_client
 from panorama.errors import ConfigError
 

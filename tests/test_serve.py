@@ -24,7 +24,8 @@ from conftest import free_port, wait
 
 from edge import protocol
 from edge.listen import Listener
-from edge.monitor import record_stream, run_monitor, sim_streams
+from edge.monitor import run_monitor
+from edge.sources import record_stream, sim_streams
 from edge.mqtt import client_id, connect, make_client
 from edge.topics import Topics
 from panorama.calibrate import EVERY_LEAD, FEW_CHEST, MONITOR_MIN_CHEST

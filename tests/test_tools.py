@@ -127,7 +127,8 @@ def test_ecgpaper_png_size_follows_rows_and_seconds(tmp_path):
 
 
 def test_monitor_plan_loops_seamlessly_and_flags_missing_samples():
-    from edge.monitor import MonitorStream, _Plan
+    from edge.monitor import _Plan
+    from edge.sources import MonitorStream
 
     sig = np.arange(300, dtype=np.float32)[None].repeat(2, 0)
     sig[1, 10] = np.nan
@@ -145,7 +146,7 @@ def test_monitor_plan_loops_seamlessly_and_flags_missing_samples():
 @pytest.fixture(scope="module")
 def record_500hz(data_dir):
     """A real 500 Hz record, so the 500 Hz stream is the record itself."""
-    from edge.monitor import adc_resolution_mv
+    from edge.sources import adc_resolution_mv
 
     for path in find_records(data_dir):
         rec = read_record(path, fs=None)
@@ -155,7 +156,8 @@ def record_500hz(data_dir):
 
 
 def test_monitor_replays_a_record_losslessly_and_listen_writes_it(mosquitto, record_500hz, prefix, tmp_path):
-    from edge.monitor import record_stream, run_monitor
+    from edge.monitor import run_monitor
+    from edge.sources import record_stream
     from PIL import Image
 
     stream = record_stream(record_500hz, monitor_id="bed1")
@@ -261,7 +263,8 @@ def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path)
 def test_monitor_raw_chunks_carry_the_protocols_expiry_over_mqtt5(mosquitto, prefix):
     """Raw chunks expire after 2 s at the broker (wire protocol), as the daemon's virtual ones do;
     a --fast replay, stamped ahead of the wall clock, sends none."""
-    from edge.monitor import run_monitor, sim_streams
+    from edge.monitor import run_monitor
+    from edge.sources import sim_streams
 
     got = []
     client = _raw_client()
@@ -283,7 +286,8 @@ def test_monitor_raw_chunks_carry_the_protocols_expiry_over_mqtt5(mosquitto, pre
 
 
 def test_monitor_stops_on_its_event(mosquitto, prefix):
-    from edge.monitor import MonitorStream, run_monitor
+    from edge.monitor import run_monitor
+    from edge.sources import MonitorStream
 
     stop = threading.Event()
     stream = MonitorStream("bed3", "p1", ["I"], np.zeros((1, 500), np.float32))
@@ -304,7 +308,8 @@ def test_monitor_stops_on_its_event(mosquitto, prefix):
 def test_monitor_and_listener_over_the_embedded_broker(prefix):
     broker_mod = pytest.importorskip("edge.broker")
     pytest.importorskip("amqtt")
-    from edge.monitor import run_monitor, sim_streams
+    from edge.monitor import run_monitor
+    from edge.sources import sim_streams
 
     (stream,) = sim_streams(1, seed=3, monitor_id="emb", seconds=1.0)
     with broker_mod.EmbeddedBroker() as broker:
