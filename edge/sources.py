@@ -62,6 +62,9 @@ def record_stream(path: str | Path, monitor_id: str = "bed", patient_id: str | N
     """A WFDB record as a stream: resampled to 500 Hz, int16 scale = its ADC resolution when
     uniform across ``leads`` and the signal fits int16 at it, else 1 µV."""
     rec = read_record(path, leads=leads, fs=MODEL_FS)
+    if rec.unrecognised and leads is None:
+        log.warning("%s: header labels that name no known lead, not streamed: %s", rec.name,
+                    ", ".join(rec.unrecognised))
     scale = adc_resolution_mv(path, rec.leads)
     peak = float(np.nanmax(np.abs(rec.signals))) if np.isfinite(rec.signals).any() else 0.0
     if scale is None:

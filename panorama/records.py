@@ -40,6 +40,7 @@ class Record:
     fs: float
     source: str = ""
     comments: list[str] = field(default_factory=list)
+    unrecognised: list[str] = field(default_factory=list)  # header labels no lead name matched: not read
 
     @property
     def seconds(self) -> float:
@@ -135,7 +136,8 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
             raise RecordError(f"{base}: lead {wanted[row]} has unknown units {unit!r} (expected mV or uV)")
         sig[row] *= factor
     record = Record(base.name, sig.astype(np.float32), wanted, float(rec.fs),
-                    _source_of(rec.comments or []), list(rec.comments or []))
+                    _source_of(rec.comments or []), list(rec.comments or []),
+                    [lab for lab, n in zip(labels, names) if n is None])
     return resample(record, fs) if fs is not None else record
 
 
@@ -156,7 +158,8 @@ def resample(record: Record, fs: float) -> Record:
     if nan.any():  # carry missing regions across the rate change
         idx = np.minimum((np.arange(out.shape[1]) * record.fs / fs).astype(int), sig.shape[1] - 1)
         out[nan[:, idx]] = np.nan
-    return Record(record.name, out.astype(np.float32), record.leads, float(fs), record.source, record.comments)
+    return Record(record.name, out.astype(np.float32), record.leads, float(fs), record.source, record.comments,
+                  record.unrecognised)
 
 
 def lead_quality(signals: np.ndarray, flat_std_mv: float = FLAT_STD_MV) -> list[str]:
@@ -279,6 +282,8 @@ def default_data_dir() -> Path | None:
 
     env = os.environ.get("PANORAMA_DATA")
     if env:
+        if not Path(env).is_dir():
+            raise RecordError(f"$PANORAMA_DATA is {env}, which is not a folder")
         if not holds(Path(env)):
             raise RecordError(f"$PANORAMA_DATA is {env}, which holds no WFDB records (*.hea)")
         return Path(env)

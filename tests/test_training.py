@@ -1,10 +1,12 @@
 """Training plumbing: the split, the config, and a short real run end to end."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from panorama import checkpoint
 from panorama.errors import ConfigError
@@ -56,7 +58,7 @@ def test_the_configs_find_the_records_from_any_folder(data_dir, tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # not the repo: ../shared/data/ecg is not there
     monkeypatch.setenv("PANORAMA_DATA", str(data_dir))
     assert load_config(REPO / "training" / "configs" / "stage1.yaml").data.real == data_dir
-    with pytest.raises(ValueError, match="data.real ../shared/data/ecg holds no WFDB records"):
+    with pytest.raises(ValueError, match=r"data.real ../shared/data/ecg is not a folder \(it does not exist"):
         TrainConfig.model_validate({"data": {"real": "../shared/data/ecg"}})  # a path is the user's own, as given
     monkeypatch.setenv("PANORAMA_DATA", str(tmp_path))  # a typo'd folder: said, never another folder in its place
     with pytest.raises(ConfigError, match=f"PANORAMA_DATA is {tmp_path}, which holds no WFDB records"):
@@ -95,6 +97,56 @@ def test_a_short_run_trains_validates_and_resumes(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="no run to resume in"):
         run(more.model_copy(update={"out": tmp_path / "none"}), resume=True)
     assert not (tmp_path / "none").exists()  # refused before anything is written
+
+
+def test_a_fine_tune_no_better_than_its_start_is_said_and_not_shipped(data_dir, tmp_path, panorama):
+    from training.train import run
+
+    tiny = {"model": {"channels": 16, "embed_dim": 16, "heads": 2, "blocks": 1, "encoder_blocks": 2},
+            "val": {"every": 2}}
+    start = run(TrainConfig.model_validate({
+        "out": str(tmp_path / "start"), "seed": 3, "optim": {"steps": 4, "batch": 4, "warmup": 1},
+        "data": {"real": str(data_dir), "sources": ["LUDB"], "sim_patients": 4, "crop_samples": 512}, **tiny}))
+    cfg = tmp_path / "stage2.yaml"  # a learning rate that wrecks the model in two steps
+    cfg.write_text(yaml.safe_dump({
+        "stage": 2, "init": str(start), "device_id": "ludb", "out": str(tmp_path / "run"), "seed": 3,
+        "optim": {"steps": 2, "batch": 4, "warmup": 1, "lr": 1.0, "weight_decay": 0.0},
+        "data": {"real": str(data_dir), "sources": ["LUDB"], "sim_patients": 4, "crop_samples": 512}, **tiny}))
+    shipped = tmp_path / "shipped.safetensors"
+    proc = panorama("train", "--config", cfg, "--ship", shipped)
+    assert proc.returncode != 0 and not shipped.exists(), proc.stderr
+    assert re.search(r"starting model .*start/best.safetensors: -?[\d.]+ dB on the \d+ validation records", proc.stderr)
+    assert "no step beat the starting model" in proc.stderr
+    assert re.search(r"--ship: .*run/best.safetensors scores -?[\d.]+ dB on validation, no better than the model "
+                     r"it started from \(.*start/best.safetensors: -?[\d.]+ dB on the same \d+ records\)", proc.stderr)
+    meta = checkpoint.read_header(tmp_path / "run" / "best.safetensors")["meta"]
+    assert meta["init_val"]["psnr_db"] >= meta["val"]["overall"]["psnr_db"]
+
+
+def test_device_records_a_bad_header_is_skipped_unknown_labels_said_and_sources_explained(data_dir, tmp_path,
+                                                                                            caplog):
+    import logging
+    import shutil
+
+    folder = tmp_path / "mydevice"
+    folder.mkdir()
+    picked = [p for p in sorted((data_dir / "ludb").glob("*.hea")) if splits.split_of(p) == "train"][:2]
+    for p in picked:
+        shutil.copy(p, folder)
+        shutil.copy(p.with_suffix(".dat"), folder)
+    head = (folder / picked[1].name).read_text().replace(" v6\n", " chan12\n").replace(" V6\n", " chan12\n")
+    (folder / picked[1].name).write_text(head)  # V6 under a name no one knows
+    bad = next(f"bad{i}" for i in range(100) if splits.split_of(f"bad{i}") == "train")
+    (folder / f"{bad}.hea").write_text("this is no header\n")
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        got = load_real(folder, "train", ["V2", "V6"])
+    assert sorted(e.name for e in got) == sorted(p.stem for p in picked)  # the bad one skipped, not fatal
+    assert f"skipping {folder / bad}: unreadable WFDB header" in caplog.text
+    assert "1 of the 3 train records" in caplog.text and "'chan12' (1 record)" in caplog.text
+    with pytest.raises(ConfigError, match=r"data.sources \['acme'\] matches none of the 2 train records in .*mydevice: "
+                       r"a record's source is its header's '# source:' comment, and these hold LUDB \(ODC-By 1.0\) \(2\); .*"
+                       r"sources: \[\] to use every record"):
+        load_real(folder, "train", ["V2", "V6"], ["acme"])
 
 
 def test_train_command_overrides_device_and_minutes(panorama, data_dir):

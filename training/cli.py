@@ -244,6 +244,15 @@ def run_train(args) -> int:
         return 0
     final = run(cfg, resume=args.resume)
     if args.ship:
+        from panorama import checkpoint
+        from panorama.errors import ConfigError
+
+        meta = checkpoint.read_header(final)["meta"]
+        start, got = meta.get("init_val"), meta.get("val", {}).get("overall", {}).get("psnr_db")
+        if start and got is not None and got <= start["psnr_db"]:
+            raise ConfigError(f"--ship: {final} scores {got:.2f} dB on validation, no better than the model it "
+                              f"started from ({meta.get('init')}: {start['psnr_db']:.2f} dB on the same "
+                              f"{start['records']} records); {args.ship} is left as it was")
         args.ship.parent.mkdir(parents=True, exist_ok=True)
         try:  # a failed write leaves the shipped file as it was
             atomic_write(args.ship, Path(final).read_bytes())

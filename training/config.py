@@ -26,7 +26,8 @@ class DataConfig(Strict):
     real: Path | None = Field(None, description="folder of real WFDB records; default: $PANORAMA_DATA, else "
                               "../shared/data/ecg beside the repo; null for simulator only")
     sources: list[str] = Field(default_factory=list,
-                               description="keep only real records whose source contains one of these (stage 2)")
+                               description="keep only real records whose source (the header's '# source:' "
+                               "comment) contains one of these (stage 2); [] keeps every record")
     hidden: list[str] = Field(["V2", "V6"], description="leads never supervised nor used as input")
     sim_patients: int = Field(1500, ge=0, le=100_000, description="simulated patients in the pool")
     sim_random_views: int = Field(12, ge=0, le=64, description="random-angle views per simulated patient")
@@ -53,7 +54,10 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         self.hidden = [v.name for v in resolve_views(self.hidden)] if self.hidden else []
-        if self.real is not None and not (self.real.is_dir() and any(self.real.rglob("*.hea"))):
+        if self.real is not None and not self.real.is_dir():
+            raise ValueError(f"data.real {self.real} is not a folder" + ("" if self.real.exists() else
+                             f" (it does not exist; relative paths are from {Path.cwd()})"))
+        if self.real is not None and not any(self.real.rglob("*.hea")):
             raise ValueError(f"data.real {self.real} holds no WFDB records (*.hea)")
         if self.real is None and self.sim_patients == 0:
             raise ValueError("no data: give data.real or data.sim_patients > 0")

@@ -8,6 +8,7 @@ angle). Batches split each example's views at random into recorded inputs and qu
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from panorama.geometry import NAMED, STANDARD_12, descriptors
+from panorama.errors import ConfigError, RecordError
 from panorama.records import MODEL_FS, lead_quality, read_record
 
 from . import splits
@@ -38,11 +40,21 @@ class Example:
 
 def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | None = None) -> list[Example]:
     """Real records of a split with their good leads; ``hidden`` leads are dropped entirely
-    (never an input, never a target), and ``sources`` filters by the header's source."""
-    out = []
+    (never an input, never a target), and ``sources`` filters by the header's source (its
+    ``# source:`` comment). An unreadable record is skipped with a warning, as evaluation
+    skips it; labels no lead name matches are dropped and said, counted over the folder.
+    ConfigError when ``sources`` matches no record, naming the sources the folder holds."""
+    out, found, unread, unknown = [], Counter(), 0, Counter()
     paths = splits.select(sorted(p.with_suffix("") for p in Path(folder).rglob("*.hea")), split)
     for p in tqdm(paths, desc=f"loading {split} records", unit="rec", leave=False):
-        rec = read_record(p, fs=MODEL_FS)
+        try:
+            rec = read_record(p, fs=MODEL_FS)
+        except RecordError as exc:
+            log.warning("skipping %s", exc)
+            unread += 1
+            continue
+        found[rec.source or "(none)"] += 1
+        unknown.update(rec.unrecognised)
         if sources and not any(s.lower() in rec.source.lower() for s in sources):
             continue
         keep = [i for i, (n, f) in enumerate(zip(rec.leads, lead_quality(rec.signals)))
@@ -54,6 +66,17 @@ def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | 
         names = [rec.leads[i] for i in keep]
         angles = descriptors([NAMED[n] for n in names])
         out.append(Example(rec.name, sig.astype(np.float32), angles, names, rec.source))
+    if unread:
+        log.warning("%d of the %d %s records in %s could not be read and were skipped", unread, len(paths), split,
+                    folder)
+    if unknown:
+        log.warning("lead labels no lead name matches, dropped: %s",
+                    ", ".join(f"{lab!r} ({n} record{'s' * (n > 1)})" for lab, n in unknown.most_common()))
+    if sources and found and not any(any(s.lower() in src.lower() for s in sources) for src in found):
+        raise ConfigError(f"data.sources {sources} matches none of the {sum(found.values())} {split} records in "
+                          f"{folder}: a record's source is its header's '# source:' comment, and these hold "
+                          + ", ".join(f"{src} ({n})" for src, n in found.most_common())
+                          + "; name one of them, or give sources: [] to use every record of the folder")
     return out
 
 

@@ -80,7 +80,10 @@ def eligible(rec: Record, task: Task) -> tuple[Record | None, str]:
     need = list(dict.fromkeys([*STANDARD_12, *(v.name for v in task.inputs), *(v.name for v in task.views)]))
     lacking = [n for n in need if n not in rec.leads]
     if lacking:
-        return None, f"lacks {','.join(lacking[:3])}"
+        said = ",".join(lacking) if len(lacking) <= 6 else ",".join(lacking[:5]) + f"… ({len(lacking)} leads)"
+        if rec.unrecognised:  # a lead under a name no one knows
+            said += f" (labels not recognised: {','.join(rec.unrecognised)})"
+        return None, f"lacks {said}"
     sig = rec.signals
     if task.protocol == "synthesis":
         n = int(RECORD_S * MODEL_FS)

@@ -82,6 +82,7 @@ def _load_state(path: Path, opt: torch.optim.Optimizer) -> tuple[int, float, lis
 
 
 PROBE_FROM, PROBE_TO = PROBE_STEPS
+MIN_VAL_RECORDS = 10  # fewer validation records than this: the checkpoint choice is warned noisy
 POOL_MIN = 64  # fewer simulated patients than this are made in this process: spawning costs more
 
 
@@ -175,14 +176,26 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     task = Task(resolve_views(cfg.val.inputs), resolve_views(cfg.val.views))
     val_cases = []
     if cfg.data.real is not None:
-        paths = splits.select(sorted(p.with_suffix("") for p in Path(cfg.data.real).rglob("*.hea")), "val")
+        all_paths = sorted(p.with_suffix("") for p in Path(cfg.data.real).rglob("*.hea"))
+        paths = splits.select(all_paths, "val")
         val_cases, _ = load_cases(paths, task, progress=False)
+        val_cases_all = val_cases
         if cfg.data.sources:  # a device-calibrated model is chosen on that device's records
             val_cases = [c for c in val_cases
                          if any(s.lower() in c.record.source.lower() for s in cfg.data.sources)]
         log.info("validation records (I,II,V3 -> V2,V6): %d", len(val_cases))
         if not val_cases:
-            raise ConfigError("no validation records: checkpoints could not be chosen")
+            raise ConfigError(
+                f"no validation records: checkpoints could not be chosen. Of the {len(all_paths)} records in "
+                f"{cfg.data.real}, {len(paths)} fall in the validation split (about {splits.VAL_FRACTION:.0%}, "
+                "by a hash of the record name: training/splits.py)"
+                + (f" and {len(val_cases_all)} of those hold the 12 standard leads over at least 10 s"
+                   if paths else "") + (f", none from sources {cfg.data.sources}" if cfg.data.sources
+                                        and val_cases_all else "")
+                + "; give the folder more of the device's 12-lead records of 10 s or more")
+        if len(val_cases) < MIN_VAL_RECORDS:
+            log.warning("checkpoints are chosen on only %d validation records: the choice, and the validation "
+                        "figure, are noisy; %d or more are better", len(val_cases), MIN_VAL_RECORDS)
 
     # --- model
     if cfg.init is not None:
@@ -225,6 +238,15 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     def validate() -> dict:
         model.eval()
         return evaluate(val_cases, task, ModelMethod(Synthesizer(model, device=cfg.device)), progress=False).summary
+
+    if cfg.init is not None and val_cases:  # what the run must beat: a fine-tune can end worse than it began
+        if resume:
+            meta["init_val"] = last_meta.get("init_val")
+        else:
+            start = validate()["overall"]
+            meta["init_val"] = {"psnr_db": start["psnr_db"], "r_median": start["r_median"], "records": len(val_cases)}
+            log.info("starting model %s: %.2f dB on the %d validation records", cfg.init, start["psnr_db"],
+                     len(val_cases))
 
     # --- loop
     log_file = (out / "log.jsonl").open("a")
@@ -287,5 +309,17 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             log_file.flush()
     bar.close()
     final = out / ("best.safetensors" if val_cases else "last.safetensors")
-    log.info("done: %s (best validation %.2f dB)", final, best)
+    if not final.is_file():  # every validation NaN: never a best
+        raise ConfigError(f"no validation gave a finite score, so {out} holds no best checkpoint: the run diverged "
+                          f"(optim.lr {cfg.optim.lr:g}?); its last step is {out / 'last.safetensors'}")
+    start_db = (meta.get("init_val") or {}).get("psnr_db")
+    if not val_cases:
+        log.info("done: %s (no validation records: the last step)", final)
+        return final
+    log.info("done: %s (best validation %.2f dB on %d records%s)", final, best, len(val_cases),
+             "" if start_db is None else f"; the starting model {start_db:.2f} dB")
+    if start_db is not None and best <= start_db:
+        log.warning("no step beat the starting model (best %.2f dB against its %.2f dB on the same records): "
+                    "%s is no better than %s, and --ship refuses it; lower optim.lr, train longer or give more of "
+                    "the device's records", best, start_db, final, cfg.init)
     return final
