@@ -48,10 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_onnx(args) -> int:
     from panorama.synth import default_checkpoint
 
-    from .onnx import export_onnx
+    from .onnx import check_parity, export_onnx
 
-    out = export_onnx(args.model or default_checkpoint(), args.out, args.precision)
-    print(f"wrote {out}")
+    ckpt = args.model or default_checkpoint()
+    out = export_onnx(ckpt, args.out, args.precision)
+    err = check_parity(ckpt, out, args.precision)
+    print(f"wrote {out}: ONNX Runtime matches PyTorch within {err:.3g} µV (8 views of 10 s from 12 synthetic leads)")
     return 0
 
 

@@ -29,6 +29,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -196,6 +197,10 @@ def _export_to(wrapped: nn.Module, example: tuple, out: Path, meta: dict, precis
     onnx.save(proto, str(out))
 
 
+PARITY_UV = {"fp32": 1.0, "fp16": 10.0}  # most |ONNX Runtime − PyTorch| an export may show (fp16 measured 0.6)
+PARITY_VIEWS = "V2,V6,V7,V8,V9,V3R,V4R,120:45"
+
+
 def export_onnx(ckpt: str | Path, out: str | Path, precision: str = "fp32") -> Path:
     """Export the checkpoint ``ckpt`` to ``out``; returns the path."""
     from panorama import checkpoint
@@ -205,6 +210,37 @@ def export_onnx(ckpt: str | Path, out: str | Path, precision: str = "fp32") -> P
         return export_model(model, out, precision, meta)
     except BackendError as exc:
         raise BackendError(f"exporting {ckpt}: {exc}") from exc
+
+
+def check_parity(ckpt: str | Path, onnx_path: str | Path, precision: str = "fp32") -> float:
+    """``parity_uv`` of an export of ``ckpt``; BackendError past ``PARITY_UV[precision]``."""
+    from panorama import checkpoint
+
+    model, _ = checkpoint.load(ckpt)
+    err = parity_uv(model, onnx_path)
+    if not err <= PARITY_UV[precision]:
+        raise BackendError(f"{onnx_path}: ONNX Runtime differs from PyTorch by {err:.3g} µV (at most "
+                           f"{PARITY_UV[precision]:g} µV for {precision}): do not deploy this export")
+    return err
+
+
+def parity_uv(model: NefNetV2, onnx_path: str | Path, seconds: float = 10.0) -> float:
+    """The largest |ONNX Runtime − PyTorch| in µV, drawing ``PARITY_VIEWS`` from 12 leads of a
+    synthetic recording (``panorama.geometry.rotating_heart``) on the CPU."""
+    import onnxruntime as ort
+
+    from panorama.geometry import STANDARD_12, redundant_limb_leads, resolve_views, rotating_heart
+    from panorama.synth import Synthesizer
+
+    synth = Synthesizer(model)
+    inputs, queries = resolve_views(list(STANDARD_12)), resolve_views(PARITY_VIEWS)
+    x = rotating_heart(inputs, seconds)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feeds = {"x": x[None], "in_views": synth.angles(inputs)[None],
+             "mask": ~redundant_limb_leads([v.name for v in inputs])[None],  # as the synthesizer masks
+             "q_views": synth.angles(queries)[None]}
+    y = sess.run(None, feeds)[0][0]
+    return float(np.abs(y - synth(x, inputs, queries)).max() * 1000)
 
 
 def cached_onnx(ckpt: str | Path, precision: str = "fp32") -> Path:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .electrodes import check_electrodes
-from .geometry import STANDARD_12, View, descriptors, redundant_limb_leads, resolve_views, unit_vector
+from .geometry import STANDARD_12, View, descriptors, redundant_limb_leads, resolve_views, rotating_heart
 from .records import MODEL_FS, check_fit_window, screen_leads
 
 class FitSettings(NamedTuple):
@@ -356,8 +356,4 @@ def warm_up(model, device: str | torch.device | None = None, seconds: float = 5.
     12 leads (``panorama bench calibration``). The model is left as it was; returns the
     throw-away result."""
     views = resolve_views(list(STANDARD_12))
-    t = np.arange(int(round(seconds * MODEL_FS))) / MODEL_FS
-    beat = 2 * np.pi * 1.2 * t  # 72 beats per minute
-    heart = np.stack([np.sin(beat), np.sin(2 * beat + 0.7), 0.5 * np.cos(3 * beat)])  # (3, T) mV
-    x = np.stack([unit_vector(v.theta, v.phi) for v in views]) @ heart
-    return calibrate(model, x.astype(np.float32), views, seconds=seconds, device=device)
+    return calibrate(model, rotating_heart(views, seconds, MODEL_FS), views, seconds=seconds, device=device)

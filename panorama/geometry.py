@@ -134,6 +134,17 @@ def unit_vector(theta_deg, phi_deg) -> np.ndarray:
     return np.stack([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], axis=-1)
 
 
+def rotating_heart(views: list["View"], seconds: float, fs: float = 500.0) -> np.ndarray:
+    """(len(views), T) mV: a synthetic recording, a heart vector turning at 72 beats a minute
+    with a sharp QRS-like spike each beat, seen along each view's direction. For warming up
+    and checking exports, never for judging synthesis."""
+    t = np.arange(int(round(seconds * fs))) / fs
+    beat = 2 * np.pi * 1.2 * t
+    spike = np.exp(-(((t * 1.2) % 1.0 - 0.3) / 0.012) ** 2)  # a 20 ms wide deflection each beat
+    heart = np.stack([np.sin(beat) + 1.5 * spike, np.sin(2 * beat + 0.7) - spike, 0.5 * np.cos(3 * beat)])
+    return (np.stack([unit_vector(v.theta, v.phi) for v in views]) @ heart).astype(np.float32)
+
+
 def canonical_lead_name(name: str) -> str | None:
     """Canonical name for a header's lead label, or None when it is not a known lead."""
     raw = name.strip()

@@ -1,6 +1,7 @@
 """ONNX export of the shipped checkpoint, checked by ONNX Runtime against PyTorch."""
 
 import os
+import re
 import time
 
 import numpy as np
@@ -45,6 +46,21 @@ def test_onnxruntime_matches_pytorch_within_1_uv_on_a_real_record(exported, data
     inputs, queries = resolve_views(",".join(STANDARD_12)), resolve_views("V2,V6,V7,V4R,120:45")
     err = np.abs(_run(exported[1], synth, x, inputs, queries) - synth(x, inputs, queries)).max()
     assert err < 1e-3  # mV: 1 µV
+
+
+def test_export_onnx_checks_itself_against_pytorch(exported, panorama, tmp_path):
+    from export.onnx import check_parity
+    from panorama.errors import BackendError
+    from panorama.synth import DEFAULT_CHECKPOINTS
+
+    r = panorama("export", "onnx", "--out", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    err = float(re.search(r"wrote .*m.onnx: ONNX Runtime matches PyTorch within ([\d.e-]+) µV", r.stdout).group(1))
+    assert 0 < err < 1.0
+    # an export that is not of the checkpoint it claims (here: Stage I's, checked against Stage II) is refused
+    with pytest.raises(BackendError, match=r"model.onnx: ONNX Runtime differs from PyTorch by [\d.]+ µV \(at most "
+                       r"1 µV for fp32\): do not deploy this export"):
+        check_parity(DEFAULT_CHECKPOINTS["calibrated"], exported[0])
 
 
 def test_dynamic_leads_views_and_time(exported):
