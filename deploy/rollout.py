@@ -27,6 +27,7 @@ from .manifest import ARTIFACT_NAME, chunked, split, verify
 from .topics import FleetTopics
 
 log = logging.getLogger("panorama.fleet")
+PROGRESS_S = 30.0  # while a wave waits, what it waits for is said this often
 FINAL = ("SUCCEEDED", "FAILED", "REJECTED")
 
 
@@ -256,8 +257,16 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
         res = WaveResult(groups)
         results.append(res)
         deadline = time.monotonic() + timeout_s
+        said: dict[str, tuple] = {}  # device → the (state, version, reason) last said: each change said once
+        next_note = time.monotonic() + PROGRESS_S
         while True:
             mine = {d: s for d, s in fleet.snapshot().items() if s.get("group") in groups}
+            for d, s in sorted(mine.items()):
+                now = (s.get("state"), s.get("version"), s.get("reason"))
+                if said.get(d) != now:
+                    said[d] = now
+                    log.info("  %s: %s%s%s", d, now[0], f" version {now[1]}" if now[1] is not None else "",
+                             f" ({s['reason']})" if s.get("reason") else "")
             res.verdicts = {d: v for d, v in ((d, verdict(s, version)) for d, s in mine.items()) if v}
             res.pending = sorted(set(mine) - set(res.verdicts))
             if res.count("FAILED") > max_failed:
@@ -275,6 +284,10 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
                                    f"{timeout_s:g} s, fewer than --min-devices {min_devices} (is an agent of the "
                                    "group running and connected?)")
                 break
+            if time.monotonic() >= next_note:  # a long wait (a health gate, a TensorRT build) is not silence
+                next_note += PROGRESS_S
+                log.info("wave %s: %d verdict(s), waiting for %s (%.0f s left)", ",".join(groups), len(res.verdicts),
+                         ", ".join(res.pending) or f"at least {min_devices} device(s)", deadline - time.monotonic())
             time.sleep(poll_s)
         if res.stopped:
             log.warning("wave %s: rollout stopped: %s", ",".join(groups), res.stopped)

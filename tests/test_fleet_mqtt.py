@@ -124,7 +124,8 @@ def test_under_systemd_the_agent_is_ready_once_its_store_holds_a_model(mosquitto
     sock.close()
 
 
-def test_rollout_goes_wave_by_wave_and_stops_before_the_next_when_one_fails(mosquitto, keys, tmp_path):
+def test_rollout_goes_wave_by_wave_and_stops_before_the_next_when_one_fails(mosquitto, keys, tmp_path, caplog):
+    import logging
     import uuid
 
     from deploy.rollout import Fleet, rollout
@@ -142,8 +143,13 @@ def test_rollout_goes_wave_by_wave_and_stops_before_the_next_when_one_fails(mosq
     try:
         assert wait(lambda: len(fleet.snapshot()) == 3, 10), "every agent announces itself (READY)"
         both = ["canary", "ward"]
-        waves = rollout(fleet, pack(tmp_path, private, STAGE2, 3, groups=both), [["canary"], ["ward"]], timeout_s=60)
+        with caplog.at_level(logging.INFO, logger="panorama.fleet"):
+            waves = rollout(fleet, pack(tmp_path, private, STAGE2, 3, groups=both), [["canary"], ["ward"]],
+                            timeout_s=60)
         assert [w.stopped for w in waves] == ["", ""] and [w.count("SUCCEEDED") for w in waves] == [1, 2]
+        said = [r.getMessage() for r in caplog.records if r.name == "panorama.fleet"]
+        for name in ("c1", "w1", "w2"):  # each device's progress is said as it comes, not only the verdict
+            assert f"  {name}: SUCCEEDED version 3 (installed (no daemon to gate on))" in said, said
         assert all(os.readlink(d.store.current) == "versions/3" for d in devices)
         # run again after a device restarted (its READY replaced its verdict) and beside a device
         # that trusts another key: every answer is counted, none waited for
