@@ -131,8 +131,11 @@ def _pack(args) -> int:
     shutil.copyfile(args.model, args.out / ARTIFACT_NAME)
     (args.out / "manifest.json").write_bytes(envelope)
     art = manifest["artifact"]
+    model = f"stage {art['stage']}" + (f" calibrated for recording device {art['calibrated_for']}"
+                                       if art["calibrated_for"] else "") \
+        + (f", validation {art['validation_psnr_db']:.2f} dB" if art["validation_psnr_db"] is not None else "")
     print(f"{args.out}: version {args.version} for groups {', '.join(manifest['target']['groups'])} "
-          f"({', '.join(manifest['target']['device_models'])}), "
+          f"({', '.join(manifest['target']['device_models'])}), {model}, "
           f"{art['size']} bytes in {len(chunk_plan(art))} message(s), sha256 {art['sha256'][:16]}…, "
           f"expires {manifest['expires']}")
     return 0

@@ -197,7 +197,9 @@ def build(model_path: Path, version: int, groups: list[str], device_models: list
                    "checkpoint_format": checkpoint.FORMAT_VERSION},
         "artifact": {"name": ARTIFACT_NAME, "size": len(data),
                      "sha256": hashlib.sha256(data).hexdigest(), "model_sha256": meta["sha256"],
-                     "stage": str(meta.get("stage", "")), "device": str(meta.get("device", "")), **chunked},
+                     "stage": str(meta.get("stage", "")), "device": str(meta.get("device", "")),
+                     "calibrated_for": str(meta.get("device_id") or ""),  # the recording device (Stage II)
+                     "validation_psnr_db": (meta.get("val") or {}).get("overall", {}).get("psnr_db"), **chunked},
         "golden": golden(model, meta),
         "notes": notes,
     }

@@ -53,6 +53,17 @@ def test_signature_verifies_and_any_change_or_other_key_is_refused(keys, stage2_
     assert oct(private.stat().st_mode & 0o777) == "0o600"
 
 
+def test_pack_says_which_recording_device_the_model_was_calibrated_for(keys, tmp_path, panorama):
+    private, _ = keys
+    r = panorama("fleet", "pack", STAGE2, "--key", private, "--version", "7", "--group", "ward3",
+                 "--device-model", "monitor-x", "--out", tmp_path / "pkg")
+    assert r.returncode == 0, r.stderr
+    assert "version 7 for groups ward3 (monitor-x), stage 2 calibrated for recording device ludb, validation 29.10 dB," \
+        in r.stdout
+    art = json.loads((tmp_path / "pkg" / "manifest.json").read_text())["manifest"]["artifact"]
+    assert art["calibrated_for"] == "ludb" and round(art["validation_psnr_db"], 2) == 29.10  # signed with the rest
+
+
 def test_a_trust_file_of_two_keys_lets_the_signing_key_be_rotated(keys, stage2_manifest, tmp_path, panorama):
     old_private, old_public = keys
     r = panorama("fleet", "keygen", "--out", tmp_path / "new")
