@@ -46,6 +46,9 @@ class ModelSlot:
         self.path = Path(cfg.path or default_checkpoint())
         self.ident = identity(self.path)
         self.model, self.meta, self.backend = self._load(self.ident[0] if self.ident else self.path)
+        log.info("model %s (sha256 %s…, stage %s%s) on %s", self.ident[0] if self.ident else self.path,
+                 self.meta["sha256"][:12], self.meta.get("stage", "?"),
+                 f", calibrated for {self.meta['device_id']}" if self.meta.get("device_id") else "", self.backend.name)
         self.reloads = 0
         self.reload_error: str | None = None
         self.failed: tuple | None = None  # identity of the last file that failed to load

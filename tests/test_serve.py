@@ -5,6 +5,7 @@ the monitor replaying a real record, the listener's output compared with offline
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -288,7 +289,9 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
         assert proc.wait(30) == 0, "SIGTERM drains and exits 0"
         assert tap.wait(lambda: tap.payloads("_daemon/test/status")[-1] == b"offline")
         cal = json.loads(tap.payloads("bed1/p1/calibration")[-1])
-        assert "calibration warmed up in" in proc.stdout.read()  # before the patient's fit, same result
+        said = proc.stdout.read()
+        assert "calibration warmed up in" in said  # before the patient's fit, same result
+        assert re.search(r"model \S+nefnet_v2_stage1.safetensors \(sha256 [0-9a-f]{12}…, stage 1\) on onnxruntime", said)
     assert got.views == VIEWS and got.stats.gaps == 0
     out = tmp_path / "offline"
     r = panorama("synthesize", record_500hz, "--inputs", ",".join(stream.leads), "--views", ",".join(VIEWS),
