@@ -23,6 +23,24 @@ def test_help_lists_every_command(cli):
         assert cmd in proc.stdout
 
 
+def test_eval_says_when_it_scores_records_the_model_trained_on(cli, data_dir, tmp_path):
+    from training import splits
+
+    recs = sorted((data_dir / "ludb").glob("ludb00*.hea"))
+    train = [p.with_suffix("") for p in recs if splits.split_of(p) == "train"][:2]
+    val = [p.with_suffix("") for p in recs if splits.split_of(p) == "val"][:1]
+    out = tmp_path / "model.json"
+    proc = cli("eval", "--data", *train, *val, "--method", "model", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "2 of the 3 scored records are in the training split of" in proc.stderr
+    assert "--split val scores only records it never trained on" in proc.stderr
+    res = json.loads(out.read_text())
+    assert res["records"] == {"scored": [p.name for p in train + val], "not_scored": {}}
+    assert res["checkpoint"]["file"].endswith("nefnet_v2_stage1.safetensors") and len(res["checkpoint"]["sha256"]) == 64
+    proc = cli("eval", "--data", *val, "--method", "model")  # held out: nothing to say
+    assert proc.returncode == 0 and "training split" not in proc.stderr
+
+
 def test_eval_reproduces_the_dipole_reference_figure(cli, data_dir, tmp_path):
     out = tmp_path / "dipole.json"
     proc = cli("eval", "--data", data_dir, "--method", "dipole", "--error-bands", "--json", out)

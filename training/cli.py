@@ -131,6 +131,36 @@ def sim_cases(n: int, task: Task, device: str, seed: int, exact_views: bool = Fa
     return cases
 
 
+def _model_said(path: Path | None) -> dict:
+    """The checkpoint ``--method model`` runs: its file, hash, stage and training records."""
+    from panorama import checkpoint
+    from panorama.synth import default_checkpoint
+
+    path = Path(path or default_checkpoint())
+    header = checkpoint.read_header(path)
+    meta = header["meta"]
+    return {"file": str(path), "sha256": header["sha256"], "stage": meta.get("stage"),
+            "training_data": meta.get("training_data") or {}}
+
+
+def _warn_trained_on(model: dict, cases: list) -> None:
+    """Say when scored records are ones the model trained on (its folder's training split)."""
+    data = model["training_data"]
+    folder = Path(data["real"]) if data.get("real") else None
+    if folder is not None and not folder.is_absolute() and not folder.is_dir():  # as given, from the repo
+        folder = Path(__file__).resolve().parents[1] / folder
+    if folder is None or not folder.is_dir() or data.get("split") != "train":
+        return
+    sources = [s.lower() for s in data.get("sources") or []]
+    trained = {p.stem for p in folder.rglob("*.hea") if splits.split_of(p) == "train"}
+    seen = [c.record.name for c in cases if c.record.name in trained and splits.split_of(c.record.name) == "train"
+            and (not sources or any(s in c.record.source.lower() for s in sources))]
+    if seen:
+        log.warning("%d of the %d scored records are in the training split of %s (it trained on %s): their scores "
+                    "are not held out; --split val scores only records it never trained on", len(seen), len(cases),
+                    model["file"], folder)
+
+
 def run_eval(args) -> int:
     views = resolve_views(args.views)
     default_inputs = ",".join(STANDARD_12) if all(v.name in FRANK for v in views) else "I,II,V3"
@@ -170,6 +200,11 @@ def run_eval(args) -> int:
     print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
     if skipped:
         print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))
+    checkpoint_said = None
+    if "model" in methods:
+        checkpoint_said = _model_said(args.model)
+        if args.sim is None:
+            _warn_trained_on(checkpoint_said, cases)
     runs = [(m, 0.0, False, False, False) for m in methods]
     if (args.calibrate > 0 or args.wander) and "model" not in methods:
         raise ValueError(f"--{'calibrate' if args.calibrate > 0 else 'wander'} needs --method model")
@@ -201,7 +236,10 @@ def run_eval(args) -> int:
             print(f"\n{src}:")
             print(format_table({label: r.by_source[src] for label, r in full.items()}))
     if args.json:
-        payload = results[methods[0]] if len(results) == 1 else results
+        payload = dict(results[methods[0]] if len(results) == 1 else results)
+        payload["records"] = {"scored": [c.record.name for c in cases], "not_scored": dict(skipped)}
+        if checkpoint_said:
+            payload["checkpoint"] = {k: checkpoint_said[k] for k in ("file", "sha256", "stage")}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
