@@ -184,7 +184,7 @@ def onnxruntime_rows(onnx_path: Path | None, x12, ref) -> None:
             OnnxRuntimeBackend(onnx_path, "cuda:63")
             add(label, note="FAILED: opened without a BackendError")
         except Exception as exc:  # the daemon must refuse it, naming the device
-            ok = type(exc).__name__ == "BackendError" and "cuda:63" in str(exc)
+            ok = type(exc).__name__ == "BackendError" and "could not start on CUDA device 63" in str(exc)
             add(label, note=("refused: " if ok else "FAILED: ") + f"{type(exc).__name__}: {str(exc)[:120]}")
 
 

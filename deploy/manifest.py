@@ -199,7 +199,7 @@ def build(model_path: Path, version: int, groups: list[str], device_models: list
                      "sha256": hashlib.sha256(data).hexdigest(), "model_sha256": meta["sha256"],
                      "stage": str(meta.get("stage", "")), "device": str(meta.get("device", "")),
                      "calibrated_for": str(meta.get("device_id") or ""),  # the recording device (Stage II)
-                     "validation_psnr_db": (meta.get("val") or {}).get("overall", {}).get("psnr_db"), **chunked},
+                     "validation_psnr_db": checkpoint.val_psnr(meta), **chunked},
         "golden": golden(model, meta),
         "notes": notes,
     }

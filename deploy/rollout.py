@@ -263,6 +263,8 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
             mine = {d: s for d, s in fleet.snapshot().items() if s.get("group") in groups}
             for d, s in sorted(mine.items()):
                 now = (s.get("state"), s.get("version"), s.get("reason"))
+                if s.get("version") != version and verdict(s, version) is None:
+                    continue  # an earlier update's state, or READY: not news of this one
                 if said.get(d) != now:
                     said[d] = now
                     log.info("  %s: %s%s%s", d, now[0], f" version {now[1]}" if now[1] is not None else "",

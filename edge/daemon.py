@@ -248,7 +248,7 @@ class Daemon:
             st = self.streams.get(key)
             if st is None:
                 if why := self._no_room(monitor):
-                    self.report.refused(key, why)  # on the stream's own status topic: its monitor hears it
+                    self.report.refused(key, why, first=chunk.seq == 0)  # on its status topic: its monitor hears it
                     raise ProtocolError("capacity", why)
                 views = [resolve_view(n) for n in self.requested.get(key, [])] or list(self.default_views)
                 st = self.streams[key] = PatientStream(key, self.params, views)

@@ -46,9 +46,7 @@ class ModelSlot:
         self.path = Path(cfg.path or default_checkpoint())
         self.ident = identity(self.path)
         self.model, self.meta, self.backend = self._load(self.ident[0] if self.ident else self.path)
-        log.info("model %s (sha256 %s…, stage %s%s) on %s", self.ident[0] if self.ident else self.path,
-                 self.meta["sha256"][:12], self.meta.get("stage", "?"),
-                 f", calibrated for {self.meta['device_id']}" if self.meta.get("device_id") else "", self.backend.name)
+        log.info("model %s", _described(self.ident[0] if self.ident else self.path, self.meta, self.backend))
         self.reloads = 0
         self.reload_error: str | None = None
         self.failed: tuple | None = None  # identity of the last file that failed to load
@@ -83,8 +81,7 @@ class ModelSlot:
         self.meta = meta
         self.ident, self.failed, self.reload_error = ident, None, None
         self.reloads += 1
-        log.info("model reloaded from %s (sha256 %s…, stage %s) in %.1f s", ident[0], meta["sha256"][:12],
-                 meta.get("stage", "?"), time.perf_counter() - t0)
+        log.info("model reloaded in %.1f s: %s", time.perf_counter() - t0, _described(ident[0], meta, backend))
         return "reloaded"
 
     def failed_batch(self, backend) -> None:
@@ -109,3 +106,9 @@ def _trial(backend) -> None:
                     descriptors(queries)[None])
     if y.shape != (1, 2, 512) or not np.isfinite(y).all():
         raise RuntimeError(f"trial window gave {'non-finite views' if y.shape == (1, 2, 512) else y.shape}")
+
+
+def _described(path, meta: dict, backend) -> str:
+    """What a log line says of the model being served."""
+    calibrated = f", calibrated for {meta['device_id']}" if meta.get("device_id") else ""
+    return f"{path} (sha256 {meta['sha256'][:12]}…, stage {meta.get('stage', '?')}{calibrated}) on {backend.name}"

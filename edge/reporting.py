@@ -22,7 +22,7 @@ from .protocol import CONTENT_TYPE_JSON, ProtocolError
 from .topics import Topics
 
 log = logging.getLogger("panorama.serve")
-REFUSED_EVERY_S = 30.0  # a refused stream's status is said again after this, while it keeps sending
+REFUSED_EVERY_S = 5.0  # a refused stream is told again after this while it keeps sending (a monitor warns at 10 s)
 
 
 class LatencyWindow:
@@ -65,21 +65,37 @@ class Reporter:
                "t_ns": time.time_ns(), "counts": vars(st.counts)}
         if why:
             doc["reason"] = why
+        with self._lock:  # taken: a refusal after it is news again
+            self._refused.pop(st.key, None)
         self._json(self.topics.status(*st.key), doc, qos=1, retain=True)
 
-    def refused(self, key, why: str) -> None:
+    def refused(self, key, why: str, first: bool = False) -> None:
         """A new stream refused for want of room: said on its own status topic, which its
-        monitor reads (the errors topic is the operator's), at most every ``REFUSED_EVERY_S``
-        per stream, since every chunk it sends is refused again."""
+        monitor reads (the errors topic is the operator's), not retained (a refusal is news
+        for the sender, not a state to leave on the broker), at once on a sender's first
+        chunk (``first``: a monitor started or restarted), else at most every
+        ``REFUSED_EVERY_S`` per stream, and within the errors' bucket of ``errors_per_s``."""
         now = time.monotonic()
         with self._lock:
-            if now - self._refused.get(key, -REFUSED_EVERY_S) < REFUSED_EVERY_S:
+            last = self._refused.get(key)
+            if last is not None and now - last < REFUSED_EVERY_S and not first:
+                return
+            if not self._token(now):
+                self.unsent += 1
                 return
             if len(self._refused) > 10_000:  # ids come from senders: keep it bounded
                 self._refused.clear()
             self._refused[key] = now
-        self._json(self.topics.status(*key), {"state": "refused", "reason": why, "t_ns": time.time_ns()},
-                   qos=1, retain=True)
+        self._json(self.topics.status(*key), {"state": "refused", "reason": why, "t_ns": time.time_ns()}, qos=1)
+
+    def _token(self, now: float) -> bool:
+        """One from the bucket of ``errors_per_s`` (under the lock); False when it is empty."""
+        self._tokens = min(self.errors_per_s, self._tokens + (now - self._filled) * self.errors_per_s)
+        self._filled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     def calibration(self, key, res: CalibrationResult, seconds: float) -> None:
         doc = {"state": "streaming", "accepted": bool(res.accepted), "reason": res.reason,
@@ -118,13 +134,9 @@ class Reporter:
                 self.unsent += 1
                 return
             log.warning("%s/%s %s: %s%s", *key, code, reason, f" (seen {n + 1} times)" if n else "")
-            now = time.monotonic()
-            self._tokens = min(self.errors_per_s, self._tokens + (now - self._filled) * self.errors_per_s)
-            self._filled = now
-            if self._tokens < 1:
+            if not self._token(time.monotonic()):
                 self.unsent += 1
                 return
-            self._tokens -= 1
         doc = {"monitor": key[0], "patient": key[1], "topic": topic, "code": code, "reason": reason,
                "count": n + 1, "t_ns": time.time_ns()}
         self._json(self.topics.errors(self.id), doc, qos=1)

@@ -50,9 +50,10 @@ def run_onnx(args) -> int:
 
     from .onnx import check_parity, export_onnx
 
-    ckpt = args.model or default_checkpoint()
-    out = export_onnx(ckpt, args.out, args.precision)
-    err = check_parity(ckpt, out, args.precision)
+    errs: list[float] = []  # checked before it replaces what --out held: a refused export leaves it
+    out = export_onnx(args.model or default_checkpoint(), args.out, args.precision,
+                      verify=lambda model, path: errs.append(check_parity(model, path, args.precision)))
+    err = errs[0]
     print(f"wrote {out}: ONNX Runtime matches PyTorch within {err:.3g} µV (8 views of 10 s from 12 synthetic leads)")
     return 0
 

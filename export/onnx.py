@@ -28,6 +28,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -142,9 +143,11 @@ def exportable(model: NefNetV2, precision: str = "fp32") -> nn.Module:
     return _Exportable(plain_copy(model), precision).eval()
 
 
-def export_model(model: NefNetV2, out: str | Path, precision: str = "fp32", meta: dict | None = None) -> Path:
-    """Export a loaded model to ``out`` and check it with onnx.checker; returns the path.
-    Written beside ``out`` and renamed over it: a failed export leaves what was there."""
+def export_model(model: NefNetV2, out: str | Path, precision: str = "fp32", meta: dict | None = None,
+                 verify: Callable[[NefNetV2, Path], None] | None = None) -> Path:
+    """Export a loaded model to ``out`` and check it with onnx.checker (and ``verify(model,
+    written)``, which raises to refuse it); returns the path. Written beside ``out`` and renamed
+    over it: a failed or refused export leaves what was there."""
     meta = meta or {}
     wrapped = exportable(model, precision)
     t = 16 * DOWNSAMPLE
@@ -161,6 +164,8 @@ def export_model(model: NefNetV2, out: str | Path, precision: str = "fp32", meta
     try:
         tmp.touch()  # a folder it cannot write to is said as such, before the export runs
         _export_to(wrapped, example, tmp, meta, precision)
+        if verify is not None:
+            verify(model, tmp)
         tmp.replace(out)
     except OSError as exc:
         raise BackendError(f"cannot write {out}: {exc}") from None
@@ -201,26 +206,24 @@ PARITY_UV = {"fp32": 1.0, "fp16": 10.0}  # most |ONNX Runtime − PyTorch| an ex
 PARITY_VIEWS = "V2,V6,V7,V8,V9,V3R,V4R,120:45"
 
 
-def export_onnx(ckpt: str | Path, out: str | Path, precision: str = "fp32") -> Path:
-    """Export the checkpoint ``ckpt`` to ``out``; returns the path."""
+def export_onnx(ckpt: str | Path, out: str | Path, precision: str = "fp32",
+                verify: Callable[[NefNetV2, Path], None] | None = None) -> Path:
+    """Export the checkpoint ``ckpt`` to ``out``; returns the path (``verify`` as export_model's)."""
     from panorama import checkpoint
 
     model, meta = checkpoint.load(ckpt)
     try:
-        return export_model(model, out, precision, meta)
+        return export_model(model, out, precision, meta, verify)
     except BackendError as exc:
         raise BackendError(f"exporting {ckpt}: {exc}") from exc
 
 
-def check_parity(ckpt: str | Path, onnx_path: str | Path, precision: str = "fp32") -> float:
-    """``parity_uv`` of an export of ``ckpt``; BackendError past ``PARITY_UV[precision]``."""
-    from panorama import checkpoint
-
-    model, _ = checkpoint.load(ckpt)
+def check_parity(model: NefNetV2, onnx_path: str | Path, precision: str = "fp32") -> float:
+    """``parity_uv`` of an export of ``model``; BackendError past ``PARITY_UV[precision]``."""
     err = parity_uv(model, onnx_path)
     if not err <= PARITY_UV[precision]:
-        raise BackendError(f"{onnx_path}: ONNX Runtime differs from PyTorch by {err:.3g} µV (at most "
-                           f"{PARITY_UV[precision]:g} µV for {precision}): do not deploy this export")
+        raise BackendError(f"ONNX Runtime differs from PyTorch by {err:.3g} µV (at most {PARITY_UV[precision]:g} µV "
+                           f"for {precision}): the export is refused")
     return err
 
 

@@ -99,3 +99,8 @@ def load(path: str | Path, map_location: str = "cpu") -> tuple[NefNetV2, dict]:
         raise CheckpointError(f"{path}: does not match this code's model: {exc}") from exc
     model.eval()
     return model, {**header["meta"], "sha256": header["sha256"], "config": header["config"]}
+
+
+def val_psnr(meta: dict) -> float | None:
+    """The validation PSNR a training run chose this checkpoint on (its meta), if any."""
+    return ((meta.get("val") or {}).get("overall") or {}).get("psnr_db")

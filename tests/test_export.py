@@ -49,7 +49,8 @@ def test_onnxruntime_matches_pytorch_within_1_uv_on_a_real_record(exported, data
 
 
 def test_export_onnx_checks_itself_against_pytorch(exported, panorama, tmp_path):
-    from export.onnx import check_parity
+    from export.onnx import check_parity, export_onnx
+    from panorama import checkpoint
     from panorama.errors import BackendError
     from panorama.synth import DEFAULT_CHECKPOINTS
 
@@ -57,10 +58,19 @@ def test_export_onnx_checks_itself_against_pytorch(exported, panorama, tmp_path)
     assert r.returncode == 0, r.stderr
     err = float(re.search(r"wrote .*m.onnx: ONNX Runtime matches PyTorch within ([\d.e-]+) µV", r.stdout).group(1))
     assert 0 < err < 1.0
-    # an export that is not of the checkpoint it claims (here: Stage I's, checked against Stage II) is refused
-    with pytest.raises(BackendError, match=r"model.onnx: ONNX Runtime differs from PyTorch by [\d.]+ µV \(at most "
-                       r"1 µV for fp32\): do not deploy this export"):
-        check_parity(DEFAULT_CHECKPOINTS["calibrated"], exported[0])
+    # an export that is not of the model it claims (here: Stage I's, checked against Stage II) is refused
+    other, _ = checkpoint.load(DEFAULT_CHECKPOINTS["calibrated"])
+    with pytest.raises(BackendError, match=r"ONNX Runtime differs from PyTorch by [\d.]+ µV \(at most "
+                       r"1 µV for fp32\): the export is refused"):
+        check_parity(other, exported[0])
+    before = (tmp_path / "m.onnx").read_bytes()
+
+    def refuse(model, path):
+        raise BackendError("refused by the check")
+
+    with pytest.raises(BackendError, match="refused by the check"):
+        export_onnx(DEFAULT_CHECKPOINTS["pretrained"], tmp_path / "m.onnx", verify=refuse)
+    assert (tmp_path / "m.onnx").read_bytes() == before and sorted(tmp_path.iterdir()) == [tmp_path / "m.onnx"]
 
 
 def test_dynamic_leads_views_and_time(exported):

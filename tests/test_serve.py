@@ -261,13 +261,21 @@ def test_a_full_daemon_tells_the_monitor_it_refused_the_stream(mosquitto, prefix
                stream={"max_patients": 1, "idle_timeout_s": 30}) as (proc, tap, cfg):
         with caplog.at_level(logging.WARNING):  # over 3.1.1, where the broker says nothing itself
             stats = run_monitor(sim_streams(2, seconds=3.0), mosquitto, prefix=prefix, protocol="3.1.1")
+            # restarted at once (within the 5 s a refusal is repeated after): told again on its first chunk
+            again = run_monitor(sim_streams(2, seconds=3.0), mosquitto, prefix=prefix, protocol="3.1.1")
         refused = [json.loads(p) for p in tap.payloads("bed/sim-001/status")]
-    served, full = stats
-    assert not served.daemon_refused and not served.unanswered
-    assert full.daemon_refused == "this daemon serves at most 1 patients; stream refused" and not full.unanswered
-    assert full.line().endswith("; REFUSED by the daemon (this daemon serves at most 1 patients; stream refused)")
-    assert "the daemon refused bed/sim-001: this daemon serves at most 1 patients" in caplog.text
-    assert len(refused) == 1 and refused[0]["state"] == "refused", "said once, not at every chunk"
+        later = Tap(mosquitto, f"{prefix}/bed/sim-001/status", "3.1.1")  # what a dashboard opened now gets
+        time.sleep(0.5)
+        left = later.payloads("status")
+        later.close()
+    for served, full in (stats, again):
+        assert not served.daemon_refused and not served.unanswered and not full.unanswered
+        assert full.daemon_refused == "this daemon serves at most 1 patients; stream refused"
+        assert full.line().endswith("; REFUSED by the daemon (this daemon serves at most 1 patients; stream refused)")
+    assert caplog.text.count("the daemon refused bed/sim-001: this daemon serves at most 1 patients") == 2
+    # one for each run's first chunk, not one for each of the 24 chunks refused
+    assert [d["state"] for d in refused] == ["refused", "refused"] and stats[1].chunks == 12
+    assert left == [], "a refusal is not left retained on the broker"
 
 
 def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_path, panorama):
@@ -291,7 +299,7 @@ def test_stream_equals_offline_synthesis(mosquitto, record_500hz, prefix, tmp_pa
         cal = json.loads(tap.payloads("bed1/p1/calibration")[-1])
         said = proc.stdout.read()
         assert "calibration warmed up in" in said  # before the patient's fit, same result
-        assert re.search(r"model \S+nefnet_v2_stage1.safetensors \(sha256 [0-9a-f]{12}…, stage 1\) on onnxruntime", said)
+        assert re.search(r"model \S+nefnet_v2_stage1.safetensors \(sha256 [0-9a-f]{12}…, stage 1\) on onnxruntime\n", said)
     assert got.views == VIEWS and got.stats.gaps == 0
     out = tmp_path / "offline"
     r = panorama("synthesize", record_500hz, "--inputs", ",".join(stream.leads), "--views", ",".join(VIEWS),

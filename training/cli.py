@@ -132,33 +132,50 @@ def sim_cases(n: int, task: Task, device: str, seed: int, exact_views: bool = Fa
 
 
 def _model_said(path: Path | None) -> dict:
-    """The checkpoint ``--method model`` runs: its file, hash, stage and training records."""
+    """The checkpoint ``--method model`` runs: its file, hash, stage and what it trained on."""
     from panorama import checkpoint
     from panorama.synth import default_checkpoint
 
     path = Path(path or default_checkpoint())
     header = checkpoint.read_header(path)
     meta = header["meta"]
-    return {"file": str(path), "sha256": header["sha256"], "stage": meta.get("stage"),
-            "training_data": meta.get("training_data") or {}}
+    return {"file": str(path), "sha256": header["sha256"], "stage": meta.get("stage"), "meta": meta}
+
+
+def _trained_on(meta: dict, depth: int = 4) -> list[tuple[set[str], list[str]]]:
+    """(record names, sources filter) for each training folder of a checkpoint and the
+    checkpoints it was fine-tuned from (``init``): the records of their training split."""
+    from panorama import checkpoint
+
+    out = []
+    data = meta.get("training_data") or {}
+    if data.get("real") and data.get("split") == "train":
+        folder = Path(data["real"])
+        if not folder.is_absolute() and not folder.is_dir():  # a path as the config gave it, from the repo
+            folder = Path(__file__).resolve().parents[1] / folder
+        if folder.is_dir():
+            out.append(({p.stem for p in folder.rglob("*.hea") if splits.split_of(p) == "train"},
+                        list(data.get("sources") or [])))
+    init = meta.get("init")
+    if init and depth > 0:
+        init = Path(init) if Path(init).is_file() else Path(__file__).resolve().parents[1] / init
+        try:
+            out += _trained_on(checkpoint.read_header(init)["meta"], depth - 1)
+        except Exception:  # an init no longer there: what is known is said
+            pass
+    return out
 
 
 def _warn_trained_on(model: dict, cases: list) -> None:
-    """Say when scored records are ones the model trained on (its folder's training split)."""
-    data = model["training_data"]
-    folder = Path(data["real"]) if data.get("real") else None
-    if folder is not None and not folder.is_absolute() and not folder.is_dir():  # as given, from the repo
-        folder = Path(__file__).resolve().parents[1] / folder
-    if folder is None or not folder.is_dir() or data.get("split") != "train":
-        return
-    sources = [s.lower() for s in data.get("sources") or []]
-    trained = {p.stem for p in folder.rglob("*.hea") if splits.split_of(p) == "train"}
-    seen = [c.record.name for c in cases if c.record.name in trained and splits.split_of(c.record.name) == "train"
-            and (not sources or any(s in c.record.source.lower() for s in sources))]
+    """Say when scored records are ones the model, or the model it was fine-tuned from,
+    trained on (their folders' training split, within each one's sources)."""
+    trained = _trained_on(model["meta"])
+    seen = [c for c in cases if any(c.record.name in names and splits.from_sources(c.record.source, sources)
+                                    for names, sources in trained)]
     if seen:
-        log.warning("%d of the %d scored records are in the training split of %s (it trained on %s): their scores "
-                    "are not held out; --split val scores only records it never trained on", len(seen), len(cases),
-                    model["file"], folder)
+        log.warning("%d of the %d scored records are in the training split of %s or of a model it was fine-tuned "
+                    "from: their scores are not held out; --split val scores only records it never trained on",
+                    len(seen), len(cases), model["file"])
 
 
 def run_eval(args) -> int:
@@ -236,10 +253,11 @@ def run_eval(args) -> int:
             print(f"\n{src}:")
             print(format_table({label: r.by_source[src] for label, r in full.items()}))
     if args.json:
-        payload = dict(results[methods[0]] if len(results) == 1 else results)
-        payload["records"] = {"scored": [c.record.name for c in cases], "not_scored": dict(skipped)}
-        if checkpoint_said:
-            payload["checkpoint"] = {k: checkpoint_said[k] for k in ("file", "sha256", "stage")}
+        for label, summary in results.items():  # in each method's figures: a loop over methods meets only methods
+            summary["records"] = {"scored": [c.record.name for c in cases], "not_scored": dict(skipped)}
+            if checkpoint_said and label.startswith("model"):
+                summary["checkpoint"] = {k: checkpoint_said[k] for k in ("file", "sha256", "stage")}
+        payload = results[methods[0]] if len(results) == 1 else results
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.json}")
@@ -286,7 +304,7 @@ def run_train(args) -> int:
         from panorama.errors import ConfigError
 
         meta = checkpoint.read_header(final)["meta"]
-        start, got = meta.get("init_val"), meta.get("val", {}).get("overall", {}).get("psnr_db")
+        start, got = meta.get("init_val"), checkpoint.val_psnr(meta)
         if start and got is not None and got <= start["psnr_db"]:
             raise ConfigError(f"--ship: {final} scores {got:.2f} dB on validation, no better than the model it "
                               f"started from ({meta.get('init')}: {start['psnr_db']:.2f} dB on the same "

@@ -53,10 +53,10 @@ def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | 
             log.warning("skipping %s", exc)
             unread += 1
             continue
-        found[rec.source or "(none)"] += 1
-        unknown.update(rec.unrecognised)
-        if sources and not any(s.lower() in rec.source.lower() for s in sources):
+        found[rec.source] += 1
+        if not splits.from_sources(rec.source, sources):
             continue
+        unknown.update(rec.unrecognised)
         keep = [i for i, (n, f) in enumerate(zip(rec.leads, lead_quality(rec.signals)))
                 if f == "ok" and n not in hidden and n in NAMED and np.isfinite(rec.signals[i]).all()]
         if len(keep) < 3:
@@ -72,10 +72,10 @@ def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | 
     if unknown:
         log.warning("lead labels no lead name matches, dropped: %s",
                     ", ".join(f"{lab!r} ({n} record{'s' * (n > 1)})" for lab, n in unknown.most_common()))
-    if sources and found and not any(any(s.lower() in src.lower() for s in sources) for src in found):
+    if sources and found and not any(splits.from_sources(src, sources) for src in found):
         raise ConfigError(f"data.sources {sources} matches none of the {sum(found.values())} {split} records in "
                           f"{folder}: a record's source is its header's '# source:' comment, and these hold "
-                          + ", ".join(f"{src} ({n})" for src, n in found.most_common())
+                          + ", ".join(f"{src or 'no such comment'} ({n})" for src, n in found.most_common())
                           + "; name one of them, or give sources: [] to use every record of the folder")
     return out
 

@@ -36,3 +36,9 @@ def select(paths: list[Path], split: str) -> list[Path]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     return list(paths) if split == "all" else [p for p in paths if split_of(p) == split]
+
+
+def from_sources(source: str, sources: list[str] | None) -> bool:
+    """Whether a record whose header says ``source`` (its ``# source:`` comment) is kept by
+    the filter ``sources`` (any of them inside it, ignoring case; empty or None keeps all)."""
+    return not sources or any(s.lower() in (source or "").lower() for s in sources)

@@ -165,7 +165,10 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         real_train = load_real(cfg.data.real, "train", cfg.data.hidden, cfg.data.sources or None)
         log.info("real training records: %d", len(real_train))
         if not real_train:
-            raise ConfigError(f"no usable training records in {cfg.data.real} (sources {cfg.data.sources or 'any'})")
+            raise ConfigError(f"no usable training records in {cfg.data.real} (sources {cfg.data.sources or 'any'}): "
+                              "a record trains when its name falls in the training split (about "
+                              f"{1 - splits.VAL_FRACTION:.0%} by a hash of the name; names starting S0, s0 or ptb_ "
+                              "always validate: training/splits.py) and it holds 3 or more good leads")
     sim = simulate_pool(cfg)
     d = cfg.data
     samplers = {name: AnyPairsSampler(ex, d.crop_samples, d.max_inputs, d.max_queries, cfg.seed + k,
@@ -182,7 +185,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         val_cases_all = val_cases
         if cfg.data.sources:  # a device-calibrated model is chosen on that device's records
             val_cases = [c for c in val_cases
-                         if any(s.lower() in c.record.source.lower() for s in cfg.data.sources)]
+                         if splits.from_sources(c.record.source, cfg.data.sources)]
         log.info("validation records (I,II,V3 -> V2,V6): %d", len(val_cases))
         if not val_cases:
             raise ConfigError(
@@ -225,25 +228,26 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             raise ConfigError(f"--resume: {out} holds last.safetensors at step {last_meta.get('step')} but "
                               f"optimizer state at step {step} (interrupted while saving); start afresh")
         if (out / "best.safetensors").is_file():
-            best = checkpoint.read_header(out / "best.safetensors")["meta"]["val"]["overall"]["psnr_db"]
+            best = checkpoint.val_psnr(checkpoint.read_header(out / "best.safetensors")["meta"])
         for s, st in zip(samplers.values(), rng_states):
             s.rng.bit_generator.state = st
         log.info("resumed at step %d (best validation %.2f dB)", step, best)
     meta = {"stage": cfg.stage, "device_id": cfg.device_id, "code_revision": code_revision(),
-            "training_data": {"real": str(cfg.data.real) if cfg.data.real else None, "split": "train",
+            "training_data": {"real": str(cfg.data.real.resolve()) if cfg.data.real else None, "split": "train",
                               "sources": cfg.data.sources, "hidden_leads": cfg.data.hidden,
                               "real_records": len(real_train), "sim_patients": len(sim)},
             "init": str(cfg.init) if cfg.init else None, "device": cfg.device}
 
-    def validate() -> dict:
-        model.eval()
-        return evaluate(val_cases, task, ModelMethod(Synthesizer(model, device=cfg.device)), progress=False).summary
+    def validate(m=model) -> dict:
+        m.eval()
+        return evaluate(val_cases, task, ModelMethod(Synthesizer(m, device=cfg.device)), progress=False).summary
 
     if cfg.init is not None and val_cases:  # what the run must beat: a fine-tune can end worse than it began
-        if resume:
-            meta["init_val"] = last_meta.get("init_val")
-        else:
-            start = validate()["overall"]
+        kept = last_meta.get("init_val") if resume else None
+        if kept and kept.get("records") == len(val_cases):
+            meta["init_val"] = kept
+        else:  # a fresh run, or one resumed from before this bar was kept (or on other records)
+            start = validate(checkpoint.load(cfg.init)[0].to(dev))["overall"]
             meta["init_val"] = {"psnr_db": start["psnr_db"], "r_median": start["r_median"], "records": len(val_cases)}
             log.info("starting model %s: %.2f dB on the %d validation records", cfg.init, start["psnr_db"],
                      len(val_cases))

@@ -38,7 +38,9 @@ class OnnxRuntimeBackend:
             check_cuda_provider(device)
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_index(device)}))
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            # no fall back to the CPU on an error (ONNX Runtime's default): the device was asked for
+            extra = {"enable_fallback": 0} if cuda else {}
+            self.session = ort.InferenceSession(str(path), opts, providers=providers, **extra)
         except Exception as exc:
             if not cuda:
                 raise
