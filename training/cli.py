@@ -154,7 +154,8 @@ def _trained_on(meta: dict, depth: int = 4) -> list[tuple[set[str], list[str]]]:
         if not folder.is_absolute() and not folder.is_dir():  # a path as the config gave it, from the repo
             folder = Path(__file__).resolve().parents[1] / folder
         if folder.is_dir():
-            out.append(({p.stem for p in folder.rglob("*.hea") if splits.split_of(p) == "train"},
+            val = data.get("val_records") or None
+            out.append(({p.stem for p in folder.rglob("*.hea") if splits.split_of(p, val) == "train"},
                         list(data.get("sources") or [])))
     init = meta.get("init")
     if init and depth > 0:

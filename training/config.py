@@ -28,6 +28,9 @@ class DataConfig(Strict):
     sources: list[str] = Field(default_factory=list,
                                description="keep only real records whose source (the header's '# source:' "
                                "comment) contains one of these (stage 2); [] keeps every record")
+    val_records: list[str] = Field(default_factory=list,
+                                   description="names of data.real's records that validate (and never train); "
+                                   "[]: about 20 % by a hash of the name (training/splits.py)")
     hidden: list[str] = Field(["V2", "V6"], description="leads never supervised nor used as input")
     sim_patients: int = Field(1500, ge=0, le=100_000, description="simulated patients in the pool")
     sim_random_views: int = Field(12, ge=0, le=64, description="random-angle views per simulated patient")
@@ -59,6 +62,16 @@ class DataConfig(Strict):
                              f" (it does not exist; relative paths are from {Path.cwd()})"))
         if self.real is not None and not any(self.real.rglob("*.hea")):
             raise ValueError(f"data.real {self.real} holds no WFDB records (*.hea)")
+        if self.val_records:
+            if self.real is None:
+                raise ValueError("data.val_records names records of data.real, which is null")
+            have = {p.stem for p in self.real.rglob("*.hea")}
+            missing = [n for n in self.val_records if n not in have]
+            if missing:
+                raise ValueError(f"data.val_records: no record {', '.join(missing)} in {self.real} (give names "
+                                 "without .hea, as the files are named)")
+            if not have - set(self.val_records):
+                raise ValueError("data.val_records names every record of data.real: none would train")
         if self.real is None and self.sim_patients == 0:
             raise ValueError("no data: give data.real or data.sim_patients > 0")
         if self.real is None and self.sim_weight < 1:

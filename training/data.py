@@ -38,14 +38,15 @@ class Example:
     true_angles: np.ndarray | None = None  # simulator only: where the electrodes really were
 
 
-def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | None = None) -> list[Example]:
+def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | None = None,
+              val_names: list[str] | None = None) -> list[Example]:
     """Real records of a split with their good leads; ``hidden`` leads are dropped entirely
     (never an input, never a target), and ``sources`` filters by the header's source (its
-    ``# source:`` comment). An unreadable record is skipped with a warning, as evaluation
+    ``# source:`` comment); ``val_names`` set the split as ``splits.split_of`` says. An unreadable record is skipped with a warning, as evaluation
     skips it; labels no lead name matches are dropped and said, counted over the folder.
     ConfigError when ``sources`` matches no record, naming the sources the folder holds."""
     out, found, unread, unknown = [], Counter(), 0, Counter()
-    paths = splits.select(sorted(p.with_suffix("") for p in Path(folder).rglob("*.hea")), split)
+    paths = splits.select(sorted(p.with_suffix("") for p in Path(folder).rglob("*.hea")), split, val_names)
     for p in tqdm(paths, desc=f"loading {split} records", unit="rec", leave=False):
         try:
             rec = read_record(p, fs=MODEL_FS)

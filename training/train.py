@@ -162,7 +162,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     # --- data
     real_train = []
     if cfg.data.real is not None:
-        real_train = load_real(cfg.data.real, "train", cfg.data.hidden, cfg.data.sources or None)
+        real_train = load_real(cfg.data.real, "train", cfg.data.hidden, cfg.data.sources or None,
+                               cfg.data.val_records or None)
         log.info("real training records: %d", len(real_train))
         if not real_train:
             raise ConfigError(f"no usable training records in {cfg.data.real} (sources {cfg.data.sources or 'any'}): "
@@ -180,7 +181,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     val_cases = []
     if cfg.data.real is not None:
         all_paths = sorted(p.with_suffix("") for p in Path(cfg.data.real).rglob("*.hea"))
-        paths = splits.select(all_paths, "val")
+        paths = splits.select(all_paths, "val", cfg.data.val_records or None)
         val_cases, _ = load_cases(paths, task, progress=False)
         val_cases_all = val_cases
         if cfg.data.sources:  # a device-calibrated model is chosen on that device's records
@@ -190,15 +191,19 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         if not val_cases:
             raise ConfigError(
                 f"no validation records: checkpoints could not be chosen. Of the {len(all_paths)} records in "
-                f"{cfg.data.real}, {len(paths)} fall in the validation split (about {splits.VAL_FRACTION:.0%}, "
-                "by a hash of the record name: training/splits.py)"
+                f"{cfg.data.real}, {len(paths)} "
+                + ("are named in data.val_records" if cfg.data.val_records else
+                   f"fall in the validation split (about {splits.VAL_FRACTION:.0%}, by a hash of the record name: "
+                   "training/splits.py)")
                 + (f" and {len(val_cases_all)} of those hold the 12 standard leads over at least 10 s"
                    if paths else "") + (f", none from sources {cfg.data.sources}" if cfg.data.sources
                                         and val_cases_all else "")
-                + "; give the folder more of the device's 12-lead records of 10 s or more")
+                + "; give the folder more of the device's 12-lead records of 10 s or more, or name some in "
+                "data.val_records")
         if len(val_cases) < MIN_VAL_RECORDS:
             log.warning("checkpoints are chosen on only %d validation records: the choice, and the validation "
-                        "figure, are noisy; %d or more are better", len(val_cases), MIN_VAL_RECORDS)
+                        "figure, are noisy; %d or more are better (data.val_records names them)", len(val_cases),
+                        MIN_VAL_RECORDS)
 
     # --- model
     if cfg.init is not None:
@@ -234,7 +239,8 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
         log.info("resumed at step %d (best validation %.2f dB)", step, best)
     meta = {"stage": cfg.stage, "device_id": cfg.device_id, "code_revision": code_revision(),
             "training_data": {"real": str(cfg.data.real.resolve()) if cfg.data.real else None, "split": "train",
-                              "sources": cfg.data.sources, "hidden_leads": cfg.data.hidden,
+                              "sources": cfg.data.sources, "val_records": cfg.data.val_records or None,
+                              "hidden_leads": cfg.data.hidden,
                               "real_records": len(real_train), "sim_patients": len(sim)},
             "init": str(cfg.init) if cfg.init else None, "device": cfg.device}
 
