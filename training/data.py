@@ -42,9 +42,10 @@ def load_real(folder: Path, split: str, hidden: list[str], sources: list[str] | 
               val_names: list[str] | None = None) -> list[Example]:
     """Real records of a split with their good leads; ``hidden`` leads are dropped entirely
     (never an input, never a target), and ``sources`` filters by the header's source (its
-    ``# source:`` comment); ``val_names`` set the split as ``splits.split_of`` says. An unreadable record is skipped with a warning, as evaluation
-    skips it; labels no lead name matches are dropped and said, counted over the folder.
-    ConfigError when ``sources`` matches no record, naming the sources the folder holds."""
+    ``# source:`` comment); ``val_names`` set the split as ``splits.split_of`` says. An
+    unreadable record is skipped with a warning, as evaluation skips it; labels no lead name
+    matches are dropped and said, counted over the records used. ConfigError when
+    ``sources`` matches no record, naming the sources the folder holds."""
     out, found, unread, unknown = [], Counter(), 0, Counter()
     paths = splits.select(sorted(p.with_suffix("") for p in Path(folder).rglob("*.hea")), split, val_names)
     for p in tqdm(paths, desc=f"loading {split} records", unit="rec", leave=False):

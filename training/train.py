@@ -238,7 +238,7 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
             s.rng.bit_generator.state = st
         log.info("resumed at step %d (best validation %.2f dB)", step, best)
     meta = {"stage": cfg.stage, "device_id": cfg.device_id, "code_revision": code_revision(),
-            "training_data": {"real": str(cfg.data.real.resolve()) if cfg.data.real else None, "split": "train",
+            "training_data": {"real": str(cfg.data.real) if cfg.data.real else None, "split": "train",
                               "sources": cfg.data.sources, "val_records": cfg.data.val_records or None,
                               "hidden_leads": cfg.data.hidden,
                               "real_records": len(real_train), "sim_patients": len(sim)},
