@@ -37,8 +37,17 @@ def test_eval_says_when_it_scores_records_the_model_trained_on(cli, data_dir, tm
     res = json.loads(out.read_text())
     assert res["records"] == {"scored": [p.name for p in train + val], "not_scored": {}}
     assert res["checkpoint"]["file"].endswith("nefnet_v2_stage1.safetensors") and len(res["checkpoint"]["sha256"]) == 64
-    proc = cli("eval", "--data", *val, "--method", "model")  # held out: nothing to say
-    assert proc.returncode == 0 and "training split" not in proc.stderr
+    # held out: nothing to say; and two checkpoints side by side, each row named by its file
+    from panorama.synth import DEFAULT_CHECKPOINTS
+
+    proc = cli("eval", "--data", *val, "--method", "model", "--model", DEFAULT_CHECKPOINTS["pretrained"],
+               "--model", DEFAULT_CHECKPOINTS["calibrated"], "--json", out)
+    assert proc.returncode == 0 and "training split" not in proc.stderr, proc.stderr
+    res = json.loads(out.read_text())
+    assert set(res) == {"model [nefnet_v2_stage1]", "model [nefnet_v2_stage2]"}
+    assert "model [nefnet_v2_stage2]" in proc.stdout
+    assert res["model [nefnet_v2_stage2]"]["checkpoint"]["stage"] == 2
+    assert res["model [nefnet_v2_stage1]"]["overall"]["psnr_db"] != res["model [nefnet_v2_stage2]"]["overall"]["psnr_db"]
 
 
 def test_eval_reproduces_the_dipole_reference_figure(cli, data_dir, tmp_path):

@@ -48,8 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sim-exact-views", action="store_true",
                    help="--sim: render the scored views at exactly their angles (the view asked for) "
                    "instead of at displaced electrodes, as a real recording of them would be (the default)")
-    p.add_argument("--model", type=Path, metavar="PATH",
-                   help="checkpoint for --method model (default: the shipped pretrained one)")
+    p.add_argument("--model", type=Path, metavar="PATH", action="append",
+                   help="checkpoint for --method model (default: the shipped pretrained one); repeat it to "
+                   "compare checkpoints on the same records, each row labelled with its file name")
     p.add_argument("--calibrate", type=float, default=0.0, metavar="SECONDS",
                    help="with --method model: also score the model after on-the-fly calibration on "
                    "the first SECONDS of the non-scored leads (e.g. 5)")
@@ -218,11 +219,17 @@ def run_eval(args) -> int:
     print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
     if skipped:
         print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))
-    checkpoint_said = None
+    models = args.model or [None]
+    if len(set(models)) < len(models):
+        raise ValueError("--model names the same checkpoint twice")
+    said = {}  # checkpoint → what it is, for --method model
     if "model" in methods:
-        checkpoint_said = _model_said(args.model)
-        if args.sim is None:
-            _warn_trained_on(checkpoint_said, cases)
+        for path in models:
+            said[path] = _model_said(path)
+            if args.sim is None:
+                _warn_trained_on(said[path], cases)
+    elif args.model:
+        raise ValueError("--model is for --method model")
     runs = [(m, 0.0, False, False, False) for m in methods]
     if (args.calibrate > 0 or args.wander) and "model" not in methods:
         raise ValueError(f"--{'calibrate' if args.calibrate > 0 else 'wander'} needs --method model")
@@ -234,12 +241,19 @@ def run_eval(args) -> int:
             runs.append(("model", args.calibrate, args.transfer, True, False))
     if args.wander:  # on top of the most complete model row
         runs.append([r for r in runs if r[0] == "model"][-1][:4] + (True,))
-    full = {}
+    full, checkpoint_of = {}, {}
     for m, cal, tr, ad, wa in runs:
-        label = method_label(cal, tr, ad, wa) if m == "model" else m
-        full[label] = evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
-                               model_path=args.model, calibrate_s=cal, calibrate_fit=args.calibrate_fit,
-                               transfer=tr, adapt=ad, wander=wa, bands=args.error_bands)
+        for path in models if m == "model" else [None]:
+            label = method_label(cal, tr, ad, wa) if m == "model" else m
+            if m == "model" and len(models) > 1:
+                label += f" [{Path(path).stem}]"
+                if label in full:
+                    raise ValueError(f"--model: two checkpoints share the file name {Path(path).stem}; rename one")
+            if m == "model":
+                checkpoint_of[label] = said[path]
+            full[label] = evaluate(cases, task, m, fit_cases, progress=sys.stderr.isatty(),
+                                   model_path=path, calibrate_s=cal, calibrate_fit=args.calibrate_fit,
+                                   transfer=tr, adapt=ad, wander=wa, bands=args.error_bands)
     results = {label: r.summary for label, r in full.items()}
     print(format_table(results))
     if args.error_bands:
@@ -256,8 +270,8 @@ def run_eval(args) -> int:
     if args.json:
         for label, summary in results.items():  # in each method's figures: a loop over methods meets only methods
             summary["records"] = {"scored": [c.record.name for c in cases], "not_scored": dict(skipped)}
-            if checkpoint_said and label.startswith("model"):
-                summary["checkpoint"] = {k: checkpoint_said[k] for k in ("file", "sha256", "stage")}
+            if label in checkpoint_of:
+                summary["checkpoint"] = {k: checkpoint_of[label][k] for k in ("file", "sha256", "stage")}
         payload = results[methods[0]] if len(results) == 1 else results
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2))
