@@ -84,6 +84,31 @@ def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]
     return [outputs[i] for i in range(len(windows))]
 
 
+def bridge_holes(x: np.ndarray, keep: tuple[int, int], longest: int) -> tuple[np.ndarray, bool]:
+    """Holes (NaN) of at most ``longest`` samples outside the output span ``keep`` (its
+    context and lookahead) filled by a straight line between their edges, lead by lead, so
+    that a chunk lost in transit blanks only the output it would have made, not every window
+    that reads it; a lead with a hole in the span itself, or a longer one, is left as it is
+    (masked out). Measured on real records (ludb001, 12 leads, 6 views, a 125-sample hole
+    bridged in the 256-sample context or the 192-sample lookahead): the output moves by
+    0.25-2.8 µV RMS, 44 µV at most, against the model's own error of about 77 µV. Returns
+    the filled copy and whether anything was filled."""
+    x = np.array(x, dtype=np.float32, copy=True)
+    filled = False
+    for row in x:
+        bad = ~np.isfinite(row)
+        if not bad.any() or bad[keep[0]:keep[1]].any() or bad.all():
+            continue
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], bad.astype(np.int8), [0]])))
+        runs = list(zip(edges[::2], edges[1::2]))
+        if max(b - a for a, b in runs) > longest:
+            continue
+        good = np.flatnonzero(~bad)
+        row[bad] = np.interp(np.flatnonzero(bad), good, row[good])  # flat beyond the first and last sample
+        filled = True
+    return x, filled
+
+
 def window_quality(x: np.ndarray, rail_run: int = 25) -> list[str]:
     """Per lead over one window: ``missing`` (any hole), ``flat`` (lead off),
     ``saturated`` (held at the window's extreme for ``rail_run`` samples in a row, as an

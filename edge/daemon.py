@@ -48,6 +48,7 @@ from .stream import PatientStream, StreamParams
 
 log = logging.getLogger("panorama.serve")
 NO_SIGNAL = "no usable lead (every lead off, flat, saturated or missing): views marked missing"
+LOST = "samples lost in transit (a hole in the stream, counted in gaps): views marked missing there"
 
 
 class Daemon:
@@ -341,8 +342,9 @@ class Daemon:
                     if st.counts.skipped > before:
                         stale.append((st.key, st.counts.skipped - before, st.ahead_s()))
                     if (st.signal == "missing") != (signal_before == "missing"):  # every lead lost, or one back
-                        self.report.status(st, NO_SIGNAL if st.signal == "missing" else "signal back")
-                        if st.signal == "missing":
+                        why = LOST if st.lost_in_transit else NO_SIGNAL
+                        self.report.status(st, why if st.signal == "missing" else "signal back")
+                        if st.signal == "missing" and not st.lost_in_transit:  # an alarm for electrodes only
                             self.report.error(st.key, "no_signal", NO_SIGNAL)
             for key, n, ahead in stale:
                 why = (f"the monitor runs {ahead:.0f} s ahead of real time, as panorama monitor --fast does: "

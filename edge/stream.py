@@ -34,7 +34,7 @@ from panorama.geometry import View, descriptors, redundant_limb_leads, resolve_v
 from panorama.model import DOWNSAMPLE
 from panorama.records import MODEL_FS
 
-from .batch import Window, window_quality
+from .batch import Window, bridge_holes, window_quality
 
 RECEPTIVE_FIELD = 224  # samples each side whose input can change an output sample (measured)
 REORDER_SEQ = 64  # a chunk this many seqs behind the newest, or fewer, is a resend or reordered
@@ -60,6 +60,7 @@ class StreamParams:
     reorder: int = 256  # samples of newer data to wait for a late chunk before giving up on it
     max_backlog: int = 1000  # output due beyond this (samples) is skipped, not delivered late
     calibration_wait_s: float = 20.0  # no hole-free seconds by then: calibrate on what there is
+    bridge: int = 256  # holes up to this long in a window's context or lookahead are bridged (batch.bridge_holes)
 
     @property
     def window(self) -> int:
@@ -85,6 +86,7 @@ class Counters:
     skipped: int = 0  # output samples never synthesised because they were already stale
     masked_windows: int = 0
     missing_windows: int = 0  # no usable lead at all: every view marked missing
+    bridged_windows: int = 0  # a short hole in the context or lookahead bridged (batch.bridge_holes)
 
 
 class PatientStream:
@@ -113,6 +115,7 @@ class PatientStream:
         self.calibration: CalibrationResult | None = None
         self.counts = Counters()
         self.signal = "ok"  # the newest window's quality: ok, masked or missing (no usable lead)
+        self.lost_in_transit = False  # missing because samples never came, not because leads are off
         self.generation = 0  # +1 at every reset: a calibration of an earlier time base is void
         self.cal_start = 0  # stream sample where the calibration seconds begin
         self.pending: list[Window] = []  # made at a reset, of the time base before it
@@ -391,7 +394,8 @@ class PatientStream:
         return out
 
     def _window(self, s: int, e: int, o0: int, o1: int, final: bool) -> Window:
-        x = self.slice(self.leads, s, e)
+        x, bridged = bridge_holes(self.slice(self.leads, s, e), (o0 - s, o1 - s), self.p.bridge)
+        self.counts.bridged_windows += bridged
         flags = window_quality(x)
         ok = np.array([f == "ok" for f in flags], dtype=bool)
         x = np.where(ok[:, None], np.nan_to_num(x), 0.0).astype(np.float32)
@@ -408,6 +412,7 @@ class PatientStream:
             quality = "missing"
             self.counts.missing_windows += 1
         self.signal = quality
+        self.lost_in_transit = quality == "missing" and all(f == "missing" for f in flags)  # holes, not electrodes
         return Window(self.key, x, mask, descriptors(self.lead_views, self.offsets), descriptors(self.views),
                       [v.name for v in self.views], o0 - s, o1 - o0, o0, [quality] * len(self.views),
                       self.last_sent_ns, final, self.t0_ns or 0)

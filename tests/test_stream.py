@@ -85,7 +85,7 @@ def test_duplicates_dropped_and_out_of_order_filled(record, synth, backend):
     assert np.abs(y - ref).max() * 1000 < 1.0, "a chunk that arrives within the lookahead loses nothing"
 
 
-def test_gap_masks_then_recovers(record, backend):
+def test_gap_masks_then_recovers(record, synth, backend):
     x, names = record
     n = -(-x.shape[1] // 125)
     order = [k for k in range(n) if k != 20]  # one 250 ms chunk never arrives
@@ -98,6 +98,16 @@ def test_gap_masks_then_recovers(record, backend):
     assert all(np.all(o.data == 0) for o in hole), "no usable input: zeros flagged missing, not invented"
     after = [o for o in outs if o.start >= 21 * 125 + st.p.context + 8]  # windows that cannot see it
     assert after and all(q == "ok" for o in after for q in o.quality), "the stream recovers after the hole"
+    # the windows that read the hole only in their context or lookahead bridge it: a lost chunk
+    # blanks the output it would have made (two chunks of output here), not every window that reads it
+    near = [o for o in outs if o not in hole and o.start < 21 * 125 + st.p.context + 8
+            and o.start + o.data.shape[1] > 20 * 125 - st.p.lookahead - 8]
+    assert len(hole) <= 2 and st.counts.missing_windows == len(hole) and st.counts.bridged_windows >= 3
+    assert all(q == "ok" for o in near for q in o.quality)
+    ref = synth(x, resolve_views(names), VIEWS)
+    err_uv = np.concatenate([(o.data - ref[:, o.start: o.start + o.data.shape[1]]).ravel() for o in near]) * 1000
+    print(f"bridged: {np.sqrt((err_uv ** 2).mean()):.2f} µV RMS, {np.abs(err_uv).max():.1f} µV at most")
+    assert np.sqrt((err_uv ** 2).mean()) < 5 and np.abs(err_uv).max() < 60
 
 
 @pytest.mark.parametrize("lead,quality", [
@@ -389,6 +399,21 @@ def test_a_reset_flushes_the_old_time_base_first(record, backend):
     assert tail and all(o.t0_ns == T0 for o in tail)
     assert tail[-1].start + tail[-1].data.shape[1] == 2500  # every sample of the old time base out
     assert outs[-1].start + outs[-1].data.shape[1] == tail[0].start
+
+
+def test_bridge_holes_fills_short_holes_outside_the_output_span_only():
+    from edge.batch import bridge_holes
+
+    x = np.tile(np.arange(40, dtype=np.float32), (4, 1))
+    x[0, 5:9] = np.nan  # in the context: bridged by a straight line
+    x[1, 20:22] = np.nan  # in the output span [16, 24): left, the lead is masked
+    x[2, 30:40] = np.nan  # too long (limit 8): left
+    x[3, 36:40] = np.nan  # at the end of the lookahead: held at the last sample
+    y, filled = bridge_holes(x, (16, 24), 8)
+    assert filled and np.array_equal(y[0], np.arange(40, dtype=np.float32))
+    assert np.isnan(y[1, 20:22]).all() and np.isnan(y[2, 30:40]).all()
+    assert np.array_equal(y[3, 36:], np.full(4, 35, np.float32))
+    assert not bridge_holes(np.ones((2, 40), np.float32), (16, 24), 8)[1]
 
 
 def test_window_quality_flags():
