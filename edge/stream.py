@@ -87,6 +87,7 @@ class Counters:
     masked_windows: int = 0
     missing_windows: int = 0  # no usable lead at all: every view marked missing
     bridged_windows: int = 0  # a short hole in the context or lookahead bridged (batch.bridge_holes)
+    restarts: int = 0  # the time base started again (a sender restarted, or its clock jumped)
 
 
 class PatientStream:
@@ -250,6 +251,7 @@ class PatientStream:
 
     def reset(self, t0_ns: int) -> None:
         self.generation += 1
+        self.counts.restarts += 1
         self.placed.clear()
         self.t0_ns = t0_ns
         self.buf = np.full((len(self.leads), 0), np.nan, dtype=np.float32)

@@ -369,7 +369,7 @@ def test_a_restarted_monitor_is_not_a_clock_step(record, chunks, first_seq, late
     for k in range(chunks):
         st.ingest(k, T0 + int(k * 125 * 2e6), names, x[:, :125])
     assert st.ingest(first_seq, T0 + int(later_s * 1e9), names, x[:, :125]) == "reset"
-    assert st.generation == 1 and st.counts.clock_steps == 0 and st.end == 125
+    assert st.generation == 1 and st.counts.clock_steps == 0 and st.counts.restarts == 1 and st.end == 125
     assert st.ingest(first_seq + 1, T0 + int(later_s * 1e9) + 250_000_000, names, x[:, 125:250]) == "ok"
     assert st.generation == 1 and st.end == 250 and st.counts.late == 0
 
