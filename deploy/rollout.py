@@ -261,16 +261,16 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
         next_note = time.monotonic() + PROGRESS_S
         while True:
             mine = {d: s for d, s in fleet.snapshot().items() if s.get("group") in groups}
+            res.verdicts = {d: v for d, v in ((d, verdict(s, version)) for d, s in mine.items()) if v}
+            res.pending = sorted(set(mine) - set(res.verdicts))
             for d, s in sorted(mine.items()):
                 now = (s.get("state"), s.get("version"), s.get("reason"))
-                if s.get("version") != version and verdict(s, version) is None:
+                if s.get("version") != version and d not in res.verdicts:
                     continue  # an earlier update's state, or READY: not news of this one
                 if said.get(d) != now:
                     said[d] = now
                     log.info("  %s: %s%s%s", d, now[0], f" version {now[1]}" if now[1] is not None else "",
                              f" ({s['reason']})" if s.get("reason") else "")
-            res.verdicts = {d: v for d, v in ((d, verdict(s, version)) for d, s in mine.items()) if v}
-            res.pending = sorted(set(mine) - set(res.verdicts))
             if res.count("FAILED") > max_failed:
                 res.stopped = f"{res.count('FAILED')} device(s) failed the update (at most {max_failed} allowed)"
                 break

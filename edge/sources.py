@@ -12,13 +12,12 @@ import numpy as np
 import wfdb
 
 from panorama.geometry import STANDARD_12, canonical_lead_name
-from panorama.records import MODEL_FS, read_record, record_base
+from panorama.records import MODEL_FS, UNIT_TO_MV, read_record, record_base
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SCALE_MV = 0.001  # 1 µV per count: int16 covers ±32.8 mV
 SIM_SECONDS = 30.0  # a simulated patient's strip when --duration does not say (it loops with --loop)
-_UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3}
 
 
 @dataclass
@@ -48,7 +47,7 @@ def adc_resolution_mv(path: str | Path, leads: list[str]) -> float | None:
     res = {}
     for name, gain, unit in zip(header.sig_name or [], header.adc_gain or [], header.units or []):
         canon = canonical_lead_name(name)
-        factor = _UNIT_TO_MV.get((unit or "mV").strip().lower())
+        factor = UNIT_TO_MV.get((unit or "mV").strip().lower())
         if canon in leads and canon not in res and gain and factor:
             res[canon] = factor / float(gain)
     values = [res.get(n) for n in leads]

@@ -27,7 +27,7 @@ MIN_FS = 50.0  # Hz: below this a recording cannot hold a QRS complex (the wire 
 MIN_RECORD_S = 1.0  # a beat at least: shorter records hold nothing to synthesise from
 RAIL_SAMPLES = 25  # a lead pinned at its extreme this often is at least at a rail (the daemon's window test too)
 
-_UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nu": None}
+UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nu": None}
 
 
 @dataclass
@@ -131,7 +131,7 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
                           "(a beat) is needed")
     sig = rec.p_signal.T.astype(np.float64)
     for row, unit in enumerate(rec.units):
-        factor = _UNIT_TO_MV.get((unit or "mV").strip().lower())
+        factor = UNIT_TO_MV.get((unit or "mV").strip().lower())
         if factor is None:
             raise RecordError(f"{base}: lead {wanted[row]} has unknown units {unit!r} (expected mV or uV)")
         sig[row] *= factor
@@ -271,25 +271,28 @@ def write_record(out_dir: str | Path, name: str, signals: np.ndarray, leads: lis
     return out / name
 
 
+def folder_problem(folder: Path) -> str:
+    """What keeps ``folder`` from being a folder of records ("is not a folder", "holds no WFDB
+    records (*.hea)"), or "" when it is one."""
+    if not folder.is_dir():
+        return "is not a folder"
+    return "" if any(folder.rglob("*.hea")) else "holds no WFDB records (*.hea)"
+
+
 def default_data_dir() -> Path | None:
     """The real records: ``$PANORAMA_DATA`` (a RecordError where it holds none: never another
     folder in its place), else ``../shared/data/ecg`` beside the repo or beside the working
     folder (an installed package lives elsewhere); None where there are none."""
     import os
 
-    def holds(folder: Path) -> bool:
-        return folder.is_dir() and any(folder.rglob("*.hea"))
-
     env = os.environ.get("PANORAMA_DATA")
     if env:
-        if not Path(env).is_dir():
-            raise RecordError(f"$PANORAMA_DATA is {env}, which is not a folder")
-        if not holds(Path(env)):
-            raise RecordError(f"$PANORAMA_DATA is {env}, which holds no WFDB records (*.hea)")
+        if problem := folder_problem(Path(env)):
+            raise RecordError(f"$PANORAMA_DATA is {env}, which {problem}")
         return Path(env)
     candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "ecg",
                   Path.cwd().parent / "shared" / "data" / "ecg"]
-    return next((c for c in candidates if holds(c)), None)
+    return next((c for c in candidates if not folder_problem(c)), None)
 
 
 def require_data_dir() -> Path:

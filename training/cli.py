@@ -148,21 +148,22 @@ def _trained_on(meta: dict, depth: int = 4) -> list[tuple[set[str], list[str]]]:
     checkpoints it was fine-tuned from (``init``): the records of their training split."""
     from panorama import checkpoint
 
+    def found(given: str) -> Path:  # a path as the config gave it: from the working folder, else the repo
+        path = Path(given)
+        return path if path.exists() or path.is_absolute() else Path(__file__).resolve().parents[1] / path
+
     out = []
     data = meta.get("training_data") or {}
     if data.get("real") and data.get("split") == "train":
-        folder = Path(data["real"])
-        if not folder.is_absolute() and not folder.is_dir():  # a path as the config gave it, from the repo
-            folder = Path(__file__).resolve().parents[1] / folder
+        folder = found(data["real"])
         if folder.is_dir():
             val = data.get("val_records") or None
             out.append(({p.stem for p in folder.rglob("*.hea") if splits.split_of(p, val) == "train"},
                         list(data.get("sources") or [])))
     init = meta.get("init")
     if init and depth > 0:
-        init = Path(init) if Path(init).is_file() else Path(__file__).resolve().parents[1] / init
         try:
-            out += _trained_on(checkpoint.read_header(init)["meta"], depth - 1)
+            out += _trained_on(checkpoint.read_header(found(init))["meta"], depth - 1)
         except Exception:  # an init no longer there: what is known is said
             pass
     return out

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from panorama.devices import check_device_name
 from panorama.errors import ConfigError, RecordError
 from panorama.geometry import resolve_views
-from panorama.records import require_data_dir
+from panorama.records import folder_problem, require_data_dir
 
 
 class Strict(BaseModel):
@@ -57,11 +57,9 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _check(self):
         self.hidden = [v.name for v in resolve_views(self.hidden)] if self.hidden else []
-        if self.real is not None and not self.real.is_dir():
-            raise ValueError(f"data.real {self.real} is not a folder" + ("" if self.real.exists() else
+        if self.real is not None and (problem := folder_problem(self.real)):
+            raise ValueError(f"data.real {self.real} {problem}" + ("" if self.real.exists() else
                              f" (it does not exist; relative paths are from {Path.cwd()})"))
-        if self.real is not None and not any(self.real.rglob("*.hea")):
-            raise ValueError(f"data.real {self.real} holds no WFDB records (*.hea)")
         if self.val_records:
             if self.real is None:
                 raise ValueError("data.val_records names records of data.real, which is null")
