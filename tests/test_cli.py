@@ -50,6 +50,44 @@ def test_eval_says_when_it_scores_records_the_model_trained_on(cli, data_dir, tm
     assert res["model [nefnet_v2_stage1]"]["overall"]["psnr_db"] != res["model [nefnet_v2_stage2]"]["overall"]["psnr_db"]
 
 
+def test_eval_split_follows_the_validation_records_a_model_named(cli, data_dir, tmp_path):
+    """A model trained with data.val_records: --split val scores those records of its folder,
+    not the name hash's; --split train the rest; other folders keep the hash."""
+    import shutil
+
+    from panorama import checkpoint
+    from panorama.synth import DEFAULT_CHECKPOINTS
+
+    folder = tmp_path / "mydevice"
+    folder.mkdir()
+    picked = sorted((data_dir / "ludb").glob("ludb00[1-4].hea"))
+    for p in picked:
+        shutil.copy(p, folder)
+        shutil.copy(p.with_suffix(".dat"), folder)
+    names = [p.stem for p in picked]
+    model, meta = checkpoint.load(DEFAULT_CHECKPOINTS["pretrained"])
+    ckpt = tmp_path / "mine.safetensors"
+    checkpoint.save(model, ckpt, {**meta, "init": None, "training_data": {
+        "real": str(folder), "split": "train", "sources": [], "val_records": [names[0], names[3]]}})
+    out = tmp_path / "val.json"
+    proc = cli("eval", "--data", folder, "--split", "val", "--method", "dipole,model", "--model", ckpt, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "(split val, as the model's data.val_records names them in" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["model"]["records"]["scored"] == [names[0], names[3]]
+    assert res["dipole"]["records"]["scored"] == [names[0], names[3]]  # every method on the same records
+    assert "training split" not in proc.stderr
+    proc = cli("eval", "--data", folder, "--split", "train", "--method", "model", "--model", ckpt, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["records"]["scored"] == names[1:3]
+    assert "2 of the 2 scored records are in the training split of" in proc.stderr
+    # the shipped model named none: the hash splits the same folder, and puts none of these in validation
+    from training import splits
+
+    assert [n for n in names if splits.split_of(folder / n) == "val"] == []
+    _assert_clean_error(cli("eval", "--data", folder, "--split", "val", "--method", "model"), "no records in split 'val'")
+
+
 def test_eval_reproduces_the_dipole_reference_figure(cli, data_dir, tmp_path):
     out = tmp_path / "dipole.json"
     proc = cli("eval", "--data", data_dir, "--method", "dipole", "--error-bands", "--json", out)

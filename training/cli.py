@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="dipole",
                    help=f"one or more of {', '.join(METHODS)}, comma-separated (default dipole)")
     p.add_argument("--split", default="all", choices=splits.SPLITS,
-                   help="real records: all, or the train/validation split (default all)")
+                   help="real records: all, or the train/validation split (default all); in the folder a "
+                   "--model was trained on with data.val_records, those records are its validation split")
     p.add_argument("--protocol", default="auto", choices=("auto", *PROTOCOLS),
                    help="auto: whole record for Frank views, else synthesis (default auto)")
     p.add_argument("--device", default="diagnostic", help="simulated device profile for --sim (default diagnostic)")
@@ -143,19 +144,47 @@ def _model_said(path: Path | None) -> dict:
     return {"file": str(path), "sha256": header["sha256"], "stage": meta.get("stage"), "meta": meta}
 
 
+def _found(given: str) -> Path:
+    """A path as a training config gave it: from the working folder, else from the repo."""
+    path = Path(given)
+    return path if path.exists() or path.is_absolute() else Path(__file__).resolve().parents[1] / path
+
+
+def _named_val_records(models: list[dict]) -> dict[Path, set[str]]:
+    """The folders whose validation records a model's training named (``data.val_records``),
+    each with those names: its ``--split`` there is that split, not the name hash."""
+    named: dict[Path, set[str]] = {}
+    for m in models:
+        data = m["meta"].get("training_data") or {}
+        if data.get("real") and data.get("val_records"):
+            folder, names = _found(data["real"]).resolve(), set(data["val_records"])
+            if named.setdefault(folder, names) != names:
+                raise ValueError(f"--model: the checkpoints were validated on different records of {folder} "
+                                 "(their data.val_records): score them one at a time")
+    return named
+
+
+def _select(paths: list[Path], split: str, named: dict[Path, set[str]]) -> list[Path]:
+    """``splits.select``, with the validation records a model's training named where it named them."""
+    if split not in splits.SPLITS or split == "all" or not named:
+        return splits.select(paths, split)
+
+    def val_names(p: Path) -> set[str] | None:
+        where = p.resolve()
+        return next((names for folder, names in named.items() if where.is_relative_to(folder)), None)
+
+    return [p for p in paths if splits.split_of(p, val_names(p)) == split]
+
+
 def _trained_on(meta: dict, depth: int = 4) -> list[tuple[set[str], list[str]]]:
     """(record names, sources filter) for each training folder of a checkpoint and the
     checkpoints it was fine-tuned from (``init``): the records of their training split."""
     from panorama import checkpoint
 
-    def found(given: str) -> Path:  # a path as the config gave it: from the working folder, else the repo
-        path = Path(given)
-        return path if path.exists() or path.is_absolute() else Path(__file__).resolve().parents[1] / path
-
     out = []
     data = meta.get("training_data") or {}
     if data.get("real") and data.get("split") == "train":
-        folder = found(data["real"])
+        folder = _found(data["real"])
         if folder.is_dir():
             val = data.get("val_records") or None
             out.append(({p.stem for p in folder.rglob("*.hea") if splits.split_of(p, val) == "train"},
@@ -163,7 +192,7 @@ def _trained_on(meta: dict, depth: int = 4) -> list[tuple[set[str], list[str]]]:
     init = meta.get("init")
     if init and depth > 0:
         try:
-            out += _trained_on(checkpoint.read_header(found(init))["meta"], depth - 1)
+            out += _trained_on(checkpoint.read_header(_found(init))["meta"], depth - 1)
         except Exception:  # an init no longer there: what is known is said
             pass
     return out
@@ -202,35 +231,40 @@ def run_eval(args) -> int:
     if "patient_lsq" in methods and protocol != "synthesis":
         raise ValueError("patient_lsq fits on 0-5 s and scores 5-10 s: it needs the synthesis protocol")
     fit_cases = None
+    models = args.model or [None]
+    if len(set(models)) < len(models):
+        raise ValueError("--model names the same checkpoint twice")
+    said = {}  # checkpoint → what it is, for --method model
+    if "model" in methods:
+        said = {path: _model_said(path) for path in models}
+    elif args.model:
+        raise ValueError("--model is for --method model")
     if args.sim is not None:
         cases, skipped = sim_cases(args.sim, task, args.device, args.seed, args.sim_exact_views), {}
         source = (f"{args.sim} simulated patients (device {args.device}"
                   f"{'; scored views at their exact angles' if args.sim_exact_views else ''})")
     else:
-        paths = splits.select(find_records(*args.data), args.split)
+        named = _named_val_records(list(said.values()))
+        found = find_records(*args.data)
+        paths = _select(found, args.split, named)
         if not paths:
             raise RecordError(f"no records in split {args.split!r} of {', '.join(map(str, args.data))}")
         cases, skipped = load_cases(paths, task, progress=sys.stderr.isatty())
-        source = f"{len(paths)} records in {', '.join(map(str, args.data))} (split {args.split})"
+        source = f"{len(paths)} records in {', '.join(map(str, args.data))} (split {args.split}"
+        if args.split in ("train", "val") and any(p.resolve().is_relative_to(f) for p in found for f in named):
+            source += ", as the model's data.val_records names them in " + ", ".join(map(str, named))
+        source += ")"
         if args.split == "val" and "lsq" in methods:
-            fit_cases, _ = load_cases(splits.select(find_records(*args.data), "train"), task, progress=False)
+            fit_cases, _ = load_cases(_select(found, "train", named), task, progress=False)
     if not cases:
         reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none readable"
         raise RecordError(f"no record could be scored under the {protocol} protocol ({reasons})")
     print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
     if skipped:
         print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))
-    models = args.model or [None]
-    if len(set(models)) < len(models):
-        raise ValueError("--model names the same checkpoint twice")
-    said = {}  # checkpoint → what it is, for --method model
-    if "model" in methods:
-        for path in models:
-            said[path] = _model_said(path)
-            if args.sim is None:
-                _warn_trained_on(said[path], cases)
-    elif args.model:
-        raise ValueError("--model is for --method model")
+    if args.sim is None:
+        for path in said:
+            _warn_trained_on(said[path], cases)
     runs = [(m, 0.0, False, False, False) for m in methods]
     if (args.calibrate > 0 or args.wander) and "model" not in methods:
         raise ValueError(f"--{'calibrate' if args.calibrate > 0 else 'wander'} needs --method model")
