@@ -34,7 +34,8 @@ from edge import mqtt as mq
 from edge.protocol import CONTENT_TYPE_JSON
 from edge.sdnotify import notify
 from edge.topics import Topics
-from panorama.errors import UpdateError
+from panorama import checkpoint as ckpt
+from panorama.errors import CheckpointError, UpdateError
 
 from . import manifest as mf
 from .agent_config import AgentConfig, check_agent_config
@@ -352,7 +353,8 @@ class Agent:
                "state": state, "reason": reason,
                "version": m.get("version") if m else None,
                "sha256": (m.get("artifact") or {}).get("sha256") if m else None,
-               "installed": self.store.current_version(), "last": self._last_verdict(),
+               "installed": self.store.current_version(), "model": self._installed_model(),
+               "last": self._last_verdict(),
                "t": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if claimed:
             doc["claimed"] = claimed
@@ -365,6 +367,15 @@ class Agent:
         self.publisher.put(self.topics.state(self.cfg.device_id), json.dumps(doc).encode(), qos=1, retain=True,
                            content_type=CONTENT_TYPE_JSON)
         return state
+
+    def _installed_model(self) -> dict | None:
+        """What the installed model is: its stage and the recording device it was calibrated
+        for (a Stage II model's ``device_id``; "" for none), from its checkpoint's header."""
+        try:
+            meta = ckpt.read_header(self.store.model_path)["meta"]
+        except CheckpointError:
+            return None
+        return {"stage": meta.get("stage"), "calibrated_for": str(meta.get("device_id") or "")}
 
     def _last_verdict(self) -> dict | None:
         """The last SUCCEEDED or FAILED, carried in every state: a READY or a REJECTED that

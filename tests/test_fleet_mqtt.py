@@ -52,6 +52,10 @@ def test_update_installs_the_daemon_adopts_it_and_a_failed_gate_rolls_back(mosqu
         # the operator sees it too
         r = panorama("fleet", "status", "--prefix", f"{prefix}/fleet", "--broker", mosquitto, "--wait", "1")
         assert "bed7" in r.stdout and "SUCCEEDED" in r.stdout
+        row = next(line for line in r.stdout.splitlines() if line.startswith("bed7"))
+        calibrated_for = checkpoint.read_header(STAGE2)["meta"]["device_id"]
+        assert f"stage 2 · {calibrated_for}" in row, r.stdout  # the model installed, and for which device
+        assert agent.results[0]["model"] == {"stage": 1, "calibrated_for": ""}  # the factory model at READY
         # the daemon dies; the next update cannot pass its health gate and is rolled back
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(30)
