@@ -23,7 +23,7 @@ def test_help_lists_every_command(cli):
         assert cmd in proc.stdout
 
 
-def test_eval_says_when_it_scores_records_the_model_trained_on(cli, data_dir, tmp_path):
+def test_eval_says_when_it_scores_records_the_model_trained_on(cli, panorama, data_dir, tmp_path):
     from training import splits
 
     recs = sorted((data_dir / "ludb").glob("ludb00*.hea"))
@@ -40,7 +40,7 @@ def test_eval_says_when_it_scores_records_the_model_trained_on(cli, data_dir, tm
     # held out: nothing to say; and two checkpoints side by side, each row named by its file
     from panorama.synth import DEFAULT_CHECKPOINTS
 
-    proc = cli("eval", "--data", *val, "--method", "model", "--model", DEFAULT_CHECKPOINTS["pretrained"],
+    proc = panorama("eval", "--data", *val, "--method", "model", "--model", DEFAULT_CHECKPOINTS["pretrained"],
                "--model", DEFAULT_CHECKPOINTS["calibrated"], "--json", out)
     assert proc.returncode == 0 and "training split" not in proc.stderr, proc.stderr
     res = json.loads(out.read_text())
@@ -50,7 +50,7 @@ def test_eval_says_when_it_scores_records_the_model_trained_on(cli, data_dir, tm
     assert res["model [nefnet_v2_stage1]"]["overall"]["psnr_db"] != res["model [nefnet_v2_stage2]"]["overall"]["psnr_db"]
 
 
-def test_eval_split_follows_the_validation_records_a_model_named(cli, data_dir, tmp_path):
+def test_eval_split_follows_the_validation_records_a_model_named(panorama, data_dir, tmp_path):
     """A model trained with data.val_records: --split val scores those records of its folder,
     not the name hash's; --split train the rest; other folders keep the hash."""
     import shutil
@@ -70,14 +70,14 @@ def test_eval_split_follows_the_validation_records_a_model_named(cli, data_dir, 
     checkpoint.save(model, ckpt, {**meta, "init": None, "training_data": {
         "real": str(folder), "split": "train", "sources": [], "val_records": [names[0], names[3]]}})
     out = tmp_path / "val.json"
-    proc = cli("eval", "--data", folder, "--split", "val", "--method", "dipole,model", "--model", ckpt, "--json", out)
+    proc = panorama("eval", "--data", folder, "--split", "val", "--method", "dipole,model", "--model", ckpt, "--json", out)
     assert proc.returncode == 0, proc.stderr
     assert "(split val, as the model's data.val_records names them in" in proc.stdout
     res = json.loads(out.read_text())
     assert res["model"]["records"]["scored"] == [names[0], names[3]]
     assert res["dipole"]["records"]["scored"] == [names[0], names[3]]  # every method on the same records
     assert "training split" not in proc.stderr
-    proc = cli("eval", "--data", folder, "--split", "train", "--method", "model", "--model", ckpt, "--json", out)
+    proc = panorama("eval", "--data", folder, "--split", "train", "--method", "model", "--model", ckpt, "--json", out)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["records"]["scored"] == names[1:3]
     assert "2 of the 2 scored records are in the training split of" in proc.stderr
@@ -85,7 +85,7 @@ def test_eval_split_follows_the_validation_records_a_model_named(cli, data_dir, 
     from training import splits
 
     assert [n for n in names if splits.split_of(folder / n) == "val"] == []
-    _assert_clean_error(cli("eval", "--data", folder, "--split", "val", "--method", "model"), "no records in split 'val'")
+    _assert_clean_error(panorama("eval", "--data", folder, "--split", "val", "--method", "model"), "no records in split 'val'")
 
 
 def test_eval_reproduces_the_dipole_reference_figure(cli, data_dir, tmp_path):
