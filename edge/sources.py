@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import wfdb
 
-from panorama.geometry import STANDARD_12, canonical_lead_name
+from panorama.geometry import STANDARD_12, canonical_lead_name, inverted_lead_name
 from panorama.records import MODEL_FS, UNIT_TO_MV, read_record, record_base
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def adc_resolution_mv(path: str | Path, leads: list[str]) -> float | None:
     header = wfdb.rdheader(str(record_base(path)))
     res = {}
     for name, gain, unit in zip(header.sig_name or [], header.adc_gain or [], header.units or []):
-        canon = canonical_lead_name(name)
+        canon = canonical_lead_name(name) or inverted_lead_name(name)
         factor = UNIT_TO_MV.get((unit or "mV").strip().lower())
         if canon in leads and canon not in res and gain and factor:
             res[canon] = factor / float(gain)

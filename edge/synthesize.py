@@ -13,13 +13,15 @@ from panorama.calibrate import calibrate, check_seconds
 from panorama.electrodes import check_electrodes
 from panorama.errors import PanoramaError
 from panorama.geometry import resolve_view, resolve_views
-from panorama.records import MODEL_FS, Record, find_records, read_record, resample, screen_leads, write_record
+from panorama.records import (MODEL_FS, Record, find_records, lead_quality, read_record, resample, screen_leads,
+                              write_record)
 from panorama.model import DOWNSAMPLE
 from panorama.synth import MARGIN, Synthesizer, default_checkpoint
 from panorama.transfer import LINE_BLEND, fit_neighbour_offsets, fit_transfer
 from panorama.wander import WANDER
 
 from .backends import make_backend
+from .lead_off import BRIDGE_S, drawn_around, fill_gaps, leads_off
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,18 @@ def run(args) -> int:
         except PanoramaError as exc:
             failed += 1
             print(f"panorama synthesize: skipped {arg}: {exc}", file=sys.stderr)
+    seen: dict[str, list[Path]] = {}
+    for path in dict.fromkeys(p.resolve() for p in paths):  # a record named twice is drawn once
+        seen.setdefault(path.name, []).append(path)
+    paths = []
+    for name, same in seen.items():
+        if len(same) == 1:
+            paths += same
+            continue
+        failed += len(same)  # one output file each would be written over: none is drawn
+        print(f"panorama synthesize: skipped {len(same)} records named {name} ({', '.join(map(str, same))}): "
+              f"each would be written to {args.out / name}.hea; synthesize them into different --out folders",
+              file=sys.stderr)
     for path in paths:
         if path.parent.resolve() == args.out.resolve():
             failed += 1
@@ -114,7 +128,7 @@ def run(args) -> int:
         try:
             out = synthesize_record(synth, path, inputs, views, args.out, calibrate_s=args.calibrate,
                                     transfer=args.transfer, adapt_model=args.adapt, wander=args.wander,
-                                    blend_with=blend_with)
+                                    blend_with=blend_with, backend=args.backend)
             print(f"wrote {out}.hea")
         except (PanoramaError, ValueError, OSError) as exc:  # one bad record never stops the others
             failed += 1
@@ -143,7 +157,7 @@ def check_blend(inputs, blend_with, calibrate_s: float) -> None:
 
 def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Path,
                       calibrate_s: float = 0.0, transfer: bool = False, adapt_model: bool = False,
-                      wander: bool = False, blend_with=None) -> Path:
+                      wander: bool = False, blend_with=None, backend: str = "torch") -> Path:
     """Synthesise ``views`` of the record at ``path`` from its ``inputs`` and write them to
     ``out_dir``. ``blend_with`` (views, a proper subset of ``inputs``; needs ``calibrate_s``):
     also draw every view from those leads alone, the other inputs supervising calibration
@@ -152,53 +166,100 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     check_blend(inputs, blend_with, check_seconds(calibrate_s))
     names = [v.name for v in inputs]
     subset = [v.name for v in blend_with or []]
-    # only the inputs are read, unless calibration may use every lead of the record
-    every = read_record(path, fs=None) if calibrate_s > 0 else None
-    native = read_record(path, leads=names, fs=None) if every is None else Record(
-        every.name, np.stack([every.lead(n) for n in names]), names, every.fs, every.source)
+    # every lead is read: calibration fits on them, and without it the electrode check looks at them all
+    whole = read_record(path, fs=None)
+    missing = [n for n in names if n not in whole.leads]
+    if missing:
+        read_record(path, leads=names, fs=None)  # says which leads it lacks and what the labels were
+    native = Record(whole.name, np.stack([whole.lead(n) for n in names]), names, whole.fs, whole.source)
+    mostly_missing = lead_quality(native.signals)  # over half the samples NaN: nothing to bridge
+    filled, gaps, bridged = fill_gaps(native.signals, native.fs)
+    native = Record(native.name, filled, names, native.fs, native.source)
     rec = resample(native, MODEL_FS)
     # screened at the record's own rate too: resampling smears an amplifier's flat rail
-    flags = [a if a != "ok" else b for a, b in zip(screen_leads(native.signals, native.fs),
-                                                   screen_leads(rec.signals, MODEL_FS))]
+    flags = [m if m == "missing" else a if a != "ok" else b
+             for m, a, b in zip(mostly_missing, screen_leads(native.signals, native.fs),
+                                screen_leads(rec.signals, MODEL_FS))]
     bad = [f"{n} {f}" for n, f in zip(names, flags) if f != "ok"]
     if bad:
-        raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}; choose other --inputs")
-    left_out = []
-    if every is not None:  # the other leads only supervise the first seconds: unusable there, left out
-        window = every.signals[:, :int(round(calibrate_s * every.fs))]
+        hint = ""
+        if all(f == "flat" for f in flags) and (native.signals.std(axis=1) > 0).all():
+            hint = (f" (every input varies, by at most {native.signals.std(axis=1).max() * 1000:.2g} uV rms: "
+                    "a record in volts labelled mV? check the header's units)")
+        raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}{hint}; choose other --inputs")
+    off = leads_off(rec.signals, native.signals, gaps, native.fs)
+    if off.any:
+        log.warning("%s: %s; the views there are drawn from the other inputs", path.name, "; ".join(off.spans(names)))
+    for n, row in zip(names, filled):  # the calibration sees the inputs as synthesis does
+        whole.signals[whole.leads.index(n)] = row
+    left_out, every = [], None
+    if calibrate_s > 0:  # the other leads only supervise the first seconds: unusable there, left out
+        window = whole.signals[:, :int(round(calibrate_s * whole.fs))]
         keep = []
-        for i, (n, f) in enumerate(zip(every.leads, screen_leads(window, every.fs))):
+        for i, (n, f) in enumerate(zip(whole.leads, screen_leads(window, whole.fs))):
             if f == "ok" or n in names:
                 keep.append(i)
             else:
                 left_out.append(f"{n} {f}")
-        every = resample(Record(every.name, every.signals[keep], [every.leads[i] for i in keep], every.fs,
-                                every.source), MODEL_FS)
+        every = resample(Record(whole.name, whole.signals[keep], [whole.leads[i] for i in keep], whole.fs,
+                                whole.source), MODEL_FS)
     wiring = None
-    if every is None:  # calibration checks every lead of the record; without it, check the inputs
-        wiring = check_electrodes(rec.signals, names, MODEL_FS)
+    if every is None:  # calibration checks every lead it fits on; without it, every usable lead is checked
+        usable = [i for i, f in enumerate(screen_leads(whole.signals, whole.fs)) if f == "ok"]
+        wiring = check_electrodes(resample(Record(whole.name, whole.signals[usable], [whole.leads[i] for i in usable],
+                                                  whole.fs), MODEL_FS).signals,
+                                  [whole.leads[i] for i in usable], MODEL_FS)
         if wiring.suspect:
             log.warning("%s: %s; views drawn as labelled", path.name, wiring.reason)
-    y, notes = _draw(synth, path, rec.signals, every, list(inputs), views, calibrate_s, transfer, adapt_model,
-                     wander)
+
+    def drawn(ins: list) -> tuple[np.ndarray, list[str]]:
+        """Every view from the inputs ``ins``, a subset of ``inputs``, with the Stage III steps asked for."""
+        return _draw(synth, path, rec.signals[[names.index(v.name) for v in ins]], every, list(ins), views,
+                     calibrate_s, transfer, adapt_model, wander)
+
+    y, notes, off_notes = _around(drawn, list(inputs), off, rec.signals.shape[1])
     if blend_with is not None:
         pick = [names.index(n) for n in subset]
-        y_sub, notes_sub = _draw(synth, path, rec.signals[pick], every, list(blend_with), views, calibrate_s,
-                                 transfer, adapt_model, wander)
+        y_sub, notes_sub, _ = _around(drawn, list(blend_with), leads_off(
+            rec.signals[pick], native.signals[pick], [gaps[i] for i in pick], native.fs), rec.signals.shape[1])
         y = 0.5 * (y + y_sub)
         notes = [f"blend: the mean of the draw from {','.join(names)} and the draw from {','.join(subset)}",
                  *notes, *(f"from {','.join(subset)}: {n}" for n in notes_sub)]
+    notes = off_notes + ([f"{bridged} gap(s) of at most {BRIDGE_S:g} s bridged by a straight line"] if bridged else [])\
+        + notes
+    gone = np.isnan(y).any(axis=0)
+    y = np.nan_to_num(y)
     back = resample(Record(rec.name, y, [v.name for v in views], MODEL_FS), native.fs)
     n = native.signals.shape[1]
     sig = back.signals[:, :n]
     if sig.shape[1] < n:  # rounding in the rate change: repeat the last sample
         sig = np.pad(sig, ((0, 0), (0, n - sig.shape[1])), mode="edge")
-    comments = [f"synthesised by panorama from {','.join(names)} of {path.name}",
-                f"model sha256 {synth.meta.get('sha256', '?')[:16]}",
+    if gone.any():  # no input usable there: missing samples in the record, not a made-up line
+        at = np.clip((np.arange(n) * MODEL_FS / native.fs).astype(int), 0, len(gone) - 1)
+        sig[:, gone[at]] = np.nan
+    comments = [f"synthesised by panorama from {','.join(names)} of {Path(path).resolve()}",
+                f"model sha256 {synth.meta.get('sha256', '?')[:16]}, backend {backend}",
+                "views at table angles (theta, phi deg): " + ", ".join(f"{v.name} ({v.theta:g}, {v.phi:g})"
+                                                                      for v in views),
                 *([f"left out of Stage III, unusable in the first {calibrate_s:g} s: {', '.join(left_out)}"]
                   if left_out else []),
                 *([f"warning: {wiring.reason}; views drawn as labelled"] if wiring and wiring.suspect else []), *notes]
-    return write_record(out_dir, rec.name, sig, [v.name for v in views], native.fs, comments)
+    if native.fs != MODEL_FS:
+        comments.insert(3, f"drawn at the model's {MODEL_FS:g} Hz, written at the record's {native.fs:g} Hz")
+    return write_record(out_dir, rec.name, sig, [v.name for v in views], native.fs, comments, missing_ok=True)
+
+
+def _around(drawn, inputs: list, off, n: int) -> tuple[np.ndarray, list[str], list[str]]:
+    """(views, notes of the draw from every input, notes on the inputs off): :func:`drawn_around`."""
+    said: list[list[str]] = []
+
+    def draw(ins):
+        y, notes = drawn(ins)
+        said.append(notes)
+        return y
+
+    y, off_notes = drawn_around(draw, inputs, off, n)
+    return y, said[0], off_notes
 
 
 def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, inputs: list, views: list,
@@ -208,6 +269,8 @@ def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, i
     notes for the header."""
     names = [v.name for v in inputs]
     offsets, notes, transfers, adaptation, shared = None, [], {}, None, synth
+    idle = wander and not any(WANDER.applies(v, inputs) for v in views)
+    wander = wander and not idle  # nothing for it to do: no step may change for it either
     if every is not None:  # every lead of the record but the views asked for (inputs always)
         asked = {v.name for v in views}
         keep = [i for i, n in enumerate(every.leads) if n in names or n not in asked]
@@ -273,4 +336,6 @@ def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, i
                      f"inputs: {','.join(on_line) or 'none'})")
     else:
         y = draw(x, views)
+    if idle:
+        notes.append("wander: not applied (no chest view asked for, or no chest lead among the inputs)")
     return y, notes

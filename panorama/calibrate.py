@@ -67,7 +67,7 @@ def check_seconds(seconds: float) -> float:
     ``MIN_SECONDS``. ValueError, saying so, if not."""
     if seconds != 0 and not (math.isfinite(seconds) and seconds >= MIN_SECONDS):
         raise ValueError(f"calibration takes 0 (none) or at least {MIN_SECONDS:g} s of recording "
-                         f"(5 is the default), got {seconds:g}")
+                         f"(the paper and the daemon fit on 5), got {seconds:g}")
     return float(seconds)
 
 

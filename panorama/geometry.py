@@ -123,7 +123,13 @@ _ALIASES = {
     "vx": "VX", "vy": "VY", "vz": "VZ", "x": "VX", "y": "VY", "z": "VZ",
     "v7": "V7", "v8": "V8", "v9": "V9",
     "v3r": "V3R", "v4r": "V4R", "v5r": "V5R", "v6r": "V6R",
+    "di": "I", "dii": "II", "diii": "III", "d1": "I", "d2": "II", "d3": "III",  # Einthoven's, as in Europe
 }
+# labels that look like a lead but are not one at its table angle: said when a record has them
+NOT_QUITE = {"mlii": "MLII is a modified lead II from torso electrodes (a Holter's), not II; relabel it II "
+                     "only if its electrodes sat on the limbs",
+             "mli": "MLI is a modified lead I from torso electrodes, not I",
+             "mliii": "MLIII is a modified lead III from torso electrodes, not III"}
 _ARBITRARY = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*:\s*(-?\d+(?:\.\d+)?)\s*$")
 
 
@@ -150,8 +156,14 @@ def canonical_lead_name(name: str) -> str | None:
     raw = name.strip()
     if raw in NAMED:
         return raw
-    key = raw.lower().replace(" ", "").replace("_", "").removeprefix("lead")
-    return _ALIASES.get(key)
+    key = raw.lower().replace(" ", "").replace("_", "").replace("-", "").removeprefix("ecg").removeprefix("lead")
+    return None if raw.startswith(("-", "\u2212")) else _ALIASES.get(key)
+
+
+def inverted_lead_name(name: str) -> str | None:
+    """The lead a label names upside down (``-aVR``, ``−aVR``: the Cabrera display's), else None."""
+    raw = name.strip()
+    return canonical_lead_name(raw[1:]) if raw.startswith(("-", "\u2212")) and len(raw) > 1 else None
 
 
 def view_names() -> list[str]:

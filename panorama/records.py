@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import RecordError
-from .geometry import canonical_lead_name
+from .geometry import NOT_QUITE, canonical_lead_name, inverted_lead_name
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ MIN_FS = 50.0  # Hz: below this a recording cannot hold a QRS complex (the wire 
 MIN_RECORD_S = 1.0  # a beat at least: shorter records hold nothing to synthesise from
 RAIL_SAMPLES = 25  # a lead pinned at its extreme this often is at least at a rail (the daemon's window test too)
 
-UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nu": None}
+UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nu": None,
+              "millivolt": 1.0, "millivolts": 1.0, "microvolt": 1e-3, "microvolts": 1e-3, "volt": 1e3, "volts": 1e3}
 
 
 @dataclass
@@ -80,6 +81,12 @@ def find_records(*paths: str | Path) -> list[Path]:
     return found
 
 
+def _not_quite(labels: list[str]) -> str:
+    """What to know of labels that look like a lead but are not one (MLII), as "; ..." or ""."""
+    said = [NOT_QUITE[k] for k in dict.fromkeys(lab.strip().lower() for lab in labels) if k in NOT_QUITE]
+    return "".join(f"; {s}" for s in said)
+
+
 def _source_of(comments: list[str]) -> str:
     for c in comments:
         if c.lower().startswith("source:"):
@@ -101,10 +108,12 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
     except Exception as exc:  # wfdb raises bare ValueError/OSError for bad headers
         raise RecordError(f"{base}: unreadable WFDB header: {exc}") from exc
     labels = list(header.sig_name or [])
-    names = [canonical_lead_name(n) for n in labels]
+    names = [canonical_lead_name(n) or inverted_lead_name(n) for n in labels]
+    sign = {i: -1.0 for i, lab in enumerate(labels) if canonical_lead_name(lab) is None and names[i] is not None}
     known = {n: i for i, n in enumerate(names) if n is not None and n not in names[:i]}
     if not known:
-        raise RecordError(f"{base}: no known lead names in the header (found {', '.join(labels) or 'none'})")
+        raise RecordError(f"{base}: no known lead names in the header (found {', '.join(labels) or 'none'})"
+                          + _not_quite(labels))
     twice = [n for n in known if names.count(n) > 1]
     if twice:
         said = "; ".join(f"{n} as " + ", ".join(repr(labels[i]) for i, m in enumerate(names) if m == n) for n in twice)
@@ -117,7 +126,7 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
     if missing:
         unknown = [lab for lab, n in zip(labels, names) if n is None]
         raise RecordError(f"{base}: lacks lead(s) {', '.join(missing)} (has {', '.join(known)}"
-                          + (f"; labels not recognised: {', '.join(unknown)})" if unknown else ")"))
+                          + (f"; labels not recognised: {', '.join(unknown)})" if unknown else ")") + _not_quite(unknown))
     channels = [known[n] for n in wanted]
     try:
         rec = wfdb.rdrecord(str(base), channels=channels, physical=True)
@@ -133,8 +142,8 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
     for row, unit in enumerate(rec.units):
         factor = UNIT_TO_MV.get((unit or "mV").strip().lower())
         if factor is None:
-            raise RecordError(f"{base}: lead {wanted[row]} has unknown units {unit!r} (expected mV or uV)")
-        sig[row] *= factor
+            raise RecordError(f"{base}: lead {wanted[row]} has unknown units {unit!r} (expected mV, uV or V)")
+        sig[row] *= factor * sign.get(channels[row], 1.0)  # -aVR is stored upside down: aVR as recorded
     record = Record(base.name, sig.astype(np.float32), wanted, float(rec.fs),
                     _source_of(rec.comments or []), list(rec.comments or []),
                     [lab for lab, n in zip(labels, names) if n is None])
@@ -247,21 +256,24 @@ def check_fit_window(x: np.ndarray, views: list, fs: float, purpose: str, inputs
 
 
 def write_record(out_dir: str | Path, name: str, signals: np.ndarray, leads: list[str], fs: float,
-                 comments: list[str] | None = None) -> Path:
+                 comments: list[str] | None = None, missing_ok: bool = False) -> Path:
     """Write float mV signals (leads, samples) as a WFDB format-16 record; returns its base path.
 
     Gains are chosen per lead so the full int16 range covers the signal (at least 1 µV resolution).
+    With ``missing_ok``, NaN samples are written as WFDB's missing value (-32768, read back as NaN).
     """
     import wfdb
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sig = np.ascontiguousarray(np.asarray(signals, dtype=np.float64).T)
-    if not np.isfinite(sig).all():
+    gone = np.isnan(sig) if missing_ok else np.zeros(sig.shape, dtype=bool)
+    if not np.isfinite(sig[~gone]).all():
         raise ValueError(f"{name}: refusing to write non-finite samples")
+    sig = np.where(gone, 0.0, sig)
     peak = np.maximum(np.abs(sig).max(axis=0), 1e-3)
     gain = np.minimum(np.floor(32000.0 / peak), 1000.0 * 32)  # ≥ 1 count per µV up to 1 V
-    d_signal = np.round(sig * gain).astype(np.int16)
+    d_signal = np.where(gone, -32768, np.round(sig * gain)).astype(np.int16)
     # WFDB headers are ASCII text
     comments = [c.replace("°", " deg").replace("µ", "u").encode("ascii", "replace").decode()
                 for c in comments or []]

@@ -32,6 +32,7 @@ def test_arbitrary_views_and_aliases():
     assert canonical_lead_name("AVR") == "aVR"
     assert canonical_lead_name(" v1 ") == "V1"
     assert canonical_lead_name("MLII") is None
+    assert [canonical_lead_name(n) for n in ("D1", "DIII", "ECG I", "lead_II", "-aVR")] == ["I", "III", "I", "II", None]
     assert [v.name for v in resolve_views("I, II ,V3")] == ["I", "II", "V3"]
 
 

@@ -44,8 +44,25 @@ def test_records_that_cannot_be_used_say_why(tmp_path, names, seconds, fs, says)
 
 def test_a_missing_lead_names_the_labels_not_recognised(tmp_path):
     base = _write_uv_record(tmp_path, ["MLII", "V1"])
-    with pytest.raises(RecordError, match=r"lacks lead\(s\) II \(has V1; labels not recognised: MLII\)"):
+    with pytest.raises(RecordError, match=r"lacks lead\(s\) II \(has V1; labels not recognised: MLII\); "
+                                          "MLII is a modified lead II from torso electrodes"):
         read_record(base, leads=["II"])
+
+
+def test_other_spellings_inverted_avr_and_spelled_out_units(tmp_path):
+    """Einthoven's D1/D2, an "ECG " prefix, the Cabrera display's -aVR (stored upside down)
+    and units spelled out are read as the leads and millivolts they are."""
+    fs, t = 250, np.arange(500) / 250
+    i, ii = np.sin(2 * np.pi * t), 0.5 * np.cos(2 * np.pi * 3 * t)
+    avr = -(i + ii) / 2
+    sig = np.stack([1000 * i, ii / 1000, -avr, ii]).T
+    wfdb.wrsamp("spelt", fs=fs, units=["microvolts", "V", "mV", "millivolts"], sig_name=["D1", "ECG II", "-aVR", "V1"],
+                p_signal=sig, fmt=["16"] * 4, adc_gain=[10.0, 1e6, 1000.0, 1000.0], baseline=[0] * 4,
+                write_dir=str(tmp_path))
+    rec = read_record(tmp_path / "spelt", fs=None)
+    assert rec.leads == ["I", "II", "aVR", "V1"]
+    for got, want in zip(rec.signals, (i, ii, avr, ii)):
+        assert np.abs(got - want).max() < 2e-3  # mV, the right way up
 
 
 def test_real_records_read_at_any_rate(data_dir):

@@ -209,3 +209,98 @@ def test_bad_leads_are_found_at_the_records_own_rate_and_left_out_by_name(panora
     for bad in ("inf", "nan", "-5", "0.001"):
         proc = panorama("synthesize", tmp_path / "noisy", "--views", "V2", "--calibrate", bad, "--out", tmp_path / "n")
         assert proc.returncode == 2 and "calibration takes 0 (none) or at least 1 s" in proc.stderr, (bad, proc.stderr)
+
+
+def _write_like(src, name, sig, where, leads=None):
+    leads = leads or src.leads
+    wfdb.wrsamp(name, fs=src.fs, units=["mV"] * len(leads), sig_name=leads, p_signal=np.asarray(sig).T,
+                fmt=["16"] * len(leads), adc_gain=[1000.0] * len(leads), baseline=[0] * len(leads),
+                write_dir=str(where))
+    return where / name
+
+
+def test_an_input_off_for_part_of_the_record_is_not_drawn_from_there(panorama, data_dir, tmp_path):
+    """V3 off (flat) from 5 s on: the views there are I and II's alone, the seconds before are
+    the whole draw, and the header says so; every input off for 2 s leaves those seconds
+    missing in the record, not a made-up line; a 0.2 s gap is bridged, a 1.2 s one is a lead off."""
+    src = read_record(data_dir / "ludb" / "ludb001", fs=None)
+    v3, i1 = src.leads.index("V3"), src.leads.index("I")
+    off = src.signals.copy()
+    off[v3, 2500:] = 0.0
+    _write_like(src, "v3off", off, tmp_path)
+    args = ["--views", "V7,V9,V4R", "--out"]
+    for rec, inputs, out in ((data_dir / "ludb" / "ludb001", "I,II,V3", "whole"), (data_dir / "ludb" / "ludb001",
+                                                                                   "I,II", "limbs"),
+                             (tmp_path / "v3off", "I,II,V3", "off")):
+        proc = panorama("synthesize", rec, "--inputs", inputs, *args, tmp_path / out)
+        assert proc.returncode == 0, proc.stderr
+    assert "v3off: V3 flat over 5-10 s; the views there are drawn from the other inputs" in proc.stderr
+    head = wfdb.rdheader(str(tmp_path / "off" / "v3off")).comments
+    assert "input off: V3 flat over 5-10 s" in head and "views over 4-10 s drawn from I,II alone" in head, head
+    whole, limbs, got = (wfdb.rdrecord(str(tmp_path / d / n)).p_signal
+                         for d, n in (("whole", "ludb001"), ("limbs", "ludb001"), ("off", "v3off")))
+    assert np.abs(got[2000:] - limbs[2000:]).max() < 1e-3  # I and II alone, from the second before on
+    assert np.abs(got[:1900] - whole[:1900]).max() < 1e-3  # untouched before it
+    # every input off for 2 s: missing there, read back as such
+    dead = src.signals.copy()
+    dead[:, 2000:3000] = 0.0
+    _write_like(src, "dead", dead, tmp_path)
+    proc = panorama("synthesize", tmp_path / "dead", *args, tmp_path / "dead_out")
+    assert proc.returncode == 0, proc.stderr
+    back = wfdb.rdrecord(str(tmp_path / "dead_out" / "dead")).p_signal
+    assert np.isnan(back[2000:3000]).all() and np.isfinite(back[:2000]).all() and np.isfinite(back[3000:]).all()
+    assert "views over 4-6 s left missing: no input usable there" in wfdb.rdheader(str(tmp_path / "dead_out" /
+                                                                                        "dead")).comments
+    # gaps: 0.2 s in V3 bridged, 1.2 s in I a lead off
+    gaps = src.signals.copy()
+    gaps[v3, 1000:1100] = np.nan
+    gaps[i1, 3000:3600] = np.nan
+    _write_like(src, "gaps", gaps, tmp_path)
+    proc = panorama("synthesize", tmp_path / "gaps", *args, tmp_path / "gaps_out")
+    assert proc.returncode == 0, proc.stderr
+    head = wfdb.rdheader(str(tmp_path / "gaps_out" / "gaps")).comments
+    assert "input off: I missing over 6-8 s" in head and "views over 5-9 s drawn from II,V3 alone" in head, head
+    assert "1 gap(s) of at most 0.5 s bridged by a straight line" in head
+
+
+def test_records_of_one_name_are_not_written_over_each_other(panorama, data_dir, tmp_path):
+    for folder, rec in (("p1", "ludb001"), ("p2", "ludb002")):
+        src = read_record(data_dir / "ludb" / rec, fs=None)
+        (tmp_path / folder).mkdir()
+        _write_like(src, "ecg", src.signals, tmp_path / folder)
+    proc = panorama("synthesize", tmp_path, "--views", "V7", "--out", tmp_path / "out")
+    assert proc.returncode == 1 and "skipped 2 records named ecg" in proc.stderr, proc.stderr
+    assert "synthesize them into different --out folders" in proc.stderr
+    assert not (tmp_path / "out" / "ecg.hea").exists()
+    proc = panorama("synthesize", tmp_path / "p1" / "ecg", "--views", "V7", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    head = wfdb.rdheader(str(tmp_path / "out" / "ecg")).comments
+    assert f"synthesised by panorama from I,II,V3 of {(tmp_path / 'p1' / 'ecg').resolve()}" in head, head
+    assert "views at table angles (theta, phi deg): V7 (96, 120)" in head
+
+
+def test_reversed_arm_electrodes_are_said_without_calibration_from_every_lead(panorama, data_dir, tmp_path):
+    """The default inputs (I, II, V3) cannot show an LA/RA reversal, the record's other leads can."""
+    src = read_record(data_dir / "ludb" / "ludb001", fs=None)
+    sig = src.signals.copy()
+    at = {n: src.leads.index(n) for n in ("I", "II", "III", "aVR", "aVL")}
+    sig[at["I"]], sig[at["II"]], sig[at["III"]] = -src.lead("I"), src.lead("III"), src.lead("II")
+    sig[at["aVR"]], sig[at["aVL"]] = src.lead("aVL"), src.lead("aVR")
+    _write_like(src, "lara", sig, tmp_path)
+    proc = panorama("synthesize", tmp_path / "lara", "--views", "V7", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "LA/RA reversed" in proc.stderr, proc.stderr
+    head = wfdb.rdheader(str(tmp_path / "out" / "lara")).comments
+    assert any(c.startswith("warning: LA/RA reversed") for c in head), head
+
+
+def test_wander_with_no_chest_input_changes_nothing_and_says_so(panorama, data_dir, tmp_path):
+    rec = data_dir / "ludb" / "ludb001"
+    common = ["--inputs", "II", "--views", "V7,V4R", "--calibrate", "5", "--transfer"]
+    for tag, extra in (("plain", []), ("wander", ["--wander"])):
+        proc = panorama("synthesize", rec, *common, *extra, "--out", tmp_path / tag)
+        assert proc.returncode == 0, proc.stderr
+    plain, wander = (wfdb.rdrecord(str(tmp_path / t / "ludb001")).p_signal for t in ("plain", "wander"))
+    assert np.array_equal(plain, wander)
+    head = wfdb.rdheader(str(tmp_path / "wander" / "ludb001")).comments
+    assert "wander: not applied (no chest view asked for, or no chest lead among the inputs)" in head, head
