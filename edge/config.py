@@ -67,7 +67,22 @@ class MqttConfig(BrokerSettings):
     prefix: str = "ecg/v1"
     daemon_id: str = Field(default_factory=host_id)
     virtual_format: Literal["float32", "int16", "json"] = "float32"
-    expiry_s: int = Field(2, ge=0, description="MQTT v5 message expiry on waveforms (0: none)")
+    expiry_s: int = Field(2, ge=0, le=3600, description="MQTT v5 message expiry on waveforms (0: none)")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        from .topics import Topics
+
+        Topics(v)  # what the daemon would refuse after loading its model: said now
+        return v
+
+    @field_validator("daemon_id")
+    @classmethod
+    def _daemon_id(cls, v: str) -> str:
+        from .topics import _check_id
+
+        return _check_id("daemon", v)
 
 
 class ModelConfig(_Strict):
@@ -76,7 +91,7 @@ class ModelConfig(_Strict):
         "onnxruntime", description="onnxruntime: about 2x faster than torch on a CPU; tensorrt on a Jetson")
     device: str = Field("cpu", description="cpu, cuda or cuda:N (tensorrt: cuda)")
     threads: int = Field(2, ge=1, le=64, description="CPU threads for torch (inference and calibration)")
-    reload_check_s: float = Field(5.0, ge=0, description="look this often for a new checkpoint at path (a fleet "
+    reload_check_s: float = Field(5.0, ge=0, le=3600, description="look this often for a new checkpoint at path (a fleet "
                                   "update swapping the store's current link) and load it; 0: never")
 
     @field_validator("device")
@@ -99,7 +114,7 @@ class StreamConfig(_Strict):
     max_patients: int = Field(64, ge=1, le=1024)
     max_patients_per_monitor: int = Field(16, ge=1, le=1024, description="streams one monitor id may hold "
                                           "(a sender flooding patient ids cannot take every slot)")
-    idle_timeout_s: float = Field(10.0, gt=0, description="a stream silent this long is flushed and closed")
+    idle_timeout_s: float = Field(10.0, gt=0, le=3600, description="a stream silent this long is flushed and closed")
     max_views: int = Field(16, ge=1, le=64)
 
     @field_validator("views")
@@ -149,7 +164,8 @@ class QueueConfig(_Strict):
 
 
 class HealthConfig(_Strict):
-    interval_s: float = Field(5.0, gt=0)
+    interval_s: float = Field(5.0, gt=0, le=600, description="health report period (a fleet update's gate "
+                              "waits health_timeout_s for one)")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus endpoint on this port (0: off)")
     metrics_host: str = "127.0.0.1"
 

@@ -117,6 +117,14 @@ def test_validate_config(tmp_path, panorama):
     assert r.returncode == 2
     for word in ("lookahed", "hop", "multiple of 8", "V77", "0.5 s is too short to fit"):
         assert word in r.stderr
+    # what serve would refuse only after loading its model, and milliseconds given as seconds
+    bad.write_text("mqtt:\n  prefix: ecg/+/v1\n  daemon_id: bed edge 01\n  expiry_s: 2000000\n"
+                   "health:\n  interval_s: 5000\nstream:\n  idle_timeout_s: 10000\nmodel:\n  reload_check_s: 5000\n")
+    r = panorama("serve", "--config", bad, "--validate-config")
+    assert r.returncode == 2 and "valid" not in r.stdout
+    for says in ("mqtt.prefix: topic prefix 'ecg/+/v1' must be non-empty levels", "mqtt.daemon_id: daemon id 'bed edge 01'",
+                 "mqtt.expiry_s", "health.interval_s", "stream.idle_timeout_s", "model.reload_check_s"):
+        assert says in r.stderr, (says, r.stderr)
     junk = tmp_path / "model.safetensors"
     junk.write_bytes(b"\x80\x04not a checkpoint" * 100)
     for path, says in ((junk, "not a readable safetensors checkpoint"),
