@@ -91,8 +91,8 @@ class ModelConfig(_Strict):
         "onnxruntime", description="onnxruntime: about 2x faster than torch on a CPU; tensorrt on a Jetson")
     device: str = Field("cpu", description="cpu, cuda or cuda:N (tensorrt: cuda)")
     threads: int = Field(2, ge=1, le=64, description="CPU threads for torch (inference and calibration)")
-    reload_check_s: float = Field(5.0, ge=0, le=3600, description="look this often for a new checkpoint at path (a fleet "
-                                  "update swapping the store's current link) and load it; 0: never")
+    reload_check_s: float = Field(5.0, ge=0, le=3600, description="look this often for a new checkpoint at path "
+                                  "(a fleet update swapping the store's current link) and load it; 0: never")
 
     @field_validator("device")
     @classmethod

@@ -70,6 +70,8 @@ class Daemon:
         self.streams: dict[tuple[str, str], PatientStream] = {}
         self.requested: dict[tuple[str, str], list[str]] = {}  # views asked for, per stream
         self.last_seen: dict[tuple[str, str], float] = {}
+        self.link_back = 0.0  # when the broker connection last came up (monotonic): silence before it is ours
+        self._gaps_said: dict[tuple[str, str], int] = {}  # gap samples each stream had at its last stale check
         self.fitting: set[tuple[str, str]] = set()  # streams with a calibration queued or running
         self.lock = threading.Lock()
         self.ingest_q: queue.Queue = queue.Queue(maxsize=cfg.queues.ingest)
@@ -183,6 +185,7 @@ class Daemon:
     def _on_connect(self, client, userdata, flags, reason_code, properties=None):
         if reason_code.is_failure:  # said by the broker's watch (edge.endpoint)
             return
+        self.link_back = time.monotonic()
         client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
         # "online" on every (re)connect: the broker published our will if the link dropped
         self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
@@ -340,16 +343,19 @@ class Daemon:
                     before, signal_before = st.counts.skipped, st.signal
                     windows += st.due()
                     if st.counts.skipped > before:
-                        stale.append((st.key, st.counts.skipped - before, st.ahead_s()))
+                        lost = st.counts.gap_samples > self._gaps_said.get(st.key, 0)
+                        stale.append((st.key, st.counts.skipped - before, st.ahead_s(), lost))
+                    self._gaps_said[st.key] = st.counts.gap_samples
                     if (st.signal == "missing") != (signal_before == "missing"):  # every lead lost, or one back
                         why = LOST if st.lost_in_transit else NO_SIGNAL
                         self.report.status(st, why if st.signal == "missing" else "signal back")
                         if st.signal == "missing" and not st.lost_in_transit:  # an alarm for electrodes only
                             self.report.error(st.key, "no_signal", NO_SIGNAL)
-            for key, n, ahead in stale:
+            for key, n, ahead, lost in stale:
                 why = (f"the monitor runs {ahead:.0f} s ahead of real time, as panorama monitor --fast does: "
-                       "output is drawn for a screen, in real time"
-                       if ahead > self.cfg.stream.max_backlog_s else "calibration queue or overload")
+                       "output is drawn for a screen, in real time" if ahead > self.cfg.stream.max_backlog_s
+                       else "samples lost in transit before them: a broker or network outage?" if lost
+                       else "calibration queue or overload")
                 self.report.error(key, "stale_output", f"{n} samples ({n / self.params.fs:.1f} s) of output were "
                                   f"already stale when due and were skipped ({why})")
             if windows:
@@ -359,9 +365,15 @@ class Daemon:
                     log.exception("publishing %d windows failed", len(windows))
 
     def _expire_idle(self) -> None:
+        """Close the streams silent for ``idle_timeout_s``; while this daemon's own broker link
+        is down (and until it has been back that long) the silence is the link's, not the
+        patients': a broker outage must not end every stream and start its calibration again."""
         now = time.monotonic()
+        if not self.client.is_connected():
+            return
         with self.lock:  # a stream still calibrating is closed once its offsets are in
-            idle = [k for k, t in self.last_seen.items() if now - t > self.cfg.stream.idle_timeout_s
+            idle = [k for k, t in self.last_seen.items()
+                    if now - max(t, self.link_back) > self.cfg.stream.idle_timeout_s
                     and self.streams[k].state != "calibrating"]
         for key in idle:
             self._close(key, f"silent for {self.cfg.stream.idle_timeout_s:g} s")
@@ -371,6 +383,7 @@ class Daemon:
         with self.lock:
             st = self.streams.pop(key, None)  # a chunk arriving from now on starts a new stream
             self.last_seen.pop(key, None)
+            self._gaps_said.pop(key, None)
             if st is None:
                 return
             windows = st.due(final=True)

@@ -108,7 +108,8 @@ def leads_off(x: np.ndarray, native: np.ndarray, gaps: list[list[tuple[int, int]
 def drawn_around(draw, inputs: list, lo: LeadsOff, n: int) -> tuple[np.ndarray, list[str]]:
     """(views, n) drawn by ``draw(inputs) -> (views, n)`` from every input, and over each
     second where some are off (and the second either side, which the model reads as
-    context) from the others; NaN where none is left (a second beside such a one keeps its own inputs). Returns the notes for the header."""
+    context) from the others; NaN where none is left (a second beside such a one keeps its
+    own inputs). Returns the notes for the header."""
     y = np.array(draw(inputs), dtype=np.float32, copy=True)
     if not lo.any:
         return y, []

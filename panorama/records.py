@@ -126,7 +126,8 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
     if missing:
         unknown = [lab for lab, n in zip(labels, names) if n is None]
         raise RecordError(f"{base}: lacks lead(s) {', '.join(missing)} (has {', '.join(known)}"
-                          + (f"; labels not recognised: {', '.join(unknown)})" if unknown else ")") + _not_quite(unknown))
+                          + (f"; labels not recognised: {', '.join(unknown)})" if unknown else ")")
+                          + _not_quite(unknown))
     channels = [known[n] for n in wanted]
     try:
         rec = wfdb.rdrecord(str(base), channels=channels, physical=True)

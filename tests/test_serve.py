@@ -21,7 +21,7 @@ import pytest
 import wfdb
 import yaml
 
-from conftest import free_port, wait
+from conftest import free_port, listening, wait
 
 from edge import protocol
 from edge.listen import Listener
@@ -122,7 +122,8 @@ def test_validate_config(tmp_path, panorama):
                    "health:\n  interval_s: 5000\nstream:\n  idle_timeout_s: 10000\nmodel:\n  reload_check_s: 5000\n")
     r = panorama("serve", "--config", bad, "--validate-config")
     assert r.returncode == 2 and "valid" not in r.stdout
-    for says in ("mqtt.prefix: topic prefix 'ecg/+/v1' must be non-empty levels", "mqtt.daemon_id: daemon id 'bed edge 01'",
+    for says in ("mqtt.prefix: topic prefix 'ecg/+/v1' must be non-empty levels",
+                 "mqtt.daemon_id: daemon id 'bed edge 01'",
                  "mqtt.expiry_s", "health.interval_s", "stream.idle_timeout_s", "model.reload_check_s"):
         assert says in r.stderr, (says, r.stderr)
     junk = tmp_path / "model.safetensors"
@@ -448,3 +449,44 @@ def test_through_the_embedded_broker(prefix, tmp_path):
                     s.signals.shape[1] >= 1000 for s in lis.streams.values()), timeout=60)
                 cal = [json.loads(p) for p in tap.payloads("/calibration")]
     assert len(cal) == 2 and all(c["state"] == "streaming" for c in cal)
+
+
+def test_a_broker_outage_longer_than_the_idle_timeout_does_not_end_the_stream(tmp_path):
+    """The broker is down 4 s, longer than idle_timeout_s (1.5 s): the daemon's silence is its
+    own link's, so the patient keeps its stream and its calibration (one fit, one end)."""
+    import shutil
+
+    if shutil.which("mosquitto") is None:
+        pytest.skip("mosquitto is not installed")
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+
+    def broker():
+        return subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    url, prefix = f"mqtt://127.0.0.1:{port}", f"test/{uuid.uuid4().hex[:8]}"
+    first = broker()
+    assert wait(lambda: listening("127.0.0.1", port), 10)
+    try:
+        with serve(tmp_path, url, prefix, proto="3.1.1") as (proc, tap, cfg):
+            stop = threading.Event()
+            sender = threading.Thread(target=run_monitor, args=(sim_streams(1, seconds=14.0), url),
+                                      kwargs={"protocol": "3.1.1", "prefix": prefix, "stop_event": stop}, daemon=True)
+            sender.start()
+            time.sleep(6.5)  # calibrated after 5 s
+            first.terminate()
+            first.wait(10)
+            time.sleep(4.0)
+            second = broker()
+            sender.join(60)
+            time.sleep(3.0)  # silent past the idle timeout once the link is back: ended once
+        log = proc.communicate(timeout=30)[0]
+    finally:
+        for b in (first, locals().get("second")):
+            if b is not None and b.poll() is None:
+                b.terminate()
+                b.wait(10)
+    assert log.count("ended (silent for 1.5 s)") == 1, log
+    assert log.count("bed/sim-000: calibration") == 1, log
+    assert "'gap_samples': 0," not in log  # the outage's samples are counted as a gap of the one stream
