@@ -55,6 +55,8 @@ class StreamStats:
     out_of_order: int = 0
     malformed: int = 0
     restarts: int = 0
+    missing_samples: int = 0  # samples of chunks that came marked missing (no input usable: drawn from nothing)
+    masked_samples: int = 0  # samples of chunks drawn with an input lead off (marked masked)
     latency_ms: list[float] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -63,7 +65,7 @@ class StreamStats:
                     "max": float(lat.max())} if lat.size else {"n": 0, "p50": None, "p99": None, "max": None})
         return {"chunks": self.chunks, "samples": self.samples, "gaps": self.gaps, "duplicates": self.duplicates,
                 "out_of_order": self.out_of_order, "malformed": self.malformed, "restarts": self.restarts,
-                "latency_ms": latency}
+                "missing_samples": self.missing_samples, "masked_samples": self.masked_samples, "latency_ms": latency}
 
 
 @dataclass
@@ -167,6 +169,11 @@ class _Stream:
         self._segment_for(chunk, u).add(chunk)
         self.stats.chunks += 1
         self.stats.samples += int(chunk.data.shape[1])
+        quality = set(chunk.quality or ())
+        if "missing" in quality:
+            self.stats.missing_samples += int(chunk.data.shape[1])
+        elif "masked" in quality:
+            self.stats.masked_samples += int(chunk.data.shape[1])
         self.stats.gaps = self.base_gaps + self._gaps()
         if chunk.sent_ns:
             self.stats.latency_ms.append((recv_ns - int(chunk.sent_ns)) / 1e6)
@@ -327,8 +334,10 @@ class Listener:
                 if seg.signals.shape[1] == 0:
                     continue
                 name = record_name(monitor, patient, k)
+                masked = ([f"{a.stats.masked_samples} samples of this stream drawn with an input lead off "
+                           "(quality masked)"] if a.stats.masked_samples else [])
                 write_wfdb(out, name, seg.signals, seg.views, seg.fs, seg.t0_ns,
-                           [f"panorama listen: {monitor}/{patient} from {self.topic} on {self.broker}"])
+                           [f"panorama listen: {monitor}/{patient} from {self.topic} on {self.broker}", *masked])
                 ecgpaper.render(seg.signals, seg.views, seg.fs, out / f"{name}.png", title=f"{monitor}/{patient}")
                 entry["records"].append({"name": name, "views": seg.views, "samples": int(seg.signals.shape[1]),
                                          "missing_samples": int(np.isnan(seg.signals).any(axis=0).sum()),
@@ -386,6 +395,27 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def summary_line(key: str, st: dict) -> str:
+    """One stream of ``summary.json`` as the line ``panorama listen`` prints: the counts, and
+    what the records lack (samples with no view), what was drawn with an input lead off and
+    the sender's restarts wherever there were any (warned about too, for samples missing)."""
+    lat = st["latency_ms"]
+    lat_s = f", latency p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms" if lat["n"] else ""
+    records = st.get("records", [])
+    recs = ", ".join(r["name"] for r in records)
+    written = sum(r["samples"] for r in records)
+    blank = sum(r["missing_samples"] for r in records)  # no view there: never came, or came marked missing
+    said = [f"{blank} of {written} samples missing"] if blank else []
+    said += [f"{st['masked_samples']} drawn with an input lead off"] if st.get("masked_samples") else []
+    said += [f"{st['restarts']} restart(s) of the sender"] if st["restarts"] else []
+    if blank:
+        log.warning("%s: %d of %d samples have no view (lost in transit, or no usable input lead there); they "
+                    "are missing samples in %s", key, blank, written, recs)
+    return (f"{key}: {st['chunks']} chunks, {st['gaps']} gaps, {st['duplicates']} duplicates, "
+            f"{st['out_of_order']} out of order, {st['malformed']} malformed{lat_s}"
+            + "".join(f", {s}" for s in said) + f" -> {recs or 'nothing written'}")
+
+
 def run(args) -> int:
     broker = Broker(args.broker, **security_from_args(args))
     if args.chunks is not None and args.chunks < 1:
@@ -402,10 +432,6 @@ def run(args) -> int:
             signal.signal(sig, handler)
     summary = listener.stop()
     for key, st in summary["streams"].items():
-        lat = st["latency_ms"]
-        lat_s = f", latency p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms" if lat["n"] else ""
-        recs = ", ".join(r["name"] for r in st.get("records", []))
-        print(f"{key}: {st['chunks']} chunks, {st['gaps']} gaps, {st['duplicates']} duplicates, "
-              f"{st['out_of_order']} out of order, {st['malformed']} malformed{lat_s} -> {recs or 'nothing written'}")
+        print(summary_line(key, st))
     print(f"wrote {args.out / 'summary.json'} ({summary['messages']} messages, {summary['malformed']} malformed)")
     return 0

@@ -100,9 +100,15 @@ def test_reassembly_origin_restart_and_missing_quality():
     restarted.t0_ns += 3_600 * 10**9  # seq 0 again, an hour later: a new run of the monitor
     restarted.quality = ["ok", "missing"]
     s.add(restarted, recv_ns=0)
+    masked = _chunk(1)
+    masked.t0_ns, masked.quality = restarted.t0_ns + 250_000_000, ["masked", "masked"]
+    s.add(masked, recv_ns=0)
     a = s.assembled()
     assert a.stats.restarts == 1 and a.stats.duplicates == 0 and len(a.segments) == 2
-    assert np.isnan(a.segments[1].signals[1]).all() and not np.isnan(a.segments[1].signals[0]).any()
+    assert np.isnan(a.segments[1].signals[1, :125]).all() and not np.isnan(a.segments[1].signals[0]).any()
+    # what came marked is counted, for the summary line and summary.json
+    assert (a.stats.missing_samples, a.stats.masked_samples) == (125, 125)
+    assert {"missing_samples": 125, "masked_samples": 125}.items() <= a.stats.summary().items()
 
 
 def test_write_wfdb_keeps_labels_and_missing_values(tmp_path):
@@ -210,6 +216,12 @@ def test_listen_counts_hand_made_chunks_and_survives_malformed_payloads(mosquitt
     assert np.isnan(first.p_signal[4 * 125:5 * 125]).all() and not np.isnan(first.p_signal[:4 * 125]).any()
     assert wfdb.rdrecord(str(tmp_path / "bed2_p9_2")).sig_name == ["V7", "120:45"]
     assert (tmp_path / "bed2_p9.png").is_file() and (tmp_path / "bed2_p9_2.png").is_file()
+    # the printed line says what the records lack, not only the seq counts
+    from edge.listen import summary_line
+
+    line = summary_line("bed2/p9", json.loads((tmp_path / "summary.json").read_text())["streams"]["bed2/p9"])
+    assert line.startswith("bed2/p9: 6 chunks, 1 gaps, 1 duplicates, 1 out of order, 2 malformed")
+    assert ", 125 of 875 samples missing -> bed2_p9, bed2_p9_2" in line, line
 
 
 def test_listen_refuses_an_unusable_folder_or_filter_before_it_captures(tmp_path, panorama):
