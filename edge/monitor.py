@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("int16", "float32", "json")
 ANSWER_S = 10.0  # a daemon answers a new stream's first chunk within milliseconds; warn after this
+END_ANSWER_S = 2.0  # a run that ends sooner waits this long after its first chunk before saying no daemon answered
 FAST_BURST = 16  # with fast=True: a short pause after this many chunks, so broker queues keep up
 FAST_PAUSE_S = 0.002
 
@@ -59,7 +60,7 @@ class StreamStats:
     samples: int = 0  # per lead
     dropped: int = 0  # chunks the publisher's queue refused
     refused: str = ""  # why the broker refused the stream's first chunk (MQTT 5), which stops the stream
-    unanswered: bool = False  # no daemon said a word of it within ANSWER_S of its first chunk
+    unanswered: float = 0.0  # seconds after its first chunk by which no daemon had said a word of it (0: answered)
     daemon_refused: str = ""  # why the daemon refused the stream (it is full), while it does
 
     def line(self) -> str:
@@ -69,7 +70,7 @@ class StreamStats:
                 + (f", {self.dropped} dropped" if self.dropped else "")
                 + (f"; REFUSED by the broker ({self.refused}): is the monitor id this client's user name "
                    "(its certificate's common name)?" if self.refused else "")
-                + (f"; no daemon answered within {ANSWER_S:g} s" if self.unanswered else "")
+                + (f"; no daemon answered within {self.unanswered:g} s" if self.unanswered else "")
                 + (f"; REFUSED by the daemon ({self.daemon_refused})" if self.daemon_refused else ""))
 
 
@@ -173,8 +174,14 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
             if i == 0:
                 first_sent = time.monotonic()
             elif time.monotonic() - first_sent >= ANSWER_S:
-                _say_unanswered(plans, status, answered, topics.prefix)
+                _say_unanswered(plans, status, answered, topics.prefix, ANSWER_S)
             i += 1
+        if i and not stop.is_set():  # streams that ended before ANSWER_S: a daemon answers in milliseconds
+            until = first_sent + min(ANSWER_S, END_ANSWER_S)
+            while time.monotonic() < until and not set(status) <= answered and not stop.wait(0.02):
+                pass
+            _say_unanswered(plans, status, answered, topics.prefix,
+                            round(max(time.monotonic() - first_sent, 0.1), 1), ended=True)
     finally:
         publisher.stop()
         # network thread first: paho 2.2 logs a spurious error when it outlives a disconnect
@@ -201,15 +208,17 @@ def _heard_status(stats: StreamStats, payload: bytes) -> None:
         log.info("the daemon now serves %s/%s", stats.monitor_id, stats.patient_id)
 
 
-def _say_unanswered(plans: list["_Plan"], status: dict, answered: set[str], prefix: str) -> None:
-    """Once, for each stream still running that no daemon has answered: say what may be wrong."""
+def _say_unanswered(plans: list["_Plan"], status: dict, answered: set[str], prefix: str, waited: float,
+                    ended: bool = False) -> None:
+    """Once, for each stream (still running, or at the end every one) that no daemon has
+    answered within ``waited`` s of its first chunk: say what may be wrong."""
     for topic, p in status.items():
         if topic not in answered and not p.stats.unanswered and not p.stats.refused:
-            p.stats.unanswered = True
-            log.warning("no daemon has answered %s/%s within %g s: is panorama serve running with prefix %s on "
-                        "this broker, and does the broker take this monitor's chunks (over MQTT 3.1.1 a refused "
-                        "publish is dropped without a word)?",
-                        p.stats.monitor_id, p.stats.patient_id, ANSWER_S, prefix)
+            p.stats.unanswered = waited
+            when = f"by the end of its run, {waited:g} s after its first chunk" if ended else f"within {waited:g} s"
+            log.warning("no daemon has answered %s/%s %s: is panorama serve running with prefix %s on this broker, "
+                        "and does the broker take this monitor's chunks (over MQTT 3.1.1 a refused publish is "
+                        "dropped without a word)?", p.stats.monitor_id, p.stats.patient_id, when, prefix)
 
 
 def _stop_refused(plans: list["_Plan"], publisher, stop: threading.Event, timeout: float = 2.0) -> None:
@@ -354,4 +363,4 @@ def run(args) -> int:
             signal.signal(sig, handler)
     for st in stats:
         print(st.line())
-    return 1 if failed or any(st.dropped or st.refused or st.daemon_refused for st in stats) else 0
+    return 1 if failed or any(st.dropped or st.refused or st.daemon_refused or st.unanswered for st in stats) else 0
