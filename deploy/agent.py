@@ -96,6 +96,8 @@ class Agent:
         self.client.on_message = self._on_message
         self.publisher.start()
         mq.connect(self.client, self.broker)
+        log.info("gating updates on %s", f"the health of daemon {self.cfg.daemon_id!r} ({self.health_topic})"
+                 if self.health_topic else "nothing (no daemon_id: an update is installed, not gated)")
         # so an operator's rollout knows this device before its first update; its last verdict rides along
         self._ack(None, "READY", "running")
         self.worker.start()
@@ -321,7 +323,10 @@ class Agent:
             heard = max(start, self.health[0]) if self.health else start
             if time.monotonic() - heard > self.cfg.health_timeout_s:  # down, or crash-looping on the new model
                 return (f"no health report from the daemon for {self.cfg.health_timeout_s:g} s"
-                        + (" (it is offline)" if self.daemon_status == b"offline" else ""))
+                        + (" (it is offline)" if self.daemon_status == b"offline" else "")
+                        + ("" if self.health else f" (none ever came on {self.health_topic}: is daemon_id "
+                                                  f"{self.cfg.daemon_id!r} the daemon's mqtt.daemon_id, and "
+                                                  "daemon_prefix its mqtt.prefix?)"))
             model = _model_block(self.health[1]) if self.health else {}
             if model.get("sha256") == want:
                 break

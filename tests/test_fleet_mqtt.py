@@ -107,6 +107,30 @@ def test_an_update_a_restart_left_ungated_is_gated_at_the_next_start(mosquitto, 
     assert "did not report the new model" in last["reason"] and os.readlink(store.current) == "versions/0"
 
 
+def test_a_gate_on_a_daemon_that_never_reported_names_the_id_it_waited_for(mosquitto, keys, tmp_path, caplog):
+    import logging
+    import uuid
+
+    _, public = keys
+    cfg = agent_config(tmp_path, public, f"test/{uuid.uuid4().hex[:8]}", daemon_id="bed-edge-4",
+                       health_timeout_s=0.5, adopt_timeout_s=30.0)
+    store = ModelStore(cfg.store)
+    store.ensure_factory(STAGE1)
+    store.record(3, "QUEUED", seen=3)
+    store.install(3, STAGE2, mf.build(STAGE2, 3, ["ward3"], ["monitor-x"]))
+    with caplog.at_level(logging.INFO, logger="panorama.fleet"):
+        agent = Agent(cfg).start()  # the daemon is bed-edge-04: nothing ever comes on bed-edge-4's topic
+        try:
+            assert wait(lambda: agent.results[-1]["state"] != "READY", 20)
+        finally:
+            agent.stop()
+    why = agent.results[-1]["reason"]
+    assert f"(none ever came on {cfg.daemon_prefix}/_daemon/bed-edge-4/health: is daemon_id 'bed-edge-4' the " \
+           "daemon's mqtt.daemon_id, and daemon_prefix its mqtt.prefix?)" in why, why
+    assert f"gating updates on the health of daemon 'bed-edge-4' ({cfg.daemon_prefix}/_daemon/bed-edge-4/health)" \
+        in caplog.text
+
+
 def test_under_systemd_the_agent_is_ready_once_its_store_holds_a_model(mosquitto, keys, tmp_path, monkeypatch):
     import socket
     import tempfile
