@@ -43,6 +43,7 @@ from .config import EdgeConfig, check_devices
 from .sdnotify import Watchdog, notify, watchdog_period
 from .protocol import CONTENT_TYPE_JSON, Chunk, Limits, ProtocolError, decode_any
 from .topics import Topics, parse_views_request
+from .twins import Twins
 from .reporting import Reporter
 from .stream import PatientStream, StreamParams
 
@@ -82,6 +83,7 @@ class Daemon:
         self.dropped_ingest = 0
         self.chunks_in = 0
         self.started = time.time()
+        self.twins = Twins(self.id, self.started, self._answer_twin)  # another daemon with this id
         self.client = mq.make_client(mq.client_id("serve"), cfg.mqtt.protocol)
         self.publisher = mq.Publisher(self.client, maxsize=cfg.queues.publish, protocol=cfg.mqtt.protocol,
                                       beat=lambda: self._beat("publisher"))
@@ -148,7 +150,8 @@ class Daemon:
 
     def stop(self) -> None:
         """Drain: stop taking input, synthesise what every stream still holds, publish it,
-        say offline, disconnect."""
+        say offline, disconnect. A daemon that yielded to an earlier one with its id
+        (``edge.twins``) says nothing on the topics they share: the streams are the other's."""
         log.info("draining")
         notify("STOPPING=1", "STATUS=draining")
         try:
@@ -168,11 +171,13 @@ class Daemon:
         if unfit:
             log.warning("%d stream(s) ended before their calibration finished; their output is lost: %s",
                         len(unfit), ", ".join("/".join(k) for k in unfit))
+        quiet = self.twins.yielded.is_set()
         with self.lock:
-            keys = list(self.streams)
+            keys = [] if quiet else list(self.streams)
         for key in keys:
             self._close(key, "daemon stopped")
-        self.publisher.put(self.topics.daemon_status(self.id), b"offline", qos=1, retain=True)
+        if not quiet:
+            self.publisher.put(self.topics.daemon_status(self.id), b"offline", qos=1, retain=True)
         self.publisher.stop(timeout=10)
         if self.metrics:
             self.metrics.close()
@@ -186,11 +191,21 @@ class Daemon:
         if reason_code.is_failure:  # said by the broker's watch (edge.endpoint)
             return
         self.link_back = time.monotonic()
-        client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
+        client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1),
+                          (self.topics.health(self.id), 0)])
         # "online" on every (re)connect: the broker published our will if the link dropped
+        self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
+        self._say_health()  # at once: a daemon already serving with this id hears of this one now
+
+    def _answer_twin(self) -> None:
+        """A newcomer with this id: tell it now (it yields), and say online again for the shared topic."""
+        self._say_health()
         self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
 
     def _on_message(self, client, userdata, msg):
+        if msg.topic == self.topics.health(self.id):
+            self.twins.heard(msg.payload)
+            return
         try:
             self.ingest_q.put_nowait((msg.topic, msg.payload, time.time_ns()))
         except queue.Full:
@@ -403,7 +418,7 @@ class Daemon:
             counts = Counter()
             for st in self.streams.values():
                 counts.update({k: v for k, v in vars(st.counts).items()})
-        return {"daemon": self.id, "uptime_s": round(time.time() - self.started, 1),
+        return {"daemon": self.id, **self.twins.card(), "uptime_s": round(time.time() - self.started, 1),
                 "patients": dict(states), "chunks_in": self.chunks_in, "chunks_out": self.emit.chunks_out,
                 "latency_ms": self.emit.latency_ms.percentiles(),
                 "inference_ms": self.emit.inference_ms.percentiles(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -48,7 +49,10 @@ def run(args) -> int:
     daemon.start()
     log.info("serving %s as %s (backend %s); Ctrl-C or SIGTERM drains and exits",
              cfg.mqtt.broker, cfg.mqtt.daemon_id, cfg.model.backend)
-    while not stop.wait(0.5):
+    while not stop.wait(0.5) and not daemon.twins.yielded.is_set():
         pass
     daemon.stop()
+    if daemon.twins.yielded.is_set():
+        print(f"panorama serve: {daemon.twins.why}", file=sys.stderr)
+        return 1
     return 0

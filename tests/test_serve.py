@@ -490,3 +490,24 @@ def test_a_broker_outage_longer_than_the_idle_timeout_does_not_end_the_stream(tm
     assert log.count("ended (silent for 1.5 s)") == 1, log
     assert log.count("bed/sim-000: calibration") == 1, log
     assert "'gap_samples': 0," not in log  # the outage's samples are counted as a gap of the one stream
+
+
+def test_a_second_daemon_with_the_same_id_yields_to_the_first(mosquitto, prefix, tmp_path):
+    """panorama serve run by hand beside its unit: the newcomer stops at once, exit 1, naming
+    the other, and leaves the shared status topic saying online; the first serves on."""
+    with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0}) as (proc, tap, cfg):
+        again = tmp_path / "again.yaml"
+        again.write_text(yaml.safe_dump({**cfg, "health": {"interval_s": 30.0, "metrics_port": 0}}))
+        second = subprocess.run([sys.executable, "-m", "panorama_cli", "serve", "--config", str(again)], cwd=REPO,
+                                capture_output=True, text=True, timeout=90)
+        assert second.returncode == 1, second.stderr
+        assert "another daemon with id 'test'" in second.stderr and "already serves this broker" in second.stderr
+        time.sleep(0.5)
+        assert proc.poll() is None  # the first serves on
+        later = Tap(mosquitto, f"{prefix}/_daemon/test/status")
+        time.sleep(0.5)
+        assert later.payloads("status")[-1:] == [b"online"]
+        later.close()
+        stats = run_monitor(sim_streams(1, seconds=1.0), mosquitto, prefix=prefix)
+        assert not stats[0].unanswered
+    assert "another daemon with id 'test' started" in proc.communicate(timeout=30)[0]

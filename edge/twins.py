@@ -1,0 +1,54 @@
+"""Two daemons with one ``mqtt.daemon_id`` on one broker and prefix (``panorama serve`` run
+by hand beside its systemd unit) would both take every stream: every view sent twice, two
+calibrations per patient, and the first to stop marking the other offline on their shared
+status topic. Each daemon says in its health reports who it is (``instance``, ``started``)
+and listens to its own id's health topic; on hearing another instance, the one that started
+later yields (it stops without a word on the shared topics and ``panorama serve`` exits 1,
+naming the other), and the earlier one answers at once with its own report, so that the
+newcomer learns of it within milliseconds rather than a health period.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Twins:
+    def __init__(self, daemon_id: str, started: float, answer: Callable[[], None]):
+        self.daemon_id, self.started, self.answer = daemon_id, started, answer
+        self.instance = uuid.uuid4().hex
+        self.yielded = threading.Event()
+        self.why = ""
+        self._answered: set[str] = set()
+
+    def card(self) -> dict:
+        """What the health report carries of this daemon: who it is, since when."""
+        return {"instance": self.instance, "started": self.started}
+
+    def heard(self, payload: bytes) -> None:
+        """A health report on this daemon's own id's topic (paho's thread: quick, no waiting)."""
+        try:
+            doc = json.loads(payload)
+            other, started = str(doc["instance"]), float(doc["started"])
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            return  # a report of an older daemon, or not a report: nothing to tell
+        if other == self.instance:
+            return
+        if (started, other) < (self.started, self.instance):  # it was here first: this one yields
+            if not self.yielded.is_set():
+                self.why = (f"another daemon with id {self.daemon_id!r} (instance {other[:8]}, up since "
+                            f"{started:.0f}) already serves this broker and prefix; give each daemon its own "
+                            "mqtt.daemon_id, or stop the other (systemctl stop panorama-serve?)")
+                log.error("stopping: %s", self.why)
+                self.yielded.set()
+        elif other not in self._answered:  # a newcomer: it hears this one's report now, and yields
+            self._answered.add(other)
+            log.warning("another daemon with id %r started (instance %s); it is told to stop", self.daemon_id,
+                        other[:8])
+            self.answer()
