@@ -48,7 +48,8 @@ from .reporting import Reporter
 from .stream import PatientStream, StreamParams
 
 log = logging.getLogger("panorama.serve")
-NO_SIGNAL = "no usable lead (every lead off, flat, saturated or missing): views marked missing"
+NO_SIGNAL = ("no usable lead (every lead off, flat, saturated, missing or spanning over 50 mV: not in mV?): "
+             "views marked missing")
 LOST = "samples lost in transit (a hole in the stream, counted in gaps): views marked missing there"
 
 

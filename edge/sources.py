@@ -12,7 +12,7 @@ import numpy as np
 import wfdb
 
 from panorama.geometry import STANDARD_12, canonical_lead_name, inverted_lead_name
-from panorama.records import MODEL_FS, UNIT_TO_MV, read_record, record_base
+from panorama.records import MODEL_FS, UNIT_TO_MV, read_record, record_base, screen_leads
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,13 @@ def record_stream(path: str | Path, monitor_id: str = "bed", patient_id: str | N
     if rec.unrecognised and leads is None:
         log.warning("%s: header labels that name no known lead, not streamed: %s", rec.name,
                     ", ".join(rec.unrecognised))
+    flags: dict[str, list[str]] = {}
+    for n, f in zip(rec.leads, screen_leads(rec.signals, MODEL_FS)):
+        if f != "ok":
+            flags.setdefault(f, []).append(n)
+    if flags:  # sent as recorded: the daemon judges each window, but the cause is best said here
+        log.warning("%s: %s; the daemon will treat them as off (no_signal if none is left)", rec.name,
+                    "; ".join(f"{','.join(names)} {f}" for f, names in flags.items()))
     scale = adc_resolution_mv(path, rec.leads)
     peak = float(np.nanmax(np.abs(rec.signals))) if np.isfinite(rec.signals).any() else 0.0
     if scale is None:

@@ -334,3 +334,19 @@ def test_monitor_and_listener_over_the_embedded_broker(prefix):
             got = lis.streams[("emb", "sim-000")]
     assert st.chunks == 4 and got.stats.gaps == 0
     assert np.abs(got.signals - stream.signals).max() <= 0.0005 + 1e-6  # int16 at 1 µV
+
+
+def test_a_record_in_microvolts_labelled_mv_is_said_before_it_is_sent(data_dir, tmp_path, caplog):
+    import logging
+
+    from edge.sources import record_stream
+
+    rec = wfdb.rdrecord(str(data_dir / "ludb" / "ludb001"))
+    wfdb.wrsamp("uvasmv", fs=rec.fs, units=["mV"] * 12, sig_name=rec.sig_name, p_signal=rec.p_signal * 1000,
+                fmt=["16"] * 12, adc_gain=[1.0] * 12, baseline=[0] * 12, write_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        record_stream(data_dir / "ludb" / "ludb001")
+        assert "treat them as off" not in caplog.text
+        record_stream(tmp_path / "uvasmv")
+    assert "uvasmv: I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6 not in mV (check the units); the daemon will treat " \
+        "them as off" in caplog.text
