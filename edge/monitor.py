@@ -85,14 +85,15 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
 
     ``speed``: real time × speed; ``fast``: as fast as the broker takes it. ``loop``: start
     again at the end of a strip (seq and t0 go on). ``views``: publish the retained views
-    request for every stream first. ``expiry_s``: MQTT 5 message expiry of the raw chunks (as
+    request for every stream first (``[]``: withdraw the one held, so the daemon draws its
+    defaults); without it, a request retained from an earlier run is said, since it still holds. ``expiry_s``: MQTT 5 message expiry of the raw chunks (as
     the wire protocol asks: a broker never hands on a waveform older than that); none when
     ``fast``, whose chunks are stamped ahead of the wall clock. Returns one ``StreamStats``
     per stream, in order.
     """
     from .mqtt import Publisher, client_id as new_client_id, connect, make_client
-    from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON
-    from .topics import Topics
+    from .protocol import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, ProtocolError
+    from .topics import Topics, parse_views_request
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -108,7 +109,7 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
     dupes = sorted({f"{m}/{p}" for m, p in keys if keys.count((m, p)) > 1})
     if dupes:
         raise ValueError(f"stream ids used more than once: {', '.join(dupes)}")
-    view_names = [v.name for v in resolve_views(views)] if views else None
+    view_names = None if views is None else [v.name for v in resolve_views(views)] if views else []
     topics = Topics(prefix)
     plans = [_Plan(s, topics.raw(s.monitor_id, s.patient_id), chunk_ms, loop, duration_s, fmt) for s in streams]
     stop = stop_event or threading.Event()
@@ -119,12 +120,23 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
     # (MQTT 3.1.1, where a broker drops a refused publish without a word) the broker refuses the chunks
     status = {topics.status(s.monitor_id, s.patient_id): p for s, p in zip(streams, plans)}
     answered: set[str] = set()
-    watch = [(f"{topics.prefix}/{m}/+/status", 1) for m in sorted({s.monitor_id for s in streams})]
+    watch = [(f"{topics.prefix}/{m}/+/{kind}", 1) for m in sorted({s.monitor_id for s in streams})
+             for kind in ("status", "views")]
+    held = {topics.views(s.monitor_id, s.patient_id): s for s in streams} if view_names is None else {}
 
     def on_message(c, userdata, msg):
         if not msg.retain and msg.topic in status:  # a retained one may be an earlier run's
             answered.add(msg.topic)
             _heard_status(status[msg.topic].stats, msg.payload)
+        elif msg.retain and msg.payload and msg.topic in held:
+            s = held.pop(msg.topic)
+            try:
+                asked = ",".join(parse_views_request(msg.payload))
+            except ProtocolError as exc:
+                asked = f"a request the daemon refuses ({exc})"
+            log.warning("%s/%s: a views request retained from before still holds: the daemon draws %s "
+                        "(--views NAMES asks for others, --views default withdraws it)", s.monitor_id,
+                        s.patient_id, asked)
 
     def on_connect(c, userdata, flags, reason_code, properties=None):
         if not reason_code.is_failure:  # (re)subscribe on every connect
@@ -135,8 +147,8 @@ def run_monitor(streams: list[MonitorStream], url: "str | Broker", protocol: str
     publisher = Publisher(client, protocol=protocol, track_refusals=protocol == "5")
     publisher.start()
     try:
-        if view_names:
-            request = json.dumps({"views": view_names}).encode()
+        if view_names is not None:  # [] withdraws: an empty retained message clears the one held
+            request = json.dumps({"views": view_names}).encode() if view_names else b""
             for s in streams:
                 publisher.put(topics.views(s.monitor_id, s.patient_id), request, qos=1, retain=True,
                               content_type=CONTENT_TYPE_JSON)
@@ -309,7 +321,8 @@ def register(sub) -> None:
     pace.add_argument("--fast", action="store_true", help="as fast as the broker takes it")
     p.add_argument("--leads", help="publish only these leads, comma-separated (default: every known lead; "
                    "for --sim any views, e.g. I,II,V3,V7)")
-    p.add_argument("--views", help="first publish the retained views request, e.g. V7,V8,120:45")
+    p.add_argument("--views", help="first publish the retained views request, e.g. V7,V8,120:45 (it holds for later "
+                   "runs too; 'default' withdraws it, so the daemon draws its own default views)")
     p.add_argument("--format", dest="fmt", default="int16", choices=FORMATS, help="sample format (default int16)")
     p.add_argument("--loop", action="store_true", help="start again at the end (seq and time go on)")
     p.add_argument("--duration", type=positive, metavar="S", help="stop after S seconds of signal per stream")
@@ -324,7 +337,7 @@ def run(args) -> int:
     if args.sim < 0:
         raise ValueError(f"--sim must be a positive number of patients, got {args.sim}")
     leads = [v.name for v in resolve_views(args.leads)] if args.leads else None
-    views = args.views.split(",") if args.views else None
+    views = None if args.views is None else [] if args.views.strip() == "default" else args.views.split(",")
     if views:
         resolve_views(views)  # fail before reading anything
     failed = 0

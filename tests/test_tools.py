@@ -239,7 +239,7 @@ def test_listen_refuses_an_unusable_folder_or_filter_before_it_captures(tmp_path
         assert time.monotonic() - t0 < 10, "refused before connecting, not after the capture"
 
 
-def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path):
+def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path, caplog):
     cmd = [sys.executable, "-m", "panorama_cli"]
     listen = subprocess.Popen([*cmd, "listen", "--broker", mosquitto, "--topic", f"{prefix}/+/+/raw",
                                "--out", str(tmp_path), "--chunks", "8", "--duration", "60"],
@@ -269,10 +269,28 @@ def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path)
     deadline = time.monotonic() + 5
     while not got and time.monotonic() < deadline:
         time.sleep(0.02)
-    client.publish(f"{prefix}/cli/sim-000/views", b"", qos=1, retain=True).wait_for_publish(5)  # clear it
     client.loop_stop()
     client.disconnect()
     assert got and json.loads(got[0]) == {"views": ["V8"]}
+    # a later run without --views is told the request still holds; --views default withdraws it
+    import logging
+
+    from edge.monitor import run_monitor
+    from edge.sources import sim_streams
+
+    with caplog.at_level(logging.WARNING, logger="edge.monitor"):
+        run_monitor(sim_streams(1, seconds=0.5, monitor_id="cli"), mosquitto, prefix=prefix, fast=True)
+    assert "cli/sim-000: a views request retained from before still holds: the daemon draws V8 (--views NAMES " \
+        "asks for others, --views default withdraws it)" in caplog.text
+    run_monitor(sim_streams(1, seconds=0.5, monitor_id="cli"), mosquitto, prefix=prefix, fast=True, views=[])
+    left = []
+    client = _raw_client()
+    client.on_message = lambda c, u, m: left.append(m.payload)
+    client.subscribe(f"{prefix}/cli/sim-000/views", qos=1)
+    time.sleep(0.5)
+    client.loop_stop()
+    client.disconnect()
+    assert left == []  # withdrawn: nothing retained
 
 
 def test_monitor_raw_chunks_carry_the_protocols_expiry_over_mqtt5(mosquitto, prefix):
