@@ -35,7 +35,7 @@ from panorama.argtypes import positive
 
 from . import ecgpaper
 from .mqtt import Broker, add_security_args, as_broker, security_from_args
-from .topics import check_filter
+from .topics import Topics, check_filter
 
 log = logging.getLogger(__name__)
 
@@ -386,8 +386,11 @@ def register(sub) -> None:
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883",
                    help="broker URL, mqtt:// or mqtts:// for TLS (default mqtt://127.0.0.1:1883)")
     p.add_argument("--protocol", default="5", choices=("5", "3.1.1"), help="MQTT version (default 5)")
-    p.add_argument("--topic", default="ecg/v1/+/+/virtual",
-                   help="topic filter (default ecg/v1/+/+/virtual; e.g. ecg/v1/bed/+/raw for a monitor's input)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--topic", help="topic filter (default ecg/v1/+/+/virtual; e.g. ecg/v1/bed/+/raw for a monitor's "
+                   "input)")
+    g.add_argument("--prefix", help="the daemon's mqtt.prefix: listen to every virtual stream under it "
+                   "(PREFIX/+/+/virtual)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--duration", type=positive, metavar="S", help="stop after S seconds")
     p.add_argument("--chunks", type=int, metavar="N", help="stop after N chunks")
@@ -418,6 +421,8 @@ def summary_line(key: str, st: dict) -> str:
 
 def run(args) -> int:
     broker = Broker(args.broker, **security_from_args(args))
+    if args.topic is None:
+        args.topic = f"{Topics(args.prefix or 'ecg/v1').prefix}/+/+/virtual"  # a bad prefix is said here
     if args.chunks is not None and args.chunks < 1:
         raise ValueError(f"--chunks must be at least 1, got {args.chunks}")
     stop = threading.Event()
@@ -434,4 +439,7 @@ def run(args) -> int:
     for key, st in summary["streams"].items():
         print(summary_line(key, st))
     print(f"wrote {args.out / 'summary.json'} ({summary['messages']} messages, {summary['malformed']} malformed)")
+    if not summary["messages"]:
+        log.warning("nothing came on %s: streams are PREFIX/MONITOR/PATIENT/virtual (or raw), PREFIX the daemon's "
+                    "mqtt.prefix (ecg/v1 by default); --prefix builds the filter", args.topic)
     return 0

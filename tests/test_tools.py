@@ -228,7 +228,8 @@ def test_listen_refuses_an_unusable_folder_or_filter_before_it_captures(tmp_path
     (tmp_path / "afile").write_text("")
     bad = {("--out", tmp_path / "afile" / "sub"): "cannot write to .*afile/sub: Not a directory",
            ("--topic", "bad topic/#/x"): "'#' must be a whole level, and the last",
-           ("--topic", "ecg/v1/bed+/+/virtual"): "'\\+' must be a whole level"}
+           ("--topic", "ecg/v1/bed+/+/virtual"): "'\\+' must be a whole level",
+           ("--prefix", "ecg/+"): "topic prefix 'ecg/\\+' must be non-empty levels"}
     for args, says in bad.items():
         argv = ["listen", "--broker", "mqtt://127.0.0.1:9", "--duration", "30", *args]
         if "--out" not in args:
@@ -291,6 +292,14 @@ def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path,
     client.loop_stop()
     client.disconnect()
     assert left == []  # withdrawn: nothing retained
+
+
+def test_listen_by_prefix_and_a_capture_that_heard_nothing_says_so(mosquitto, prefix, tmp_path, panorama):
+    r = panorama("listen", "--broker", mosquitto, "--prefix", f"{prefix}-none", "--duration", "0.5",
+                 "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"listening on {prefix}-none/+/+/virtual" in r.stdout
+    assert f"nothing came on {prefix}-none/+/+/virtual: streams are PREFIX/MONITOR/PATIENT/virtual" in r.stderr
 
 
 def test_monitor_raw_chunks_carry_the_protocols_expiry_over_mqtt5(mosquitto, prefix):
