@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from panorama.records import FLAT_STD_MV, MAX_SPAN_MV
+from panorama.synth import silence
 
 
 @dataclass
@@ -44,13 +45,16 @@ class Output:
     t0_ns: int = 0  # the stream's time base: output sample i is at t0_ns + (start + i) / fs
 
 
-def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]:
+def run_windows(run, windows: list[Window], max_batch: int = 32, silences: dict | None = None) -> list[Output]:
     """Synthesise ``windows`` with a backend's ``run`` (numpy, batched), in as few calls as
     their shapes allow: windows of one length are stacked (leads and views padded and masked
     off; a window's output does not depend on what else is in its batch); a final window runs
     alone at its exact length, as the offline pass does at a record's end. Only the leads a
     window's mask keeps are sent: a backend with fixed shapes (ONNX Runtime, TensorRT)
-    would otherwise encode the masked ones too (III, aVR, aVL, aVF, leads off)."""
+    would otherwise encode the masked ones too (III, aVR, aVL, aVF, leads off). With
+    ``silences`` (a cache, kept by the caller for one backend), each window's views have the
+    model's response to a silent heart taken off (``panorama.synth.silence``), as offline
+    synthesis has: computed once per set of input angles, mask and views."""
     outputs: dict[int, Output] = {}
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(windows):
@@ -79,6 +83,8 @@ def run_windows(run, windows: list[Window], max_batch: int = 32) -> list[Output]
                 data = y[j, : w.q_views.shape[0], w.keep_from: w.keep_from + w.n]
                 if not w.mask.any():
                     data = np.zeros_like(data)
+                elif silences is not None:
+                    data = data - _silence(run, w.in_views[kept[j]], w.q_views, silences)[:, None]
                 outputs[i] = Output(w.key, w.start, w.view_names, np.ascontiguousarray(data, np.float32),
                                     w.quality, w.sent_ns, w.t0_ns)
     return [outputs[i] for i in range(len(windows))]
@@ -109,6 +115,17 @@ def bridge_holes(x: np.ndarray, keep: tuple[int, int], longest: int) -> tuple[np
         row[bad] = np.interp(np.flatnonzero(bad), good, row[good])  # flat beyond the first and last sample
         filled = True
     return x, filled
+
+
+def _silence(run, in_views: np.ndarray, q_views: np.ndarray, cache: dict) -> np.ndarray:
+    key = (np.ascontiguousarray(in_views, np.float32).tobytes(), np.ascontiguousarray(q_views, np.float32).tobytes())
+    if key not in cache:
+        if len(cache) >= 4096:  # streams come and go: a cache that only grows would be a leak
+            cache.clear()
+        n = len(in_views)
+        cache[key] = silence(lambda x: run(x[None], in_views[None].astype(np.float32), np.ones((1, n), bool),
+                                           q_views[None].astype(np.float32))[0], n)
+    return cache[key]
 
 
 def window_quality(x: np.ndarray, rail_run: int = 25) -> list[str]:

@@ -37,6 +37,8 @@ class Emitter:
         self.chunks_out = 0
         self.latency_ms = LatencyWindow()  # origin publish → virtual chunk handed to the publisher
         self.inference_ms = LatencyWindow()  # per batched backend call
+        self._silences: dict = {}  # each view set's response to a silent heart (edge.batch), for one backend
+        self._silences_of = None
 
     def synthesise(self, windows) -> None:
         t0 = time.perf_counter()
@@ -48,7 +50,9 @@ class Emitter:
                 self.beat()
                 return y
 
-            outputs = run_windows(run, windows, self.max_batch)
+            if self._silences_of is not backend:  # a swapped model answers silence otherwise
+                self._silences, self._silences_of = {}, backend
+            outputs = run_windows(run, windows, self.max_batch, self._silences)
         except Exception as exc:  # a backend failure loses these windows, not the daemon
             self.slot.failed_batch(backend)  # a fleet update's health gate watches this
             log.exception("inference failed for %d windows", len(windows))

@@ -16,7 +16,7 @@ from panorama.geometry import resolve_view, resolve_views
 from panorama.records import (MODEL_FS, Record, find_records, lead_quality, read_record, resample, screen_leads,
                               write_record)
 from panorama.model import DOWNSAMPLE
-from panorama.synth import MARGIN, Synthesizer, default_checkpoint
+from panorama.synth import MARGIN, Synthesizer, default_checkpoint, silence
 from panorama.transfer import LINE_BLEND, fit_neighbour_offsets, fit_transfer
 from panorama.wander import WANDER
 
@@ -327,15 +327,17 @@ def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, i
             return lambda q: s(xx, inputs, q, offsets=offsets)
         return synthesize_split(adaptation, via(synth), via(shared), qs, xx.shape[1])
 
+    def pipeline(xx):
+        return WANDER.synthesize(draw, xx, inputs, views) if wander else draw(xx, views)
+
+    # less what the whole pipeline draws of a silent heart: the model's own constant per view
+    y = pipeline(x) - silence(pipeline, len(inputs))[:, None]
     if wander:
-        y = WANDER.synthesize(draw, x, inputs, views)
         changed = [v.name for v in views if WANDER.applies(v, inputs)]
         on_line = [v.name for v in views if WANDER.line(v, inputs)]
         notes.append(f"wander: {WANDER.summary()} (chest views given the drift: "
                      f"{','.join(changed) or 'none, no chest view or no chest input'}; on the line beside chest "
                      f"inputs: {','.join(on_line) or 'none'})")
-    else:
-        y = draw(x, views)
     if idle:
         notes.append("wander: not applied (no chest view asked for, or no chest lead among the inputs)")
     return y, notes
