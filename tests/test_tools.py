@@ -17,7 +17,8 @@ import pytest
 import wfdb
 
 from edge import ecgpaper
-from edge.listen import Listener, _Stream, record_name, write_wfdb
+from edge.listen import Listener, record_name, write_wfdb
+from edge.reassembly import Stream
 from edge.protocol import Chunk, encode, to_json
 from panorama.records import find_records, read_record
 
@@ -53,7 +54,7 @@ def _raw_client():
 # --- reassembly, no broker ---------------------------------------------------------------------
 
 def test_reassembly_counts_gaps_duplicates_and_out_of_order():
-    s = _Stream(("bed", "p1"))
+    s = Stream(("bed", "p1"))
     for seq in (0, 1, 3, 2, 2, 5, 6):
         s.add(_chunk(seq), recv_ns=0)
     st = s.stats
@@ -66,7 +67,7 @@ def test_reassembly_counts_gaps_duplicates_and_out_of_order():
 
 
 def test_reassembly_places_by_time_not_by_seq_times_length():
-    s = _Stream(("bed", "p1"))
+    s = Stream(("bed", "p1"))
     first = _chunk(0, n=100)
     second = Chunk(seq=1, t0_ns=T0 + int(100e9 / FS), fs=FS, leads=["I", "II"], data=np.ones((2, 37), np.float32))
     third = Chunk(seq=2, t0_ns=T0 + int(137e9 / FS), fs=FS, leads=["I", "II"], data=np.full((2, 10), 2, np.float32))
@@ -78,7 +79,7 @@ def test_reassembly_places_by_time_not_by_seq_times_length():
 
 
 def test_reassembly_view_change_starts_a_new_segment_and_seq_wraps():
-    s = _Stream(("bed", "p1"))
+    s = Stream(("bed", "p1"))
     for seq in (2**32 - 2, 2**32 - 1, 0):  # the u32 wraps: no gap, nothing out of order
         s.add(Chunk(seq=seq, t0_ns=T0 + ((seq + 2) % 2**32) * 250_000_000, fs=FS, leads=["V7"],
                     data=np.zeros((1, 125), np.float32)), recv_ns=0)
@@ -93,7 +94,7 @@ def test_reassembly_view_change_starts_a_new_segment_and_seq_wraps():
 
 
 def test_reassembly_origin_restart_and_missing_quality():
-    s = _Stream(("bed", "p1"))
+    s = Stream(("bed", "p1"))
     s.add(_chunk(0), recv_ns=0)
     s.add(_chunk(1), recv_ns=0)
     restarted = _chunk(0)
