@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from panorama.calibrate import CalibrationResult, calibrate, warm_up
-from panorama.geometry import canonical_lead_name, resolve_view
+from panorama.geometry import resolve_view
 from panorama.records import MODEL_FS
 
 from . import mqtt as mq
@@ -41,7 +41,8 @@ from .emit import Emitter
 from .model_slot import ModelSlot
 from .config import EdgeConfig, check_devices
 from .sdnotify import Watchdog, notify, watchdog_period
-from .protocol import CONTENT_TYPE_JSON, Chunk, Limits, ProtocolError, decode_any
+from .protocol import CONTENT_TYPE_JSON, Limits, ProtocolError, decode_any
+from .intake import ViewRequests, raw_leads
 from .topics import Topics, parse_views_request
 from .twins import Twins
 from .reporting import Reporter
@@ -70,7 +71,7 @@ class Daemon:
         self.slot = ModelSlot(cfg.model, cfg.calibration.device)  # swapped whole when model.path changes
         self.default_views = [resolve_view(v) for v in cfg.stream.views]
         self.streams: dict[tuple[str, str], PatientStream] = {}
-        self.requested: dict[tuple[str, str], list[str]] = {}  # views asked for, per stream
+        self.requested = ViewRequests(cfg.stream.max_views, cfg.stream.max_patients, self.default_views)
         self.last_seen: dict[tuple[str, str], float] = {}
         self.link_back = 0.0  # when the broker connection last came up (monotonic): silence before it is ours
         self._gaps_said: dict[tuple[str, str], int] = {}  # gap samples each stream had at its last stale check
@@ -233,45 +234,22 @@ class Daemon:
         key = (monitor, patient)
         if kind == "views":
             names = parse_views_request(payload, self.limits)
-            if len(names) > self.cfg.stream.max_views:
-                raise ProtocolError("bad_views", f"{len(names)} views asked; this daemon serves at most "
-                                    f"{self.cfg.stream.max_views} per patient")
             with self.lock:
-                self.requested.pop(key, None)
-                if names:
-                    if len(self.requested) >= 4 * self.cfg.stream.max_patients:  # forget an idle one
-                        idle = next((k for k in self.requested if k not in self.streams), None)
-                        if idle is None:
-                            raise ProtocolError("capacity", "too many views requests held")
-                        del self.requested[idle]
-                    self.requested[key] = names
+                views = self.requested.ask(key, names, self.streams)
                 if key in self.streams:
-                    self.streams[key].views = [resolve_view(n) for n in names] or list(self.default_views)
+                    self.streams[key].views = views
             return
         if kind != "raw":
             return
         chunk = decode_any(payload, self.limits)
-        if not 0 <= chunk.t0_ns < 2**62:
-            raise ProtocolError("bad_header", f"t0_ns {chunk.t0_ns} is not a time this daemon can place")
-        if chunk.fs != MODEL_FS:
-            raise ProtocolError("bad_fs", f"{chunk.fs:g} Hz: this daemon takes {MODEL_FS} Hz chunks "
-                                "(resample at the monitor: panorama monitor does)")
-        rows, names = self._known_leads(key, chunk, topic)
-        if not rows:
-            raise ProtocolError("unknown_lead", f"no known lead among {chunk.leads}")
-        data = chunk.data[rows].astype(np.float32, copy=True)
-        if chunk.quality:  # what the monitor itself flags is not used
-            for i, r in enumerate(rows):
-                if chunk.quality[r] != "ok":
-                    data[i] = np.nan
+        data, names = raw_leads(chunk, lambda label: self.report.unknown_lead(key, label, topic))
         with self.lock:
             st = self.streams.get(key)
             if st is None:
                 if why := self._no_room(monitor):
                     self.report.refused(key, why, first=chunk.seq == 0)  # on its status topic: its monitor hears it
                     raise ProtocolError("capacity", why)
-                views = [resolve_view(n) for n in self.requested.get(key, [])] or list(self.default_views)
-                st = self.streams[key] = PatientStream(key, self.params, views)
+                st = self.streams[key] = PatientStream(key, self.params, self.requested.views(key))
                 self.report.status(st)
             if len(set(st.leads) | set(names)) > self.limits.max_leads:
                 raise ProtocolError("too_large", f"this stream would have more than {self.limits.max_leads} "
@@ -300,20 +278,6 @@ class Daemon:
         if sum(k[0] == monitor for k in self.streams) >= per_monitor:
             return f"monitor {monitor!r} already streams {per_monitor} patients, the most one monitor may; stream refused"
         return ""
-
-    def _known_leads(self, key, chunk: Chunk, topic: str) -> tuple[list[int], list[str]]:
-        rows, names = [], []
-        for i, label in enumerate(chunk.leads):
-            name = canonical_lead_name(label)
-            if name is None:
-                try:
-                    name = resolve_view(label).name
-                except ValueError:
-                    self.report.unknown_lead(key, label, topic)
-                    continue
-            rows.append(i)
-            names.append(name)
-        return rows, names
 
     # ---- calibration (pool thread) ------------------------------------------------------
     def _warm_up(self) -> None:
