@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import wfdb
 
 from panorama.argtypes import positive
+from panorama.records import write_record
 
 from . import ecgpaper
 from .mqtt import Broker, add_security_args, as_broker, security_from_args
@@ -193,24 +193,11 @@ def record_name(monitor: str, patient: str, segment: int = 0) -> str:
 
 def write_wfdb(out_dir: Path, name: str, signals: np.ndarray, names: list[str], fs: float, t0_ns: int,
                comments: list[str]) -> Path:
-    """Format-16 WFDB record of float mV signals; NaN become WFDB missing values (-32768).
-
-    ``panorama.records.write_record`` refuses NaN, so this is its missing-aware twin: the same
-    per-lead gains (full int16 range, at least 1 µV resolution).
-    """
-    sig = np.asarray(signals, dtype=np.float64).T  # (samples, leads)
-    nan = ~np.isfinite(sig)
-    peak = np.maximum(np.nanmax(np.where(nan, 0.0, np.abs(sig)), axis=0), 1e-3)
-    gain = np.minimum(np.floor(32000.0 / peak), 1000.0 * 32)
-    d = np.clip(np.round(np.where(nan, 0.0, sig) * gain), -32767, 32767).astype(np.int16)
-    d[nan] = -32768
+    """A format-16 WFDB record of float mV signals, NaN written as WFDB missing values
+    (``panorama.records.write_record``), starting at ``t0_ns`` (UTC, also in a comment)."""
     t0 = dt.datetime.fromtimestamp(t0_ns / 1e9, dt.timezone.utc)
-    comments = [c.encode("ascii", "replace").decode() for c in comments] + [f"t0_ns {t0_ns} (UTC)"]
-    wfdb.wrsamp(name, fs=float(fs), units=["mV"] * len(names), sig_name=list(names), d_signal=d,
-                fmt=["16"] * len(names), adc_gain=gain.tolist(), baseline=[0] * len(names),
-                comments=comments, base_time=t0.time().replace(tzinfo=None), base_date=t0.date(),
-                write_dir=str(out_dir))
-    return out_dir / name
+    return write_record(out_dir, name, signals, names, fs, [*comments, f"t0_ns {t0_ns} (UTC)"], missing_ok=True,
+                        start=t0)
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -257,11 +257,12 @@ def check_fit_window(x: np.ndarray, views: list, fs: float, purpose: str, inputs
 
 
 def write_record(out_dir: str | Path, name: str, signals: np.ndarray, leads: list[str], fs: float,
-                 comments: list[str] | None = None, missing_ok: bool = False) -> Path:
+                 comments: list[str] | None = None, missing_ok: bool = False, start=None) -> Path:
     """Write float mV signals (leads, samples) as a WFDB format-16 record; returns its base path.
 
     Gains are chosen per lead so the full int16 range covers the signal (at least 1 µV resolution).
     With ``missing_ok``, NaN samples are written as WFDB's missing value (-32768, read back as NaN).
+    ``start`` (a UTC ``datetime``): the record's base date and time.
     """
     import wfdb
 
@@ -278,9 +279,10 @@ def write_record(out_dir: str | Path, name: str, signals: np.ndarray, leads: lis
     # WFDB headers are ASCII text
     comments = [c.replace("°", " deg").replace("µ", "u").encode("ascii", "replace").decode()
                 for c in comments or []]
+    when = {} if start is None else {"base_time": start.time().replace(tzinfo=None), "base_date": start.date()}
     wfdb.wrsamp(name, fs=float(fs), units=["mV"] * len(leads), sig_name=list(leads),
                 d_signal=d_signal, fmt=["16"] * len(leads), adc_gain=gain.tolist(),
-                baseline=[0] * len(leads), comments=comments, write_dir=str(out))
+                baseline=[0] * len(leads), comments=comments, write_dir=str(out), **when)
     return out / name
 
 
