@@ -44,7 +44,7 @@ from .sdnotify import Watchdog, notify, watchdog_period
 from .protocol import CONTENT_TYPE_JSON, Limits, ProtocolError, decode_any
 from .intake import ViewRequests, raw_leads
 from .topics import Topics, parse_views_request
-from .twins import Twins
+from .twins import TWIN_WAIT_S, Twins
 from .reporting import Reporter
 from .stream import PatientStream, StreamParams
 
@@ -193,11 +193,22 @@ class Daemon:
         if reason_code.is_failure:  # said by the broker's watch (edge.endpoint)
             return
         self.link_back = time.monotonic()
-        client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1),
-                          (self.topics.health(self.id), 0)])
-        # "online" on every (re)connect: the broker published our will if the link dropped
-        self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
+        client.subscribe([(self.topics.health(self.id), 0)])
         self._say_health()  # at once: a daemon already serving with this id hears of this one now
+        if self.twins.cleared.is_set():  # a reconnect: this one serves
+            self._take_streams()
+        else:  # the first connect: streams only once no daemon with this id has answered for a while
+            t = threading.Timer(TWIN_WAIT_S, self._take_streams)
+            t.daemon = True
+            t.start()
+
+    def _take_streams(self) -> None:
+        if self.twins.yielded.is_set() or self.stopping.is_set():
+            return
+        self.twins.cleared.set()
+        self.client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
+        # "online" on every (re)connect, once serving: the broker published our will if the link dropped
+        self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
 
     def _answer_twin(self) -> None:
         """A newcomer with this id: tell it now (it yields), and say online again for the shared topic."""
@@ -207,6 +218,8 @@ class Daemon:
     def _on_message(self, client, userdata, msg):
         if msg.topic == self.topics.health(self.id):
             self.twins.heard(msg.payload)
+            return
+        if self.twins.yielded.is_set():  # the streams are the other daemon's
             return
         try:
             self.ingest_q.put_nowait((msg.topic, msg.payload, time.time_ns()))

@@ -16,6 +16,7 @@ from panorama.synth import default_checkpoint
 from . import mqtt as mq
 from .config import check_devices, load_config, with_overrides
 from .daemon import Daemon
+from .twins import EXIT_TWIN
 
 log = logging.getLogger("panorama.serve")
 
@@ -54,5 +55,5 @@ def run(args) -> int:
     daemon.stop()
     if daemon.twins.yielded.is_set():
         print(f"panorama serve: {daemon.twins.why}", file=sys.stderr)
-        return 1
+        return EXIT_TWIN
     return 0

@@ -3,13 +3,16 @@ by hand beside its systemd unit) would both take every stream: every view sent t
 calibrations per patient, and the first to stop marking the other offline on their shared
 status topic. Each daemon says in its health reports who it is (``instance``, ``started``)
 and listens to its own id's health topic; on hearing another instance, the one that started
-later yields (it stops without a word on the shared topics and ``panorama serve`` exits 1,
-naming the other), and the earlier one answers at once with its own report, so that the
-newcomer learns of it within milliseconds rather than a health period.
+later yields (it stops without a word on the shared topics and ``panorama serve`` exits
+``EXIT_TWIN``, naming the other, which the systemd unit's ``RestartPreventExitStatus`` keeps
+from restarting it), and the earlier one answers at once with its own report, so that the
+newcomer learns of it within milliseconds. A daemon takes streams only ``TWIN_WAIT_S`` after
+its first connect, once no other has answered: a newcomer that yields has touched none.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import threading
@@ -18,12 +21,16 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+TWIN_WAIT_S = 1.0  # after its first connect a daemon waits this long for another with its id to answer
+EXIT_TWIN = 3  # panorama serve's exit status when it yielded: not a failure to restart on
+
 
 class Twins:
     def __init__(self, daemon_id: str, started: float, answer: Callable[[], None]):
         self.daemon_id, self.started, self.answer = daemon_id, started, answer
         self.instance = uuid.uuid4().hex
         self.yielded = threading.Event()
+        self.cleared = threading.Event()  # no other answered within TWIN_WAIT_S of the first connect: this one serves
         self.why = ""
         self._answered: set[str] = set()
 
@@ -42,9 +49,10 @@ class Twins:
             return
         if (started, other) < (self.started, self.instance):  # it was here first: this one yields
             if not self.yielded.is_set():
-                self.why = (f"another daemon with id {self.daemon_id!r} (instance {other[:8]}, up since "
-                            f"{started:.0f}) already serves this broker and prefix; give each daemon its own "
-                            "mqtt.daemon_id, or stop the other (systemctl stop panorama-serve?)")
+                since = dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds")
+                self.why = (f"another daemon with id {self.daemon_id!r} (instance {other[:8]}, up since {since}) "
+                            "already serves this broker and prefix; give each daemon its own mqtt.daemon_id, or "
+                            "stop the other (systemctl stop panorama-serve?)")
                 log.error("stopping: %s", self.why)
                 self.yielded.set()
         elif other not in self._answered:  # a newcomer: it hears this one's report now, and yields

@@ -496,18 +496,32 @@ def test_a_second_daemon_with_the_same_id_yields_to_the_first(mosquitto, prefix,
     """panorama serve run by hand beside its unit: the newcomer stops at once, exit 1, naming
     the other, and leaves the shared status topic saying online; the first serves on."""
     with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0}) as (proc, tap, cfg):
+        stop = threading.Event()  # a patient streams all along: the newcomer must not touch it
+        sender = threading.Thread(target=run_monitor, args=(sim_streams(1, seconds=60.0), mosquitto),
+                                  kwargs={"prefix": prefix, "stop_event": stop}, daemon=True)
+        sender.start()
+        assert tap.wait(lambda: tap.payloads("bed/sim-000/virtual"), 30)
         again = tmp_path / "again.yaml"
         again.write_text(yaml.safe_dump({**cfg, "health": {"interval_s": 30.0, "metrics_port": 0}}))
         second = subprocess.run([sys.executable, "-m", "panorama_cli", "serve", "--config", str(again)], cwd=REPO,
                                 capture_output=True, text=True, timeout=90)
-        assert second.returncode == 1, second.stderr
+        from edge.twins import EXIT_TWIN
+
+        assert second.returncode == EXIT_TWIN == 3, second.stderr
         assert "another daemon with id 'test'" in second.stderr and "already serves this broker" in second.stderr
-        time.sleep(0.5)
+        assert "stopped: 0 chunks in, 0 virtual chunks out" in second.stderr  # it took nothing
+        statuses = [json.loads(p) for p in tap.payloads("bed/sim-000/status")]
+        assert sum(d["leads"] == [] for d in statuses) == 1, statuses  # one stream made, by the first daemon
+        stop.set()
+        sender.join(30)
         assert proc.poll() is None  # the first serves on
-        later = Tap(mosquitto, f"{prefix}/_daemon/test/status")
-        time.sleep(0.5)
-        assert later.payloads("status")[-1:] == [b"online"]
-        later.close()
-        stats = run_monitor(sim_streams(1, seconds=1.0), mosquitto, prefix=prefix)
-        assert not stats[0].unanswered
-    assert "another daemon with id 'test' started" in proc.communicate(timeout=30)[0]
+        said = []
+        clean = make_client(client_id("tap"), "5")  # the retained status a dashboard opened now gets
+        clean.on_message = lambda c, u, m: said.append(bytes(m.payload))
+        connect(clean, mosquitto)
+        clean.subscribe(f"{prefix}/_daemon/test/status", qos=1)
+        assert wait(lambda: said, 5) and said[-1] == b"online"
+        clean.loop_stop()
+        clean.disconnect()
+    log = proc.communicate(timeout=30)[0]
+    assert "another daemon with id 'test' started" in log
