@@ -139,7 +139,8 @@ class PatientStream:
         where its seq puts it, and the time base moves (``counts.clock_steps``). A chunk
         reordered across such a step is placed beside its seq neighbour, whichever time
         base it was stamped in; a seq already placed goes where it went then if it carries
-        the same stamp (a resend), and restarts the stream if not (a restarted monitor)."""
+        the same stamp (a resend), and restarts the stream if not (a restarted monitor), as a
+        seq further back than ``REORDER_SEQ`` does (a monitor restarted after a longer run)."""
         n = data.shape[1]
         pos = self.position(t0_ns)
         outcome = "ok"
@@ -151,6 +152,10 @@ class PatientStream:
         # that restarted and counts from 0 again, however soon it came back
         again = self.placed.get(seq) if behind else None
         restarted = again is not None and abs(t0_ns - again[2]) * self.p.fs > 1e9
+        # seq further back than any reordering: a sender counting from 0 again after more chunks
+        # than are remembered (a wrap is one step ahead, never back)
+        restarted = restarted or (self.seq_high is not None and not behind
+                                  and (seq - self.seq_high) % 2**32 > 2**31)
         if again is not None and not restarted:
             pos = again[0]
         # a seq not yet placed, beside one that was: reordered, whatever its time says

@@ -359,11 +359,12 @@ def test_a_lost_chunk_of_a_monitor_sending_chunks_of_two_lengths_is_a_gap_not_a_
 
 
 @pytest.mark.parametrize("chunks,first_seq,later_s", [(8, 0, 1000), (8, 1, 1000), (100, 1, 1000), (8, 0, 10),
-                                                     (8, 0, -5)])
+                                                     (8, 0, -5), (160, 0, 42), (160, 1, 40.5)])
 def test_a_restarted_monitor_is_not_a_clock_step(record, chunks, first_seq, later_s):
     """A monitor restarted (seq from 0 again, a new time; its chunk 0 perhaps lost) starts the
     stream again, whether its old stream was young (the new seq behind the newest) or long,
-    and however soon it came back (10 s on, or its clock 5 s behind)."""
+    and however soon it came back (10 s on, or its clock 5 s behind; a run of 160 chunks, past
+    what the stream remembers of seqs, followed 0.5-2 s after its end by seq 0 or 1: a gap before)."""
     x, names = record
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
     for k in range(chunks):
