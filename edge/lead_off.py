@@ -3,9 +3,10 @@
 A whole-record screen (``panorama.records.screen_leads``) passes a lead that is off for a
 few seconds: its standard deviation over the record is a real ECG's. Drawn from such a
 lead, a view follows the flat line or the rail over that span with nothing said. So the
-inputs are judged second by second, as the daemon judges its windows
-(``edge.batch.window_quality``: flat, saturated at a rail, implausibly large, missing), and
-over a second where an input is off the views are drawn from the other inputs, as the
+inputs are judged second by second, much as the daemon judges its windows
+(``edge.batch.window_quality``: flat, implausibly large, missing), and over the whole record
+for a value held exactly 0.75 s or more (off, wherever the seconds fall) or a rail (held at
+the record's extreme 0.1 s; :func:`leads_off` says why), and over a second where an input is off the views are drawn from the other inputs, as the
 daemon masks a lead off; where none is left they are written as missing samples. Short
 gaps (NaN) are bridged by a straight line, as the daemon bridges a lost chunk; a longer one
 is a lead off.
@@ -23,6 +24,7 @@ from .batch import window_quality
 
 BLOCK_S = 1.0  # judged second by second: about the daemon's window (context 256 + hop 128 + lookahead)
 RAIL_S = 0.1  # a lead held at its extreme this long is at a rail (real records here plateau at theirs for up to 0.09 s)
+HELD_S = 0.75  # a lead exactly constant this long is off, wherever it sits (real records here: at most 0.7 s)
 BRIDGE_S = 0.5  # NaN gaps up to this long are bridged (the daemon bridges 256 samples, 0.51 s)
 
 
@@ -77,10 +79,14 @@ class LeadsOff:
 
 def leads_off(x: np.ndarray, native: np.ndarray, gaps: list[list[tuple[int, int]]], native_fs: float) -> LeadsOff:
     """Judge ``x`` (inputs, T) at the model rate second by second: flat or implausibly large
-    there; saturated where ``native`` (the same inputs at ``native_fs``, gaps filled) holds its
-    extreme over the whole record for ``RAIL_S`` in a row; and off wherever ``gaps`` (from
-    :func:`fill_gaps`) reach. Saturation is judged against the whole record's extremes, not
-    each second's: within one second a clean, quantised baseline is often the lowest value."""
+    there; flat too wherever ``native`` (the same inputs at ``native_fs``, gaps filled) holds
+    one value exactly for ``HELD_S`` or more, however the seconds fall (a lead off for 1.3 s
+    from 5.3 s fills no whole second); saturated where it holds its extreme over the whole
+    record for ``RAIL_S`` in a row; and off wherever ``gaps`` (from :func:`fill_gaps`) reach.
+    Saturation is judged against the whole record's extremes, not each second's: within one
+    second a clean, quantised baseline is often the lowest value. A lead off for less than
+    ``HELD_S`` within seconds that are otherwise live is not found: clean quantised ECG holds
+    one value for up to 0.7 s (LUDB), and within a second its spread can be as small."""
     block = int(BLOCK_S * MODEL_FS)
     n = x.shape[1]
     starts = list(range(0, max(n - block // 2, 1), block))  # a short tail joins the block before it
@@ -95,7 +101,11 @@ def leads_off(x: np.ndarray, native: np.ndarray, gaps: list[list[tuple[int, int]
             if a * scale < e and b * scale > s and (why[i, k] == "ok" or what == "missing"):  # a gap says why
                 why[i, k] = what
 
+    held = max(2, int(round(HELD_S * native_fs)))
     for i, row in enumerate(native):
+        for a, b in _runs(np.diff(row) == 0):  # b - a + 1 samples of one value
+            if b - a + 1 >= held:
+                mark(i, a, b + 1, "flat")
         for extreme in (row.max(), row.min()):
             for a, b in _runs(row == extreme):
                 if b - a >= run:
