@@ -11,7 +11,7 @@ import numpy as np
 from panorama.adapt import adapt, synthesize_split
 from panorama.calibrate import calibrate, check_seconds
 from panorama.electrodes import check_electrodes
-from panorama.errors import PanoramaError
+from panorama.errors import PanoramaError, RecordError
 from panorama.geometry import resolve_view, resolve_views
 from panorama.records import (MODEL_FS, Record, find_records, lead_quality, read_record, resample, screen_leads,
                               write_record)
@@ -166,10 +166,15 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     check_blend(inputs, blend_with, check_seconds(calibrate_s))
     names = [v.name for v in inputs]
     subset = [v.name for v in blend_with or []]
-    # every lead is read: calibration fits on them, and without it the electrode check looks at them all
-    whole = read_record(path, fs=None)
-    missing = [n for n in names if n not in whole.leads]
-    if missing:
+    # every lead is read: calibration fits on them, and without it the electrode check looks at them all;
+    # one the inputs do not need that cannot be read (odd units) leaves the others to the inputs alone
+    unread = ""
+    try:
+        whole = read_record(path, fs=None)
+    except RecordError as exc:
+        whole, unread = read_record(path, leads=names, fs=None), str(exc).removeprefix(f"{path}: ")
+        log.warning("%s: the leads besides the inputs are not used: %s", path.name, unread)
+    if any(n not in whole.leads for n in names):
         read_record(path, leads=names, fs=None)  # says which leads it lacks and what the labels were
     native = Record(whole.name, np.stack([whole.lead(n) for n in names]), names, whole.fs, whole.source)
     mostly_missing = lead_quality(native.signals)  # over half the samples NaN: nothing to bridge
@@ -243,6 +248,8 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
                                                                       for v in views),
                 *([f"left out of Stage III, unusable in the first {calibrate_s:g} s: {', '.join(left_out)}"]
                   if left_out else []),
+                *([f"the record's other leads not used ({unread}): calibration and the electrode check had the "
+                   "inputs alone"] if unread else []),
                 *([f"warning: {wiring.reason}; views drawn as labelled"] if wiring and wiring.suspect else []), *notes]
     if native.fs != MODEL_FS:
         comments.insert(3, f"drawn at the model's {MODEL_FS:g} Hz, written at the record's {native.fs:g} Hz")

@@ -339,3 +339,20 @@ def test_an_input_off_across_second_boundaries_is_found(data_dir):
         filled, gaps, _ = fill_gaps(x, rec.fs)
         lo = leads_off(resample(Record("x", filled, names, rec.fs), MODEL_FS).signals, filled, gaps, rec.fs)
         assert lo.spans(names) == want, (a, b, lo.spans(names))
+
+
+def test_a_lead_the_inputs_do_not_need_cannot_refuse_the_record(panorama, data_dir, tmp_path):
+    src = read_record(data_dir / "ludb" / "ludb001", fs=None)
+    base = _write_like(src, "oddunits", src.signals, tmp_path)
+    hea = base.with_suffix(".hea")
+    lines = hea.read_text().splitlines()
+    v1 = 1 + src.leads.index("V1")
+    lines[v1] = lines[v1].replace("/mV", "/NU")  # a lead in units nobody can convert
+    hea.write_text("\n".join(lines) + "\n")
+    proc = panorama("synthesize", base, "--views", "V7", "--calibrate", "5", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    assert "the leads besides the inputs are not used: lead V1 has unknown units 'NU'" in proc.stderr
+    head = wfdb.rdheader(str(tmp_path / "out" / "oddunits")).comments
+    assert any(c.startswith("the record's other leads not used (lead V1 has unknown units 'NU'") for c in head), head
+    proc = panorama("synthesize", base, "--inputs", "I,II,V1", "--views", "V7", "--out", tmp_path / "out2")
+    assert proc.returncode == 1 and "lead V1 has unknown units 'NU'" in proc.stderr  # an input it is: refused
