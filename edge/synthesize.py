@@ -225,23 +225,20 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     y, notes, off_notes = _around(drawn, list(inputs), off, rec.signals.shape[1])
     if blend_with is not None:
         pick = [names.index(n) for n in subset]
-        y_sub, notes_sub, _ = _around(drawn, list(blend_with), leads_off(
+        y_sub, notes_sub, off_sub = _around(drawn, list(blend_with), leads_off(
             rec.signals[pick], native.signals[pick], [gaps[i] for i in pick], native.fs), rec.signals.shape[1])
-        y = 0.5 * (y + y_sub)
+        with np.errstate(invalid="ignore"):  # where one draw has no input left, the other alone
+            y = np.where(np.isnan(y_sub), y, np.where(np.isnan(y), y_sub, 0.5 * (y + y_sub)))
         notes = [f"blend: the mean of the draw from {','.join(names)} and the draw from {','.join(subset)}",
-                 *notes, *(f"from {','.join(subset)}: {n}" for n in notes_sub)]
+                 *notes, *(f"from {','.join(subset)}: {n}" for n in off_sub + notes_sub)]
     notes = off_notes + ([f"{bridged} gap(s) of at most {BRIDGE_S:g} s bridged by a straight line"] if bridged else [])\
         + notes
-    gone = np.isnan(y).any(axis=0)
-    y = np.nan_to_num(y)
+    # NaN where no input was usable: missing samples in the record (resample carries them), not a made-up line
     back = resample(Record(rec.name, y, [v.name for v in views], MODEL_FS), native.fs)
     n = native.signals.shape[1]
     sig = back.signals[:, :n]
     if sig.shape[1] < n:  # rounding in the rate change: repeat the last sample
         sig = np.pad(sig, ((0, 0), (0, n - sig.shape[1])), mode="edge")
-    if gone.any():  # no input usable there: missing samples in the record, not a made-up line
-        at = np.clip((np.arange(n) * MODEL_FS / native.fs).astype(int), 0, len(gone) - 1)
-        sig[:, gone[at]] = np.nan
     comments = [f"synthesised by panorama from {','.join(names)} of {Path(path).resolve()}",
                 f"model sha256 {synth.meta.get('sha256', '?')[:16]}, backend {backend}",
                 "views at table angles (theta, phi deg): " + ", ".join(f"{v.name} ({v.theta:g}, {v.phi:g})"
@@ -257,16 +254,18 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
 
 
 def _around(drawn, inputs: list, off, n: int) -> tuple[np.ndarray, list[str], list[str]]:
-    """(views, notes of the draw from every input, notes on the inputs off): :func:`drawn_around`."""
-    said: list[list[str]] = []
+    """(views, notes of the draw from every input, notes on the inputs off and of each draw
+    from fewer, for the seconds where some were off): :func:`drawn_around`."""
+    said: list[tuple[list, list[str]]] = []
 
     def draw(ins):
         y, notes = drawn(ins)
-        said.append(notes)
+        said.append((ins, notes))
         return y
 
     y, off_notes = drawn_around(draw, inputs, off, n)
-    return y, said[0], off_notes
+    fewer = [f"drawn from {','.join(v.name for v in ins)} alone: {note}" for ins, notes in said[1:] for note in notes]
+    return y, said[0][1], off_notes + fewer
 
 
 def _draw(synth: Synthesizer, path: Path, x: np.ndarray, every: Record | None, inputs: list, views: list,

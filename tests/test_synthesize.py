@@ -255,6 +255,12 @@ def test_an_input_off_for_part_of_the_record_is_not_drawn_from_there(panorama, d
     assert "v3off: V3 flat over 5-10 s; the views there are drawn from the other inputs" in proc.stderr
     head = wfdb.rdheader(str(tmp_path / "off" / "v3off")).comments
     assert "input off: V3 flat over 5-10 s" in head and "views over 4-10 s drawn from I,II alone" in head, head
+    # what the draw from fewer inputs did is said too (with --wander: not applied there, no chest input)
+    proc = panorama("synthesize", tmp_path / "v3off", *args, tmp_path / "offw", "--wander")
+    assert proc.returncode == 0, proc.stderr
+    head = wfdb.rdheader(str(tmp_path / "offw" / "v3off")).comments
+    assert "drawn from I,II alone: wander: not applied (no chest view asked for, or no chest lead among the " \
+        "inputs)" in head, head
     whole, limbs, got = (wfdb.rdrecord(str(tmp_path / d / n)).p_signal
                          for d, n in (("whole", "ludb001"), ("limbs", "ludb001"), ("off", "v3off")))
     assert np.abs(got[2000:] - limbs[2000:]).max() < 1e-3  # I and II alone, from the second before on
