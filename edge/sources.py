@@ -41,6 +41,17 @@ class MonitorStream:
 
 
 
+# what the daemon makes of a lead the whole-record screen flags (it judges each window)
+_DAEMON_DOES = {
+    "not in mV (check the units)": "the daemon finds each window implausible and leaves them out",
+    "flat": "the daemon leaves them out (no_signal if none is left)",
+    "missing": "the daemon leaves them out (no_signal if none is left)",
+    "saturated": "the daemon leaves them out of the windows where they sit at the rail",
+    "missing samples": "the daemon bridges holes up to 0.5 s and leaves them out where longer",
+    "noise-only": "the daemon cannot tell noise from ECG by the window and draws from them: expect poor views",
+}
+
+
 def adc_resolution_mv(path: str | Path, leads: list[str]) -> float | None:
     """mV per ADC count shared by ``leads`` of a WFDB record, or None when they differ."""
     header = wfdb.rdheader(str(record_base(path)))
@@ -69,8 +80,8 @@ def record_stream(path: str | Path, monitor_id: str = "bed", patient_id: str | N
         if f != "ok":
             flags.setdefault(f, []).append(n)
     if flags:  # sent as recorded: the daemon judges each window, but the cause is best said here
-        log.warning("%s: %s; the daemon will treat them as off (no_signal if none is left)", rec.name,
-                    "; ".join(f"{','.join(names)} {f}" for f, names in flags.items()))
+        log.warning("%s: %s", rec.name, "; ".join(f"{','.join(names)} {f}: {_DAEMON_DOES.get(f, 'check them')}"
+                                                  for f, names in flags.items()))
     scale = adc_resolution_mv(path, rec.leads)
     peak = float(np.nanmax(np.abs(rec.signals))) if np.isfinite(rec.signals).any() else 0.0
     if scale is None:

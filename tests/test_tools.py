@@ -374,7 +374,7 @@ def test_a_record_in_microvolts_labelled_mv_is_said_before_it_is_sent(data_dir, 
                 fmt=["16"] * 12, adc_gain=[1.0] * 12, baseline=[0] * 12, write_dir=str(tmp_path))
     with caplog.at_level(logging.WARNING):
         record_stream(data_dir / "ludb" / "ludb001")
-        assert "treat them as off" not in caplog.text
+        assert "the daemon" not in caplog.text
         record_stream(tmp_path / "uvasmv")
-    assert "uvasmv: I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6 not in mV (check the units); the daemon will treat " \
-        "them as off" in caplog.text
+    assert "uvasmv: I,II,III,aVR,aVL,aVF,V1,V2,V3,V4,V5,V6 not in mV (check the units): the daemon finds each " \
+        "window implausible and leaves them out" in caplog.text
