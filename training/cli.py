@@ -244,7 +244,7 @@ def run_eval(args) -> int:
         source = (f"{args.sim} simulated patients (device {args.device}"
                   f"{'; scored views at their exact angles' if args.sim_exact_views else ''})")
     else:
-        named = _named_val_records(list(said.values()))
+        named = _named_val_records(list(said.values())) if args.split in ("train", "val") else {}
         found = find_records(*args.data)
         paths = _select(found, args.split, named)
         if not paths:
