@@ -34,7 +34,7 @@ def record():
     return sim.signals.astype(np.float32), sim.names
 
 
-def stream_all(st: PatientStream, x, names, backend, chunk=125, order=None, synth=None):
+def stream_all(st: PatientStream, x, names, backend, chunk=125, order=None, synth=None, silences=None):
     """Feed ``x`` in chunks (in ``order`` of chunk index if given), calibrating when due;
     returns the stream's output stitched: (start, (Q, n))."""
     outs = []
@@ -46,8 +46,8 @@ def stream_all(st: PatientStream, x, names, backend, chunk=125, order=None, synt
             xc, lv = st.calibration_input()
             st.set_calibration(calibrate(synth.model, xc, lv, seconds=st.p.calibrate_s,
                                          inputs=[v.name for v in lv]))
-        outs += run_windows(backend.run, st.due())
-    outs += run_windows(backend.run, st.due(final=True))
+        outs += run_windows(backend.run, st.due(), silences=silences)
+    outs += run_windows(backend.run, st.due(final=True), silences=silences)
     for a, b in zip(outs, outs[1:]):
         assert b.start == a.start + a.data.shape[1], "output must be contiguous"
     return outs[0].start, np.concatenate([o.data for o in outs], axis=1), outs
@@ -127,6 +127,29 @@ def test_lead_off_is_masked_and_stream_continues(record, synth, backend, lead, q
     keep = [i for i in range(len(names)) if i != v2]
     ref = synth(x[keep], resolve_views([names[i] for i in keep]), VIEWS)
     assert np.abs(y[:, 2600:] - ref[:, 2600:]).max() * 1000 < 1.0, "synthesised from the leads still on"
+
+
+def test_the_silent_heart_is_taken_off_each_window_as_offline(record, synth, backend):
+    """With a cache, each window loses what the model draws of a silent heart for its own
+    inputs (all of them, then without the lead off), as panorama synthesize does offline."""
+    from panorama.synth import silence
+
+    x, names = record
+    x = x.copy()
+    x[names.index("V2"), 2000:] = 0.0
+    cache: dict = {}
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    _, y, outs = stream_all(st, x, names, backend, silences=cache)
+    ins = resolve_views(names)
+    keep = [i for i, n in enumerate(names) if n != "V2"]
+    sub_ins = [ins[i] for i in keep]
+    whole = synth(x, ins, VIEWS) - silence(lambda z: synth(z, ins, VIEWS), len(ins))[:, None]
+    fewer = synth(x[keep], sub_ins, VIEWS) - silence(lambda z: synth(z, sub_ins, VIEWS), len(keep))[:, None]
+    assert np.abs(y[:, :1500] - whole[:, :1500]).max() * 1000 < 1.0
+    assert np.abs(y[:, 2600:] - fewer[:, 2600:]).max() * 1000 < 1.0
+    assert len(cache) == 2  # one per set of inputs, not one per window
+    offset = silence(lambda z: synth(z, ins, VIEWS), len(ins))
+    assert np.all((offset > -0.25) & (offset < -0.05)), offset  # what was taken off: the model's own constant
 
 
 def test_memory_is_bounded_on_a_long_stream(backend):
