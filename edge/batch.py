@@ -90,6 +90,12 @@ def run_windows(run, windows: list[Window], max_batch: int = 32, silences: dict 
     return [outputs[i] for i in range(len(windows))]
 
 
+def runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """The (start, stop) of each run of True in a 1-D boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(flags).astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
 def bridge_holes(x: np.ndarray, keep: tuple[int, int], longest: int) -> tuple[np.ndarray, bool]:
     """Holes (NaN) of at most ``longest`` samples outside the output span ``keep`` (its
     context and lookahead) filled by a straight line between their edges, lead by lead, so
@@ -107,9 +113,7 @@ def bridge_holes(x: np.ndarray, keep: tuple[int, int], longest: int) -> tuple[np
         bad = ~np.isfinite(row)
         if not bad.any() or bad[keep[0]:keep[1]].any() or bad.all():
             continue
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], bad.astype(np.int8), [0]])))
-        runs = list(zip(edges[::2], edges[1::2]))
-        if max(b - a for a, b in runs) > longest:
+        if max(b - a for a, b in runs(bad)) > longest:
             continue
         good = np.flatnonzero(~bad)
         row[bad] = np.interp(np.flatnonzero(bad), good, row[good])  # flat beyond the first and last sample

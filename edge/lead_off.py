@@ -20,17 +20,12 @@ import numpy as np
 
 from panorama.records import MODEL_FS
 
-from .batch import window_quality
+from .batch import runs, window_quality
 
 BLOCK_S = 1.0  # judged second by second: about the daemon's window (context 256 + hop 128 + lookahead)
 RAIL_S = 0.1  # a lead held at its extreme this long is at a rail (real records here plateau at theirs for up to 0.09 s)
 HELD_S = 0.75  # a lead exactly constant this long is off, wherever it sits (real records here: at most 0.7 s)
 BRIDGE_S = 0.5  # NaN gaps up to this long are bridged (the daemon bridges 256 samples, 0.51 s)
-
-
-def _runs(bad: np.ndarray) -> list[tuple[int, int]]:
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], bad.astype(np.int8), [0]])))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
 
 
 def fill_gaps(x: np.ndarray, fs: float) -> tuple[np.ndarray, list[list[tuple[int, int]]], int]:
@@ -43,9 +38,9 @@ def fill_gaps(x: np.ndarray, fs: float) -> tuple[np.ndarray, list[list[tuple[int
     bridged = 0
     for row in x:
         bad = ~np.isfinite(row)
-        runs = _runs(bad)
-        long.append([(a, b) for a, b in runs if b - a > BRIDGE_S * fs])
-        bridged += len(runs) - len(long[-1])
+        holes = runs(bad)
+        long.append([(a, b) for a, b in holes if b - a > BRIDGE_S * fs])
+        bridged += len(holes) - len(long[-1])
         if bad.any() and not bad.all():
             good = np.flatnonzero(~bad)
             row[bad] = np.interp(np.flatnonzero(bad), good, row[good])
@@ -68,7 +63,7 @@ class LeadsOff:
         """Each input's spans off, with why: "V3 flat over 5-10 s"."""
         said = []
         for i, name in enumerate(names):
-            for a, b in _runs(self.off[i]):
+            for a, b in runs(self.off[i]):
                 reasons = sorted(set(self.why[i, a:b]) - {"ok"})
                 said.append(f"{name} {'/'.join(reasons)} over {self._s(a, b)}")
         return said
@@ -103,11 +98,11 @@ def leads_off(x: np.ndarray, native: np.ndarray, gaps: list[list[tuple[int, int]
 
     held = max(2, int(round(HELD_S * native_fs)))
     for i, row in enumerate(native):
-        for a, b in _runs(np.diff(row) == 0):  # b - a + 1 samples of one value
+        for a, b in runs(np.diff(row) == 0):  # b - a + 1 samples of one value
             if b - a + 1 >= held:
                 mark(i, a, b + 1, "flat")
         for extreme in (row.max(), row.min()):
-            for a, b in _runs(row == extreme):
+            for a, b in runs(row == extreme):
                 if b - a >= run:
                     mark(i, a, b, "saturated")
         for a, b in gaps[i]:
@@ -133,7 +128,7 @@ def drawn_around(draw, inputs: list, lo: LeadsOff, n: int) -> tuple[np.ndarray, 
     for pattern in sorted({tuple(col) for col in off.T if col.any()}):
         blocks = [k for k in range(off.shape[1]) if tuple(off[:, k]) == pattern]
         keep = [v for v, gone in zip(inputs, pattern) if not gone]
-        spans = ", ".join(lo._s(a, b) for a, b in _runs(np.isin(np.arange(off.shape[1]), blocks)))
+        spans = ", ".join(lo._s(a, b) for a, b in runs(np.isin(np.arange(off.shape[1]), blocks)))
         if keep:
             part = draw(keep)
             for k in blocks:
