@@ -126,6 +126,11 @@ class Daemon:
             t = threading.Thread(target=target, name=f"serve-{name}", daemon=True)
             t.start()
             self.threads.append(t)
+        # serving (subscribed to the streams) once no other daemon with this id answered: what
+        # start() promises its caller (a monitor started next is heard from its first chunk)
+        deadline = time.monotonic() + TWIN_WAIT_S + 5
+        while not (self.twins.cleared.is_set() or self.twins.yielded.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.01)
         period = watchdog_period()
         if period:
             self.watchdog = Watchdog(period, ["ingest", "inference", "publisher"], self.stopping, self._status_line,
