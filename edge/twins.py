@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-TWIN_WAIT_S = 1.0  # after its first connect a daemon waits this long for another with its id to answer
+TWIN_WAIT_S = 0.5  # after its first connect a daemon waits this long for another with its id (which answers in ms)
 EXIT_TWIN = 3  # panorama serve's exit status when it yielded: not a failure to restart on
 
 

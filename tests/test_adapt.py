@@ -112,14 +112,14 @@ def test_adaptation_improves_v2_and_v6_on_real_validation_records(data_dir):
     from training import splits
     from training.evaluate import Task, evaluate, load_cases
 
-    paths = splits.select(sorted(p.with_suffix("") for p in (data_dir / "ludb").glob("*.hea")), "val")[:12]
+    paths = splits.select(sorted(p.with_suffix("") for p in (data_dir / "ludb").glob("*.hea")), "val")[:8]
     task = Task(resolve_views("I,II,V3"), resolve_views("V2,V6"))
     cases, _ = load_cases(paths, task, progress=False)
     tr = evaluate(cases, task, "model", progress=False, calibrate_s=5, transfer=True)
     ad = evaluate(cases, task, "model", progress=False, calibrate_s=5, transfer=True, adapt=True)
     tr, ad = tr.summary["overall"], ad.summary["overall"]
-    assert ad["records"] == tr["records"] >= 10
-    assert ad["psnr_db"] > tr["psnr_db"] + 0.5, (tr, ad)  # session 12: 32.26 -> 33.26 dB, r 0.953 -> 0.963
+    assert ad["records"] == tr["records"] == 8
+    assert ad["psnr_db"] > tr["psnr_db"] + 0.5, (tr, ad)  # session 27, 8 records: 32.94 -> 34.75 dB, r 0.966 -> 0.974
     assert ad["r_median"] > tr["r_median"]
 
 
@@ -127,11 +127,12 @@ def test_the_example_figure_shows_the_median_record(synth, data_dir, tmp_path):
     from training.transfer_figure import plot_transfer_example
 
     recs = [data_dir / "ludb" / n for n in ("ludb001", "ludb002")]
-    for step in ("transfer", "adapt", "wander"):
+    for step in ("transfer", "adapt", "wander"):  # the choice of the median over two records once; one is enough after
         out = tmp_path / f"example_{step}.png"
-        res = plot_transfer_example(synth, recs, out, split="all", step=step)
+        res = plot_transfer_example(synth, recs if step == "transfer" else recs[:1], out, split="all", step=step)
         assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
-        assert res["record"] in {"ludb001", "ludb002"} and np.isfinite(res["gain_db"])
+        assert res["record"] in ({"ludb001", "ludb002"} if step == "transfer" else {"ludb001"})
+        assert np.isfinite(res["gain_db"])
     with pytest.raises(ValueError, match="unknown step 'calib'"):
         plot_transfer_example(synth, recs, tmp_path / "no.png", split="all", step="calib")
 

@@ -252,11 +252,11 @@ def test_a_monitor_says_when_no_daemon_answers_its_stream(mosquitto, prefix, tmp
     monkeypatch.setattr(edge.monitor, "ANSWER_S", 1.5)  # 10 s by default
     with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0}, stream={"idle_timeout_s": 30}):
         with caplog.at_level(logging.WARNING):
-            served = run_monitor(sim_streams(1, seconds=3.0), mosquitto, prefix=prefix, protocol="3.1.1")
+            served = run_monitor(sim_streams(1, seconds=2.0), mosquitto, prefix=prefix, protocol="3.1.1")
             # restarted while the daemon still holds its stream: the daemon says the stream started again
-            again = run_monitor(sim_streams(1, seconds=3.0), mosquitto, prefix=prefix, protocol="3.1.1")
+            again = run_monitor(sim_streams(1, seconds=2.0), mosquitto, prefix=prefix, protocol="3.1.1")
             # the same stream where no daemon serves (over 3.1.1, as if the broker dropped its chunks)
-            lost = run_monitor(sim_streams(1, seconds=3.0), mosquitto, prefix=f"{prefix}-nobody", protocol="3.1.1")
+            lost = run_monitor(sim_streams(1, seconds=2.0), mosquitto, prefix=f"{prefix}-nobody", protocol="3.1.1")
     assert not served[0].unanswered and "no daemon answered" not in served[0].line() and not again[0].unanswered
     assert lost[0].unanswered and lost[0].line().endswith("; no daemon answered within 1.5 s")
     assert f"no daemon has answered bed/sim-000 within 1.5 s: is panorama serve running with prefix {prefix}-nobody" \
@@ -452,7 +452,7 @@ def test_through_the_embedded_broker(prefix, tmp_path):
 
 
 def test_a_broker_outage_longer_than_the_idle_timeout_does_not_end_the_stream(tmp_path):
-    """The broker is down 4 s, longer than idle_timeout_s (1.5 s): the daemon's silence is its
+    """The broker is down 2.5 s, longer than idle_timeout_s (1.5 s): the daemon's silence is its
     own link's, so the patient keeps its stream and its calibration (one fit, one end)."""
     import shutil
 
@@ -471,16 +471,16 @@ def test_a_broker_outage_longer_than_the_idle_timeout_does_not_end_the_stream(tm
     try:
         with serve(tmp_path, url, prefix, proto="3.1.1") as (proc, tap, cfg):
             stop = threading.Event()
-            sender = threading.Thread(target=run_monitor, args=(sim_streams(1, seconds=14.0), url),
+            sender = threading.Thread(target=run_monitor, args=(sim_streams(1, seconds=11.0), url),
                                       kwargs={"protocol": "3.1.1", "prefix": prefix, "stop_event": stop}, daemon=True)
             sender.start()
-            time.sleep(6.5)  # calibrated after 5 s
+            time.sleep(6.0)  # calibrated after 5 s
             first.terminate()
             first.wait(10)
-            time.sleep(4.0)
+            time.sleep(2.5)
             second = broker()
             sender.join(60)
-            time.sleep(3.0)  # silent past the idle timeout once the link is back: ended once
+            time.sleep(2.5)  # silent past the idle timeout once the link is back: ended once
         log = proc.communicate(timeout=30)[0]
     finally:
         for b in (first, locals().get("second")):

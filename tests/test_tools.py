@@ -241,7 +241,7 @@ def test_listen_refuses_an_unusable_folder_or_filter_before_it_captures(tmp_path
         assert time.monotonic() - t0 < 10, "refused before connecting, not after the capture"
 
 
-def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path, caplog):
+def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path, caplog, monkeypatch):
     cmd = [sys.executable, "-m", "panorama_cli"]
     listen = subprocess.Popen([*cmd, "listen", "--broker", mosquitto, "--topic", f"{prefix}/+/+/raw",
                                "--out", str(tmp_path), "--chunks", "8", "--duration", "60"],
@@ -277,8 +277,11 @@ def test_cli_monitor_and_listen_talk_over_mosquitto(mosquitto, prefix, tmp_path,
     # a later run without --views is told the request still holds; --views default withdraws it
     import logging
 
+    import edge.monitor
     from edge.monitor import run_monitor
     from edge.sources import sim_streams
+
+    monkeypatch.setattr(edge.monitor, "END_ANSWER_S", 0.3)  # no daemon here: its silence need not be waited out
 
     with caplog.at_level(logging.WARNING, logger="edge.monitor"):
         run_monitor(sim_streams(1, seconds=0.5, monitor_id="cli"), mosquitto, prefix=prefix, fast=True)
