@@ -152,9 +152,10 @@ class PatientStream:
         # that restarted and counts from 0 again, however soon it came back
         again = self.placed.get(seq) if behind else None
         restarted = again is not None and abs(t0_ns - again[2]) * self.p.fs > 1e9
-        # seq further back than any reordering: a sender counting from 0 again after more chunks
-        # than are remembered (a wrap is one step ahead, never back)
-        restarted = restarted or (self.seq_high is not None and not behind
+        # seq further back than any reordering, stamped at or after the newest samples: a sender
+        # counting from 0 again after more chunks than are remembered (a wrap is one step ahead,
+        # never back); one stamped before them is a very late chunk (a QoS 1 resend), not a restart
+        restarted = restarted or (self.seq_high is not None and not behind and pos + n > self.end
                                   and (seq - self.seq_high) % 2**32 > 2**31)
         if again is not None and not restarted:
             pos = again[0]

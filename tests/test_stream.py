@@ -398,6 +398,16 @@ def test_a_restarted_monitor_is_not_a_clock_step(record, chunks, first_seq, late
     assert st.generation == 1 and st.end == 250 and st.counts.late == 0
 
 
+def test_a_very_late_first_chunk_is_not_a_restart(record):
+    """Seq 0 resent (QoS 1) after 100 newer chunks, with its own stamp: late, the stream goes on."""
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    for k in range(1, 101):
+        st.ingest(k, T0 + int(k * 125 * 2e6), names, x[:, :125])
+    assert st.ingest(0, T0, names, x[:, :125]) in ("late", "out_of_order")
+    assert st.generation == 0 and st.counts.restarts == 0
+
+
 def test_a_chunk_resent_after_a_clock_step_is_a_duplicate_not_a_restart(record):
     """A resend carries its first stamp: after the clock stepped it is placed by its seq,
     found already there, and dropped; the stream goes on."""
