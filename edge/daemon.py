@@ -86,6 +86,8 @@ class Daemon:
         self.chunks_in = 0
         self.started = time.time()
         self.twins = Twins(self.id, self.started, self._answer_twin)  # another daemon with this id
+        self._twin_timer: threading.Timer | None = None
+        self.draining = threading.Event()  # stop() has begun: no stream is taken again, even on a reconnect
         self.client = mq.make_client(mq.client_id("serve"), cfg.mqtt.protocol)
         self.publisher = mq.Publisher(self.client, maxsize=cfg.queues.publish, protocol=cfg.mqtt.protocol,
                                       beat=lambda: self._beat("publisher"))
@@ -106,6 +108,7 @@ class Daemon:
         self.client.will_set(status, b"offline", qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.publisher.start()
         if self.params.calibrate_s > 0:  # first in the pool: a patient needs calibrate_s of data first anyway
             self.pool.submit(self._warm_up)
@@ -136,7 +139,8 @@ class Daemon:
             self.watchdog = Watchdog(period, ["ingest", "inference", "publisher"], self.stopping, self._status_line,
                                      checks={"paho's MQTT network thread": lambda: mq.network_running(self.client)}
                                      ).start()
-        notify("READY=1", f"STATUS=serving {self.broker} as {self.id}")
+        if self.twins.cleared.is_set():  # one that yields, or that the broker refuses the streams, is never ready
+            notify("READY=1", f"STATUS=serving {self.broker} as {self.id}")
         return self
 
     def _status_line(self) -> str:
@@ -160,6 +164,9 @@ class Daemon:
         say offline, disconnect. A daemon that yielded to an earlier one with its id
         (``edge.twins``) says nothing on the topics they share: the streams are the other's."""
         log.info("draining")
+        self.draining.set()
+        if self._twin_timer is not None:
+            self._twin_timer.cancel()
         notify("STOPPING=1", "STATUS=draining")
         try:
             self.client.unsubscribe([self.topics.pattern("raw"), self.topics.pattern("views")])
@@ -203,22 +210,36 @@ class Daemon:
         if self.twins.cleared.is_set():  # a reconnect: this one serves
             self._take_streams()
         else:  # the first connect: streams only once no daemon with this id has answered for a while
-            t = threading.Timer(TWIN_WAIT_S, self._take_streams)
-            t.daemon = True
-            t.start()
+            if self._twin_timer is not None:
+                self._twin_timer.cancel()  # the first connect dropped: the wait starts again on this one
+            self._twin_timer = threading.Timer(TWIN_WAIT_S, self._take_streams)
+            self._twin_timer.daemon = True
+            self._twin_timer.start()
 
     def _take_streams(self) -> None:
-        if self.twins.yielded.is_set() or self.stopping.is_set():
+        if self.twins.yielded.is_set() or self.draining.is_set():
+            return
+        self.client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
+        if len(reason_codes) != 2:  # the health topic's (one filter), not the streams' (raw and views)
+            return
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:  # the broker's ACL: nothing will come; said, and never 'online'
+            log.error("the broker refuses this daemon the stream topics %s and %s (%s): check its ACL",
+                      self.topics.pattern("raw"), self.topics.pattern("views"), ", ".join(refused))
             return
         self.twins.cleared.set()
-        self.client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
-        # "online" on every (re)connect, once serving: the broker published our will if the link dropped
+        # "online" on every (re)connect, once subscribed: the broker published our will if the link dropped
         self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
 
-    def _answer_twin(self) -> None:
-        """A newcomer with this id: tell it now (it yields), and say online again for the shared topic."""
-        self._say_health()
-        self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
+    def _answer_twin(self) -> bool:
+        """A newcomer with this id: tell it now (it yields), and say online again for the shared
+        topic; whether the report went into the publisher's queue."""
+        sent = self._say_health()
+        if self.twins.cleared.is_set():
+            self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
+        return sent
 
     def _on_message(self, client, userdata, msg):
         if msg.topic == self.topics.health(self.id):
@@ -415,12 +436,13 @@ class Daemon:
         while not self.stopping.wait(self.cfg.health.interval_s):
             self._say_health()
 
-    def _say_health(self) -> None:
+    def _say_health(self) -> bool:
         try:
-            self.publisher.put(self.topics.health(self.id), json.dumps(self.health()).encode(), qos=0,
-                               content_type=CONTENT_TYPE_JSON)
+            return bool(self.publisher.put(self.topics.health(self.id), json.dumps(self.health()).encode(), qos=0,
+                                           content_type=CONTENT_TYPE_JSON))
         except Exception:
             log.exception("health report failed")
+            return False
 
     def _watch_model(self) -> None:
         """A new checkpoint at model.path (a fleet update) is loaded here, off the hot path."""

@@ -53,7 +53,7 @@ def run(args) -> int:
     while not stop.wait(0.5) and not daemon.twins.yielded.is_set():
         pass
     daemon.stop()
-    if daemon.twins.yielded.is_set():
+    if daemon.twins.yielded.is_set():  # a daemon that had served exits as failed: restarted, it yields for good
         print(f"panorama serve: {daemon.twins.why}", file=sys.stderr)
-        return EXIT_TWIN
+        return 1 if daemon.twins.had_served else EXIT_TWIN
     return 0

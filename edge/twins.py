@@ -22,41 +22,46 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 TWIN_WAIT_S = 0.5  # after its first connect a daemon waits this long for another with its id (which answers in ms)
-EXIT_TWIN = 3  # panorama serve's exit status when it yielded: not a failure to restart on
+EXIT_TWIN = 3  # panorama serve's exit status when it yielded before it served: not a failure to restart on
 
 
 class Twins:
-    def __init__(self, daemon_id: str, started: float, answer: Callable[[], None]):
+    def __init__(self, daemon_id: str, started: float, answer: Callable[[], bool]):
         self.daemon_id, self.started, self.answer = daemon_id, started, answer
         self.instance = uuid.uuid4().hex
         self.yielded = threading.Event()
         self.cleared = threading.Event()  # no other answered within TWIN_WAIT_S of the first connect: this one serves
         self.why = ""
+        self.had_served = False  # it yielded after it had served (two serving: a split broker healed)
         self._answered: set[str] = set()
 
     def card(self) -> dict:
-        """What the health report carries of this daemon: who it is, since when."""
-        return {"instance": self.instance, "started": self.started}
+        """What the health report carries of this daemon: who it is, since when, and whether it
+        serves (has taken the streams)."""
+        return {"instance": self.instance, "started": self.started, "serving": self.cleared.is_set()}
 
     def heard(self, payload: bytes) -> None:
         """A health report on this daemon's own id's topic (paho's thread: quick, no waiting)."""
         try:
             doc = json.loads(payload)
-            other, started = str(doc["instance"]), float(doc["started"])
+            other, started, serving = str(doc["instance"]), float(doc["started"]), bool(doc.get("serving", True))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return  # a report of an older daemon, or not a report: nothing to tell
         if other == self.instance:
             return
-        if (started, other) < (self.started, self.instance):  # it was here first: this one yields
+        # the one serving stays, whatever the clocks say (a newcomer's may be behind: a Jetson before
+        # NTP); between two serving (a split broker healed) or two starting, the one started first
+        mine = self.cleared.is_set()
+        if (serving, -started, other) > (mine, -self.started, self.instance):  # it stays: this one yields
             if not self.yielded.is_set():
+                self.had_served = mine
                 since = dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(timespec="seconds")
                 self.why = (f"another daemon with id {self.daemon_id!r} (instance {other[:8]}, up since {since}) "
                             "already serves this broker and prefix; give each daemon its own mqtt.daemon_id, or "
                             "stop the other (systemctl stop panorama-serve?)")
                 log.error("stopping: %s", self.why)
                 self.yielded.set()
-        elif other not in self._answered:  # a newcomer: it hears this one's report now, and yields
-            self._answered.add(other)
+        elif other not in self._answered and self.answer():  # it hears this one's report now, and yields
+            self._answered.add(other)  # only once it went out: a full queue drops it, the next report tries again
             log.warning("another daemon with id %r started (instance %s); it is told to stop", self.daemon_id,
                         other[:8])
-            self.answer()
