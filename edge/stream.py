@@ -37,6 +37,7 @@ from panorama.records import MODEL_FS
 from .batch import Window, bridge_holes, window_quality
 
 RECEPTIVE_FIELD = 224  # samples each side whose input can change an output sample (measured)
+STAMPS = 1024  # seqs whose stamps a stream remembers (256 s of 250 ms chunks): a restart told from a late resend
 REORDER_SEQ = 64  # a chunk this many seqs behind the newest, or fewer, is a resend or reordered
 AHEAD_WINDOW_S = 10.0  # how far back ahead_s looks
 
@@ -108,6 +109,7 @@ class PatientStream:
         self.seq_high: int | None = None  # the newest seq received (mod 2**32), placed or not
         self.last_n = 0  # samples in the newest chunk placed
         self.placed: dict[int, tuple[int, int, int]] = {}  # seq -> (position, samples, t0_ns) of recent chunks
+        self.stamps: dict[int, int] = {}  # seq -> t0_ns of the last STAMPS chunks: a resend from a restart, far back
         self.last_sent_ns = 0
         self.arrivals: deque[tuple[float, int]] = deque()  # (monotonic time, samples) of the last AHEAD_WINDOW_S
         self.state = "waiting" if params.calibrate_s > 0 else "streaming"
@@ -152,11 +154,14 @@ class PatientStream:
         # that restarted and counts from 0 again, however soon it came back
         again = self.placed.get(seq) if behind else None
         restarted = again is not None and abs(t0_ns - again[2]) * self.p.fs > 1e9
-        # seq further back than any reordering, stamped at or after the newest samples: a sender
-        # counting from 0 again after more chunks than are remembered (a wrap is one step ahead,
-        # never back); one stamped before them is a very late chunk (a QoS 1 resend), not a restart
-        restarted = restarted or (self.seq_high is not None and not behind and pos + n > self.end
-                                  and (seq - self.seq_high) % 2**32 > 2**31)
+        # seq further back than any reordering (a wrap is one step ahead, never back): a very late
+        # resend (a QoS 1 one) carries the stamp its seq had; a sender counting from 0 again after a
+        # longer run, another. Past what is remembered, one stamped at or after the newest samples
+        # is the restart, one before them the late chunk
+        if self.seq_high is not None and not behind and not restarted and (seq - self.seq_high) % 2**32 > 2**31:
+            known = self.stamps.get(seq)
+            restarted = abs(t0_ns - known) * self.p.fs > 1e9 if known is not None else pos + n > self.end
+            behind = not restarted  # late: it may fill a hole, never moves the newest seq
         if again is not None and not restarted:
             pos = again[0]
         # a seq not yet placed, beside one that was: reordered, whatever its time says
@@ -216,6 +221,9 @@ class PatientStream:
         self.placed[seq] = (pos, n, t0_ns)
         while len(self.placed) > 2 * REORDER_SEQ:
             del self.placed[next(iter(self.placed))]
+        self.stamps[seq] = t0_ns
+        while len(self.stamps) > STAMPS:
+            del self.stamps[next(iter(self.stamps))]
         slots = [self._slot(name) for name in leads]
         self._ensure(pos, pos + n)
         self.buf[slots, pos - self.base: pos + n - self.base] = data
@@ -259,6 +267,7 @@ class PatientStream:
         self.generation += 1
         self.counts.restarts += 1
         self.placed.clear()
+        self.stamps.clear()
         self.t0_ns = t0_ns
         self.buf = np.full((len(self.leads), 0), np.nan, dtype=np.float32)
         self.have = np.zeros(0, dtype=bool)

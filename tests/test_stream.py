@@ -382,7 +382,7 @@ def test_a_lost_chunk_of_a_monitor_sending_chunks_of_two_lengths_is_a_gap_not_a_
 
 
 @pytest.mark.parametrize("chunks,first_seq,later_s", [(8, 0, 1000), (8, 1, 1000), (100, 1, 1000), (8, 0, 10),
-                                                     (8, 0, -5), (160, 0, 42), (160, 1, 40.5)])
+                                                     (8, 0, -5), (160, 0, 42), (160, 1, 40.5), (160, 0, 35), (160, 0, 3)])
 def test_a_restarted_monitor_is_not_a_clock_step(record, chunks, first_seq, later_s):
     """A monitor restarted (seq from 0 again, a new time; its chunk 0 perhaps lost) starts the
     stream again, whether its old stream was young (the new seq behind the newest) or long,
@@ -402,10 +402,16 @@ def test_a_very_late_first_chunk_is_not_a_restart(record):
     """Seq 0 resent (QoS 1) after 100 newer chunks, with its own stamp: late, the stream goes on."""
     x, names = record
     st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
-    for k in range(1, 101):
+    for k in range(0, 101):
         st.ingest(k, T0 + int(k * 125 * 2e6), names, x[:, :125])
-    assert st.ingest(0, T0, names, x[:, :125]) in ("late", "out_of_order")
-    assert st.generation == 0 and st.counts.restarts == 0
+    assert st.ingest(0, T0, names, x[:, :125]) == "duplicate"  # its stamp is the one seq 0 had
+    assert st.generation == 0 and st.counts.restarts == 0 and st.seq_high == 100
+    assert st.ingest(101, T0 + int(101 * 125 * 2e6), names, x[:, :125]) == "ok" and st.counts.gaps == 0
+    # after a clock step back, a resend far behind with its first stamp is still that chunk
+    for k in range(102, 112):
+        st.ingest(k, T0 + int(k * 125 * 2e6) - 30 * 10**9, names, x[:, :125])
+    assert st.counts.clock_steps == 1
+    assert st.ingest(30, T0 + int(30 * 125 * 2e6), names, x[:, :125]) == "duplicate" and st.generation == 0
 
 
 def test_a_chunk_resent_after_a_clock_step_is_a_duplicate_not_a_restart(record):
