@@ -47,7 +47,8 @@ _DAEMON_DOES = {
     "flat": "the daemon leaves them out (no_signal if none is left)",
     "missing": "the daemon leaves them out (no_signal if none is left)",
     "saturated": "the daemon leaves them out of the windows where they sit at the rail",
-    "missing samples": "the daemon bridges holes up to 0.5 s and leaves them out where longer",
+    "missing samples": "the daemon leaves them out of the windows whose output a hole reaches (a hole of up to "
+                       "256 samples only in a window's context or lookahead is bridged)",
     "noise-only": "the daemon cannot tell noise from ECG by the window and draws from them: expect poor views",
 }
 

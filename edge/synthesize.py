@@ -229,6 +229,10 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
             rec.signals[pick], native.signals[pick], [gaps[i] for i in pick], native.fs), rec.signals.shape[1])
         with np.errstate(invalid="ignore"):  # where one draw has no input left, the other alone
             y = np.where(np.isnan(y_sub), y, np.where(np.isnan(y), y_sub, 0.5 * (y + y_sub)))
+        # where the subset had no input left, the draw from every input stands alone: said so, not "missing"
+        off_sub = [n.replace(" left missing: no input usable there",
+                             f": the draw from {','.join(names)} alone (no input of {','.join(subset)} usable there)")
+                   for n in off_sub]
         notes = [f"blend: the mean of the draw from {','.join(names)} and the draw from {','.join(subset)}",
                  *notes, *(f"from {','.join(subset)}: {n}" for n in off_sub + notes_sub)]
     notes = off_notes + ([f"{bridged} gap(s) of at most {BRIDGE_S:g} s bridged by a straight line"] if bridged else [])\

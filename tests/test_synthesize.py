@@ -287,6 +287,27 @@ def test_an_input_off_for_part_of_the_record_is_not_drawn_from_there(panorama, d
     assert "1 gap(s) of at most 0.5 s bridged by a straight line" in head
 
 
+def test_blend_keeps_the_whole_draw_where_its_subset_is_off(panorama, data_dir, tmp_path):
+    """I, II and V3 all off 6-8 s: the subset draw has nothing there, the draw from every
+    input stands alone, and the header says so rather than 'missing'."""
+    from training.tune_blend import MONITOR
+
+    src = read_record(data_dir / "ludb" / "ludb001", fs=None)
+    sig = src.signals.copy()
+    for lead in ("I", "II", "V3"):
+        sig[src.leads.index(lead), 3000:4000] = 0.0
+    _write_like(src, "blendoff", sig, tmp_path)
+    proc = panorama("synthesize", tmp_path / "blendoff", "--inputs", MONITOR, "--views", "V2,V6", "--calibrate", "5",
+                    "--blend-with", "I,II,V3", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    back = wfdb.rdrecord(str(tmp_path / "out" / "blendoff")).p_signal
+    assert np.isfinite(back).all()
+    head = wfdb.rdheader(str(tmp_path / "out" / "blendoff")).comments
+    assert not any("left missing" in c for c in head), head
+    assert any(c.startswith("from I,II,V3: views over 6-8 s: the draw from I,II,III,") and c.endswith(
+        "alone (no input of I,II,V3 usable there)") for c in head), head
+
+
 def test_records_of_one_name_are_not_written_over_each_other(panorama, data_dir, tmp_path):
     for folder, rec in (("p1", "ludb001"), ("p2", "ludb002")):
         src = read_record(data_dir / "ludb" / rec, fs=None)
