@@ -36,6 +36,20 @@ def mosquitto() -> str:
     return "mqtt://127.0.0.1:1883"
 
 
+@pytest.fixture
+def device_folder(data_dir, tmp_path) -> tuple[Path, list[str]]:
+    """A folder of one device's own records, as a fleet operator has: copies of ludb001-004."""
+    import shutil
+
+    folder = tmp_path / "mydevice"
+    folder.mkdir()
+    picked = sorted((data_dir / "ludb").glob("ludb00[1-4].hea"))
+    for p in picked:
+        shutil.copy(p, folder)
+        shutil.copy(p.with_suffix(".dat"), folder)
+    return folder, [p.stem for p in picked]
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     d = default_data_dir()

@@ -50,21 +50,13 @@ def test_eval_says_when_it_scores_records_the_model_trained_on(cli, panorama, da
     assert res["model [nefnet_v2_stage1]"]["overall"]["psnr_db"] != res["model [nefnet_v2_stage2]"]["overall"]["psnr_db"]
 
 
-def test_eval_split_follows_the_validation_records_a_model_named(panorama, data_dir, tmp_path):
+def test_eval_split_follows_the_validation_records_a_model_named(panorama, device_folder, tmp_path):
     """A model trained with data.val_records: --split val scores those records of its folder,
     not the name hash's; --split train the rest; other folders keep the hash."""
-    import shutil
-
     from panorama import checkpoint
     from panorama.synth import DEFAULT_CHECKPOINTS
 
-    folder = tmp_path / "mydevice"
-    folder.mkdir()
-    picked = sorted((data_dir / "ludb").glob("ludb00[1-4].hea"))
-    for p in picked:
-        shutil.copy(p, folder)
-        shutil.copy(p.with_suffix(".dat"), folder)
-    names = [p.stem for p in picked]
+    folder, names = device_folder
     model, meta = checkpoint.load(DEFAULT_CHECKPOINTS["pretrained"])
     ckpt = tmp_path / "mine.safetensors"
     checkpoint.save(model, ckpt, {**meta, "init": None, "training_data": {

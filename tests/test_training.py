@@ -149,16 +149,8 @@ def test_device_records_a_bad_header_is_skipped_unknown_labels_said_and_sources_
         load_real(folder, "train", ["V2", "V6"], ["acme"])
 
 
-def test_validation_records_can_be_named(data_dir, tmp_path):
-    import shutil
-
-    folder = tmp_path / "mydevice"
-    folder.mkdir()
-    picked = sorted((data_dir / "ludb").glob("ludb00[1-4].hea"))
-    for p in picked:
-        shutil.copy(p, folder)
-        shutil.copy(p.with_suffix(".dat"), folder)
-    names = [p.stem for p in picked]
+def test_validation_records_can_be_named(device_folder):
+    folder, names = device_folder
     cfg = TrainConfig.model_validate({"data": {"real": str(folder), "val_records": names[:2]}})
     assert splits.select(sorted(folder.glob("*.hea")), "val", cfg.data.val_records) == \
         sorted(folder / f"{n}.hea" for n in names[:2])
