@@ -44,7 +44,7 @@ from .sdnotify import Watchdog, notify, watchdog_period
 from .protocol import CONTENT_TYPE_JSON, Limits, ProtocolError, decode_any
 from .intake import ViewRequests, raw_leads
 from .topics import Topics, parse_views_request
-from .twins import TWIN_WAIT_S, Twins
+from .twins import Twins
 from .reporting import Reporter
 from .stream import PatientStream, StreamParams
 
@@ -86,7 +86,6 @@ class Daemon:
         self.chunks_in = 0
         self.started = time.time()
         self.twins = Twins(self.id, self.started, self._answer_twin)  # another daemon with this id
-        self._twin_timer: threading.Timer | None = None
         self.draining = threading.Event()  # stop() has begun: no stream is taken again, even on a reconnect
         self.client = mq.make_client(mq.client_id("serve"), cfg.mqtt.protocol)
         self.publisher = mq.Publisher(self.client, maxsize=cfg.queues.publish, protocol=cfg.mqtt.protocol,
@@ -129,11 +128,7 @@ class Daemon:
             t = threading.Thread(target=target, name=f"serve-{name}", daemon=True)
             t.start()
             self.threads.append(t)
-        # serving (subscribed to the streams) once no other daemon with this id answered: what
-        # start() promises its caller (a monitor started next is heard from its first chunk)
-        deadline = time.monotonic() + TWIN_WAIT_S + 5
-        while not (self.twins.cleared.is_set() or self.twins.yielded.is_set()) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.twins.settle()  # serving, or yielded: what start() promises (a monitor started next is heard)
         period = watchdog_period()
         if period:
             self.watchdog = Watchdog(period, ["ingest", "inference", "publisher"], self.stopping, self._status_line,
@@ -165,8 +160,7 @@ class Daemon:
         (``edge.twins``) says nothing on the topics they share: the streams are the other's."""
         log.info("draining")
         self.draining.set()
-        if self._twin_timer is not None:
-            self._twin_timer.cancel()
+        self.twins.cancel()
         notify("STOPPING=1", "STATUS=draining")
         try:
             self.client.unsubscribe([self.topics.pattern("raw"), self.topics.pattern("views")])
@@ -207,31 +201,17 @@ class Daemon:
         self.link_back = time.monotonic()
         client.subscribe([(self.topics.health(self.id), 0)])
         self._say_health()  # at once: a daemon already serving with this id hears of this one now
-        if self.twins.cleared.is_set():  # a reconnect: this one serves
-            self._take_streams()
-        else:  # the first connect: streams only once no daemon with this id has answered for a while
-            if self._twin_timer is not None:
-                self._twin_timer.cancel()  # the first connect dropped: the wait starts again on this one
-            self._twin_timer = threading.Timer(TWIN_WAIT_S, self._take_streams)
-            self._twin_timer.daemon = True
-            self._twin_timer.start()
+        self.twins.connected(self._take_streams)
 
     def _take_streams(self) -> None:
-        if self.twins.yielded.is_set() or self.draining.is_set():
-            return
-        self.client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
+        if not (self.twins.yielded.is_set() or self.draining.is_set()):
+            self.client.subscribe([(self.topics.pattern("raw"), 0), (self.topics.pattern("views"), 1)])
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
-        if len(reason_codes) != 2:  # the health topic's (one filter), not the streams' (raw and views)
-            return
-        refused = [str(rc) for rc in reason_codes if rc.is_failure]
-        if refused:  # the broker's ACL: nothing will come; said, and never 'online'
-            log.error("the broker refuses this daemon the stream topics %s and %s (%s): check its ACL",
-                      self.topics.pattern("raw"), self.topics.pattern("views"), ", ".join(refused))
-            return
-        self.twins.cleared.set()
-        # "online" on every (re)connect, once subscribed: the broker published our will if the link dropped
-        self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
+        if len(reason_codes) == 2 and self.twins.subscribed(  # the streams' (raw and views), not health's
+                reason_codes, f"{self.topics.pattern('raw')} and {self.topics.pattern('views')}"):
+            # "online" on every (re)connect, once subscribed: the broker published our will if the link dropped
+            self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
 
     def _answer_twin(self) -> bool:
         """A newcomer with this id: tell it now (it yields), and say online again for the shared

@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 
@@ -33,7 +34,41 @@ class Twins:
         self.cleared = threading.Event()  # no other answered within TWIN_WAIT_S of the first connect: this one serves
         self.why = ""
         self.had_served = False  # it yielded after it had served (two serving: a split broker healed)
+        self._timer: threading.Timer | None = None
         self._answered: set[str] = set()
+
+    def connected(self, take: Callable[[], None]) -> None:
+        """At each connect: ``take`` the streams now if this daemon serves (a reconnect), else
+        ``TWIN_WAIT_S`` from now, once no other with its id has answered (the wait starts again
+        if a first connect dropped before it ended)."""
+        if self.cleared.is_set():
+            take()
+            return
+        self.cancel()
+        self._timer = threading.Timer(TWIN_WAIT_S, take)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def settle(self, timeout: float = TWIN_WAIT_S + 5) -> None:
+        """Wait until this daemon serves (subscribed to the streams) or has yielded."""
+        deadline = time.monotonic() + timeout
+        while not (self.cleared.is_set() or self.yielded.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def subscribed(self, reason_codes, topics: str) -> bool:
+        """The broker's SUBACK for the streams: this daemon serves from now on, unless the broker
+        refused them (its ACL), which is said and leaves it never serving."""
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            log.error("the broker refuses this daemon the stream topics %s (%s): check its ACL", topics,
+                      ", ".join(refused))
+            return False
+        self.cleared.set()
+        return True
 
     def card(self) -> dict:
         """What the health report carries of this daemon: who it is, since when, and whether it
