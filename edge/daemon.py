@@ -210,15 +210,17 @@ class Daemon:
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
         if len(reason_codes) == 2 and self.twins.subscribed(  # the streams' (raw and views), not health's
                 reason_codes, f"{self.topics.pattern('raw')} and {self.topics.pattern('views')}"):
-            # "online" on every (re)connect, once subscribed: the broker published our will if the link dropped
-            self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
+            self._say_online()  # every (re)connect, once subscribed: the broker published our will if the link dropped
+
+    def _say_online(self) -> None:
+        self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
 
     def _answer_twin(self) -> bool:
         """A newcomer with this id: tell it now (it yields), and say online again for the shared
         topic; whether the report went into the publisher's queue."""
         sent = self._say_health()
         if self.twins.cleared.is_set():
-            self.publisher.put(self.topics.daemon_status(self.id), b"online", qos=1, retain=True)
+            self._say_online()
         return sent
 
     def _on_message(self, client, userdata, msg):

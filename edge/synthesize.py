@@ -180,7 +180,10 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     mostly_missing = lead_quality(native.signals)  # over half the samples NaN: nothing to bridge
     filled, gaps, bridged = fill_gaps(native.signals, native.fs)
     native = Record(native.name, filled, names, native.fs, native.source)
-    rec = resample(native, MODEL_FS)
+    for n, row in zip(names, filled):  # the calibration and the electrode check see the inputs as synthesis does
+        whole.signals[whole.leads.index(n)] = row
+    at_model = resample(whole, MODEL_FS)  # once: resampling is lead by lead, so every step below takes its rows
+    rec = Record(native.name, np.stack([at_model.lead(n) for n in names]), names, MODEL_FS, native.source)
     # screened at the record's own rate too: resampling smears an amplifier's flat rail
     flags = [m if m == "missing" else a if a != "ok" else b
              for m, a, b in zip(mostly_missing, screen_leads(native.signals, native.fs),
@@ -195,8 +198,6 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
     off = leads_off(rec.signals, native.signals, gaps, native.fs)
     if off.any:
         log.warning("%s: %s; the views there are drawn from the other inputs", path.name, "; ".join(off.spans(names)))
-    for n, row in zip(names, filled):  # the calibration sees the inputs as synthesis does
-        whole.signals[whole.leads.index(n)] = row
     left_out, every = [], None
     if calibrate_s > 0:  # the other leads only supervise the first seconds: unusable there, left out
         window = whole.signals[:, :int(round(calibrate_s * whole.fs))]
@@ -206,14 +207,11 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
                 keep.append(i)
             else:
                 left_out.append(f"{n} {f}")
-        every = resample(Record(whole.name, whole.signals[keep], [whole.leads[i] for i in keep], whole.fs,
-                                whole.source), MODEL_FS)
+        every = Record(whole.name, at_model.signals[keep], [whole.leads[i] for i in keep], MODEL_FS, whole.source)
     wiring = None
     if every is None:  # calibration checks every lead it fits on; without it, every usable lead is checked
         usable = [i for i, f in enumerate(screen_leads(whole.signals, whole.fs)) if f == "ok"]
-        wiring = check_electrodes(resample(Record(whole.name, whole.signals[usable], [whole.leads[i] for i in usable],
-                                                  whole.fs), MODEL_FS).signals,
-                                  [whole.leads[i] for i in usable], MODEL_FS)
+        wiring = check_electrodes(at_model.signals[usable], [whole.leads[i] for i in usable], MODEL_FS)
         if wiring.suspect:
             log.warning("%s: %s; views drawn as labelled", path.name, wiring.reason)
 
