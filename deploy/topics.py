@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from edge.topics import Topics, _check_id
+from edge.topics import Topics, check_id
 
 RESERVED_GROUPS = ("artifacts", "devices")
 # An artifact travels in chunks of at most this many bytes, each its own retained message
@@ -27,7 +27,7 @@ def is_sha256(s) -> bool:
 
 def check_group(group) -> str:
     """A group is one topic level, as any id, and not a name the fleet topics use."""
-    _check_id("group", group)
+    check_id("group", group)
     if group in RESERVED_GROUPS:
         raise ValueError(f"group may not be named {group!r}: the fleet topics use it")
     return group
@@ -57,7 +57,7 @@ class FleetTopics:
         return f"{self.artifact(sha256)}/#"
 
     def state(self, device: str) -> str:
-        return f"{self.prefix}/devices/{_check_id('device', device)}/state"
+        return f"{self.prefix}/devices/{check_id('device', device)}/state"
 
     def states(self) -> str:
         return f"{self.prefix}/devices/+/state"

@@ -80,9 +80,9 @@ class MqttConfig(BrokerSettings):
     @field_validator("daemon_id")
     @classmethod
     def _daemon_id(cls, v: str) -> str:
-        from .topics import _check_id
+        from .topics import check_id
 
-        return _check_id("daemon", v)
+        return check_id("daemon", v)
 
 
 class ModelConfig(_Strict):

@@ -66,7 +66,9 @@ def check_filter(topic) -> str:
     return topic
 
 
-def _check_id(what: str, value) -> str:
+def check_id(what: str, value) -> str:
+    """``value``, a valid id of a ``what`` (monitor, patient, daemon, device, group) in a topic
+    level; ValueError naming the rule otherwise."""
     if not isinstance(value, str) or not _ID.fullmatch(value) or value == DAEMON:
         raise ValueError(f"{what} id {value!r} must be 1-64 characters of A-Z a-z 0-9 _ . -, "
                          f"not start with '.', and not be {DAEMON!r}")
@@ -85,7 +87,7 @@ class Topics:
         self.prefix = prefix
 
     def _stream(self, monitor, patient, kind) -> str:
-        return f"{self.prefix}/{_check_id('monitor', monitor)}/{_check_id('patient', patient)}/{kind}"
+        return f"{self.prefix}/{check_id('monitor', monitor)}/{check_id('patient', patient)}/{kind}"
 
     def raw(self, monitor, patient) -> str:
         return self._stream(monitor, patient, "raw")
@@ -103,13 +105,13 @@ class Topics:
         return self._stream(monitor, patient, "status")
 
     def daemon_status(self, daemon_id) -> str:
-        return f"{self.prefix}/{DAEMON}/{_check_id('daemon', daemon_id)}/status"
+        return f"{self.prefix}/{DAEMON}/{check_id('daemon', daemon_id)}/status"
 
     def health(self, daemon_id) -> str:
-        return f"{self.prefix}/{DAEMON}/{_check_id('daemon', daemon_id)}/health"
+        return f"{self.prefix}/{DAEMON}/{check_id('daemon', daemon_id)}/health"
 
     def errors(self, daemon_id) -> str:
-        return f"{self.prefix}/{DAEMON}/{_check_id('daemon', daemon_id)}/errors"
+        return f"{self.prefix}/{DAEMON}/{check_id('daemon', daemon_id)}/errors"
 
     def pattern(self, kind: str) -> str:
         """Subscription filter for one kind of every stream, e.g. ``ecg/v1/+/+/raw``."""
@@ -131,8 +133,8 @@ class Topics:
         if kind not in STREAM_KINDS:
             raise ProtocolError("bad_topic", f"topic {topic!r}: kind {kind!r} is not one of {STREAM_KINDS}")
         try:
-            _check_id("monitor", monitor)
-            _check_id("patient", patient)
+            check_id("monitor", monitor)
+            check_id("patient", patient)
         except ValueError as exc:
             raise ProtocolError("bad_topic", f"topic {topic!r}: {exc}") from None
         return monitor, patient, kind
