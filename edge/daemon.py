@@ -4,7 +4,7 @@ Threads, each with one job, joined by bounded queues (nothing grows without limi
 
     paho network thread ──on_message──▶ ingest queue (bounded; full → counted drop)
     ingest thread: topic → decode → validate → the patient's stream (placed by time)
-    calibration pool: each patient's first seconds → angle offsets (off the hot path)
+    calibration pool (edge.fitting): each patient's first seconds → angle offsets (off the hot path)
     inference thread: every stream's due windows, batched across patients → backend
         (edge.emit.Emitter: the backend, then virtual chunks, each stream with its own seq)
     publisher thread (edge.mqtt.Publisher): the only one that publishes
@@ -27,17 +27,15 @@ import queue
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
-from panorama.calibrate import CalibrationResult, calibrate, warm_up
 from panorama.geometry import resolve_view
 from panorama.records import MODEL_FS
 
 from . import mqtt as mq
 from .emit import Emitter
+from .fitting import Fitter
 from .model_slot import ModelSlot
 from .config import EdgeConfig, check_devices
 from .sdnotify import Watchdog, notify, watchdog_period
@@ -49,9 +47,6 @@ from .reporting import Reporter
 from .stream import PatientStream, StreamParams
 
 log = logging.getLogger("panorama.serve")
-NO_SIGNAL = ("no usable lead (every lead off, flat, saturated, missing or spanning over 50 mV: not in mV?): "
-             "views marked missing")
-LOST = "samples lost in transit (a hole in the stream, counted in gaps): views marked missing there"
 
 
 class Daemon:
@@ -75,12 +70,10 @@ class Daemon:
         self.last_seen: dict[tuple[str, str], float] = {}
         self.link_back = 0.0  # when the broker connection last came up (monotonic): silence before it is ours
         self._gaps_said: dict[tuple[str, str], int] = {}  # gap samples each stream had at its last stale check
-        self.fitting: set[tuple[str, str]] = set()  # streams with a calibration queued or running
         self.lock = threading.Lock()
         self.ingest_q: queue.Queue = queue.Queue(maxsize=cfg.queues.ingest)
         self.wake = threading.Event()
         self.stopping = threading.Event()
-        self.pool = ThreadPoolExecutor(cfg.calibration.workers, thread_name_prefix="calibrate")
         self.outcomes: Counter = Counter()
         self.dropped_ingest = 0
         self.chunks_in = 0
@@ -91,6 +84,8 @@ class Daemon:
         self.publisher = mq.Publisher(self.client, maxsize=cfg.queues.publish, protocol=cfg.mqtt.protocol,
                                       beat=lambda: self._beat("publisher"))
         self.report = Reporter(self.publisher, self.topics, self.id)
+        self.fitter = Fitter(self.slot, cfg.calibration.device, cfg.calibration.seconds, cfg.calibration.workers,
+                             self.report, self.streams, self.lock, self.wake)
         self.emit = Emitter(self.slot, self.publisher, self.topics, self.report, self.params.fs,
                             cfg.mqtt.virtual_format, cfg.mqtt.expiry_s or None, cfg.stream.max_batch,
                             beat=lambda: self._beat("inference"))
@@ -109,14 +104,13 @@ class Daemon:
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
         self.publisher.start()
-        if self.params.calibrate_s > 0:  # first in the pool: a patient needs calibrate_s of data first anyway
-            self.pool.submit(self._warm_up)
+        self.fitter.warm_up()  # first in the pool: a patient needs its first seconds of data first anyway
         self.broker = self.cfg.mqtt.endpoint()
         try:
             mq.connect(self.client, self.broker)
         except BaseException:  # nothing left running or bound: a retry in this process starts clean
             self.publisher.stop(timeout=1)
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.fitter.shutdown(wait=False)
             if self.metrics:
                 self.metrics.close()
                 self.metrics = None
@@ -173,7 +167,7 @@ class Daemon:
         self.wake.set()
         for t in self.threads:
             t.join(timeout=10)
-        self.pool.shutdown(wait=True, cancel_futures=True)  # fits under way finish; queued ones do not
+        self.fitter.shutdown()  # fits under way finish; queued ones do not
         with self.lock:
             unfit = [k for k, st in self.streams.items() if st.state != "streaming"]
         if unfit:
@@ -281,10 +275,7 @@ class Daemon:
             self.chunks_in += 1
             if outcome not in ("late", "duplicate"):  # a stream fed only stale chunks still goes idle
                 self.last_seen[key] = time.monotonic()
-            if st.calibration_due() and key not in self.fitting:
-                x, views = st.calibration_input()
-                self.fitting.add(key)
-                self.pool.submit(self._calibrate, st, x, views, st.generation)
+            self.fitter.submit_if_due(st)
             if st.state != before:
                 self.report.status(st)
             elif outcome == "reset":  # its sender restarted (or its clock jumped): said, so the sender hears it
@@ -299,35 +290,6 @@ class Daemon:
         if sum(k[0] == monitor for k in self.streams) >= per_monitor:
             return f"monitor {monitor!r} already streams {per_monitor} patients, the most one monitor may; stream refused"
         return ""
-
-    # ---- calibration (pool thread) ------------------------------------------------------
-    def _warm_up(self) -> None:
-        """Pay PyTorch's lazy start-up (``panorama.calibrate.warm_up``) before any patient waits for it."""
-        t0 = time.perf_counter()
-        try:
-            warm_up(self.slot.model, device=self.cfg.calibration.device)
-        except Exception:  # only the first patient's fit is slower for it
-            log.exception("calibration warm-up failed")
-            return
-        log.info("calibration warmed up in %.2f s", time.perf_counter() - t0)
-
-    def _calibrate(self, st: PatientStream, x: np.ndarray, views, generation: int) -> None:
-        names = [v.name for v in views]
-        try:
-            res = calibrate(self.slot.model, x, views, seconds=self.params.calibrate_s, inputs=names,
-                            device=self.cfg.calibration.device)
-        except Exception as exc:  # a failed fit keeps the table angles; the stream goes on
-            log.exception("calibration of %s failed", st.key)
-            res = CalibrationResult(names, np.zeros((len(names), 2)), False, f"calibration failed: {exc}")
-        with self.lock:
-            self.fitting.discard(st.key)
-            if st.generation != generation or self.streams.get(st.key) is not st:
-                return  # the stream restarted or ended meanwhile: this fit is of a time base gone
-            st.set_calibration(res)
-            self.report.status(st)
-        (log.warning if res.swap else log.info)("%s/%s: %s", *st.key, res.summary())  # a swap: check the patient
-        self.report.calibration(st.key, res, self.params.calibrate_s)
-        self.wake.set()
 
     # ---- inference ----------------------------------------------------------------------
     def _inference_loop(self) -> None:
@@ -348,17 +310,9 @@ class Daemon:
                         stale.append((st.key, st.counts.skipped - before, st.ahead_s(), lost))
                     self._gaps_said[st.key] = st.counts.gap_samples
                     if (st.signal == "missing") != (signal_before == "missing"):  # every lead lost, or one back
-                        why = LOST if st.lost_in_transit else NO_SIGNAL
-                        self.report.status(st, why if st.signal == "missing" else "signal back")
-                        if st.signal == "missing" and not st.lost_in_transit:  # an alarm for electrodes only
-                            self.report.error(st.key, "no_signal", NO_SIGNAL)
+                        self.report.signal(st)
             for key, n, ahead, lost in stale:
-                why = (f"the monitor runs {ahead:.0f} s ahead of real time, as panorama monitor --fast does: "
-                       "output is drawn for a screen, in real time" if ahead > self.cfg.stream.max_backlog_s
-                       else "samples lost in transit before them: a broker or network outage?" if lost
-                       else "calibration queue or overload")
-                self.report.error(key, "stale_output", f"{n} samples ({n / self.params.fs:.1f} s) of output were "
-                                  f"already stale when due and were skipped ({why})")
+                self.report.stale(key, n, self.params.fs, ahead, lost, self.cfg.stream.max_backlog_s)
             if windows:
                 try:
                     self.emit.synthesise(windows)

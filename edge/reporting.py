@@ -23,6 +23,9 @@ from .topics import Topics
 
 log = logging.getLogger("panorama.serve")
 REFUSED_EVERY_S = 5.0  # a refused stream is told again after this while it keeps sending (a monitor warns at 10 s)
+NO_SIGNAL = ("no usable lead (every lead off, flat, saturated, missing or spanning over 50 mV: not in mV?): "
+             "views marked missing")
+LOST = "samples lost in transit (a hole in the stream, counted in gaps): views marked missing there"
 
 
 class LatencyWindow:
@@ -105,6 +108,25 @@ class Reporter:
                "axes": res.axes.split(",") if res.axes else [], "prior_weight": _num(res.prior_weight),
                "swap": res.swap or None, "swap_fitted_on": res.swap_fitted_on}
         self._json(self.topics.calibration(*key), doc, qos=1, retain=True)
+
+    def signal(self, st) -> None:
+        """Every lead of ``st`` lost, or one back: said on its status, and an alarm on the
+        errors topic when it is the electrodes (not samples lost in transit)."""
+        if st.signal != "missing":
+            self.status(st, "signal back")
+            return
+        self.status(st, LOST if st.lost_in_transit else NO_SIGNAL)
+        if not st.lost_in_transit:
+            self.error(st.key, "no_signal", NO_SIGNAL)
+
+    def stale(self, key, n: int, fs: float, ahead_s: float, lost: bool, max_backlog_s: float) -> None:
+        """``n`` samples of ``key``'s output were already stale when due and skipped, and why."""
+        why = (f"the monitor runs {ahead_s:.0f} s ahead of real time, as panorama monitor --fast does: "
+               "output is drawn for a screen, in real time" if ahead_s > max_backlog_s
+               else "samples lost in transit before them: a broker or network outage?" if lost
+               else "calibration queue or overload")
+        self.error(key, "stale_output", f"{n} samples ({n / fs:.1f} s) of output were already stale when due "
+                   f"and were skipped ({why})")
 
     def reject(self, topic: str, code: str, reason: str) -> None:
         """A message refused: counted, and said on the errors topic for its stream."""
