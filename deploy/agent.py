@@ -67,6 +67,8 @@ class Agent:
         try:
             self.store.state()  # a damaged state.json stops the agent here, not its worker later
             self.store.sweep()
+            if said := self.store.reconcile():  # a power cut between a swap of current and its state
+                log.warning("%s", said)
             if cfg.factory_model is None:
                 from panorama.synth import default_checkpoint
                 factory = default_checkpoint()
@@ -128,6 +130,10 @@ class Agent:
     def _on_message(self, client, userdata, msg):
         download = self.download
         if msg.topic == self.health_topic:
+            if msg.retain:  # the daemon never retains its health: this is no live report
+                log.warning("a retained message on %s ignored: the daemon's health reports are never retained",
+                            msg.topic)
+                return
             try:
                 self.health = (time.monotonic(), json.loads(msg.payload))
             except ValueError:
@@ -230,7 +236,7 @@ class Agent:
             problem = f"health gate error: {type(exc).__name__}: {exc}"
         if problem:
             try:
-                prev = self.store.rollback()
+                prev = self.store.rollback(problem)
             except (UpdateError, OSError) as exc:
                 self._ack(m, "FAILED", f"{problem}; and the rollback failed: {exc}")
                 raise

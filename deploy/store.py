@@ -13,7 +13,10 @@ swapped by renaming a new link over it (``os.replace``), so a power cut leaves t
 model or the new one, never half of either. The previous version and the factory model are
 kept for rollback; nothing ``current`` points at is ever removed. ``state.json`` is written
 the same way and only by this module, never by an update: the newest version seen only
-grows, so a replayed older manifest is refused after a restart too. Without a
+grows, so a replayed older manifest is refused after a restart too. Before ``current`` is
+swapped, ``state.json`` records the swap under way (``pending``), so that a power cut
+between the swap and the state written after it is finished at the next start
+(``reconcile``): an install is then gated, a rollback recorded as the failure it was. Without a
 ``state.json`` (moved aside because it was damaged) the store rebuilds one from the versions
 on disk, taking the highest of them as the newest seen and the installed one as not yet
 gated (the agent gates it again).
@@ -156,14 +159,16 @@ class ModelStore:
             raise UpdateError(f"version {version} is the one installed")
         self._write_version(version, staged, manifest)
         doc = self.state()
-        self._point(version)
-        doc.update(previous=running, installed=version)
         try:
+            self._save({**doc, "pending": {"op": "install", "version": version, "from": running}})
+            self._point(version)
+            doc.update(previous=running, installed=version)
             self._save(doc)
         except BaseException as exc:  # state.json must say what current is: point it back
             if running is None:
                 raise
-            self._point(running)
+            if self.current_version() != running:
+                self._point(running)
             shutil.rmtree(self.versions / str(version), ignore_errors=True)  # its room, for the verdict
             if isinstance(exc, OSError):
                 raise OSError(exc.errno, f"cannot record version {version} in {self.state_path} "
@@ -171,18 +176,43 @@ class ModelStore:
             raise
         return self._prune(keep={version, running})
 
-    def rollback(self) -> int:
+    def rollback(self, why: str = "") -> int:
         """Point ``current`` back at the previous version, or the factory model when there is
-        none; returns the version now current."""
+        none, because of ``why`` (the failed health gate); returns the version now current."""
         doc = self.state()
         now = self.current_version()
         for v in (doc.get("previous"), 0):
             if v is not None and v != now and (self.versions / str(v) / ARTIFACT_NAME).is_file():
+                self._save({**doc, "pending": {"op": "rollback", "version": v, "from": now, "why": why}})
                 self._point(v)
                 doc.update(installed=v, previous=None)
                 self._save(doc)
                 return v
         raise UpdateError("no previous version and no factory model to roll back to")
+
+    def reconcile(self) -> str:
+        """Finish the swap of ``current`` a power cut (or a kill) interrupted, by what the link
+        says: an install it reached is installed (and its history, QUEUED, has the agent gate
+        it), a rollback it reached is done and the version rolled away from FAILED; a swap it
+        never reached is forgotten. Returns what was done, or ""."""
+        doc = self.state()
+        pending = doc.pop("pending", None)
+        if not isinstance(pending, dict):
+            return ""
+        cur, v, was = self.current_version(), pending.get("version"), pending.get("from")
+        if cur != v:
+            said = f"the {pending.get('op')} of version {v} never swapped current; version {cur} stays"
+        elif pending.get("op") == "install":
+            doc.update(installed=v, previous=was)
+            said = f"version {v} was installed when the agent stopped; it is gated now"
+        else:
+            doc.update(installed=v, previous=None)
+            why = f"rolled back to version {v}: {pending.get('why') or 'its health gate failed'}"
+            doc["history"].append({"version": was, "result": "FAILED", "reason": f"{why} (finished after a restart)",
+                                   "t": _now()})
+            said = f"the rollback from version {was} to {v} is finished"
+        self._save(doc)
+        return said
 
     def _write_version(self, version: int, source: Path, manifest: dict) -> None:
         self.versions.mkdir(parents=True, exist_ok=True)

@@ -219,7 +219,7 @@ class Daemon:
 
     def _on_message(self, client, userdata, msg):
         if msg.topic == self.topics.health(self.id):
-            self.twins.heard(msg.payload)
+            self.twins.heard(msg.payload, msg.retain)
             return
         if self.twins.yielded.is_set():  # the streams are the other daemon's
             return

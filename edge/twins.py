@@ -75,8 +75,12 @@ class Twins:
         serves (has taken the streams)."""
         return {"instance": self.instance, "started": self.started, "serving": self.cleared.is_set()}
 
-    def heard(self, payload: bytes) -> None:
-        """A health report on this daemon's own id's topic (paho's thread: quick, no waiting)."""
+    def heard(self, payload: bytes, retained: bool = False) -> None:
+        """A health report on this daemon's own id's topic (paho's thread: quick, no waiting).
+        A retained one is no live daemon's (health reports are never retained): it is ignored,
+        or one forged message would stop every daemon of this id, at every restart."""
+        if retained:
+            return
         try:
             doc = json.loads(payload)
             other, started, serving = str(doc["instance"]), float(doc["started"]), bool(doc.get("serving", True))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 import yaml
@@ -266,6 +267,56 @@ def test_a_model_an_update_retires_leaves_the_daemons_cache_and_kept_ones_stay(t
     (unreadable / "onnx").write_text("a file where the exports' folder should be")
     with pytest.raises(OSError):  # said, not taken for an empty cache
         forget_models([checkpoint.read_header(b)["sha256"]], unreadable)
+
+
+_POWER_CUT = """
+import os, sys
+from deploy.store import ModelStore
+store, op, cut = ModelStore(sys.argv[1]), sys.argv[2], sys.argv[3]
+saves, save = [0], ModelStore._save
+def cut_power(self, doc):  # the cut'th state.json write never happens, nor anything after it
+    saves[0] += 1
+    if str(saves[0]) == cut:
+        os._exit(9)
+    save(self, doc)
+def cut_at_swap(self, version):
+    os._exit(9)
+ModelStore._save = cut_power
+if cut == "swap":  # the link is never swapped
+    ModelStore._point = cut_at_swap
+store.record(2, "QUEUED", seen=2) if op == "install" else None
+store.install(2, sys.argv[4], {"version": 2}) if op == "install" else store.rollback("it crashed")
+"""
+
+
+@pytest.mark.parametrize("op, cut, current, installed, previous, last", [
+    ("install", "3", 2, 2, 1, (2, "QUEUED")),  # cut after the swap: installed, and left for the agent to gate
+    ("install", "swap", 1, 1, 0, (2, "QUEUED")),  # cut at it: version 1 stays
+    ("rollback", "2", 0, 0, None, (1, "FAILED")),  # cut after the swap back: the rollback is finished
+])
+def test_a_power_cut_around_the_swap_is_finished_at_the_next_start(tmp_path, op, cut, current, installed, previous,
+                                                                    last):
+    """A process killed between swapping ``current`` and writing state.json (os._exit: no handler
+    runs): the next start's ``reconcile`` makes the state what the link says, so the agent gates
+    an install it reached and records a rollback it reached as the failure it was."""
+    import subprocess
+    import sys
+
+    store = ModelStore(tmp_path / "store")
+    store.ensure_factory(STAGE1)
+    store.install(1, STAGE2, {"version": 1})
+    run = subprocess.run([sys.executable, "-c", _POWER_CUT, str(store.root), op, cut, str(STAGE2)],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert run.returncode == 9, run.stderr
+    said = store.reconcile()
+    assert said and ("never swapped" in said) == (cut == "swap"), said
+    doc = store.state()
+    assert os.readlink(store.current) == f"versions/{current}" and "pending" not in doc
+    assert (doc["installed"], doc["previous"]) == (installed, previous)
+    assert (doc["history"][-1]["version"], doc["history"][-1]["result"]) == last
+    if op == "rollback":
+        assert doc["history"][-1]["reason"] == "rolled back to version 0: it crashed (finished after a restart)"
+    assert store.reconcile() == ""  # done once
 
 
 def test_a_disk_that_fills_after_the_swap_leaves_the_previous_model_current(tmp_path, stage2_manifest):

@@ -164,7 +164,7 @@ def test_daemon_monitor_and_station_through_tls_under_the_documented_acl(secure,
     p = secure.pki
     station = Broker(secure.password_url, ca_file=p.ca, username=STATION, password_file=p.password_file)
     monitor = Broker(secure.mutual_url, ca_file=p.ca, cert_file=p.client_cert, key_file=p.client_key)
-    cfg = {"mqtt": {"broker": secure.password_url, "daemon_id": "tls", "ca_file": str(p.ca),
+    cfg = {"mqtt": {"broker": secure.password_url, "daemon_id": "bed7", "ca_file": str(p.ca),
                     "username": USER, "password_file": str(p.password_file)},
            "stream": {"views": ["V7", "V4R"], "idle_timeout_s": 1.5}, "calibration": {"seconds": 2}}
     path = tmp_path / "edge.yaml"
@@ -173,12 +173,12 @@ def test_daemon_monitor_and_station_through_tls_under_the_documented_acl(secure,
     tap = make_client(client_id("tls-tap"), "5")
     tap.on_message = lambda c, u, m: seen.append((m.topic, bytes(m.payload)))
     tap.on_connect = lambda c, u, f, rc, pr=None: c.subscribe(
-        [("ecg/v1/_daemon/tls/status", 1), ("ecg/v1/+/+/calibration", 1)])
+        [("ecg/v1/_daemon/bed7/status", 1), ("ecg/v1/+/+/calibration", 1)])
     connect(tap, station)
     proc = subprocess.Popen([sys.executable, "-m", "panorama_cli", "serve", "--config", str(path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        if not wait(lambda: ("ecg/v1/_daemon/tls/status", b"online") in seen, 60):
+        if not wait(lambda: ("ecg/v1/_daemon/bed7/status", b"online") in seen, 60):
             proc.kill()
             pytest.fail(f"the daemon did not come online through TLS:\n{proc.communicate()[0]}")
         with Listener(station, topic="ecg/v1/+/+/virtual") as lis:

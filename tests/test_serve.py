@@ -493,8 +493,23 @@ def test_a_broker_outage_longer_than_the_idle_timeout_does_not_end_the_stream(tm
 
 
 def test_a_second_daemon_with_the_same_id_yields_to_the_first(mosquitto, prefix, tmp_path):
-    """panorama serve run by hand beside its unit: the newcomer stops at once, exit 1, naming
-    the other, and leaves the shared status topic saying online; the first serves on."""
+    """panorama serve run by hand beside its unit: the newcomer stops at once, exit 3, naming
+    the other, and leaves the shared status topic saying online; the first serves on. A
+    retained report on their health topic (forged: no daemon retains it) moves neither."""
+    forger = make_client(client_id("forger"), "5")
+    connect(forger, mosquitto)
+    health = f"{prefix}/_daemon/test/health"
+    forger.publish(health, json.dumps({"instance": "forged", "started": 0, "serving": True}), qos=1,
+                   retain=True).wait_for_publish(5)
+    try:
+        _two_daemons_one_id(mosquitto, prefix, tmp_path)
+    finally:
+        forger.publish(health, b"", qos=1, retain=True).wait_for_publish(5)
+        forger.loop_stop()
+        forger.disconnect()
+
+
+def _two_daemons_one_id(mosquitto, prefix, tmp_path):
     with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0}) as (proc, tap, cfg):
         stop = threading.Event()  # a patient streams all along: the newcomer must not touch it
         sender = threading.Thread(target=run_monitor, args=(sim_streams(1, seconds=60.0), mosquitto),

@@ -33,6 +33,8 @@ def test_between_two_serving_or_two_starting_the_first_started_stays():
     own.heard(json.dumps(own.card()).encode())  # its own report, heard back
     own.heard(b"not a report")
     assert not own.yielded.is_set()
+    own.heard(_report("forged", 0.0, True), retained=True)  # no live daemon's: health is never retained
+    assert not own.yielded.is_set()
 
 
 def test_an_answer_the_queue_dropped_is_sent_at_the_next_report():

@@ -32,7 +32,7 @@ from cryptography.x509.oid import NameOID
 from conftest import free_port, listening, wait
 
 PASSWORD = "s3cret-pass"  # every password user's, in this test broker
-USER = "panorama-daemon"  # the streaming daemon
+USER = "daemon-bed7"  # the streaming daemon of device bed7 (its daemon_id)
 STATION = "nurse-station"  # a central station reading every patient's views
 OPERATOR = "fleet-operator"
 DEVICE = "bed7"  # a device's fleet agent, named as its device id
