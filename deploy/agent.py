@@ -140,7 +140,7 @@ class Agent:
                 log.warning("unreadable daemon health report ignored")
         elif msg.topic == self.status_topic:
             self.daemon_status = bytes(msg.payload)
-        elif download is not None and download.offer(msg.topic, msg.payload):
+        elif download is not None and download.offer(msg.topic, msg.payload, msg.retain):
             pass  # checked against its signed size and hash there; a wrong one is not held
         elif msg.topic != self.manifest_topic:
             return  # an artifact no longer awaited (a late or repeated copy): not a manifest

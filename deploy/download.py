@@ -6,9 +6,11 @@ many for a client (Mosquitto: ``max_queued_messages`` 1000, the rest dropped), s
 over a few thousand chunks would lose some. A chunk asked for that does not come is asked
 for again (``asked_topics``). paho's network thread offers every message on the artifact's
 topics; each is checked as it comes (in any order, and again when repeated) against the size
-and the hash the manifest signed for it. The first copy that does not match ends the
-download with the reason: a retained message stays what it is until the operator publishes
-it again. The device holds at most the manifest's size, which the agent has already checked
+and the hash the manifest signed for it (a whole-file artifact against the artifact's own
+hash). The first retained copy that does not match ends the download with the reason: the
+broker holds it, and it stays what it is until the operator publishes it again. A live copy
+that does not match (a stray publish: no retained message is damaged) is dropped and the
+download waits on; it is named if the download then times out. The device holds at most the manifest's size, which the agent has already checked
 against ``max_artifact_bytes``, and gives the parts up with ``result``.
 """
 
@@ -37,6 +39,7 @@ class Download:
         self.parts: list[bytes | None] = [None] * len(self.plan)
         self.asked: set[int] = set()  # subscribed to (until the window moves past it, or ``release``)
         self.failure: str | None = None
+        self.strays: list[str] = []  # live copies that did not match, dropped (the first few)
         self.finished = threading.Event()  # every part here, or a failure
         self.progress_at = time.monotonic()  # when the last new part came (or the download began)
         self._lock = threading.Lock()
@@ -70,8 +73,9 @@ class Download:
         return [self.topics[i] for i in held]
 
     # ---- paho's network thread ---------------------------------------------------------
-    def offer(self, topic: str, payload: bytes) -> bool:
-        """File one message; False when it is none of this artifact's."""
+    def offer(self, topic: str, payload: bytes, retained: bool = True) -> bool:
+        """File one message (``retained``: the broker's stored copy, as every part the
+        operator publishes is); False when it is none of this artifact's."""
         i = self.index.get(topic)
         if i is None:
             return False
@@ -80,11 +84,15 @@ class Download:
         problem = None
         if len(payload) != size:  # checked before anything is hashed or held
             problem = f"{what} on {topic} is {len(payload)} bytes, the manifest says {size}"
-        elif digest is not None and hashlib.sha256(payload).hexdigest() != digest:
+        elif hashlib.sha256(payload).hexdigest() != (digest or self.sha256):
             problem = f"{what} on {topic} differs from the sha256 its manifest signed"
         with self._lock:
             if self.finished.is_set() or self.parts[i] is not None:
                 return True  # a late or repeated copy
+            if problem and not retained:
+                if len(self.strays) < 4:
+                    self.strays.append(problem)
+                return True
             if problem:
                 self.failure = problem
             else:
@@ -107,7 +115,9 @@ class Download:
         """What has not come, for a timeout's reason."""
         with self._lock:
             gone = [i for i, p in enumerate(self.parts) if p is None]
+        strays = f" (copies dropped: {'; '.join(self.strays)})" if self.strays else ""
         if self.whole:
-            return f"no artifact on {self.topics[0]}"
+            return f"no artifact on {self.topics[0]}{strays}"
         shown = ", ".join(map(str, gone[:8])) + (", …" if len(gone) > 8 else "")
-        return f"{len(gone)} of {len(self.plan)} chunks missing under {self.topics[0].rsplit('/', 1)[0]}/ ({shown})"
+        return f"{len(gone)} of {len(self.plan)} chunks missing under {self.topics[0].rsplit('/', 1)[0]}/ " \
+            f"({shown}){strays}"

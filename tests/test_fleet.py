@@ -159,7 +159,9 @@ def test_the_artifact_travels_in_signed_chunks_and_a_device_takes_only_matching_
     d = Download(topics, art)
     d.offer(chunk[0], pieces[0])
     assert "5 of 6 chunks missing" in d.missing() and "(1, 2, 3, 4, 5)" in d.missing()
-    d.offer(chunk[1], pieces[2])  # a damaged copy ends it, naming the chunk
+    d.offer(chunk[1], pieces[2], retained=False)  # a stray live copy: dropped, the download waits on
+    assert not d.finished.is_set() and "(copies dropped: chunk 1 of 6 on" in d.missing()
+    d.offer(chunk[1], pieces[2])  # a damaged retained copy (the broker holds it) ends it, naming the chunk
     with pytest.raises(UpdateError, match="chunk 1 of 6 on .*/1 differs from the sha256 its manifest signed"):
         d.result()
     d = Download(topics, art)
@@ -173,6 +175,10 @@ def test_the_artifact_travels_in_signed_chunks_and_a_device_takes_only_matching_
     assert d.next_topics() == ([topics.artifact(art["sha256"])], []) and d.describe() == "one message"
     d.offer(topics.artifact(art["sha256"]), data[:-1])
     with pytest.raises(UpdateError, match="the artifact on .* is .* bytes, the manifest says"):
+        d.result()
+    d = Download(topics, whole["artifact"])
+    d.offer(topics.artifact(art["sha256"]), data[:-1] + b"x")  # the right size: its hash is checked as it comes
+    with pytest.raises(UpdateError, match="the artifact on .* differs from the sha256 its manifest signed"):
         d.result()
     for bad in ({"chunk_bytes": 1024}, {"chunks": art["chunks"][:-1]}, {"chunks": ["x" * 64] * len(plan)},
                 {"chunks": None}):
