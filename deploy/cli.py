@@ -168,16 +168,22 @@ def _model_said(model) -> str:
     return f"stage {model['stage']}" + (f" · {model['calibrated_for']}" if model.get("calibrated_for") else "")
 
 
+def _printable(text) -> str:
+    """What a device wrote, safe for a terminal: control characters (a carriage return or an
+    escape sequence could redraw another row) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _print_states(states: dict[str, dict]) -> None:
     print(f"{'device':24} {'group':12} {'state':12} {'version':>7} {'installed':>9} {'model':16} {'at (UTC)':20}  "
           "reason")
     for dev in sorted(states):
-        d = {k: "" if v is None else str(v) for k, v in states[dev].items()}  # as written by anyone: text only
+        d = {k: "" if v is None else _printable(v) for k, v in states[dev].items()}  # as written by anyone: text only
         claimed = states[dev].get("claimed")
         if not d.get("version") and isinstance(claimed, dict) and claimed.get("version") is not None:
             d["version"] = f"{claimed['version']}?"  # a refused manifest's claim, unverified
-        print(f"{dev:24} {d.get('group', ''):12} {d.get('state', '?'):12} {d.get('version', ''):>7} "
-              f"{d.get('installed', ''):>9} {_model_said(states[dev].get('model')):16} {d.get('t', ''):20}  "
+        print(f"{_printable(dev):24} {d.get('group', ''):12} {d.get('state', '?'):12} {d.get('version', ''):>7} "
+              f"{d.get('installed', ''):>9} {_printable(_model_said(states[dev].get('model'))):16} {d.get('t', ''):20}  "
               f"{d.get('reason', '')}")
 
 

@@ -425,3 +425,15 @@ def test_fleet_topics_refuse_what_would_collide():
             t.manifest(bad)
     with pytest.raises(ValueError, match="sha256"):
         t.artifact("abc")
+
+
+def test_fleet_status_shows_what_a_device_wrote_without_its_control_characters(capsys):
+    """A device's state is written by the device: a carriage return or an escape sequence in it
+    must not redraw another row of the operator's table."""
+    from deploy.cli import _print_states
+
+    _print_states({"bed9": {"state": "FAILED", "version": 8, "reason": "x\r\x1b[2Kbed9  SUCCEEDED 8",
+                            "model": {"stage": 2, "calibrated_for": "lu\x1bdb"}}})
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out
+    assert "x\\r\\x1b[2Kbed9  SUCCEEDED 8" in out and "stage 2 · lu\\x1bdb" in out and "FAILED" in out
