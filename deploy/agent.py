@@ -97,7 +97,7 @@ class Agent:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.publisher.start()
-        mq.connect(self.client, self.broker)
+        mq.connect(self.client, self.broker, max_packet=self.cfg.max_artifact_bytes + (64 << 10))
         log.info("gating updates on %s", f"the health of daemon {self.cfg.daemon_id!r} ({self.health_topic})"
                  if self.health_topic else "nothing (no daemon_id: an update is installed, not gated)")
         # so an operator's rollout knows this device before its first update; its last verdict rides along

@@ -107,7 +107,8 @@ class Daemon:
         self.fitter.warm_up()  # first in the pool: a patient needs its first seconds of data first anyway
         self.broker = self.cfg.mqtt.endpoint()
         try:
-            mq.connect(self.client, self.broker)
+            # a chunk a little over the limit is still read, to be refused with a reason; a huge one never is
+            mq.connect(self.client, self.broker, max_packet=2 * self.limits.max_bytes + (64 << 10))
         except BaseException:  # nothing left running or bound: a retry in this process starts clean
             self.publisher.stop(timeout=1)
             self.fitter.shutdown(wait=False)

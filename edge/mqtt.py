@@ -242,9 +242,13 @@ class Publisher:
                 self.refused[topic] = str(reason_code)
 
 
-def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, keepalive: int = 30) -> None:
+def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, keepalive: int = 30,
+            max_packet: int | None = None) -> None:
     """Give the client the broker's TLS and credentials, connect, start paho's network thread
-    (which then owns reconnects) and wait for the broker's CONNACK. BrokerConnectionError (a
+    (which then owns reconnects) and wait for the broker's CONNACK. Over MQTT 5 ``max_packet``
+    bytes is the largest packet the broker may send it (larger messages are dropped for this
+    client, never read into its memory; 3.1.1 has no such bound: set the broker's
+    ``max_packet_size``). BrokerConnectionError (a
     ConnectionError) naming the broker when it cannot be reached, its certificate is not
     trusted, it refuses, or it does not answer within ``timeout`` seconds. A reconnect that
     fails later is logged (``Broker.watch``)."""
@@ -283,6 +287,9 @@ def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, 
     try:
         client.connect_timeout = max(0.1, float(timeout))
         extra = {"clean_start": True} if client.protocol == mqtt.MQTTv5 else {}
+        if max_packet and client.protocol == mqtt.MQTTv5:
+            extra["properties"] = Properties(PacketTypes.CONNECT)
+            extra["properties"].MaximumPacketSize = int(max_packet)
         client.connect(host, port, keepalive=keepalive, **extra)
     except (OSError, ValueError, RuntimeError) as exc:  # ssl.SSLError is an OSError
         restore()

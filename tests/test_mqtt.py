@@ -108,6 +108,29 @@ def test_v5_properties_reach_the_subscriber(mosquitto_url, clients):
     assert not hasattr(status.properties, "MessageExpiryInterval")
 
 
+def test_a_v5_client_is_never_sent_a_packet_over_its_maximum(mosquitto_url, clients):
+    """The daemon and the fleet agent bound what the broker may send them (``max_packet``): a
+    message larger is dropped for them by Mosquitto, never read into their memory."""
+    topic = base_topic()
+    got: list = []
+    c = make_client(client_id("small"), "5")
+    c.on_message = lambda cl, u, m: got.append(m.payload)
+    connect(c, mosquitto_url, max_packet=4096)
+    try:
+        c.subscribe(topic, qos=1)
+        time.sleep(0.2)
+        publisher = Publisher(clients(mosquitto_url, "5"), protocol="5").start()
+        for size in (1000, 100_000, 2000):
+            publisher.put(topic, bytes(size), qos=1)
+        publisher.stop()
+        assert wait_for(lambda: len(got) == 2) and [len(p) for p in got] == [1000, 2000]
+        time.sleep(0.3)
+        assert len(got) == 2 and c.is_connected()
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
 def test_v311_carries_no_properties(mosquitto_url, clients):
     topic = base_topic()
     got = collect(mosquitto_url, "5", clients, topic + "/#")  # a v5 subscriber would see them
