@@ -252,8 +252,10 @@ class Daemon:
             names = parse_views_request(payload, self.limits)
             with self.lock:
                 views = self.requested.ask(key, names, self.streams)
-                if key in self.streams:
-                    self.streams[key].views = views
+                st = self.streams.get(key)
+                if st is not None and [v.name for v in st.views] != [v.name for v in views]:
+                    st.views = views
+                    self.report.status(st, "views changed")  # a dashboard reading the retained status sees them
             return
         if kind != "raw":
             return
@@ -277,10 +279,10 @@ class Daemon:
             if outcome not in ("late", "duplicate"):  # a stream fed only stale chunks still goes idle
                 self.last_seen[key] = time.monotonic()
             self.fitter.submit_if_due(st)
-            if st.state != before:
-                self.report.status(st)
-            elif outcome == "reset":  # its sender restarted (or its clock jumped): said, so the sender hears it
+            if outcome == "reset":  # its sender restarted (or its clock jumped): said, so the sender hears it
                 self.report.status(st, "the stream started again: its sender restarted or its clock jumped")
+            elif st.state != before:
+                self.report.status(st)
         self.wake.set()
 
     def _no_room(self, monitor: str) -> str:

@@ -117,7 +117,7 @@ class Reporter:
             return
         self.status(st, LOST if st.lost_in_transit else NO_SIGNAL)
         if not st.lost_in_transit:
-            self.error(st.key, "no_signal", NO_SIGNAL)
+            self.error(st.key, "no_signal", NO_SIGNAL, self.topics.raw(*st.key))
 
     def stale(self, key, n: int, fs: float, ahead_s: float, lost: bool, max_backlog_s: float) -> None:
         """``n`` samples of ``key``'s output were already stale when due and skipped, and why."""
@@ -133,10 +133,10 @@ class Reporter:
         self.rejected[code] += 1
         try:
             monitor, patient, _ = self.topics.parse(topic)
-            key = (monitor, patient)
-        except ProtocolError:
-            key = ("?", "?")
-        self.error(key, code, reason, topic)
+            key, limit = (monitor, patient), None
+        except ProtocolError:  # no stream to say it for: each such topic is its own, not one for all
+            key, limit = ("?", "?"), (code, topic)
+        self.error(key, code, reason, topic, limit=limit)
 
     def unknown_lead(self, key, label: str, topic: str = "") -> None:
         """A lead label no one knows: counted each time, said once per stream and label."""

@@ -78,7 +78,7 @@ class Counters:
     chunks: int = 0
     samples: int = 0
     gaps: int = 0  # chunks that arrived after a hole
-    gap_samples: int = 0
+    gap_samples: int = 0  # samples a hole left that no chunk has filled in time (a reorder's are taken off)
     duplicates: int = 0
     out_of_order: int = 0  # filled a hole that was still open
     snapped: int = 0  # a sample off its predecessor's end or its hole's edge (clock jitter): placed where it fits
@@ -226,12 +226,14 @@ class PatientStream:
             del self.stamps[next(iter(self.stamps))]
         slots = [self._slot(name) for name in leads]
         self._ensure(pos, pos + n)
+        filled = int((~self.have[pos - self.base: min(pos + n, self.end) - self.base]).sum())
         self.buf[slots, pos - self.base: pos + n - self.base] = data
         self.have[pos - self.base: pos + n - self.base] = True
         if outcome == "late":
             self.counts.late += 1
         elif outcome == "out_of_order":
             self.counts.out_of_order += 1
+            self.counts.gap_samples = max(0, self.counts.gap_samples - filled)  # a reorder, not a loss
         self.end = max(self.end, pos + n)
         self.counts.chunks += 1
         self.counts.samples += n
@@ -381,9 +383,10 @@ class PatientStream:
             return []
         completed = floor8(self.end) - self.p.lookahead  # output the chunks so far made due
         ready = self.end if final else completed
-        hole = self.first_hole()
-        if hole is not None and not final and self.end - hole <= self.p.lookahead + self.p.reorder:
-            ready = min(ready, floor8(hole) - self.p.lookahead)  # a late chunk may still fill it
+        # a late chunk may still fill a hole begun this recently (an older one, given up, hides none)
+        hole = None if final else self.first_hole(since=self.end - self.p.lookahead - self.p.reorder)
+        if hole is not None:
+            ready = min(ready, floor8(hole) - self.p.lookahead)
         if not final and ready - self.emitted > self.p.max_backlog + self.last_n:
             # (the newest chunk's own samples are not stale, however long the chunk)
             # behind (a slow calibration, an overload): what is stale is worth nothing to a
@@ -434,8 +437,11 @@ class PatientStream:
                       [v.name for v in self.views], o0 - s, o1 - o0, o0, [quality] * len(self.views),
                       self.last_sent_ns, final, self.t0_ns or 0)
 
-    def first_hole(self) -> int | None:
-        """The first sample no chunk has covered, from what the next window reads on."""
+    def first_hole(self, since: int = 0) -> int | None:
+        """The first sample no chunk has covered, from what the next window reads on; with
+        ``since``, the start of the first hole that begins there or later."""
         lo = max(self.base, floor8(max(0, self.emitted - self.p.context)) - DOWNSAMPLE)
-        missing = np.flatnonzero(~self.have[lo - self.base: self.end - self.base])
-        return int(lo + missing[0]) if missing.size else None
+        have = self.have[lo - self.base: self.end - self.base]
+        begins = np.flatnonzero(~have & np.concatenate([[True], have[:-1]]))  # first sample of each hole
+        begins = begins[lo + begins >= since]
+        return int(lo + begins[0]) if begins.size else None

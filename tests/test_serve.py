@@ -250,13 +250,17 @@ def test_a_monitor_says_when_no_daemon_answers_its_stream(mosquitto, prefix, tmp
     import edge.monitor
 
     monkeypatch.setattr(edge.monitor, "ANSWER_S", 1.5)  # 10 s by default
-    with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 0}, stream={"idle_timeout_s": 30}):
+    with serve(tmp_path, mosquitto, prefix, calibration={"seconds": 1}, stream={"idle_timeout_s": 30}) as (_, tap, _):
         with caplog.at_level(logging.WARNING):
             served = run_monitor(sim_streams(1, seconds=2.0), mosquitto, prefix=prefix, protocol="3.1.1")
             # restarted while the daemon still holds its stream: the daemon says the stream started again
             again = run_monitor(sim_streams(1, seconds=2.0), mosquitto, prefix=prefix, protocol="3.1.1")
             # the same stream where no daemon serves (over 3.1.1, as if the broker dropped its chunks)
             lost = run_monitor(sim_streams(1, seconds=2.0), mosquitto, prefix=f"{prefix}-nobody", protocol="3.1.1")
+        said = [json.loads(p) for p in tap.payloads("bed/sim-000/status")]
+    # calibrated by then: the restart takes it back to waiting, and says why (a dashboard sees a restart)
+    assert [(d["state"], d.get("reason", "")[:24]) for d in said if d["counts"]["restarts"]][:1] == \
+        [("waiting", "the stream started again")], said
     assert not served[0].unanswered and "no daemon answered" not in served[0].line() and not again[0].unanswered
     assert lost[0].unanswered and lost[0].line().endswith("; no daemon answered within 1.5 s")
     assert f"no daemon has answered bed/sim-000 within 1.5 s: is panorama serve running with prefix {prefix}-nobody" \
@@ -516,6 +520,14 @@ def _two_daemons_one_id(mosquitto, prefix, tmp_path):
                                   kwargs={"prefix": prefix, "stop_event": stop}, daemon=True)
         sender.start()
         assert tap.wait(lambda: tap.payloads("bed/sim-000/virtual"), 30)
+        asker = make_client(client_id("asker"), "5")  # a views request mid-stream: the status says it
+        connect(asker, mosquitto)
+        asker.publish(f"{prefix}/bed/sim-000/views", json.dumps({"views": ["V8"]}), qos=1).wait_for_publish(5)
+        asker.loop_stop()
+        asker.disconnect()
+        changed = lambda: [d for d in map(json.loads, tap.payloads("bed/sim-000/status"))  # noqa: E731
+                           if d.get("reason") == "views changed"]
+        assert tap.wait(changed, 10) and changed()[0]["views"] == ["V8"]
         again = tmp_path / "again.yaml"
         again.write_text(yaml.safe_dump({**cfg, "health": {"interval_s": 30.0, "metrics_port": 0}}))
         second = subprocess.run([sys.executable, "-m", "panorama_cli", "serve", "--config", str(again)], cwd=REPO,

@@ -110,6 +110,23 @@ def test_gap_masks_then_recovers(record, synth, backend):
     assert np.sqrt((err_uv ** 2).mean()) < 5 and np.abs(err_uv).max() < 60
 
 
+def test_a_reordered_chunk_soon_after_a_lost_one_is_still_waited_for(record, synth, backend):
+    """Chunk 20 never comes, and 25 comes before 24 within the reorder wait: the hole it leaves
+    waits for 24 as a lone reorder would, though the lost chunk's hole is still in view."""
+    x, names = record
+    n = -(-x.shape[1] // 125)
+    order = [k for k in range(n) if k != 20]
+    a, b = order.index(24), order.index(25)
+    order[a], order[b] = 25, 24
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    _, y, outs = stream_all(st, x, names, backend, order=order)
+    assert st.counts.late == 0 and st.counts.out_of_order == 1
+    assert st.counts.gaps == 2 and st.counts.gap_samples == 125  # the lost chunk's; the reorder's taken back
+    ref = synth(x, resolve_views(names), VIEWS)
+    clear = slice(21 * 125 + st.p.context + 8, None)  # what the lost chunk cannot reach
+    assert np.abs(y[:, clear] - ref[:, clear]).max() * 1000 < 1.0, "the reordered chunk lost nothing"
+
+
 @pytest.mark.parametrize("lead,quality", [
     ("V2", "masked"),
     ("I", "masked"),  # II and III then carry the frontal plane
