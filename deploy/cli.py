@@ -76,11 +76,17 @@ def register(sub) -> None:
     st.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained states (default 2)")
     st.set_defaults(func=_status)
 
-    fg = fleet.add_parser("forget", help="clear retained messages: a retired device's state, an old model file")
+    fg = fleet.add_parser("forget", help="clear retained messages: a retired device's state, a group's manifest, "
+                          "an old model file")
     fg.add_argument("--device", action="append", default=[], dest="devices",
                     help="a retired device: rollouts stop waiting for it (repeat)")
+    fg.add_argument("--manifest", action="append", default=[], dest="manifests", metavar="GROUP",
+                    help="withdraw a group's retained manifest (a rollout stopped at its canary, a version devices "
+                    "refused): devices that join the group later no longer get it (repeat)")
     fg.add_argument("--artifact", action="append", default=[], dest="artifacts",
-                    help="the sha256 of a model file no manifest names any more (repeat)")
+                    help="the sha256 of a model file no manifest names any more (repeat); refused while a retained "
+                    "manifest still names it, which devices coming back later would fail on, unless --force")
+    fg.add_argument("--force", action="store_true", help="clear an --artifact even while a manifest names it")
     _broker_args(fg)
     fg.set_defaults(func=_forget)
 
@@ -152,6 +158,10 @@ def _publish(args) -> int:
         raise UpdateError(f"groups {unknown} are not among the update's {manifest['target']['groups']}")
     fleet = Fleet(_broker(args), args.prefix, args.protocol)
     try:
+        from .rollout import SETTLE_S, warn_stale
+
+        time.sleep(SETTLE_S)  # the devices' retained states arrive: a version they have passed is said first
+        warn_stale(fleet.snapshot(), manifest["version"], groups)
         fleet.publish_update(envelope, manifest, data, groups)
     finally:
         fleet.close()
@@ -228,13 +238,27 @@ def _rollout(args) -> int:
 def _forget(args) -> int:
     from .rollout import Fleet
 
-    if not args.devices and not args.artifacts:
-        raise ValueError("name a --device or an --artifact to forget")
+    if not args.devices and not args.artifacts and not args.manifests:
+        raise ValueError("name a --device, a --manifest or an --artifact to forget")
     fleet = Fleet(_broker(args), args.prefix, args.protocol)
     try:
         for sha in args.artifacts:
             fleet.topics.artifact(sha)  # a bad hash is refused before anything is cleared
+        manifest_topics = [fleet.topics.manifest(g) for g in args.manifests]
+        if args.artifacts and not args.force:
+            named = {g: m for g, m in fleet.manifests().items() if m["sha256"] in args.artifacts
+                     and fleet.topics.manifest(g) not in manifest_topics}
+            if named:
+                raise UpdateError("a retained manifest still names that model file: " + ", ".join(
+                    f"group {g} (version {m['version']}, sha256 {m['sha256'][:16]}…)" for g, m in sorted(named.items()))
+                    + "; a device that comes back later would fail that version for want of it. Withdraw the "
+                    "manifest too (--manifest GROUP), publish a newer version there first, or --force")
         cleared = 0
+        for group, topic in zip(args.manifests, manifest_topics):
+            n = fleet.forget(topic)
+            if not n:
+                print(f"the broker holds no manifest of group {group!r} that this client may read")
+            cleared += n
         for device in args.devices:
             n = fleet.forget(fleet.topics.state(device))
             if not n:

@@ -131,14 +131,30 @@ class Fleet:
         come for ``quiet`` s (a broker whose ACL hides them sends none, and says nothing).
         A broker queues only so many for one client (Mosquitto about 1,000): clear what this
         finds and ask again until it finds none."""
-        found: set[str] = set()
+        return sorted(self.retained_messages(topic_filter, quiet, timeout))
+
+    def manifests(self) -> dict[str, dict]:
+        """Each group's retained manifest, as it claims (unverified: what is on the broker,
+        for the operator's own checks): group → {version, sha256}."""
+        out = {}
+        for topic, payload in self.retained_messages(self.topics.manifests()).items():
+            try:
+                m = json.loads(payload)["manifest"]
+                out[topic.split("/")[-2]] = {"version": m["version"], "sha256": m["artifact"]["sha256"]}
+            except (ValueError, KeyError, TypeError, IndexError):
+                out[topic.split("/")[-2]] = {"version": None, "sha256": None}
+        return out
+
+    def retained_messages(self, topic_filter: str, quiet: float = 0.5, timeout: float = 30.0) -> dict[str, bytes]:
+        """``retained``, with each message's payload."""
+        found: dict[str, bytes] = {}
         acked: set[int] = set()  # message ids of the SUBACKs come (one may come before subscribe() returns)
         last = [time.monotonic()]
 
         def on_message(client, userdata, msg):
             if msg.retain and msg.payload:
                 with self._lock:
-                    found.add(msg.topic)
+                    found[msg.topic] = bytes(msg.payload)
                     last[0] = time.monotonic()
 
         refused: list[str] = []
@@ -176,7 +192,7 @@ class Fleet:
             self.client.message_callback_remove(topic_filter)
             self.client.on_subscribe = None
         with self._lock:
-            return sorted(found)
+            return dict(found)
 
     def forget(self, topic_filter: str, passes: int = 100) -> int:
         """Clear every retained message under ``topic_filter``, asking again until the broker
@@ -235,6 +251,22 @@ class WaveResult:
         return sum(d["state"] == state for d in self.verdicts.values())
 
 
+SETTLE_S = 1.0  # the longest a rollout waits for the devices' retained states before its first wave
+
+
+def warn_stale(states: dict[str, dict], version: int, groups: list[str]) -> list[str]:
+    """Warn about the devices of ``groups`` that already hold or handled a version newer than
+    ``version`` (they will refuse it as not newer); their names."""
+    passed = sorted(d for d, s in states.items() if s.get("group") in groups and version < max(
+        (v for v in (s.get("installed"), s.get("version"), (s.get("last") or {}).get("version"))
+         if isinstance(v, int) and not isinstance(v, bool)), default=-1))
+    if passed:
+        log.warning("%d device(s) of %s already hold or handled a version newer than %s and will refuse it: %s",
+                    len(passed), ",".join(groups), version, ", ".join(passed[:8])
+                    + (", …" if len(passed) > 8 else ""))
+    return passed
+
+
 def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int = 0, min_devices: int = 1,
             timeout_s: float = 1800.0, poll_s: float = 0.2, public_key: Path | None = None) -> list[WaveResult]:
     """Publish ``package`` wave by wave; the results of the waves published (the last one
@@ -251,9 +283,18 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
     if max_failed < 0 or min_devices < 1:
         raise ValueError("--max-failed must be 0 or more and --min-devices 1 or more")
     version, results = manifest["version"], []
+    settle = time.monotonic() + SETTLE_S  # the devices' retained states come right after connecting
+    while not fleet.snapshot() and time.monotonic() < settle:
+        time.sleep(0.05)
     for groups in waves:
+        known = [d for d, s in fleet.snapshot().items() if s.get("group") in groups]
+        warn_stale(fleet.snapshot(), version, groups)
         fleet.publish_update(envelope, manifest, data, groups)
         log.info("wave %s: version %s published", ",".join(groups), version)
+        if not known:  # said now, not when the timeout runs out
+            log.warning("wave %s: no device of it has announced itself on this broker (every running agent "
+                        "leaves a retained state): waiting up to %g s for one; is an agent of the group running "
+                        "and connected, with this prefix?", ",".join(groups), timeout_s)
         res = WaveResult(groups)
         results.append(res)
         deadline = time.monotonic() + timeout_s

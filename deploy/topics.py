@@ -41,6 +41,10 @@ class FleetTopics:
     def manifest(self, group: str) -> str:
         return f"{self.prefix}/{check_group(group)}/manifest"
 
+    def manifests(self) -> str:
+        """Every group's manifest (a filter)."""
+        return f"{self.prefix}/+/manifest"
+
     def artifact(self, sha256: str) -> str:
         if not is_sha256(sha256):
             raise ValueError(f"not a sha256: {sha256!r}")

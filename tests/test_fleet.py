@@ -437,3 +437,21 @@ def test_fleet_status_shows_what_a_device_wrote_without_its_control_characters(c
     out = capsys.readouterr().out
     assert "\r" not in out and "\x1b" not in out
     assert "x\\r\\x1b[2Kbed9  SUCCEEDED 8" in out and "stage 2 · lu\\x1bdb" in out and "FAILED" in out
+
+
+def test_publishing_a_version_devices_have_passed_is_warned_about(caplog):
+    """A device refuses a version not newer than the newest it saw: the operator hears which
+    devices would before anything goes out (their retained states: installed, handled, last)."""
+    import logging
+
+    from deploy.rollout import warn_stale
+
+    states = {"w1": {"group": "ward", "installed": 8, "version": None},
+              "w2": {"group": "ward", "installed": 3, "version": 4, "last": {"version": 9, "result": "FAILED"}},
+              "w3": {"group": "ward", "installed": 5, "version": 5},
+              "i1": {"group": "icu", "installed": 12}}
+    with caplog.at_level(logging.WARNING, logger="panorama.fleet"):
+        assert warn_stale(states, 5, ["ward"]) == ["w1", "w2"]  # w3 holds 5: it answers again, never refuses
+        assert warn_stale(states, 10, ["ward"]) == []
+    assert "2 device(s) of ward already hold or handled a version newer than 5 and will refuse it: w1, w2" \
+        in caplog.text

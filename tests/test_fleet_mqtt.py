@@ -360,15 +360,23 @@ def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panoram
             fleet.publish(fleet.topics.artifact_chunk(chunked, 16384, i), b"a chunk of another")
         # a state filed under another device's topic is not that device's answer (a forged verdict)
         fleet.publish(fleet.topics.state("impostor"), json.dumps({"device": "bed7", "state": "SUCCEEDED"}).encode())
+        # a group's retained manifest still names the one-message model file
+        fleet.publish(fleet.topics.manifest("ward"), json.dumps({"manifest": {"version": 7, "artifact": {
+            "sha256": sha}}}).encode())
         assert wait(lambda: "old-bed" in fleet.snapshot(), 5)
         time.sleep(0.5)
         assert set(fleet.snapshot()) == {"old-bed"}
         fleet.clear(fleet.topics.state("impostor"))
     finally:
         fleet.close()
-    r = panorama("fleet", "forget", "--device", "old-bed", "--device", "never-seen", "--artifact", sha, "--artifact",
-                 chunked, "--artifact", never, "--prefix", prefix, "--broker", mosquitto)
-    assert r.returncode == 0 and "cleared 4 retained message(s)" in r.stdout, r.stderr
+    forget = ("fleet", "forget", "--device", "old-bed", "--device", "never-seen", "--artifact", sha, "--artifact",
+              chunked, "--artifact", never, "--prefix", prefix, "--broker", mosquitto)
+    r = panorama(*forget)  # devices coming back to ward would fail version 7 for want of its file: refused
+    assert r.returncode == 2 and "a retained manifest still names that model file: group ward (version 7" in r.stderr
+    assert "Withdraw the manifest too (--manifest GROUP)" in r.stderr, r.stderr
+    r = panorama(*forget, "--manifest", "ward", "--manifest", "icu")
+    assert r.returncode == 0 and "cleared 5 retained message(s)" in r.stdout, r.stderr
+    assert "the broker holds no manifest of group 'icu' that this client may read" in r.stdout
     assert "the broker holds no state of device 'never-seen' that this client may read" in r.stdout
     assert "the broker holds no message of artifact 0101010101010101…" in r.stdout
     r = panorama("fleet", "status", "--prefix", prefix, "--broker", mosquitto, "--wait", "1")
@@ -384,4 +392,4 @@ def test_forget_clears_a_retired_device_and_an_old_model_file(mosquitto, panoram
         fresh.close()
     assert got == [], "the old model files are no longer retained"
     r = panorama("fleet", "forget", "--prefix", prefix, "--broker", mosquitto)
-    assert r.returncode == 2 and "name a --device or an --artifact" in r.stderr
+    assert r.returncode == 2 and "name a --device, a --manifest or an --artifact" in r.stderr
