@@ -123,6 +123,47 @@ def test_a_fine_tune_no_better_than_its_start_is_said_and_not_shipped(data_dir, 
     assert meta["init_val"]["psnr_db"] >= meta["val"]["overall"]["psnr_db"]
 
 
+def test_a_device_recording_five_leads_validates_on_its_own_leads(device_folder, tmp_path, caplog, panorama):
+    """A bedside monitor with five leads (I, II, V1, V3, V5): Stage I and II choose their
+    checkpoints on its own task (I, II, V1, V3 -> V5), scaled by the standard leads it holds;
+    the protocol's task (it needs all 12) says how to get there."""
+    import logging
+
+    import wfdb
+
+    from training.train import run
+
+    folder, names = device_folder
+    five = tmp_path / "five"
+    five.mkdir()
+    keep = ["I", "II", "V1", "V3", "V5"]
+    for name in names:
+        rec = wfdb.rdrecord(str(folder / name))
+        rows = [rec.sig_name.index(n) for n in keep]
+        wfdb.wrsamp(name, fs=rec.fs, units=["mV"] * 5, sig_name=keep, p_signal=rec.p_signal[:, rows], fmt=["16"] * 5,
+                    adc_gain=[1000.0] * 5, baseline=[0] * 5, write_dir=str(five), comments=["source: acme 5-lead"])
+    cfg = {"out": str(tmp_path / "run"), "seed": 3, "optim": {"steps": 2, "batch": 4, "warmup": 1},
+           "model": {"channels": 16, "embed_dim": 16, "heads": 2, "blocks": 1, "encoder_blocks": 2},
+           "data": {"real": str(five), "val_records": names[:2], "sim_patients": 4, "crop_samples": 512,
+                    "hidden": ["V5"]},
+           "val": {"every": 2, "inputs": "I,II,V1,V3", "views": "V5"}}
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        best = run(TrainConfig.model_validate(cfg))
+    assert "validation records (I,II,V1,V3 -> V5): 2" in caplog.text
+    assert np.isfinite(checkpoint.read_header(best)["meta"]["val"]["overall"]["psnr_db"])
+    protocol = {**cfg, "out": str(tmp_path / "run2"), "val": {"every": 2},
+                "data": {**cfg["data"], "hidden": ["V2", "V6"]}}
+    with pytest.raises(ConfigError, match=r"and 0 of those hold the 12 standard leads over at least 10 s, none flat; "
+                       r".*or name other ones in data.val_records. A device that records fewer than the 12 leads "
+                       r"validates on its own: set val.inputs and val.views to leads it records"):
+        run(TrainConfig.model_validate(protocol))
+    task = ("--inputs", "I,II,V1,V3", "--views", "V5", "--method", "dipole,model", "--model", best)
+    proc = panorama("eval", "--data", five, *task)
+    assert proc.returncode != 0 and "lacks III,aVR,aVL,aVF,V2" in proc.stderr and "--any-leads" in proc.stderr
+    proc = panorama("eval", "--data", five, *task, "--any-leads")
+    assert proc.returncode == 0 and "4 records in" in proc.stdout and "model" in proc.stdout, proc.stderr
+
+
 def test_device_records_a_bad_header_is_skipped_unknown_labels_said_and_sources_explained(data_dir, tmp_path,
                                                                                             caplog):
     import logging

@@ -76,6 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "and chest views get back the drift chest leads share, that of the chest inputs "
                    "(panorama/wander.py; gains fitted by `panorama bench wander`)")
     p.add_argument("--by-source", action="store_true", help="also print a table per source database")
+    p.add_argument("--any-leads", action="store_true",
+                   help="also score records that hold --inputs and --views but not all 12 standard leads (a device "
+                   "that records fewer: PSNR is then scaled by the standard leads each record holds, so its "
+                   "figures compare between methods, not with the protocol's)")
     p.add_argument("--error-bands", action="store_true",
                    help="also say where each view's error lies in frequency: the share of its squared error below "
                    "0.5 Hz (baseline), 0.5-5 (T wave, ST), 5-15 and 15-40 (QRS) and above 40 Hz, and the PSNR "
@@ -249,16 +253,19 @@ def run_eval(args) -> int:
         paths = _select(found, args.split, named)
         if not paths:
             raise RecordError(f"no records in split {args.split!r} of {', '.join(map(str, args.data))}")
-        cases, skipped = load_cases(paths, task, progress=sys.stderr.isatty())
+        cases, skipped = load_cases(paths, task, progress=sys.stderr.isatty(), all_standard=not args.any_leads)
         source = f"{len(paths)} records in {', '.join(map(str, args.data))} (split {args.split}"
         if args.split in ("train", "val") and any(p.resolve().is_relative_to(f) for p in found for f in named):
             source += ", as the model's data.val_records names them in " + ", ".join(map(str, named))
         source += ")"
         if args.split == "val" and "lsq" in methods:
-            fit_cases, _ = load_cases(_select(found, "train", named), task, progress=False)
+            fit_cases, _ = load_cases(_select(found, "train", named), task, progress=False,
+                                      all_standard=not args.any_leads)
     if not cases:
         reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none readable"
-        raise RecordError(f"no record could be scored under the {protocol} protocol ({reasons})")
+        hint = ("; a device's records that hold fewer than the 12 standard leads are scored with --any-leads"
+                if not args.any_leads and any(k.startswith("lacks") for k in skipped) else "")
+        raise RecordError(f"no record could be scored under the {protocol} protocol ({reasons}){hint}")
     print(f"{source}; protocol {protocol}; inputs {args.inputs} -> views {args.views}")
     if skipped:
         print("not scored: " + ", ".join(f"{k} ({v})" for k, v in sorted(skipped.items())))

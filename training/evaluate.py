@@ -63,6 +63,7 @@ class Case:
 
     path: Path
     record: Record
+    scale_n: int = len(STANDARD_12)  # its first leads, the standard ones it holds, set the PSNR scale
 
 
 @dataclass
@@ -75,9 +76,13 @@ class Result:
     bands: dict[str, dict] = field(default_factory=dict)  # per view: where the error lies (evaluate(bands=True))
 
 
-def eligible(rec: Record, task: Task) -> tuple[Record | None, str]:
-    """The record cut to the protocol's window with the leads it needs, or None and why not."""
-    need = list(dict.fromkeys([*STANDARD_12, *(v.name for v in task.inputs), *(v.name for v in task.views)]))
+def eligible(rec: Record, task: Task, all_standard: bool = True) -> tuple[Record | None, str]:
+    """The record cut to the protocol's window with the leads it needs, or None and why not:
+    the 12 standard leads first (they set the PSNR scale), then the task's others. Without
+    ``all_standard`` (a device that records fewer, validating a Stage II model on its own
+    leads) the standard leads it holds set the scale and only the task's are needed."""
+    standard = STANDARD_12 if all_standard else [n for n in STANDARD_12 if n in rec.leads]
+    need = list(dict.fromkeys([*standard, *(v.name for v in task.inputs), *(v.name for v in task.views)]))
     lacking = [n for n in need if n not in rec.leads]
     if lacking:
         said = ",".join(lacking) if len(lacking) <= 6 else ",".join(lacking[:5]) + f"… ({len(lacking)} leads)"
@@ -91,15 +96,17 @@ def eligible(rec: Record, task: Task) -> tuple[Record | None, str]:
             return None, "shorter than 10 s"
         sig = sig[:, :n]
     sig = np.stack([sig[rec.leads.index(n)] for n in need])
-    if any(f in ("flat", "missing") for f in lead_quality(sig[: len(STANDARD_12)])):
+    if any(f in ("flat", "missing") for f in lead_quality(sig[: max(len(standard), 1)])):
         return None, "flat or missing lead"
     if not np.isfinite(sig).all():
         return None, "missing samples"
     return Record(rec.name, sig, need, rec.fs, rec.source, rec.comments), ""
 
 
-def load_cases(paths: list[Path], task: Task, progress: bool = True) -> tuple[list[Case], Counter]:
-    """Read the records the protocol can score; count why the others were skipped."""
+def load_cases(paths: list[Path], task: Task, progress: bool = True,
+               all_standard: bool = True) -> tuple[list[Case], Counter]:
+    """Read the records the protocol can score; count why the others were skipped
+    (``all_standard``: ``eligible``'s)."""
     cases, skipped = [], Counter()
     for path in tqdm(paths, desc="reading records", unit="rec", disable=not progress, leave=False):
         try:
@@ -108,11 +115,11 @@ def load_cases(paths: list[Path], task: Task, progress: bool = True) -> tuple[li
             log.warning("skipping %s", exc)
             skipped["unreadable"] += 1
             continue
-        rec, why = eligible(rec, task)
+        rec, why = eligible(rec, task, all_standard)
         if rec is None:
             skipped[why] += 1
         else:
-            cases.append(Case(path, rec))
+            cases.append(Case(path, rec, sum(n in STANDARD_12 for n in rec.leads) or len(rec.leads)))
     return cases, skipped
 
 
@@ -313,7 +320,7 @@ def evaluate(cases: list[Case], task: Task, method: Method | str,
         if hasattr(method, "prepare"):
             method.prepare(case.record, task)
         p = preds[case.record.name] if preds else method.predict(x, task.inputs, task.views)
-        scale = case.record.signals[: len(STANDARD_12), sl]
+        scale = case.record.signals[: case.scale_n, sl]
         scores[case.record.name] = score_record(y[:, sl], p[:, sl], scale, [v.name for v in task.views])
         if bands:
             parts.append(error_bands(y[:, sl], p[:, sl], scale, MODEL_FS))

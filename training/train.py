@@ -29,7 +29,7 @@ from panorama.synth import Synthesizer
 
 from panorama.errors import CheckpointError, ConfigError
 
-from .config import PROBE_STEPS, TrainConfig
+from .config import PROBE_STEPS, TrainConfig, ValConfig
 from .data import LOSSES, AnyPairsSampler, load_real, simulate_example
 from .evaluate import ModelMethod, Task, evaluate, load_cases
 from . import splits
@@ -182,12 +182,15 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.data.real is not None:
         all_paths = sorted(p.with_suffix("") for p in Path(cfg.data.real).rglob("*.hea"))
         paths = splits.select(all_paths, "val", cfg.data.val_records or None)
-        val_cases, _ = load_cases(paths, task, progress=False)
+        # the protocol's task is scored on 12-lead records; a device's own (val.inputs/val.views among
+        # the leads it records) on its records, whichever standard leads they hold
+        protocol = (cfg.val.inputs, cfg.val.views) == (ValConfig().inputs, ValConfig().views)
+        val_cases, _ = load_cases(paths, task, progress=False, all_standard=protocol)
         val_cases_all = val_cases
         if cfg.data.sources:  # a device-calibrated model is chosen on that device's records
             val_cases = [c for c in val_cases
                          if splits.from_sources(c.record.source, cfg.data.sources)]
-        log.info("validation records (I,II,V3 -> V2,V6): %d", len(val_cases))
+        log.info("validation records (%s -> %s): %d", cfg.val.inputs, cfg.val.views, len(val_cases))
         if not val_cases:
             raise ConfigError(
                 f"no validation records: checkpoints could not be chosen. Of the {len(all_paths)} records in "
@@ -195,11 +198,15 @@ def run(cfg: TrainConfig, resume: bool = False) -> Path:
                 + ("are named in data.val_records" if cfg.data.val_records else
                    f"fall in the validation split (about {splits.VAL_FRACTION:.0%}, by a hash of the record name: "
                    "training/splits.py)")
-                + (f" and {len(val_cases_all)} of those hold the 12 standard leads over at least 10 s"
-                   if paths else "") + (f", none from sources {cfg.data.sources}" if cfg.data.sources
-                                        and val_cases_all else "")
-                + "; give the folder more of the device's 12-lead records of 10 s or more, or name some in "
-                "data.val_records")
+                + (f" and {len(val_cases_all)} of those hold "
+                   + ("the 12 standard leads" if protocol else f"{cfg.val.inputs},{cfg.val.views}")
+                   + " over at least 10 s, none flat" if paths else "")
+                + (f", none from sources {cfg.data.sources}" if cfg.data.sources and val_cases_all else "")
+                + "; give the folder more of the device's records of 10 s or more with those leads"
+                + (", or name other ones in data.val_records" if cfg.data.val_records else
+                   ", or name some in data.val_records")
+                + (". A device that records fewer than the 12 leads validates on its own: set val.inputs and "
+                   "val.views to leads it records" if protocol else ""))
         if len(val_cases) < MIN_VAL_RECORDS:
             log.warning("checkpoints are chosen on only %d validation records: the choice, and the validation "
                         "figure, are noisy; %d or more are better (data.val_records names them)", len(val_cases),
