@@ -2,6 +2,7 @@
 run ``main()`` in-process: the same parser and error handling, without a new interpreter)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -32,8 +33,9 @@ def test_eval_says_when_it_scores_records_the_model_trained_on(cli, panorama, da
     out = tmp_path / "model.json"
     proc = cli("eval", "--data", *train, *val, "--method", "model", "--json", out)
     assert proc.returncode == 0, proc.stderr
-    assert "2 of the 3 scored records are in the training split of" in proc.stderr
-    assert "--split val scores only records it never trained on" in proc.stderr
+    assert re.search(r"2 of the 3 scored records were trained on \(by name: 2 in the training split of \S*"
+                     r"nefnet_v2_stage1.safetensors\): their scores are not held out", proc.stderr), proc.stderr
+    assert "score records neither model trained on (--split val holds out this model's own)" in proc.stderr
     res = json.loads(out.read_text())
     assert res["records"] == {"scored": [p.name for p in train + val], "not_scored": {}}
     assert res["checkpoint"]["file"].endswith("nefnet_v2_stage1.safetensors") and len(res["checkpoint"]["sha256"]) == 64
@@ -72,7 +74,13 @@ def test_eval_split_follows_the_validation_records_a_model_named(panorama, devic
     proc = panorama("eval", "--data", folder, "--split", "train", "--method", "model", "--model", ckpt, "--json", out)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["records"]["scored"] == names[1:3]
-    assert "2 of the 2 scored records are in the training split of" in proc.stderr
+    assert "2 of the 2 scored records were trained on (by name: 2 in the training split of" in proc.stderr
+    # a model fine-tuned from it: the records its start trained on are named as that one's
+    tuned = tmp_path / "tuned.safetensors"
+    checkpoint.save(model, tuned, {**meta, "init": str(ckpt), "training_data": None})
+    proc = panorama("eval", "--data", folder, "--split", "train", "--method", "model", "--model", tuned)
+    assert f"(by name: 2 in the training split of {ckpt}, which {tuned} was fine-tuned from)" in proc.stderr
+    assert "(--split val holds out" not in proc.stderr
     # the shipped model named none: the hash splits the same folder, and puts none of these in validation
     from training import splits
 

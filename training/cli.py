@@ -180,9 +180,10 @@ def _select(paths: list[Path], split: str, named: dict[Path, set[str]]) -> list[
     return [p for p in paths if splits.split_of(p, val_names(p)) == split]
 
 
-def _trained_on(meta: dict, depth: int = 4) -> list[tuple[set[str], list[str]]]:
-    """(record names, sources filter) for each training folder of a checkpoint and the
-    checkpoints it was fine-tuned from (``init``): the records of their training split."""
+def _trained_on(meta: dict, depth: int = 4, who: str = "") -> list[tuple[set[str], list[str], str]]:
+    """(record names, sources filter, which checkpoint) for each training folder of a
+    checkpoint and the checkpoints it was fine-tuned from (``init``): the records of their
+    training split. ``who`` is "" for the checkpoint itself, else the init's path."""
     from panorama import checkpoint
 
     out = []
@@ -192,11 +193,11 @@ def _trained_on(meta: dict, depth: int = 4) -> list[tuple[set[str], list[str]]]:
         if folder.is_dir():
             val = data.get("val_records") or None
             out.append(({p.stem for p in folder.rglob("*.hea") if splits.split_of(p, val) == "train"},
-                        list(data.get("sources") or [])))
+                        list(data.get("sources") or []), who))
     init = meta.get("init")
     if init and depth > 0:
         try:
-            out += _trained_on(checkpoint.read_header(_found(init))["meta"], depth - 1)
+            out += _trained_on(checkpoint.read_header(_found(init))["meta"], depth - 1, str(init))
         except Exception:  # an init no longer there: what is known is said
             pass
     return out
@@ -206,12 +207,20 @@ def _warn_trained_on(model: dict, cases: list) -> None:
     """Say when scored records are ones the model, or the model it was fine-tuned from,
     trained on (their folders' training split, within each one's sources)."""
     trained = _trained_on(model["meta"])
-    seen = [c for c in cases if any(c.record.name in names and splits.from_sources(c.record.source, sources)
-                                    for names, sources in trained)]
-    if seen:
-        log.warning("%d of the %d scored records are in the training split of %s or of a model it was fine-tuned "
-                    "from: their scores are not held out; --split val scores only records it never trained on",
-                    len(seen), len(cases), model["file"])
+    by: dict[str, int] = {}
+    for c in cases:
+        for names, sources, who in trained:
+            if c.record.name in names and splits.from_sources(c.record.source, sources):
+                by[who] = by.get(who, 0) + 1
+    if by:
+        seen = sum(any(c.record.name in n and splits.from_sources(c.record.source, s) for n, s, _ in trained)
+                   for c in cases)
+        whose = "; ".join(f"{n} in the training split of " + (model["file"] if not who else
+                                                             f"{who}, which {model['file']} was fine-tuned from")
+                          for who, n in by.items())
+        log.warning("%d of the %d scored records were trained on (by name: %s): their scores are not held out; "
+                    "score records neither model trained on%s", seen, len(cases), whose,
+                    " (--split val holds out this model's own)" if "" in by else "")
 
 
 def run_eval(args) -> int:
