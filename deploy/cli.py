@@ -292,5 +292,7 @@ def _agent(args) -> int:
              cfg.device_model, cfg.broker, cfg.store)
     while not stop.wait(0.5):
         pass
+    log.info("stopping (version %s current)", agent.store.current_version())
     agent.stop()
+    log.info("stopped")
     return 0

@@ -115,8 +115,8 @@ def trusted_keys(path: Path) -> dict:
     except OSError as exc:
         raise UpdateError(f"cannot read key {path}: {exc.strerror}") from exc
     if b"PRIVATE KEY" in data:
-        raise UpdateError(f"{path} holds a private key: only public keys belong on a device (and that "
-                          "private key should now be treated as leaked)")
+        raise UpdateError(f"{path} holds a private key where a public key is wanted (fleet.pub, not fleet.key); "
+                          "a private key never belongs on a device: one that was copied to one is leaked")
     blocks = _PEM_PUBLIC.findall(data)
     if not blocks:
         raise UpdateError(f"{path} holds no PEM public key")
@@ -176,7 +176,8 @@ def build(model_path: Path, version: int, groups: list[str], device_models: list
     if not device_models or not all(isinstance(m, str) and m.strip() for m in device_models):
         raise ValueError("name at least one device model the update is for (--device-model)")
     if not 0 < expires_days <= MAX_EXPIRY_DAYS:
-        raise ValueError(f"expiry must lie within {MAX_EXPIRY_DAYS} days from now, got {expires_days} days")
+        raise ValueError(f"expiry must be more than 0 and at most {MAX_EXPIRY_DAYS} days from now, "
+                         f"got {expires_days} days")
     if chunk_bytes != 0 and not (isinstance(chunk_bytes, int) and chunk_bytes >= MIN_CHUNK_BYTES):
         raise ValueError(f"chunks must be at least {MIN_CHUNK_BYTES >> 10} KiB (or 0: the whole file in one "
                          f"message), got {chunk_bytes / 1024:g} KiB")

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from panorama import checkpoint
+from panorama.errors import CheckpointError
 from panorama.synth import default_checkpoint
 
 from . import mqtt as mq
@@ -37,6 +38,11 @@ def run(args) -> int:
     cfg = load_config(args.config)
     given = {"broker": args.broker, "protocol": args.protocol, **mq.security_from_args(args)}
     cfg = with_overrides(cfg, "mqtt", {k: v for k, v in given.items() if v is not None})
+    path = Path(cfg.model.path) if cfg.model.path else None
+    if path is not None and not path.exists() and path.parent.name == "current":
+        raise CheckpointError(f"no checkpoint at {path}: it goes through a fleet store's current link, which the "
+                              "fleet agent makes on its first start (panorama fleet agent --config FILE, whose "
+                              "store is that folder; the daemon's unit starts after it)")
     if args.validate_config:
         checkpoint.read_header(cfg.model.path or default_checkpoint())  # the model must be one this code reads
         check_devices(cfg)

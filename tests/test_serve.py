@@ -129,7 +129,9 @@ def test_validate_config(tmp_path, panorama):
     junk = tmp_path / "model.safetensors"
     junk.write_bytes(b"\x80\x04not a checkpoint" * 100)
     for path, says in ((junk, "not a readable safetensors checkpoint"),
-                       (tmp_path / "none.safetensors", "no checkpoint at")):
+                       (tmp_path / "none.safetensors", "no checkpoint at"),
+                       (tmp_path / "store" / "current" / "model.safetensors", "which the fleet agent makes on its "
+                        "first start")):
         cfg = tmp_path / "model.yaml"
         cfg.write_text(f"model:\n  path: {path}\n")
         r = panorama("serve", "--config", cfg, "--validate-config")
