@@ -238,11 +238,14 @@ class Agent:
             try:
                 prev = self.store.rollback(problem)
             except (UpdateError, OSError) as exc:
-                self._ack(m, "FAILED", f"{problem}; and the rollback failed: {exc}")
+                why = f"{problem}; and the rollback failed: {exc}"
+                try:
+                    self.store.record(m["version"], "FAILED", why)
+                except (UpdateError, OSError):
+                    log.exception("cannot record version %s as FAILED", m["version"])
+                self._ack(m, "FAILED", why)
                 raise
-            why = f"rolled back to version {prev}: {problem}"
-            self.store.record(m["version"], "FAILED", why)
-            return self._ack(m, "FAILED", why)
+            return self._ack(m, "FAILED", f"rolled back to version {prev}: {problem}")  # recorded by rollback
         self.store.record(m["version"], "SUCCEEDED")
         return self._ack(m, "SUCCEEDED", success if self.health_topic else "installed (no daemon to gate on)")
 

@@ -158,9 +158,9 @@ def _publish(args) -> int:
         raise UpdateError(f"groups {unknown} are not among the update's {manifest['target']['groups']}")
     fleet = Fleet(_broker(args), args.prefix, args.protocol)
     try:
-        from .rollout import SETTLE_S, warn_stale
+        from .rollout import warn_stale
 
-        time.sleep(SETTLE_S)  # the devices' retained states arrive: a version they have passed is said first
+        fleet.settle()  # the devices' retained states: a version they have passed is said before it goes out
         warn_stale(fleet.snapshot(), manifest["version"], groups)
         fleet.publish_update(envelope, manifest, data, groups)
     finally:

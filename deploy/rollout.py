@@ -87,6 +87,19 @@ class Fleet:
         with self._lock:
             self.states[device] = doc
 
+    def settle(self, quiet: float = 0.2, most: float | None = None) -> None:
+        """Wait for the devices' retained states, which come in a burst right after connecting:
+        until none has come for ``quiet`` s, at most ``SETTLE_S``."""
+        end = time.monotonic() + (SETTLE_S if most is None else most)
+        seen, still = -1, time.monotonic()
+        while time.monotonic() < end:
+            n = len(self.snapshot())
+            if n != seen:
+                seen, still = n, time.monotonic()
+            elif n and time.monotonic() - still >= quiet:
+                return
+            time.sleep(0.02)
+
     def snapshot(self) -> dict[str, dict]:
         with self._lock:
             return dict(self.states)
@@ -257,9 +270,14 @@ SETTLE_S = 1.0  # the longest a rollout waits for the devices' retained states b
 def warn_stale(states: dict[str, dict], version: int, groups: list[str]) -> list[str]:
     """Warn about the devices of ``groups`` that already hold or handled a version newer than
     ``version`` (they will refuse it as not newer); their names."""
-    passed = sorted(d for d, s in states.items() if s.get("group") in groups and version < max(
-        (v for v in (s.get("installed"), s.get("version"), (s.get("last") or {}).get("version"))
-         if isinstance(v, int) and not isinstance(v, bool)), default=-1))
+    def seen(s: dict) -> int:  # the newest version a state shows the device took in (a refusal raises none)
+        last = s.get("last") if isinstance(s.get("last"), dict) else {}
+        told = s.get("version") if s.get("state") != "REJECTED" else None
+        return max((v for v in (s.get("installed"), told, last.get("version"))
+                    if isinstance(v, int) and not isinstance(v, bool)), default=-1)
+
+    passed = sorted(d for d, s in states.items() if isinstance(s, dict) and s.get("group") in groups
+                    and version < seen(s))
     if passed:
         log.warning("%d device(s) of %s already hold or handled a version newer than %s and will refuse it: %s",
                     len(passed), ",".join(groups), version, ", ".join(passed[:8])
@@ -283,9 +301,7 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
     if max_failed < 0 or min_devices < 1:
         raise ValueError("--max-failed must be 0 or more and --min-devices 1 or more")
     version, results = manifest["version"], []
-    settle = time.monotonic() + SETTLE_S  # the devices' retained states come right after connecting
-    while not fleet.snapshot() and time.monotonic() < settle:
-        time.sleep(0.05)
+    fleet.settle()
     for groups in waves:
         known = [d for d, s in fleet.snapshot().items() if s.get("group") in groups]
         warn_stale(fleet.snapshot(), version, groups)

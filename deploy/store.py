@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -38,6 +39,7 @@ from panorama.files import atomic_write, fsync_dir
 from .manifest import ARTIFACT_NAME
 
 HISTORY = 50  # entries kept in state.json
+log = logging.getLogger("panorama.fleet")
 
 
 class ModelStore:
@@ -110,6 +112,7 @@ class ModelStore:
     def record(self, version, result: str, reason: str = "", seen: int | None = None) -> None:
         """History entry (and the newest version seen, which never goes down)."""
         doc = self.state()
+        doc.pop("pending", None)  # reconciled at start: one seen now is of a swap this run undid
         if seen is not None:
             doc["newest_seen"] = max(int(doc["newest_seen"]), int(seen))
         doc["history"].append({"version": version, "result": result, "reason": reason, "t": _now()})
@@ -159,17 +162,21 @@ class ModelStore:
             raise UpdateError(f"version {version} is the one installed")
         self._write_version(version, staged, manifest)
         doc = self.state()
+        doc.pop("pending", None)
         try:
             self._save({**doc, "pending": {"op": "install", "version": version, "from": running}})
             self._point(version)
-            doc.update(previous=running, installed=version)
-            self._save(doc)
+            self._save({**doc, "previous": running, "installed": version})
         except BaseException as exc:  # state.json must say what current is: point it back
             if running is None:
                 raise
             if self.current_version() != running:
                 self._point(running)
             shutil.rmtree(self.versions / str(version), ignore_errors=True)  # its room, for the verdict
+            try:  # no record of a swap left behind: it was undone
+                self._save(doc)
+            except OSError:
+                pass
             if isinstance(exc, OSError):
                 raise OSError(exc.errno, f"cannot record version {version} in {self.state_path} "
                                          f"({exc.strerror}); version {running} stays current") from exc
@@ -178,38 +185,60 @@ class ModelStore:
 
     def rollback(self, why: str = "") -> int:
         """Point ``current`` back at the previous version, or the factory model when there is
-        none, because of ``why`` (the failed health gate); returns the version now current."""
+        none, because of ``why`` (the failed health gate), and record the version rolled away
+        from FAILED in the same write of state.json; returns the version now current. A
+        state.json that cannot be written (a full disk) does not stop the swap, which matters
+        more: the state is finished at the next start (``reconcile``)."""
         doc = self.state()
+        doc.pop("pending", None)
         now = self.current_version()
         for v in (doc.get("previous"), 0):
             if v is not None and v != now and (self.versions / str(v) / ARTIFACT_NAME).is_file():
-                self._save({**doc, "pending": {"op": "rollback", "version": v, "from": now, "why": why}})
+                try:
+                    self._save({**doc, "pending": {"op": "rollback", "version": v, "from": now, "why": why}})
+                except OSError as exc:
+                    log.warning("cannot record the rollback in %s (%s); rolling back all the same", self.state_path,
+                                exc.strerror)
                 self._point(v)
                 doc.update(installed=v, previous=None)
-                self._save(doc)
+                if now is not None:
+                    doc["history"].append({"version": now, "result": "FAILED", "t": _now(),
+                                           "reason": f"rolled back to version {v}" + (f": {why}" if why else "")})
+                try:
+                    self._save(doc)
+                except OSError as exc:
+                    log.error("rolled back to version %s, but cannot write %s (%s): the next start finishes it",
+                              v, self.state_path, exc.strerror)
                 return v
         raise UpdateError("no previous version and no factory model to roll back to")
 
     def reconcile(self) -> str:
-        """Finish the swap of ``current`` a power cut (or a kill) interrupted, by what the link
-        says: an install it reached is installed (and its history, QUEUED, has the agent gate
-        it), a rollback it reached is done and the version rolled away from FAILED; a swap it
-        never reached is forgotten. Returns what was done, or ""."""
+        """Make state.json agree with ``current`` after a power cut (or a kill) between a swap
+        and the state written after it: an install it reached is installed (its history,
+        QUEUED, has the agent gate it), a rollback it reached is done and the version rolled
+        away from FAILED; a swap it never reached is forgotten. A rollback whose record of the
+        swap could not be written (a full disk) is told by ``current`` pointing at the previous
+        version or the factory model. Returns what was done, or ""."""
         doc = self.state()
         pending = doc.pop("pending", None)
+        cur, installed = self.current_version(), doc.get("installed")
         if not isinstance(pending, dict):
-            return ""
-        cur, v, was = self.current_version(), pending.get("version"), pending.get("from")
+            if cur is None or installed is None or cur == installed or cur not in (doc.get("previous"), 0):
+                return ""
+            pending = {"op": "rollback", "version": cur, "from": installed, "why": ""}
+        v, was = pending.get("version"), pending.get("from")
         if cur != v:
-            said = f"the {pending.get('op')} of version {v} never swapped current; version {cur} stays"
+            said = f"the {pending.get('op')} of version {v} did not finish; version {cur} stays current"
         elif pending.get("op") == "install":
             doc.update(installed=v, previous=was)
             said = f"version {v} was installed when the agent stopped; it is gated now"
         else:
             doc.update(installed=v, previous=None)
             why = f"rolled back to version {v}: {pending.get('why') or 'its health gate failed'}"
-            doc["history"].append({"version": was, "result": "FAILED", "reason": f"{why} (finished after a restart)",
-                                   "t": _now()})
+            ends = [h for h in doc["history"] if h.get("version") == was]
+            if was is not None and not (ends and ends[-1]["result"] == "FAILED"):
+                doc["history"].append({"version": was, "result": "FAILED", "t": _now(),
+                                       "reason": f"{why} (finished after a restart)"})
             said = f"the rollback from version {was} to {v} is finished"
         self._save(doc)
         return said

@@ -226,14 +226,16 @@ class PatientStream:
             del self.stamps[next(iter(self.stamps))]
         slots = [self._slot(name) for name in leads]
         self._ensure(pos, pos + n)
-        filled = int((~self.have[pos - self.base: min(pos + n, self.end) - self.base]).sum())
+        # samples of an earlier hole this chunk fills before any window read them: a reorder, not a loss
+        filled = 0 if outcome in ("gap", "reset") else \
+            int((~self.have[max(pos, self.consumed) - self.base: min(pos + n, self.end) - self.base]).sum())
         self.buf[slots, pos - self.base: pos + n - self.base] = data
         self.have[pos - self.base: pos + n - self.base] = True
         if outcome == "late":
             self.counts.late += 1
         elif outcome == "out_of_order":
             self.counts.out_of_order += 1
-            self.counts.gap_samples = max(0, self.counts.gap_samples - filled)  # a reorder, not a loss
+        self.counts.gap_samples = max(0, self.counts.gap_samples - filled)
         self.end = max(self.end, pos + n)
         self.counts.chunks += 1
         self.counts.samples += n

@@ -315,7 +315,7 @@ def test_a_power_cut_around_the_swap_is_finished_at_the_next_start(tmp_path, op,
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     assert run.returncode == 9, run.stderr
     said = store.reconcile()
-    assert said and ("never swapped" in said) == (cut == "swap"), said
+    assert said and ("did not finish" in said) == (cut == "swap"), said
     doc = store.state()
     assert os.readlink(store.current) == f"versions/{current}" and "pending" not in doc
     assert (doc["installed"], doc["previous"]) == (installed, previous)
@@ -323,6 +323,45 @@ def test_a_power_cut_around_the_swap_is_finished_at_the_next_start(tmp_path, op,
     if op == "rollback":
         assert doc["history"][-1]["reason"] == "rolled back to version 0: it crashed (finished after a restart)"
     assert store.reconcile() == ""  # done once
+
+
+def test_a_state_that_cannot_be_written_neither_stops_a_rollback_nor_leaves_a_swap_on_record(tmp_path, monkeypatch):
+    """state.json failing (a full disk): an install whose last write fails is undone with no
+    record of its swap left behind; a rollback swaps all the same, and the next start finishes
+    its record (the version rolled away from FAILED)."""
+    store = ModelStore(tmp_path / "store")
+    store.ensure_factory(STAGE1)
+    store.install(1, STAGE2, {"version": 1})
+    save, calls = ModelStore._save, []
+
+    def failing(fail_at):
+        def _save(self, doc):
+            calls.append(1)
+            if len(calls) in fail_at:
+                raise OSError(28, "No space left on device")
+            save(self, doc)
+        return _save
+
+    monkeypatch.setattr(ModelStore, "_save", failing({2}))  # the write after the swap
+    with pytest.raises(OSError, match="cannot record version 2 .*version 1 stays current"):
+        store.install(2, STAGE2, {"version": 2})
+    monkeypatch.setattr(ModelStore, "_save", save)
+    assert os.readlink(store.current) == "versions/1" and "pending" not in store.state()
+    assert store.reconcile() == ""
+    store.record(2, "QUEUED", seen=2)
+    store.install(2, STAGE2, {"version": 2})
+    calls.clear()
+    monkeypatch.setattr(ModelStore, "_save", failing({1, 2}))  # no write at all
+    assert store.rollback("it crashed") == 1 and os.readlink(store.current) == "versions/1"
+    monkeypatch.setattr(ModelStore, "_save", save)
+    assert store.state()["installed"] == 2  # as far as state.json knows
+    assert store.reconcile() == "the rollback from version 2 to 1 is finished"
+    doc = store.state()
+    assert (doc["installed"], doc["previous"]) == (1, None)
+    assert doc["history"][-1] == {**doc["history"][-1], "version": 2, "result": "FAILED"}
+    store.install(3, STAGE2, {"version": 3})
+    assert store.rollback("it crashed too") == 1  # a rollback records its verdict in its own write
+    assert store.state()["history"][-1]["reason"] == "rolled back to version 1: it crashed too"
 
 
 def test_a_disk_that_fills_after_the_swap_leaves_the_previous_model_current(tmp_path, stage2_manifest):
@@ -449,6 +488,8 @@ def test_publishing_a_version_devices_have_passed_is_warned_about(caplog):
     states = {"w1": {"group": "ward", "installed": 8, "version": None},
               "w2": {"group": "ward", "installed": 3, "version": 4, "last": {"version": 9, "result": "FAILED"}},
               "w3": {"group": "ward", "installed": 5, "version": 5},
+              "w4": {"group": "ward", "installed": 3, "version": 9, "state": "REJECTED"},  # a refusal: 9 not taken
+              "w5": {"group": "ward", "installed": 3, "last": "written by anyone"},
               "i1": {"group": "icu", "installed": 12}}
     with caplog.at_level(logging.WARNING, logger="panorama.fleet"):
         assert warn_stale(states, 5, ["ward"]) == ["w1", "w2"]  # w3 holds 5: it answers again, never refuses

@@ -137,16 +137,32 @@ def test_a_device_recording_five_leads_validates_on_its_own_leads(device_folder,
     five = tmp_path / "five"
     five.mkdir()
     keep = ["I", "II", "V1", "V3", "V5"]
-    for name in names:
+    for name in names:  # and a right-sided lead, not one of the 12, recorded first
         rec = wfdb.rdrecord(str(folder / name))
-        rows = [rec.sig_name.index(n) for n in keep]
-        wfdb.wrsamp(name, fs=rec.fs, units=["mV"] * 5, sig_name=keep, p_signal=rec.p_signal[:, rows], fmt=["16"] * 5,
-                    adc_gain=[1000.0] * 5, baseline=[0] * 5, write_dir=str(five), comments=["source: acme 5-lead"])
+        sig = np.concatenate([-3 * rec.p_signal[:, [rec.sig_name.index("V4")]],
+                              rec.p_signal[:, [rec.sig_name.index(n) for n in keep]]], axis=1)
+        wfdb.wrsamp(name, fs=rec.fs, units=["mV"] * 6, sig_name=["V4R", *keep], p_signal=sig, fmt=["16"] * 6,
+                    adc_gain=[1000.0] * 6, baseline=[0] * 6, write_dir=str(five), comments=["source: acme 5-lead"])
     cfg = {"out": str(tmp_path / "run"), "seed": 3, "optim": {"steps": 2, "batch": 4, "warmup": 1},
            "model": {"channels": 16, "embed_dim": 16, "heads": 2, "blocks": 1, "encoder_blocks": 2},
            "data": {"real": str(five), "val_records": names[:2], "sim_patients": 4, "crop_samples": 512,
                     "hidden": ["V5"]},
            "val": {"every": 2, "inputs": "I,II,V1,V3", "views": "V5"}}
+    from training.evaluate import Task, evaluate, load_cases
+    from panorama.geometry import resolve_views
+    from panorama.metrics import score_record
+
+    task = Task(resolve_views("I,II,V1,V3"), resolve_views("V5,V4R"))
+    cases, _ = load_cases(sorted(five.glob("*.hea")), task, progress=False, all_standard=False)
+    assert len(cases) == 4 and cases[0].record.leads == [*keep, "V4R"] and cases[0].scale_n == 5
+    got = evaluate(cases[:1], task, "dipole", progress=False).scores[names[0]]
+    x, y = (cases[0].record.signals[list(i)] for i in ((0, 1, 2, 3), (4, 5)))
+    from panorama.baselines import DipoleMethod
+
+    p = DipoleMethod().predict(x, task.inputs, task.views)
+    sl = task.scored_slice
+    assert got.psnr_db == pytest.approx(score_record(y[:, sl], p[:, sl], cases[0].record.signals[:5, sl],
+                                                     ["V5", "V4R"]).psnr_db)  # scaled by the 5, not V4R
     with caplog.at_level(logging.INFO, logger="training.train"):
         best = run(TrainConfig.model_validate(cfg))
     assert "validation records (I,II,V1,V3 -> V5): 2" in caplog.text

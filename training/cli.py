@@ -197,7 +197,8 @@ def _trained_on(meta: dict, depth: int = 4, who: str = "") -> list[tuple[set[str
     init = meta.get("init")
     if init and depth > 0:
         try:
-            out += _trained_on(checkpoint.read_header(_found(init))["meta"], depth - 1, str(init))
+            out += _trained_on(checkpoint.read_header(_found(init))["meta"], depth - 1,
+                               str(init) + ("" if not who else " (further back)"))
         except Exception:  # an init no longer there: what is known is said
             pass
     return out
@@ -215,9 +216,10 @@ def _warn_trained_on(model: dict, cases: list) -> None:
     if by:
         seen = sum(any(c.record.name in n and splits.from_sources(c.record.source, s) for n, s, _ in trained)
                    for c in cases)
-        whose = "; ".join(f"{n} in the training split of " + (model["file"] if not who else
-                                                             f"{who}, which {model['file']} was fine-tuned from")
-                          for who, n in by.items())
+        whose = "; ".join(f"{n} in the training split of " + (
+            model["file"] if not who else f"{who.removesuffix(' (further back)')}, which {model['file']} was "
+            "fine-tuned from" + (", or from a model fine-tuned from it" if who.endswith("(further back)") else ""))
+            for who, n in by.items())
         log.warning("%d of the %d scored records were trained on (by name: %s): their scores are not held out; "
                     "score records neither model trained on%s", seen, len(cases), whose,
                     " (--split val holds out this model's own)" if "" in by else "")
