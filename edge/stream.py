@@ -32,7 +32,7 @@ import numpy as np
 from panorama.calibrate import CalibrationResult
 from panorama.geometry import View, descriptors, redundant_limb_leads, resolve_view
 from panorama.model import DOWNSAMPLE
-from panorama.records import MODEL_FS
+from panorama.records import MODEL_FS, dc_offsets
 
 from .batch import Window, bridge_holes, window_quality
 
@@ -122,6 +122,7 @@ class PatientStream:
         self.generation = 0  # +1 at every reset: a calibration of an earlier time base is void
         self.cal_start = 0  # stream sample where the calibration seconds begin
         self.pending: list[Window] = []  # made at a reset, of the time base before it
+        self.dc: dict[str, float] = {}  # leads far from zero in a window since the daemon last looked (mV)
 
     # ---- ingest -----------------------------------------------------------------------
     def position(self, t0_ns: int) -> int:
@@ -420,6 +421,7 @@ class PatientStream:
         self.counts.bridged_windows += bridged
         flags = window_quality(x)
         ok = np.array([f == "ok" for f in flags], dtype=bool)
+        self.dc.update(dc_offsets(x[ok], [n for n, k in zip(self.leads, ok) if k]))
         x = np.where(ok[:, None], np.nan_to_num(x), 0.0).astype(np.float32)
         # III, aVR, aVL and aVF are sums of I and II: the model is given the two alone, and a
         # window is "masked" only when a lead off changes what the model is given

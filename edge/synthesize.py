@@ -13,8 +13,8 @@ from panorama.calibrate import calibrate, check_seconds
 from panorama.electrodes import check_electrodes
 from panorama.errors import PanoramaError, RecordError
 from panorama.geometry import resolve_view, resolve_views
-from panorama.records import (MODEL_FS, Record, find_records, lead_quality, read_record, resample, screen_leads,
-                              write_record)
+from panorama.records import (MODEL_FS, Record, dc_offsets, dc_warning, find_records, lead_quality, read_record,
+                              resample, screen_leads, write_record)
 from panorama.model import DOWNSAMPLE
 from panorama.synth import MARGIN, Synthesizer, default_checkpoint, silence
 from panorama.transfer import LINE_BLEND, fit_neighbour_offsets, fit_transfer
@@ -195,6 +195,8 @@ def synthesize_record(synth: Synthesizer, path: Path, inputs, views, out_dir: Pa
             hint = (f" (every input varies, by at most {native.signals.std(axis=1).max() * 1000:.2g} uV rms: "
                     "a record in volts labelled mV? check the header's units)")
         raise PanoramaError(f"{path}: input lead(s) unusable: {', '.join(bad)}{hint}; choose other --inputs")
+    for lead, mv in dc_offsets(rec.signals, names).items():
+        log.warning("%s: %s", path.name, dc_warning(lead, mv))
     off = leads_off(rec.signals, native.signals, gaps, native.fs)
     if off.any:
         log.warning("%s: %s; the views there are drawn from the other inputs", path.name, "; ".join(off.spans(names)))

@@ -363,11 +363,18 @@ def test_bad_input_is_refused_and_harms_no_other_stream(mosquitto, prefix, tmp_p
             for i, (code, payload) in enumerate(cases.items()):
                 pub.publish(topics.raw("bad", f"p{i}"), payload, qos=1).wait_for_publish(5)
             pub.publish(topics.views("bad", "p0"), b'{"views": ["V99"]}', qos=1).wait_for_publish(5)
+            t0, beat = time.time_ns(), np.sin(np.linspace(0, 2 * np.pi, 125, endpoint=False, dtype=np.float32))
+            for k in range(8):  # raw samples of a DC-coupled amplifier: lead I 300 mV from zero
+                dc = protocol.Chunk(k, t0 + k * 250_000_000, 500.0, ["I", "II", "V1"],
+                                    np.stack([beat + 300.0, 0.8 * beat, -beat]))
+                pub.publish(topics.raw("bad", "dc"), protocol.encode(dc, "float32"), qos=1).wait_for_publish(5)
             feeder.join(30)
             pub.loop_stop()
             pub.disconnect()
             errors = lambda: {json.loads(p)["code"] for p in tap.payloads("_daemon/test/errors")}
-            assert tap.wait(lambda: set(cases) | {"bad_views"} <= errors(), timeout=20), errors()
+            assert tap.wait(lambda: set(cases) | {"bad_views", "dc_offset"} <= errors(), timeout=20), errors()
+            (dc,) = [d for d in map(json.loads, tap.payloads("_daemon/test/errors")) if d["code"] == "dc_offset"]
+            assert dc["patient"] == "dc" and dc["reason"].startswith("lead I sits +300 mV from zero")
             assert tap.wait(lambda: ("good", "sim-000") in lis.streams
                             and lis.streams[("good", "sim-000")].signals.shape[1] >= 3500, timeout=30)
             got = lis.streams[("good", "sim-000")]

@@ -127,6 +127,23 @@ def test_a_reordered_chunk_soon_after_a_lost_one_is_still_waited_for(record, syn
     assert np.abs(y[:, clear] - ref[:, clear]).max() * 1000 < 1.0, "the reordered chunk lost nothing"
 
 
+def test_a_lead_far_from_zero_is_named_for_the_daemon_to_say(record, backend):
+    """A DC-coupled amplifier's lead (300 mV from zero): the windows name it with its level, so
+    that the daemon can say once that the inputs are expected high-passed; high-passed leads are
+    not named."""
+    x, names = record
+    for offset, named in ((0.0, {}), (300.0, {"I"})):
+        st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+        y = x.copy()
+        y[names.index("I")] += offset
+        seen = {}
+        for k, i in enumerate(range(0, 1500, 125)):
+            st.ingest(k, T0 + int(i * 2e6), names, y[:, i: i + 125])
+            run_windows(backend.run, st.due())
+            seen.update(st.dc)
+        assert set(seen) == set(named) and all(abs(mv - offset) < 1 for mv in seen.values())
+
+
 @pytest.mark.parametrize("lead,quality", [
     ("V2", "masked"),
     ("I", "masked"),  # II and III then carry the frontal plane

@@ -45,6 +45,11 @@ def test_a_lead_asked_back_sits_where_it_was_recorded(panorama, data_dir, tmp_pa
     for i, lead in enumerate(("I", "II")):
         assert abs(np.median(got[i] - rec.lead(lead))) < 0.01, lead
     assert abs(np.mean([np.median(got[i]) - np.median(rec.lead(n)) for i, n in ((2, "V2"), (3, "V6"))])) < 0.03
+    assert "from zero" not in proc.stderr
+    sig = rec.signals.copy()
+    sig[rec.leads.index("II")] += 20.0  # a DC-coupled amplifier's offset: said, not silently drawn from
+    proc = panorama("synthesize", _write_like(rec, "dc", sig, tmp_path), "--views", "V2", "--out", tmp_path / "dc")
+    assert proc.returncode == 0 and "dc: lead II sits +20 mV from zero: inputs are expected high-passed" in proc.stderr
 
 
 def test_one_bad_record_does_not_stop_the_others(panorama, data_dir, tmp_path):
