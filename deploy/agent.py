@@ -16,15 +16,15 @@ acknowledged on the device's retained state topic::
                                                             the last verdict
 
 Threads: paho's network thread only files messages (manifests into a bounded queue, the
-daemon's health and status into two fields, an awaited artifact's messages into its Download); one worker
-thread does everything else, one update at a time; edge.mqtt.Publisher publishes.
+daemon's health and status into the HealthGate of deploy/gate.py, an awaited artifact's
+messages into its Download); one worker thread does everything else, one update at a time;
+edge.mqtt.Publisher publishes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -33,13 +33,13 @@ from collections import deque
 from edge import mqtt as mq
 from edge.protocol import CONTENT_TYPE_JSON
 from edge.sdnotify import notify
-from edge.topics import Topics
 from panorama import checkpoint as ckpt
 from panorama.errors import CheckpointError, UpdateError
 
 from . import manifest as mf
 from .agent_config import AgentConfig, check_agent_config
 from .download import Download
+from .gate import HealthGate, Stopped
 from .store import ModelStore
 from .topics import FleetTopics
 
@@ -50,10 +50,6 @@ FILTERS_PER_PACKET = 8  # topic filters in one SUBSCRIBE: AWS IoT Core takes no 
 log = logging.getLogger("panorama.fleet")
 STATES = ("READY", "QUEUED", "IN_PROGRESS", "SUCCEEDED", "FAILED", "REJECTED")
 FINAL = ("SUCCEEDED", "FAILED")  # verdicts the store's history keeps (a refusal is said, not kept)
-
-
-class _Stopped(Exception):
-    """The agent is stopping in the middle of a health gate."""
 
 
 class Agent:
@@ -78,13 +74,10 @@ class Agent:
         except BaseException:
             self.store.unlock()
             raise
-        daemon = Topics(cfg.daemon_prefix)
-        self.health_topic = daemon.health(cfg.daemon_id) if cfg.daemon_id else None
-        self.status_topic = daemon.daemon_status(cfg.daemon_id) if cfg.daemon_id else None
+        self.gate = HealthGate(cfg)  # the daemon's health and status, and the verdict on an update (deploy/gate.py)
+        self.health_topic = self.gate.health_topic
         self.manifest_topic = self.topics.manifest(cfg.group)
         self.manifests: queue.Queue = queue.Queue(maxsize=16)
-        self.health: tuple[float, dict] | None = None  # (monotonic time, last health report)
-        self.daemon_status = b""
         self.download: Download | None = None  # the artifact being fetched
         self.stopping = threading.Event()
         self.results: deque[dict] = deque(maxlen=256)  # the latest acks sent, for the log and the tests
@@ -120,26 +113,15 @@ class Agent:
         if reason_code.is_failure:  # said by the broker's watch (edge.endpoint)
             return
         subs = [(self.manifest_topic, 1)]
-        if self.health_topic:
-            subs += [(self.health_topic, 0), (self.status_topic, 1)]
-        client.subscribe(subs)
+        client.subscribe(subs + self.gate.topics())
         download = self.download
         if download:  # a clean session forgets subscriptions: ask again for what has not come
             self._subscribe(download.asked_topics())
 
     def _on_message(self, client, userdata, msg):
         download = self.download
-        if msg.topic == self.health_topic:
-            if msg.retain:  # the daemon never retains its health: this is no live report
-                log.warning("a retained message on %s ignored: the daemon's health reports are never retained",
-                            msg.topic)
-                return
-            try:
-                self.health = (time.monotonic(), json.loads(msg.payload))
-            except ValueError:
-                log.warning("unreadable daemon health report ignored")
-        elif msg.topic == self.status_topic:
-            self.daemon_status = bytes(msg.payload)
+        if self.gate.offer(msg):
+            pass  # the daemon's health or status
         elif download is not None and download.offer(msg.topic, msg.payload, msg.retain):
             pass  # checked against its signed size and hash there; a wrong one is not held
         elif msg.topic != self.manifest_topic:
@@ -212,7 +194,7 @@ class Agent:
             self._ack(m, "IN_PROGRESS", f"dry-run passed ({err:.2f} µV from the golden views); installing")
             retired = self.store.install(version, staged, m)
             self._forget_cached(retired)
-        except _Stopped:  # left QUEUED: the next start fetches it again
+        except Stopped:  # left QUEUED: the next start fetches it again
             return "INTERRUPTED"
         except (UpdateError, OSError) as exc:
             self.store.record(version, "FAILED", str(exc))
@@ -227,7 +209,7 @@ class Agent:
         """The health gate of an installed update, then its verdict: kept, or rolled back."""
         try:
             problem = self._gate(m) if self.health_topic else None
-        except _Stopped:  # left unconfirmed: the next start gates it again (_finish_interrupted)
+        except Stopped:  # left unconfirmed: the next start gates it again (_finish_interrupted)
             log.warning("stopped during the health gate of version %s; it is gated again at the next start",
                         m["version"])
             return "INTERRUPTED"
@@ -296,7 +278,7 @@ class Agent:
                 if download.finished.wait(0.2):
                     return download.result()
                 if self.stopping.is_set():
-                    raise _Stopped
+                    raise Stopped
                 now = time.monotonic()
                 if now - download.progress_at > self.cfg.artifact_timeout_s:
                     raise UpdateError(f"{download.missing()}: nothing new for {self.cfg.artifact_timeout_s:g} s")
@@ -322,45 +304,8 @@ class Agent:
 
     def _gate(self, m: dict) -> str | None:
         """None when the daemon adopts the new model and stays healthy; else what went wrong."""
-        want = m["artifact"]["model_sha256"]
         installed = str((self.store.versions / str(m["version"]) / mf.ARTIFACT_NAME).resolve())
-        start = time.monotonic()
-        deadline = start + self.cfg.adopt_timeout_s
-        while True:  # adoption
-            if self.stopping.is_set():
-                raise _Stopped
-            heard = max(start, self.health[0]) if self.health else start
-            if time.monotonic() - heard > self.cfg.health_timeout_s:  # down, or crash-looping on the new model
-                return (f"no health report from the daemon for {self.cfg.health_timeout_s:g} s"
-                        + (" (it is offline)" if self.daemon_status == b"offline" else "")
-                        + ("" if self.health else f" (none ever came on {self.health_topic}: is daemon_id "
-                                                  f"{self.cfg.daemon_id!r} the daemon's mqtt.daemon_id, and "
-                                                  "daemon_prefix its mqtt.prefix?)"))
-            model = _model_block(self.health[1]) if self.health else {}
-            if model.get("sha256") == want:
-                break
-            if model.get("reload_error") and model.get("failed_file") == installed:
-                return f"the daemon could not load it: {model['reload_error']}"
-            if time.monotonic() > deadline:
-                return f"the daemon did not report the new model within {self.cfg.adopt_timeout_s:g} s"
-            time.sleep(0.2)
-        failures = _failures(model)
-        end = time.monotonic() + self.cfg.healthy_s
-        while time.monotonic() < end:  # then health
-            if self.stopping.is_set():
-                raise _Stopped
-            seen, doc = self.health
-            model = _model_block(doc)
-            if self.daemon_status == b"offline":
-                return "the daemon went offline"
-            if time.monotonic() - seen > self.cfg.health_timeout_s:
-                return f"no health report from the daemon for {self.cfg.health_timeout_s:g} s"
-            if model.get("sha256") != want:
-                return "the daemon stopped running the new model"
-            if _failures(model) > failures:
-                return f"inference failed {_failures(model) - failures} time(s) on the new model"
-            time.sleep(0.2)
-        return None
+        return self.gate.check(m["artifact"]["model_sha256"], installed, self.stopping)
 
     def _ack(self, m: dict | None, state: str, reason: str, claimed: dict | None = None) -> str:
         doc = {"device": self.cfg.device_id, "group": self.cfg.group, "device_model": self.cfg.device_model,
@@ -408,13 +353,3 @@ def _claimed(envelope: bytes) -> dict:
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return {}
 
-
-def _model_block(health) -> dict:
-    """The health report's model block, or {} for anything else (anyone may publish there)."""
-    model = health.get("model") if isinstance(health, dict) else None
-    return model if isinstance(model, dict) else {}
-
-
-def _failures(model: dict) -> int:
-    n = model.get("inference_failures", 0)
-    return int(n) if isinstance(n, (int, float)) and math.isfinite(n) else 0

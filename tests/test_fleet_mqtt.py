@@ -38,16 +38,16 @@ def test_update_installs_the_daemon_adopts_it_and_a_failed_gate_rolls_back(mosqu
     daemon = subprocess.Popen([sys.executable, "-m", "panorama_cli", "serve", "--config", str(edge)], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait(lambda: agent.health is not None, 90), "the daemon never reported its health"
+        assert wait(lambda: agent.gate.health is not None, 90), "the daemon never reported its health"
         stage1 = checkpoint.read_header(STAGE1)["sha256"]
-        assert agent.health[1]["model"]["sha256"] == stage1
+        assert agent.gate.health[1]["model"]["sha256"] == stage1
         # an update: published by the operator's command, installed, adopted by the running daemon
         r = panorama("fleet", "publish", pack(tmp_path, private, STAGE2, 3), "--prefix", f"{prefix}/fleet",
                      "--broker", mosquitto)
         assert r.returncode == 0, r.stderr
         assert wait(lambda: agent.results and agent.results[-1]["state"] in ("SUCCEEDED", "FAILED"), 90)
         assert [r["state"] for r in agent.results] == ["READY", "QUEUED", "IN_PROGRESS", "IN_PROGRESS", "SUCCEEDED"]
-        assert agent.health[1]["model"]["sha256"] == checkpoint.read_header(STAGE2)["sha256"]
+        assert agent.gate.health[1]["model"]["sha256"] == checkpoint.read_header(STAGE2)["sha256"]
         assert os.readlink(agent.store.current) == "versions/3"
         # the operator sees it too
         r = panorama("fleet", "status", "--prefix", f"{prefix}/fleet", "--broker", mosquitto, "--wait", "1")
