@@ -23,6 +23,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 TWIN_WAIT_S = 0.5  # after its first connect a daemon waits this long for another with its id (which answers in ms)
+RETRY_S = 0.02  # an answer the publisher's full queue refused is tried again this soon (well within TWIN_WAIT_S)
 EXIT_TWIN = 3  # panorama serve's exit status when it yielded before it served: not a failure to restart on
 
 
@@ -36,6 +37,7 @@ class Twins:
         self.had_served = False  # it yielded after it had served (two serving: a split broker healed)
         self._timer: threading.Timer | None = None
         self._answered: set[str] = set()
+        self._answering: set[str] = set()  # newcomers whose answer waits for room in the publisher's queue
 
     def connected(self, take: Callable[[], None]) -> None:
         """At each connect: ``take`` the streams now if this daemon serves (a reconnect), else
@@ -100,7 +102,21 @@ class Twins:
                             "stop the other (systemctl stop panorama-serve?)")
                 log.error("stopping: %s", self.why)
                 self.yielded.set()
-        elif other not in self._answered and self.answer():  # it hears this one's report now, and yields
-            self._answered.add(other)  # only once it went out: a full queue drops it, the next report tries again
+        elif other not in self._answered and other not in self._answering:  # it hears this one now, and yields
+            self._answer(other)
+
+    def _answer(self, other: str, tries: int = 0) -> None:
+        """Tell newcomer ``other``: once the report went out (a full queue refuses it: tried again
+        every ``RETRY_S``, for the newcomer's whole wait, then at its next report)."""
+        if self.answer():
+            self._answering.discard(other)
+            self._answered.add(other)
             log.warning("another daemon with id %r started (instance %s); it is told to stop", self.daemon_id,
                         other[:8])
+        elif tries * RETRY_S < TWIN_WAIT_S:
+            self._answering.add(other)
+            t = threading.Timer(RETRY_S, self._answer, (other, tries + 1))
+            t.daemon = True
+            t.start()
+        else:
+            self._answering.discard(other)

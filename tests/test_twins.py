@@ -37,10 +37,26 @@ def test_between_two_serving_or_two_starting_the_first_started_stays():
     assert not own.yielded.is_set()
 
 
-def test_an_answer_the_queue_dropped_is_sent_at_the_next_report():
+def test_an_answer_the_queue_dropped_is_sent_again_within_the_newcomers_wait():
+    import time
+
+    from edge.twins import RETRY_S, TWIN_WAIT_S
+
     tries = []
-    serving = Twins("bed", 100.0, lambda: tries.append(1) or len(tries) > 1)  # the first put finds the queue full
+    serving = Twins("bed", 100.0, lambda: tries.append(time.monotonic()) or len(tries) > 2)  # the queue full twice
     serving.cleared.set()
     for _ in range(3):
-        serving.heard(_report("newcomer", 200.0, False))
-    assert len(tries) == 2  # tried again once, then answered
+        serving.heard(_report("newcomer", 200.0, False))  # its reports while the answer waits: no second retry
+    time.sleep(10 * RETRY_S)
+    assert len(tries) == 3 and tries[-1] - tries[0] < TWIN_WAIT_S  # tried again, answered in the newcomer's wait
+    serving.heard(_report("newcomer", 200.0, False))
+    assert len(tries) == 3  # answered: not again
+    never = []
+    full = Twins("bed", 100.0, lambda: never.append(1) and False)  # the queue stays full: it gives up, then
+    full.cleared.set()
+    full.heard(_report("other", 200.0, False))
+    time.sleep(TWIN_WAIT_S + 20 * RETRY_S)
+    n = len(never)
+    assert 2 < n <= TWIN_WAIT_S / RETRY_S + 2
+    full.heard(_report("other", 200.0, False))  # at the newcomer's next report it tries again
+    assert len(never) == n + 1
