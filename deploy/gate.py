@@ -32,6 +32,7 @@ class HealthGate:
         self.status_topic = daemon.daemon_status(cfg.daemon_id) if cfg.daemon_id else None
         self.health: tuple[float, dict] | None = None  # (monotonic time, last health report)
         self.daemon_status = b""
+        self.status_at = 0.0  # when it came (monotonic): an offline older than the last health report is stale
 
     def topics(self) -> list[tuple[str, int]]:
         """What to subscribe to (nothing without a daemon to gate on)."""
@@ -50,7 +51,7 @@ class HealthGate:
                     log.warning("unreadable daemon health report ignored")
             return True
         if msg.topic == self.status_topic:
-            self.daemon_status = bytes(msg.payload)
+            self.daemon_status, self.status_at = bytes(msg.payload), time.monotonic()
             return True
         return False
 
@@ -84,7 +85,9 @@ class HealthGate:
                 raise Stopped
             seen, doc = self.health
             model = _model_block(doc)
-            if self.daemon_status == b"offline":
+            if self.daemon_status == b"offline" and self.status_at > seen:
+                # (an offline from before its last report is stale: a daemon started after the agent says
+                # online only after its first health reports, while the broker still holds its last will)
                 return "the daemon went offline"
             if time.monotonic() - seen > self.cfg.health_timeout_s:
                 return f"no health report from the daemon for {self.cfg.health_timeout_s:g} s"

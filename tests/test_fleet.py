@@ -496,3 +496,41 @@ def test_publishing_a_version_devices_have_passed_is_warned_about(caplog):
         assert warn_stale(states, 10, ["ward"]) == []
     assert "2 device(s) of ward already hold or handled a version newer than 5 and will refuse it: w1, w2" \
         in caplog.text
+
+
+def test_a_daemon_started_after_the_agent_is_not_taken_for_offline_by_its_last_will(keys, tmp_path):
+    """The broker still holds a daemon's last will (offline, retained) when it starts again
+    after the agent; it reports its health, with the new model, before it says online. The
+    gate passes; an offline that comes after its reports fails it."""
+    import threading
+    import time
+
+    from paho.mqtt.client import MQTTMessage
+
+    from deploy.gate import HealthGate
+
+    def msg(topic, payload, retain=False):
+        m = MQTTMessage(topic=topic.encode())
+        m.payload, m.retain = payload, retain
+        return m
+
+    _, public = keys
+    gate = HealthGate(agent_config(tmp_path, public, "t", adopt_timeout_s=5.0, health_timeout_s=2.0, healthy_s=0.6))
+    report = json.dumps({"model": {"sha256": "new", "inference_failures": 0}}).encode()
+    assert gate.offer(msg(gate.status_topic, b"offline", retain=True))  # the will of its last run
+    stop = threading.Event()
+
+    def daemon(online: bool):
+        for i in range(8):
+            time.sleep(0.1)
+            gate.offer(msg(gate.health_topic, report))
+            if i == 2:
+                gate.offer(msg(gate.status_topic, b"online" if online else b"offline"))
+                if not online:  # stopped: it reports no more
+                    return
+
+    for online, verdict in ((True, None), (False, "the daemon went offline")):
+        t = threading.Thread(target=daemon, args=(online,))
+        t.start()
+        assert gate.check("new", "/store/versions/1/model.safetensors", stop) == verdict
+        t.join()
