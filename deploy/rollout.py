@@ -159,66 +159,23 @@ class Fleet:
         return out
 
     def retained_messages(self, topic_filter: str, quiet: float = 0.5, timeout: float = 30.0) -> dict[str, bytes]:
-        """``retained``, with each message's payload."""
-        found: dict[str, bytes] = {}
-        acked: set[int] = set()  # message ids of the SUBACKs come (one may come before subscribe() returns)
-        last = [time.monotonic()]
-
-        def on_message(client, userdata, msg):
-            if msg.retain and msg.payload:
-                with self._lock:
-                    found[msg.topic] = bytes(msg.payload)
-                    last[0] = time.monotonic()
-
-        refused: list[str] = []
-
-        def on_subscribe(client, userdata, mid, reason_codes, properties=None):
-            with self._lock:
-                refused.extend(str(rc) for rc in reason_codes if rc.is_failure)
-                acked.add(mid)
-                last[0] = time.monotonic()
-
-        self.client.message_callback_add(topic_filter, on_message)  # before the states' own callback
-        self.client.on_subscribe = on_subscribe
+        """``retained``, with each message's payload (``edge.mqtt.retained_messages``)."""
         try:
-            _, mid = self.client.subscribe(topic_filter, qos=1)
-            end = time.monotonic() + timeout
-            while True:
-                with self._lock:
-                    if mid in acked:
-                        break
-                if time.monotonic() > end:
-                    raise UpdateError(f"the broker did not acknowledge a subscription to {topic_filter} in "
-                                      f"{timeout:g} s")
-                time.sleep(0.02)
-            if refused:
-                raise UpdateError(f"the broker refuses this client a subscription to {topic_filter} ({refused[0]}): "
-                                  "its ACL must let the operator read what it may clear")
-            end = time.monotonic() + timeout
-            while time.monotonic() < end:
-                with self._lock:
-                    if time.monotonic() - last[0] > quiet:
-                        break
-                time.sleep(0.05)
-        finally:
-            self.client.unsubscribe(topic_filter)
-            self.client.message_callback_remove(topic_filter)
-            self.client.on_subscribe = None
-        with self._lock:
-            return dict(found)
+            return mq.retained_messages(self.client, topic_filter, quiet, timeout)
+        except TimeoutError as exc:
+            raise UpdateError(str(exc)) from None
+        except PermissionError as exc:
+            raise UpdateError(f"{exc}: its ACL must let the operator read what it may clear") from None
 
     def forget(self, topic_filter: str, passes: int = 100) -> int:
         """Clear every retained message under ``topic_filter``, asking again until the broker
         holds none; how many were cleared. UpdateError where some remain."""
-        cleared = 0
-        for _ in range(passes):
-            held = self.retained(topic_filter)
-            if not held:
-                return cleared
-            for topic in held:
-                self.clear(topic)
-            cleared += len(held)
-        raise UpdateError(f"retained messages remain under {topic_filter} after clearing {cleared}")
+        try:
+            return mq.clear_retained(self.client, topic_filter, passes)
+        except (TimeoutError, RuntimeError) as exc:
+            raise UpdateError(str(exc)) from None
+        except PermissionError as exc:
+            raise UpdateError(f"{exc}: its ACL must let the operator read what it may clear") from None
 
     def publish_update(self, envelope: bytes, manifest: dict, data: bytes, groups: list[str]) -> None:
         """The artifact first (its chunks, as the manifest signed them), so a device that

@@ -93,6 +93,9 @@ def bench_stream(patients: int, broker: str, seconds: float, backend: str, threa
                     daemon.wait(60)
                 except subprocess.TimeoutExpired:
                     daemon.kill()
+            from .demo import leave_nothing
+
+            leave_nothing(broker, cfg["mqtt"]["protocol"], prefix)
 
 
 def _drive(daemon, patients, broker, cfg, seconds, prefix) -> dict:

@@ -108,7 +108,27 @@ def run(args) -> int:
             listener.stop(write=False)
         if broker:
             broker.stop()
+        else:  # a broker of the user's: the run's statuses and calibrations are not left on it
+            leave_nothing(url, protocol, prefix)
     return _report(args, sims, streams, listener, cal_msgs)
+
+
+def leave_nothing(url, protocol: str, prefix: str) -> None:
+    """Clear the retained messages a run left under ``prefix`` on a broker that outlives it
+    (each run has a prefix of its own, so they would pile up); a failure is only said."""
+    from .mqtt import clear_retained, client_id, connect, make_client
+
+    c = make_client(client_id("cleanup"), protocol)
+    try:
+        connect(c, url)
+        n = clear_retained(c, f"{prefix}/#", quiet=0.3, timeout=10)
+        log.info("cleared the %d retained message(s) the run left under %s/", n, prefix)
+    except Exception as exc:
+        log.warning("could not clear the retained messages under %s/ (%s): clear them with mosquitto_pub -r -n",
+                    prefix, exc)
+    finally:
+        c.loop_stop()
+        c.disconnect()
 
 
 def _calibration_tap(url, protocol, prefix, into: dict):

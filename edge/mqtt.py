@@ -307,3 +307,73 @@ def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, 
         fail(explain_refusal(broker, rc, client.protocol == mqtt.MQTTv5))
     restore()
     broker.watch(client)  # from now on a failed reconnect is logged, with why
+
+
+def retained_messages(client: mqtt.Client, topic_filter: str, quiet: float = 0.5,
+                      timeout: float = 30.0) -> dict[str, bytes]:
+    """The retained messages under ``topic_filter`` that the broker sends a connected
+    ``client`` after acknowledging its subscription, until none has come for ``quiet`` s (a
+    broker whose ACL hides them sends none, and says nothing); topic → payload. A broker
+    queues only so many for one client (Mosquitto about 1,000): clear what this finds and ask
+    again until it finds none. PermissionError where the broker refuses the subscription,
+    TimeoutError where it never acknowledges it."""
+    found: dict[str, bytes] = {}
+    acked: set[int] = set()  # message ids of the SUBACKs come (one may come before subscribe() returns)
+    refused: list[str] = []
+    lock = threading.Lock()
+    last = [time.monotonic()]
+
+    def on_message(c, userdata, msg):
+        if msg.retain and msg.payload:
+            with lock:
+                found[msg.topic] = bytes(msg.payload)
+                last[0] = time.monotonic()
+
+    def on_subscribe(c, userdata, mid, reason_codes, properties=None):
+        with lock:
+            refused.extend(str(rc) for rc in reason_codes if rc.is_failure)
+            acked.add(mid)
+            last[0] = time.monotonic()
+
+    previous = client.on_subscribe
+    client.message_callback_add(topic_filter, on_message)  # before the client's own callback
+    client.on_subscribe = on_subscribe
+    try:
+        _, mid = client.subscribe(topic_filter, qos=1)
+        end = time.monotonic() + timeout
+        while True:
+            with lock:
+                if mid in acked:
+                    break
+            if time.monotonic() > end:
+                raise TimeoutError(f"the broker did not acknowledge a subscription to {topic_filter} in {timeout:g} s")
+            time.sleep(0.02)
+        if refused:
+            raise PermissionError(f"the broker refuses this client a subscription to {topic_filter} ({refused[0]})")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with lock:
+                if time.monotonic() - last[0] > quiet:
+                    break
+            time.sleep(0.05)
+    finally:
+        client.unsubscribe(topic_filter)
+        client.message_callback_remove(topic_filter)
+        client.on_subscribe = previous
+    with lock:
+        return dict(found)
+
+
+def clear_retained(client: mqtt.Client, topic_filter: str, passes: int = 100, **kw) -> int:
+    """Clear every retained message under ``topic_filter`` (an empty retained message replaces
+    each), asking again until the broker holds none; how many were cleared. RuntimeError where
+    some remain."""
+    cleared = 0
+    for _ in range(passes):
+        held = retained_messages(client, topic_filter, **kw)
+        if not held:
+            return cleared
+        for topic in held:
+            client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
+        cleared += len(held)
+    raise RuntimeError(f"retained messages remain under {topic_filter} after clearing {cleared}")

@@ -324,3 +324,23 @@ def test_a_flood_of_refusals_leaves_other_patients_state_through(mosquitto_url, 
     said = [e for e in said if e["code"] != "unknown_lead"]
     assert len(said) <= 20 + 20 * 5  # the bucket, plus what it refilled in a few seconds at most
     assert report.unsent == 8000 - len(said) and publisher.failed == 0 and publisher.dropped == 0
+
+
+def test_a_run_on_a_users_broker_leaves_no_retained_message(mosquitto_url, clients):
+    """demo --broker and bench stream clear what their run retained under its own prefix
+    (edge.demo.leave_nothing), and nothing outside it."""
+    from edge.demo import leave_nothing
+    from edge.mqtt import retained_messages
+
+    topic = base_topic()
+    publisher = Publisher(clients(mosquitto_url, "5"), protocol="5").start()
+    for t in ("run/_daemon/demo/status", "run/bed/p1/status", "run/bed/p1/calibration", "other/keep"):
+        publisher.put(f"{topic}/{t}", b"{}", qos=1, retain=True)
+    publisher.stop()
+    time.sleep(0.2)
+    leave_nothing(mosquitto_url, "5", f"{topic}/run")
+    reader = clients(mosquitto_url, "5")
+    try:
+        assert list(retained_messages(reader, f"{topic}/#", quiet=0.3)) == [f"{topic}/other/keep"]
+    finally:
+        reader.publish(f"{topic}/other/keep", b"", qos=1, retain=True).wait_for_publish(5)
