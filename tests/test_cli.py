@@ -67,6 +67,7 @@ def test_eval_split_follows_the_validation_records_a_model_named(panorama, devic
     proc = panorama("eval", "--data", folder, "--split", "val", "--method", "dipole,model", "--model", ckpt, "--json", out)
     assert proc.returncode == 0, proc.stderr
     assert "(split val, as the model's data.val_records names them in" in proc.stdout
+    assert proc.stdout.startswith(f"2 of the 4 records in {folder}")  # the others are not in the split: said
     res = json.loads(out.read_text())
     assert res["model"]["records"]["scored"] == [names[0], names[3]]
     assert res["dipole"]["records"]["scored"] == [names[0], names[3]]  # every method on the same records
@@ -85,6 +86,9 @@ def test_eval_split_follows_the_validation_records_a_model_named(panorama, devic
     from training import splits
 
     assert [n for n in names if splits.split_of(folder / n) == "val"] == []
+    proc = panorama("eval", "--data", folder, "--method", "zero", "--json", out)  # r of a flat 0 mV: undefined
+    assert proc.returncode == 0 and "NaN" not in out.read_text(), out.read_text()
+    assert json.loads(out.read_text())["overall"]["r_median"] is None
     _assert_clean_error(panorama("eval", "--data", folder, "--split", "val", "--method", "model"), "no records in split 'val'")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -204,6 +205,17 @@ def _trained_on(meta: dict, depth: int = 4, who: str = "") -> list[tuple[set[str
     return out
 
 
+def _json_safe(obj):
+    """``obj`` with every non-finite float as null: JSON has no NaN (an r of a flat view)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _warn_trained_on(model: dict, cases: list) -> None:
     """Say when scored records are ones the model, or the model it was fine-tuned from,
     trained on (their folders' training split, within each one's sources)."""
@@ -265,7 +277,8 @@ def run_eval(args) -> int:
         if not paths:
             raise RecordError(f"no records in split {args.split!r} of {', '.join(map(str, args.data))}")
         cases, skipped = load_cases(paths, task, progress=sys.stderr.isatty(), all_standard=not args.any_leads)
-        source = f"{len(paths)} records in {', '.join(map(str, args.data))} (split {args.split}"
+        source = f"{len(paths)} of the {len(found)} records in {', '.join(map(str, args.data))} (split {args.split}" \
+            if len(paths) < len(found) else f"{len(paths)} records in {', '.join(map(str, args.data))} (split {args.split}"
         if args.split in ("train", "val") and any(p.resolve().is_relative_to(f) for p in found for f in named):
             source += ", as the model's data.val_records names them in " + ", ".join(map(str, named))
         source += ")"
@@ -327,7 +340,7 @@ def run_eval(args) -> int:
                 summary["checkpoint"] = {k: checkpoint_of[label][k] for k in ("file", "sha256", "stage")}
         payload = results[methods[0]] if len(results) == 1 else results
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
+        args.json.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False))
         print(f"wrote {args.json}")
     return 0
 
