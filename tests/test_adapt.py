@@ -104,7 +104,7 @@ def test_eval_never_adapts_on_a_scored_view(synth, data_dir):
     method.prepare(cases[0].record, task)
     assert method.adaptation.accepted and not {v.name for v in method.adaptation.queries} & {"V2", "V6"}
     assert method.active is not synth and method.active.model is method.adaptation.model
-    assert method.notes == {"adapted": 1, "transfer fitted": 1}
+    assert method.notes == {"calibration accepted": 1, "adapted": 1, "transfer fitted": 1}
     assert method.name == "model+calib5s+adapt+transfer"
 
 

@@ -219,11 +219,12 @@ def test_eval_never_fits_a_scored_view(synth, data_dir):
     # the neighbours' offsets come from a fit of the recorded leads alone, one row for each
     assert method.view_offsets.shape == (len(cases[0].record.leads) - 2, 2)
     assert method.fitted_transfer.lead_offsets.shape == (len(fitted), 2)
-    assert method.notes == {"transfer fitted": 1}
+    assert method.notes == {"calibration accepted": 1, "transfer fitted": 1}
     # a monitor's montage: every recorded lead an input, no neighbour offsets fitted, and
     # transfer only interpolates along the precordial line
     monitor = Task(resolve_views("I,II,III,aVR,aVL,aVF,V1,V3,V4,V5"), resolve_views("V2,V6"))
     method = CalibratedModelMethod(synth, 5.0, transfer=True)
     method.prepare(cases[0].record, monitor)
     assert method.view_offsets is None and not method.fitted_transfer.fitted
-    assert method.notes == {"transfer along the precordial line only (no usable recorded lead beside the inputs)": 1}
+    assert method.notes == {"calibration accepted": 1,
+                            "transfer along the precordial line only (no usable recorded lead beside the inputs)": 1}

@@ -328,7 +328,8 @@ def run_eval(args) -> int:
             results[label]["error_bands"] = r.bands
     for label, r in full.items():
         if r.notes:
-            print(f"{label}: " + ", ".join(f"{k} ({v} records)" for k, v in sorted(r.notes.items())))
+            print(f"{label}: " + ", ".join(f"{k} ({v} record{'s' if v != 1 else ''})" for k, v in sorted(
+                r.notes.items(), key=lambda kv: (not kv[0].startswith("calibration"), kv[0]))))  # its steps' order
     if args.by_source:
         for src in next(iter(full.values())).by_source:
             print(f"\n{src}:")

@@ -185,6 +185,7 @@ class CalibratedModelMethod(ModelMethod):
                         inputs=inputs if self.inputs_only else None, device=self.synth.device)
         self.offsets = res.offsets_for(inputs)
         self.view_offsets = None
+        self.notes["calibration accepted" if res.accepted else f"calibration rejected: {res.reason}"] += 1
         if res.swap_refused:  # adaptation and transfer would fit on the same swapped leads: the plain draw
             self.notes[f"electrodes look swapped: {res.swap}"] += 1
             self.active, self.adaptation, self.fitted_transfer, self.shared_transfer = self.synth, None, None, None
