@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from panorama.errors import PanoramaError
 
@@ -32,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _said(exc: Exception) -> str:
+    """The error in a user's words: a folder asked for where a file lies (an --out naming a
+    file) says so, rather than [Errno 17] File exists."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
+        where = Path(exc.filename)
+        file = next((p for p in (where, *where.parents) if p.is_file()), None)
+        if file is not None:
+            return f"{file} is a file, where a folder is wanted (an --out names a folder)"
+    return str(exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     # wfdb 4.3 calls pandas with inplace=, which pandas 3 deprecates: noise for our users
     warnings.filterwarnings("ignore", message="The inplace keyword")
@@ -43,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (PanoramaError, ValueError, OSError) as exc:
         # bad input is the user's to fix: one clear line, no traceback
-        print(f"panorama {args.command}: error: {exc}", file=sys.stderr)
+        print(f"panorama {args.command}: error: {_said(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

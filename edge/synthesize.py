@@ -91,6 +91,7 @@ def run(args) -> int:
         raise ValueError("--adapt fine-tunes the PyTorch model for each record: use --backend torch")
     blend_with = _leads_arg("blend-with", args.blend_with) if args.blend_with is not None else None
     check_blend(inputs, blend_with, args.calibrate)
+    args.out.mkdir(parents=True, exist_ok=True)  # before any record: an --out that is a file is said once
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":
         backend = make_backend(args.backend, args.model or default_checkpoint())

@@ -94,6 +94,29 @@ def _source_of(comments: list[str]) -> str:
     return ""
 
 
+_BYTES_PER_SAMPLE = {"8": 1, "16": 2, "24": 3, "32": 4, "61": 2, "80": 1, "160": 2, "212": 1.5, "310": 4 / 3,
+                     "311": 4 / 3}
+
+
+def _short_file(base: Path, header) -> str:
+    """Why a signal file could not be read when it is shorter than its header says (a
+    truncated copy or download), else ""."""
+    files, fmts = set(header.file_name or []), set(header.fmt or [])
+    if len(files) != 1 or len(fmts) != 1 or not header.sig_len or fmts.pop() not in _BYTES_PER_SAMPLE:
+        return ""
+    path = base.parent / files.pop()
+    width = _BYTES_PER_SAMPLE[header.fmt[0]] * header.n_sig
+    try:
+        offset = max((b or 0 for b in header.byte_offset or []), default=0)
+        have = int((path.stat().st_size - offset) / width)
+    except (OSError, TypeError):
+        return ""
+    if have >= header.sig_len:
+        return ""
+    return (f"{path.name} holds {have} of the {header.sig_len} samples per lead its header says "
+            f"({have / header.fs:.1f} of {header.sig_len / header.fs:.1f} s): truncated?")
+
+
 def read_record(path: str | Path, leads: list[str] | None = None, fs: float | None = MODEL_FS) -> Record:
     """Read a WFDB record into canonical form.
 
@@ -132,7 +155,7 @@ def read_record(path: str | Path, leads: list[str] | None = None, fs: float | No
     try:
         rec = wfdb.rdrecord(str(base), channels=channels, physical=True)
     except Exception as exc:
-        raise RecordError(f"{base}: unreadable WFDB signal file: {exc}") from exc
+        raise RecordError(f"{base}: unreadable WFDB signal file: {_short_file(base, header) or exc}") from exc
     if rec.p_signal is None or rec.p_signal.shape[0] == 0:
         raise RecordError(f"{base}: record holds no samples")
     if rec.p_signal.shape[0] < MIN_RECORD_S * rec.fs:

@@ -144,6 +144,18 @@ def test_bad_input_is_one_clear_line(panorama, tmp_path):
     _assert_clean_error(panorama("eval", "--data", short), "shorter than 10 s")
     _assert_clean_error(panorama("eval", "--data", short, "--inputs", "I,V2", "--views", "V2"),
                         "a scored view must never be an input")
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    rec = _record(whole, list(STANDARD_12), 10)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for args in (("synthesize", rec, "--views", "V7", "--out", afile), ("simulate", "--patients", "1", "--out", afile / "sub")):
+        _assert_clean_error(panorama(*args), f"{afile} is a file, where a folder is wanted")
+    dat = rec.with_suffix(".dat")
+    dat.write_bytes(dat.read_bytes()[:24 * 1000])  # a copy cut short: 1000 of the 5000 samples
+    proc = panorama("synthesize", rec, "--views", "V7", "--out", tmp_path / "out")
+    assert proc.returncode != 0 and "rec.dat holds 1000 of the 5000 samples per lead its header says (2.0 of " \
+        "10.0 s): truncated?" in proc.stderr, proc.stderr
 
 
 def test_bad_numbers_are_refused_by_the_option_they_came_in(panorama, tmp_path):

@@ -67,7 +67,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.add_argument("--patients", type=int, default=40,
-                   help="simulated patients for calibration and realism (default 40)")
+                   help="simulated patients for calibration, realism and stream (default 40: stream's README figure "
+                   "uses 32, and a smaller count, with --seconds, makes a quick check)")
     p.add_argument("--anatomy", default="v1", choices=("v1", "v2"),
                    help="calibration, realism: the simulator's ventricular sources (training/simulator/sources.py; "
                    "default v1)")
