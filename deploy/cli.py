@@ -193,7 +193,8 @@ def _print_states(states: dict[str, dict]) -> None:
         if not d.get("version") and isinstance(claimed, dict) and claimed.get("version") is not None:
             d["version"] = f"{claimed['version']}?"  # a refused manifest's claim, unverified
         print(f"{_printable(dev):24} {d.get('group', ''):12} {d.get('state', '?'):12} {d.get('version', ''):>7} "
-              f"{d.get('installed', ''):>9} {_printable(_model_said(states[dev].get('model'))):16} {d.get('t', ''):20}  "
+              f"{d.get('installed', ''):>9} {_printable(_model_said(states[dev].get('model'))):16} "
+              f"{d.get('t', ''):20}  "
               f"{d.get('reason', '')}")
 
 

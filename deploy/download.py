@@ -10,8 +10,9 @@ and the hash the manifest signed for it (a whole-file artifact against the artif
 hash). The first retained copy that does not match ends the download with the reason: the
 broker holds it, and it stays what it is until the operator publishes it again. A live copy
 that does not match (a stray publish: no retained message is damaged) is dropped and the
-download waits on; it is named if the download then times out. The device holds at most the manifest's size, which the agent has already checked
-against ``max_artifact_bytes``, and gives the parts up with ``result``.
+download waits on; it is named if the download then times out. The device holds at most the
+manifest's size, which the agent has already checked against ``max_artifact_bytes``, and
+gives the parts up with ``result``.
 """
 
 from __future__ import annotations
