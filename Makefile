@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # torch is installed first and pinned: on this project's machines 2.13.0 is the CPU build
-# that lies on disk; elsewhere override, e.g. `make TORCH=torch==2.13.0 demo`.
+# that lies on disk; elsewhere override, e.g. `make TORCH=torch demo` (the newest) or another pin.
 TORCH ?= torch==2.13.0
 
 .PHONY: demo test venv clean

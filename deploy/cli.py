@@ -99,7 +99,8 @@ def register(sub) -> None:
 def _broker_args(p) -> None:
     p.add_argument("--broker", default="mqtt://127.0.0.1:1883",
                    help="mqtt:// or mqtts:// for TLS (default mqtt://127.0.0.1:1883)")
-    p.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
+    p.add_argument("--protocol", choices=("5", "3.1.1"), default="5",
+                   help="MQTT version (default 5; 3.1.1 for brokers without it, such as the embedded amqtt one)")
     p.add_argument("--prefix", default="panorama/fleet", help="root of the fleet topics (default panorama/fleet)")
     mq.add_security_args(p)
 

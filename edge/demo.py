@@ -75,7 +75,7 @@ def run(args) -> int:
         print(f"embedded MQTT broker (amqtt, MQTT 3.1.1) at {url}")
     protocol = args.protocol or ("3.1.1" if broker else "5")
     prefix = f"demo/{int(time.time())}"
-    print(f"simulating {args.patients} patients: 12 leads sent, views {', '.join(DEMO_VIEWS)} synthesised")
+    print(f"simulating {args.patients} patient{'s' if args.patients != 1 else ''}: 12 leads sent, views {', '.join(DEMO_VIEWS)} synthesised")
     sims = [simulate(args.seed + i, list(STANDARD_12) + DEMO_VIEWS, duration_s=args.seconds, device="diagnostic")
             for i in range(args.patients)]
     streams = [MonitorStream("demo-bed", f"patient-{i + 1}", list(STANDARD_12), s.signals[:12])

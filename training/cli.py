@@ -278,7 +278,8 @@ def run_eval(args) -> int:
             raise RecordError(f"no records in split {args.split!r} of {', '.join(map(str, args.data))}")
         cases, skipped = load_cases(paths, task, progress=sys.stderr.isatty(), all_standard=not args.any_leads)
         source = f"{len(paths)} of the {len(found)} records in {', '.join(map(str, args.data))} (split {args.split}" \
-            if len(paths) < len(found) else f"{len(paths)} records in {', '.join(map(str, args.data))} (split {args.split}"
+            if len(paths) < len(found) else \
+            f"{len(paths)} record{'s' if len(paths) != 1 else ''} in {', '.join(map(str, args.data))} (split {args.split}"
         if args.split in ("train", "val") and any(p.resolve().is_relative_to(f) for p in found for f in named):
             source += ", as the model's data.val_records names them in " + ", ".join(map(str, named))
         source += ")"
