@@ -159,6 +159,6 @@ def plot_floor(path: Path, rotated: np.ndarray, mean: np.ndarray, names: list[st
                  "angles (each patient's common rotation removed):\npatients differ about as much as a displaced "
                  "electrode moves its lead, and far more than the target", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -86,6 +86,6 @@ def plot_transfer_example(synth, data: list[Path], out: Path, split: str = "val"
                  f"median gain from {called} ({gain:+.2f} dB)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")  # no label clipped at the edges
     plt.close(fig)
     return {"figure": str(out), "record": name, "gain_db": round(float(gain), 2)}
