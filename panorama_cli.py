@@ -40,7 +40,7 @@ def _said(exc: Exception) -> str:
         where = Path(exc.filename)
         file = next((p for p in (where, *where.parents) if p.is_file()), None)
         if file is not None:
-            return f"{file} is a file, where a folder is wanted (an --out names a folder)"
+            return f"{file} is a file, where a folder is wanted"
     return str(exc)
 
 

@@ -31,8 +31,7 @@ class HealthGate:
         self.health_topic = daemon.health(cfg.daemon_id) if cfg.daemon_id else None
         self.status_topic = daemon.daemon_status(cfg.daemon_id) if cfg.daemon_id else None
         self.health: tuple[float, dict] | None = None  # (monotonic time, last health report)
-        self.daemon_status = b""
-        self.status_at = 0.0  # when it came (monotonic): an offline older than the last health report is stale
+        self.status: tuple[bytes, float] = (b"", 0.0)  # (payload, when it came): one tuple, read whole
 
     def topics(self) -> list[tuple[str, int]]:
         """What to subscribe to (nothing without a daemon to gate on)."""
@@ -51,7 +50,7 @@ class HealthGate:
                     log.warning("unreadable daemon health report ignored")
             return True
         if msg.topic == self.status_topic:
-            self.daemon_status, self.status_at = bytes(msg.payload), time.monotonic()
+            self.status = (bytes(msg.payload), time.monotonic())
             return True
         return False
 
@@ -66,7 +65,7 @@ class HealthGate:
             heard = max(start, self.health[0]) if self.health else start
             if time.monotonic() - heard > self.cfg.health_timeout_s:  # down, or crash-looping on the new model
                 return (f"no health report from the daemon for {self.cfg.health_timeout_s:g} s"
-                        + (" (it is offline)" if self.daemon_status == b"offline" else "")
+                        + (" (it is offline)" if self.status[0] == b"offline" else "")
                         + ("" if self.health else f" (none ever came on {self.health_topic}: is daemon_id "
                                                   f"{self.cfg.daemon_id!r} the daemon's mqtt.daemon_id, and "
                                                   "daemon_prefix its mqtt.prefix?)"))
@@ -85,7 +84,8 @@ class HealthGate:
                 raise Stopped
             seen, doc = self.health
             model = _model_block(doc)
-            if self.daemon_status == b"offline" and self.status_at > seen:
+            said, said_at = self.status
+            if said == b"offline" and said_at > seen:
                 # (an offline from before its last report is stale: a daemon started after the agent says
                 # online only after its first health reports, while the broker still holds its last will)
                 return "the daemon went offline"

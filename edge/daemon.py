@@ -308,9 +308,9 @@ class Daemon:
                 for st in self.streams.values():
                     before, signal_before = st.counts.skipped, st.signal
                     windows += st.due()
-                    for lead, mv in st.dc.items():  # said once per stream and lead
+                    for lead, mv in st.dc.items():  # once per stream and lead (the stream keeps which)
                         self.report.error(st.key, "dc_offset", dc_warning(lead, mv), self.topics.raw(*st.key),
-                                          limit=("dc_offset", lead), once=True)
+                                          limit=("dc_offset", lead, id(st)))
                     st.dc.clear()
                     if st.counts.skipped > before:
                         lost = st.counts.gap_samples > self._gaps_said.get(st.key, 0)

@@ -108,7 +108,7 @@ def run(args) -> int:
             listener.stop(write=False)
         if broker:
             broker.stop()
-        else:  # a broker of the user's: the run's statuses and calibrations are not left on it
+        elif daemon:  # a broker of the user's, reached: the run's statuses and calibrations are not left on it
             leave_nothing(url, protocol, prefix)
     return _report(args, sims, streams, listener, cal_msgs)
 
@@ -116,13 +116,15 @@ def run(args) -> int:
 def leave_nothing(url, protocol: str, prefix: str) -> None:
     """Clear the retained messages a run left under ``prefix`` on a broker that outlives it
     (each run has a prefix of its own, so they would pile up); a failure is only said."""
-    from .mqtt import clear_retained, client_id, connect, make_client
+    from .mqtt import BrokerConnectionError, clear_retained, client_id, connect, make_client
 
     c = make_client(client_id("cleanup"), protocol)
     try:
         connect(c, url)
         n = clear_retained(c, f"{prefix}/#", quiet=0.3, timeout=10)
         log.info("cleared the %d retained message(s) the run left under %s/", n, prefix)
+    except BrokerConnectionError as exc:  # nothing this run could have left there either, or it is down now
+        log.info("the retained messages under %s/ were not cleared: %s", prefix, exc)
     except Exception as exc:
         log.warning("could not clear the retained messages under %s/ (%s): clear them with mosquitto_pub -r -n",
                     prefix, exc)

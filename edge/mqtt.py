@@ -312,7 +312,9 @@ def connect(client: mqtt.Client, broker: "str | Broker", timeout: float = 10.0, 
 def retained_messages(client: mqtt.Client, topic_filter: str, quiet: float = 0.5,
                       timeout: float = 30.0) -> dict[str, bytes]:
     """The retained messages under ``topic_filter`` that the broker sends a connected
-    ``client`` after acknowledging its subscription, until none has come for ``quiet`` s (a
+    ``client`` after acknowledging its subscription (meanwhile the client's own
+    ``on_subscribe`` and any callback on that filter are set aside: use a client nothing else
+    subscribes with, as the operator's and a run's clean-up are), until none has come for ``quiet`` s (a
     broker whose ACL hides them sends none, and says nothing); topic → payload. A broker
     queues only so many for one client (Mosquitto about 1,000): clear what this finds and ask
     again until it finds none. PermissionError where the broker refuses the subscription,

@@ -122,7 +122,8 @@ class PatientStream:
         self.generation = 0  # +1 at every reset: a calibration of an earlier time base is void
         self.cal_start = 0  # stream sample where the calibration seconds begin
         self.pending: list[Window] = []  # made at a reset, of the time base before it
-        self.dc: dict[str, float] = {}  # leads far from zero in a window since the daemon last looked (mV)
+        self.dc: dict[str, float] = {}  # leads first found far from zero since the daemon last looked (mV)
+        self.dc_said: set[str] = set()  # every lead found so: each is said once per stream
 
     # ---- ingest -----------------------------------------------------------------------
     def position(self, t0_ns: int) -> int:
@@ -421,7 +422,9 @@ class PatientStream:
         self.counts.bridged_windows += bridged
         flags = window_quality(x)
         ok = np.array([f == "ok" for f in flags], dtype=bool)
-        self.dc.update(dc_offsets(x[ok], [n for n, k in zip(self.leads, ok) if k]))
+        far = dc_offsets(x[ok], [n for n, k in zip(self.leads, ok) if k])
+        self.dc.update({n: mv for n, mv in far.items() if n not in self.dc_said})
+        self.dc_said.update(far)
         x = np.where(ok[:, None], np.nan_to_num(x), 0.0).astype(np.float32)
         # III, aVR, aVL and aVF are sums of I and II: the model is given the two alone, and a
         # window is "masked" only when a lead off changes what the model is given

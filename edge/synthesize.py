@@ -91,7 +91,9 @@ def run(args) -> int:
         raise ValueError("--adapt fine-tunes the PyTorch model for each record: use --backend torch")
     blend_with = _leads_arg("blend-with", args.blend_with) if args.blend_with is not None else None
     check_blend(inputs, blend_with, args.calibrate)
-    args.out.mkdir(parents=True, exist_ok=True)  # before any record: an --out that is a file is said once
+    blocked = next((p for p in (args.out, *args.out.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:  # said once, before any record
+        raise ValueError(f"{blocked} is a file, where a folder is wanted (--out names a folder)")
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":
         backend = make_backend(args.backend, args.model or default_checkpoint())

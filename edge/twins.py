@@ -38,6 +38,8 @@ class Twins:
         self._timer: threading.Timer | None = None
         self._answered: set[str] = set()
         self._answering: set[str] = set()  # newcomers whose answer waits for room in the publisher's queue
+        self._retries: list[threading.Timer] = []
+        self._stopped = False
 
     def connected(self, take: Callable[[], None]) -> None:
         """At each connect: ``take`` the streams now if this daemon serves (a reconnect), else
@@ -46,7 +48,8 @@ class Twins:
         if self.cleared.is_set():
             take()
             return
-        self.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer = threading.Timer(TWIN_WAIT_S, take)
         self._timer.daemon = True
         self._timer.start()
@@ -58,8 +61,12 @@ class Twins:
             time.sleep(0.01)
 
     def cancel(self) -> None:
+        """No timer of this daemon's fires any more: its stream wait, or an answer's retries."""
+        self._stopped = True
         if self._timer is not None:
             self._timer.cancel()
+        for t in self._retries:
+            t.cancel()
 
     def subscribed(self, reason_codes, topics: str) -> bool:
         """The broker's SUBACK for the streams: this daemon serves from now on, unless the broker
@@ -108,6 +115,9 @@ class Twins:
     def _answer(self, other: str, tries: int = 0) -> None:
         """Tell newcomer ``other``: once the report went out (a full queue refuses it: tried again
         every ``RETRY_S``, for the newcomer's whole wait, then at its next report)."""
+        if self._stopped or self.yielded.is_set():  # stopping, or the streams are another's: nothing to say
+            self._answering.discard(other)
+            return
         if self.answer():
             self._answering.discard(other)
             self._answered.add(other)
@@ -117,6 +127,7 @@ class Twins:
             self._answering.add(other)
             t = threading.Timer(RETRY_S, self._answer, (other, tries + 1))
             t.daemon = True
+            self._retries = [r for r in self._retries if r.is_alive()] + [t]
             t.start()
         else:
             self._answering.discard(other)

@@ -223,15 +223,16 @@ DC_WARN_MV = 10.0  # a lead whose median lies further from 0 was not high-passed
 def dc_offsets(x: np.ndarray, names: list[str]) -> dict[str, float]:
     """The leads of ``x`` whose median lies more than ``DC_WARN_MV`` from zero, with it (mV).
     The model expects high-passed leads, as a monitor's are: a lead's DC offset moves the
-    views by 0.1-0.5 times it, and past about 30 mV bends their shape too (tens of µV)."""
-    with np.errstate(all="ignore"):
-        med = np.nanmedian(np.atleast_2d(np.asarray(x, dtype=np.float64)), axis=1)
+    views by 0.1-0.4 times it, and past about 30 mV bends their shape too (tens of µV)."""
+    x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    with np.errstate(all="ignore"):  # np.median where every sample is finite: nanmedian is 10x slower on a window
+        med = np.median(x, axis=1) if np.isfinite(x).all() else np.nanmedian(x, axis=1)
     return {n: float(m) for n, m in zip(names, med) if np.isfinite(m) and abs(m) > DC_WARN_MV}
 
 
 def dc_warning(lead: str, mv: float) -> str:
     return (f"lead {lead} sits {mv:+.0f} mV from zero: inputs are expected high-passed (a monitor's 0.05 Hz "
-            "filter, not a DC-coupled amplifier's raw samples); its views shift by 0.1-0.5 times that, and "
+            "filter, not a DC-coupled amplifier's raw samples); its views shift by 0.1-0.4 times that, and "
             "past about 30 mV their shape is off too")
 
 

@@ -60,3 +60,8 @@ def test_an_answer_the_queue_dropped_is_sent_again_within_the_newcomers_wait():
     assert 2 < n <= TWIN_WAIT_S / RETRY_S + 2
     full.heard(_report("other", 200.0, False))  # at the newcomer's next report it tries again
     assert len(never) == n + 1
+    time.sleep(3 * RETRY_S)
+    full.cancel()  # stopping: a retry under way says nothing more
+    n = len(never)
+    time.sleep(10 * RETRY_S)
+    assert len(never) == n

@@ -11,6 +11,7 @@ Protocols (``../shared/data/README.md``):
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,11 +186,13 @@ class CalibratedModelMethod(ModelMethod):
                         inputs=inputs if self.inputs_only else None, device=self.synth.device)
         self.offsets = res.offsets_for(inputs)
         self.view_offsets = None
-        self.notes["calibration accepted" if res.accepted else f"calibration rejected: {res.reason}"] += 1
         if res.swap_refused:  # adaptation and transfer would fit on the same swapped leads: the plain draw
             self.notes[f"electrodes look swapped: {res.swap}"] += 1
             self.active, self.adaptation, self.fitted_transfer, self.shared_transfer = self.synth, None, None, None
             return
+        # counted by kind: a reason's figures (seconds, residuals) would give every record a line of its own
+        self.notes["calibration accepted" if res.accepted else
+                   "calibration rejected: " + re.sub(r"\d+(\.\d+)?", "n", res.reason.split(";")[0])] += 1
         if res.swap:
             self.notes[f"electrodes look swapped, fitted on (within the offsets' reach, or limb leads): {res.swap}"] += 1
         if self.transfer:  # the neighbours' own angles: every recorded lead fitted leave-one-out
