@@ -77,7 +77,8 @@ class Daemon:
         self.outcomes: Counter = Counter()
         self.dropped_ingest = 0
         self.chunks_in = 0
-        self.started = time.time()
+        self.started = time.time()  # when, for people and for twins; uptime counts on the monotonic clock
+        self.started_mono = time.monotonic()
         self.twins = Twins(self.id, self.started, self._answer_twin)  # another daemon with this id
         self.draining = threading.Event()  # stop() has begun: no stream is taken again, even on a reconnect
         self.client = mq.make_client(mq.client_id("serve"), cfg.mqtt.protocol)
@@ -161,8 +162,8 @@ class Daemon:
             self.client.unsubscribe([self.topics.pattern("raw"), self.topics.pattern("views")])
         except Exception:  # already disconnected: nothing more will arrive anyway
             pass
-        deadline = time.time() + 5
-        while not self.ingest_q.empty() and time.time() < deadline:
+        deadline = time.monotonic() + 5
+        while not self.ingest_q.empty() and time.monotonic() < deadline:
             time.sleep(0.02)
         self.stopping.set()
         self.wake.set()
@@ -310,7 +311,7 @@ class Daemon:
                     windows += st.due()
                     for lead, mv in st.dc.items():  # once per stream and lead (the stream keeps which)
                         self.report.error(st.key, "dc_offset", dc_warning(lead, mv), self.topics.raw(*st.key),
-                                          limit=("dc_offset", lead, id(st)))
+                                          limit=("dc_offset", lead))
                     st.dc.clear()
                     if st.counts.skipped > before:
                         lost = st.counts.gap_samples > self._gaps_said.get(st.key, 0)
@@ -356,6 +357,7 @@ class Daemon:
         with self.lock:
             if key not in self.streams:
                 self.emit.forget(key)
+                self.report.forget(key)
         log.info("%s/%s ended (%s): %s", *key, why, vars(st.counts))
 
     # ---- health ----------------------------------------------------------------------
@@ -365,7 +367,7 @@ class Daemon:
             counts = Counter()
             for st in self.streams.values():
                 counts.update({k: v for k, v in vars(st.counts).items()})
-        return {"daemon": self.id, **self.twins.card(), "uptime_s": round(time.time() - self.started, 1),
+        return {"daemon": self.id, **self.twins.card(), "uptime_s": round(time.monotonic() - self.started_mono, 1),
                 "patients": dict(states), "chunks_in": self.chunks_in, "chunks_out": self.emit.chunks_out,
                 "latency_ms": self.emit.latency_ms.percentiles(),
                 "inference_ms": self.emit.inference_ms.percentiles(),

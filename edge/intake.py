@@ -45,12 +45,17 @@ def raw_leads(chunk: Chunk, unknown: Callable[[str], None]) -> tuple[np.ndarray,
     return data, names
 
 
+HELD_PER_PATIENT = 256  # views requests held per patient the daemon serves (64 → 16,384 ids)
+
+
 class ViewRequests:
     """The views each stream asked for (its retained ``.../views`` message), at most
-    ``4 × max_patients`` held: a new one forgets one of a stream not running, or is refused."""
+    ``HELD_PER_PATIENT × max_patients`` held (a few hundred kB): every patient id a ward has had
+    for years keeps its request, retained on the broker, and the broker sends them all again at
+    each reconnect; past the cap a new one forgets one of a stream not running, or is refused."""
 
     def __init__(self, max_views: int, max_patients: int, default: list[View]):
-        self.max_views, self.cap, self.default = max_views, 4 * max_patients, default
+        self.max_views, self.cap, self.default = max_views, HELD_PER_PATIENT * max_patients, default
         self.held: dict[tuple[str, str], list[str]] = {}
 
     def ask(self, key: tuple[str, str], names: list[str], running: Collection[tuple[str, str]]) -> list[View]:

@@ -116,8 +116,8 @@ class Reporter:
             self.status(st, "signal back")
             return
         self.status(st, LOST if st.lost_in_transit else NO_SIGNAL)
-        if not st.lost_in_transit:
-            self.error(st.key, "no_signal", NO_SIGNAL, self.topics.raw(*st.key))
+        if not st.lost_in_transit:  # an alarm each time the electrodes go (within the bucket), not 3 per id
+            self.error(st.key, "no_signal", NO_SIGNAL, self.topics.raw(*st.key), every=True)
 
     def stale(self, key, n: int, fs: float, ahead_s: float, lost: bool, max_backlog_s: float) -> None:
         """``n`` samples of ``key``'s output were already stale when due and skipped, and why."""
@@ -144,15 +144,23 @@ class Reporter:
         self.error(key, "unknown_lead", f"lead {label!r} is not a known lead or THETA:PHI direction; "
                    "ignored, the others are used", topic, limit=("unknown_lead", label), once=True)
 
-    def error(self, key, code: str, reason: str, topic: str = "", limit=None, once: bool = False) -> None:
+    def forget(self, key) -> None:
+        """A stream ended: its counts go, so a stream of that id later is told afresh."""
+        with self._lock:
+            for k in [k for k in self._seen if k[0] == key]:
+                del self._seen[k]
+
+    def error(self, key, code: str, reason: str, topic: str = "", limit=None, once: bool = False,
+              every: bool = False) -> None:
         """Said per (``key``, ``limit`` or ``code``): the first three times and one in every
-        hundred after (``once``: the first time only), within the bucket of ``errors_per_s``."""
+        hundred after (``once``: the first time only; ``every``: each time), within the bucket
+        of ``errors_per_s``. The counts of a stream go when it ends (``forget``)."""
         with self._lock:
             if len(self._seen) > 10_000:  # ids and labels come from senders: keep it bounded
                 self._seen.clear()
             n = self._seen[(key, limit or code)]
             self._seen[(key, limit or code)] += 1
-            if n >= (1 if once else 3) and (once or n % 100):
+            if not every and n >= (1 if once else 3) and (once or n % 100):
                 self.unsent += 1
                 return
             log.warning("%s/%s %s: %s%s", *key, code, reason, f" (seen {n + 1} times)" if n else "")

@@ -246,7 +246,8 @@ class PatientStream:
         while now - self.arrivals[0][0] > AHEAD_WINDOW_S:
             self.arrivals.popleft()
         self.last_n = n
-        self.last_sent_ns = max(self.last_sent_ns, sent_ns)
+        if not behind:  # the newest chunk's stamp, not the largest ever: a sender's clock may step back
+            self.last_sent_ns = sent_ns
         return outcome
 
     def ahead_s(self) -> float:
@@ -270,12 +271,17 @@ class PatientStream:
         return None
 
     def reset(self, t0_ns: int) -> None:
+        """Start again from a new time base (a restarted sender, a clock jump): nothing of the
+        old one is kept, its leads included (a monitor may come back with other electrodes)."""
         self.generation += 1
         self.counts.restarts += 1
         self.placed.clear()
         self.stamps.clear()
         self.t0_ns = t0_ns
-        self.buf = np.full((len(self.leads), 0), np.nan, dtype=np.float32)
+        self.leads, self.lead_views = [], []
+        self.dc, self.dc_said = {}, set()
+        self.arrivals.clear()
+        self.buf = np.full((0, 0), np.nan, dtype=np.float32)
         self.have = np.zeros(0, dtype=bool)
         self.base = self.end = self.consumed = 0
         self.state = "waiting" if self.p.calibrate_s > 0 else "streaming"

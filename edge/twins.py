@@ -120,6 +120,8 @@ class Twins:
             return
         if self.answer():
             self._answering.discard(other)
+            if len(self._answered) > 1000:  # newcomers over months: only the recent matter
+                self._answered.clear()
             self._answered.add(other)
             log.warning("another daemon with id %r started (instance %s); it is told to stop", self.daemon_id,
                         other[:8])

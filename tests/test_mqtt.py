@@ -3,6 +3,7 @@ at 127.0.0.1:1883 (5 and 3.1.1) where one listens; skipped cleanly where none do
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -344,3 +345,29 @@ def test_a_run_on_a_users_broker_leaves_no_retained_message(mosquitto_url, clien
         assert list(retained_messages(reader, f"{topic}/#", quiet=0.3)) == [f"{topic}/other/keep"]
     finally:
         reader.publish(f"{topic}/other/keep", b"", qos=1, retain=True).wait_for_publish(5)
+
+
+def test_a_patient_id_back_after_its_stream_ended_is_told_afresh(mosquitto_url, clients):
+    """The errors' rate limit counts per stream: a no-usable-lead alarm is said every time the
+    electrodes go, and an unknown lead once per stream, not once per id for ever."""
+    from edge.reporting import Reporter
+    from edge.stream import PatientStream, StreamParams
+    from edge.topics import Topics
+    from panorama.geometry import resolve_views
+
+    prefix = base_topic()
+    got = collect(mosquitto_url, "5", clients, f"{prefix}/_daemon/d/errors")
+    publisher = Publisher(clients(mosquitto_url, "5"), protocol="5").start()
+    report = Reporter(publisher, Topics(prefix), "d")
+    key = ("bed", "p1")
+    for stay in range(5):  # a bed's id back five times, its electrodes off each time
+        st = PatientStream(key, StreamParams(calibrate_s=0), resolve_views("V7"))
+        st.signal = "missing"
+        report.signal(st)
+        report.unknown_lead(key, "XYZ")
+        report.unknown_lead(key, "XYZ")
+        report.forget(key)  # the stream ended
+    publisher.stop()
+    assert wait_for(lambda: len(got) == 10)
+    codes = [json.loads(m.payload)["code"] for m in got]
+    assert codes.count("no_signal") == 5 and codes.count("unknown_lead") == 5

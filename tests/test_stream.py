@@ -449,6 +449,26 @@ def test_a_very_late_first_chunk_is_not_a_restart(record):
     assert st.ingest(30, T0 + int(30 * 125 * 2e6), names, x[:, :125]) == "duplicate" and st.generation == 0
 
 
+def test_a_monitor_back_with_other_electrodes_and_a_clock_stepped_back_starts_clean(record, backend):
+    """A restart keeps nothing of the old session: a monitor back with three leads of its
+    twelve is drawn from those three, unmasked; and the sent time windows carry is the newest
+    chunk's, not the largest ever seen (a sender's clock corrected back by an hour)."""
+    x, names = record
+    st = PatientStream(("m", "p"), StreamParams(calibrate_s=0), VIEWS)
+    sent = 10**18
+    for k in range(8):
+        st.ingest(k, T0 + int(k * 125 * 2e6), names, x[:, k * 125:(k + 1) * 125], sent_ns=sent + k)
+    three = [names.index(n) for n in ("I", "II", "V3")]
+    back = T0 + 100 * 10**9
+    for k in range(8):  # restarted: seq from 0, a new time, three leads, its clock an hour earlier
+        st.ingest(k, back + int(k * 125 * 2e6), ["I", "II", "V3"], x[three, k * 125:(k + 1) * 125],
+                  sent_ns=sent - 3600 * 10**9 + k)
+        windows = st.due()
+    assert st.counts.restarts == 1 and st.leads == ["I", "II", "V3"]
+    assert windows and {q for w in windows for q in w.quality} == {"ok"} and st.signal == "ok"
+    assert windows[-1].sent_ns == sent - 3600 * 10**9 + 7
+
+
 def test_a_chunk_resent_after_a_clock_step_is_a_duplicate_not_a_restart(record):
     """A resend carries its first stamp: after the clock stepped it is placed by its seq,
     found already there, and dropped; the stream goes on."""
