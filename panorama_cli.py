@@ -10,9 +10,9 @@ import argparse
 import logging
 import sys
 import warnings
-from pathlib import Path
 
 from panorama.errors import PanoramaError
+from panorama.files import file_in_the_way
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +37,7 @@ def _said(exc: Exception) -> str:
     """The error in a user's words: a folder asked for where a file lies (an --out naming a
     file) says so, rather than [Errno 17] File exists."""
     if isinstance(exc, (FileExistsError, NotADirectoryError)) and exc.filename:
-        where = Path(exc.filename)
-        file = next((p for p in (where, *where.parents) if p.is_file()), None)
-        if file is not None:
+        if (file := file_in_the_way(exc.filename)) is not None:
             return f"{file} is a file, where a folder is wanted"
     return str(exc)
 

@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,10 +88,10 @@ class Fleet:
         with self._lock:
             self.states[device] = doc
 
-    def settle(self, quiet: float = 0.2, most: float | None = None) -> None:
+    def settle(self, quiet: float = 0.2) -> None:
         """Wait for the devices' retained states, which come in a burst right after connecting:
         until none has come for ``quiet`` s, at most ``SETTLE_S``."""
-        end = time.monotonic() + (SETTLE_S if most is None else most)
+        end = time.monotonic() + SETTLE_S
         seen, still = -1, time.monotonic()
         while time.monotonic() < end:
             n = len(self.snapshot())
@@ -138,14 +139,6 @@ class Fleet:
         """Remove a retained message (an empty one replaces it)."""
         self.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(30)
 
-    def retained(self, topic_filter: str, quiet: float = 0.5, timeout: float = 30.0) -> list[str]:
-        """The topics under ``topic_filter`` where the broker holds a retained message this
-        client may read: those it sends after acknowledging the subscription, until none has
-        come for ``quiet`` s (a broker whose ACL hides them sends none, and says nothing).
-        A broker queues only so many for one client (Mosquitto about 1,000): clear what this
-        finds and ask again until it finds none."""
-        return sorted(self.retained_messages(topic_filter, quiet, timeout))
-
     def manifests(self) -> dict[str, dict]:
         """Each group's retained manifest, as it claims (unverified: what is on the broker,
         for the operator's own checks): group → {version, sha256}."""
@@ -159,23 +152,16 @@ class Fleet:
         return out
 
     def retained_messages(self, topic_filter: str, quiet: float = 0.5, timeout: float = 30.0) -> dict[str, bytes]:
-        """``retained``, with each message's payload (``edge.mqtt.retained_messages``)."""
-        try:
+        """The retained messages under ``topic_filter`` this client may read, topic → payload
+        (``edge.mqtt.retained_messages``)."""
+        with _as_update_errors():
             return mq.retained_messages(self.client, topic_filter, quiet, timeout)
-        except TimeoutError as exc:
-            raise UpdateError(str(exc)) from None
-        except PermissionError as exc:
-            raise UpdateError(f"{exc}: its ACL must let the operator read what it may clear") from None
 
     def forget(self, topic_filter: str, passes: int = 100) -> int:
         """Clear every retained message under ``topic_filter``, asking again until the broker
         holds none; how many were cleared. UpdateError where some remain."""
-        try:
+        with _as_update_errors():
             return mq.clear_retained(self.client, topic_filter, passes)
-        except (TimeoutError, RuntimeError) as exc:
-            raise UpdateError(str(exc)) from None
-        except PermissionError as exc:
-            raise UpdateError(f"{exc}: its ACL must let the operator read what it may clear") from None
 
     def publish_update(self, envelope: bytes, manifest: dict, data: bytes, groups: list[str]) -> None:
         """The artifact first (its chunks, as the manifest signed them), so a device that
@@ -221,6 +207,17 @@ class WaveResult:
         return sum(d["state"] == state for d in self.verdicts.values())
 
 
+@contextmanager
+def _as_update_errors():
+    """The broker's refusals while the operator reads or clears retained messages, as UpdateError."""
+    try:
+        yield
+    except (TimeoutError, RuntimeError) as exc:
+        raise UpdateError(str(exc)) from None
+    except PermissionError as exc:
+        raise UpdateError(f"{exc}: its ACL must let the operator read what it may clear") from None
+
+
 SETTLE_S = 1.0  # the longest a rollout waits for the devices' retained states before its first wave
 
 
@@ -260,8 +257,9 @@ def rollout(fleet: Fleet, package: Path, waves: list[list[str]], max_failed: int
     version, results = manifest["version"], []
     fleet.settle()
     for groups in waves:
-        known = [d for d, s in fleet.snapshot().items() if s.get("group") in groups]
-        warn_stale(fleet.snapshot(), version, groups)
+        states = fleet.snapshot()
+        known = [d for d, s in states.items() if s.get("group") in groups]
+        warn_stale(states, version, groups)
         fleet.publish_update(envelope, manifest, data, groups)
         log.info("wave %s: version %s published", ",".join(groups), version)
         if not known:  # said now, not when the timeout runs out

@@ -31,7 +31,7 @@ from collections import Counter
 import torch
 
 from panorama.geometry import resolve_view
-from panorama.records import MODEL_FS, dc_warning
+from panorama.records import MODEL_FS
 
 from . import mqtt as mq
 from .emit import Emitter
@@ -309,10 +309,7 @@ class Daemon:
                 for st in self.streams.values():
                     before, signal_before = st.counts.skipped, st.signal
                     windows += st.due()
-                    for lead, mv in st.dc.items():  # once per stream and lead (the stream keeps which)
-                        self.report.error(st.key, "dc_offset", dc_warning(lead, mv), self.topics.raw(*st.key),
-                                          limit=("dc_offset", lead))
-                    st.dc.clear()
+                    self.report.dc_offsets(st)
                     if st.counts.skipped > before:
                         lost = st.counts.gap_samples > self._gaps_said.get(st.key, 0)
                         stale.append((st.key, st.counts.skipped - before, st.ahead_s(), lost))

@@ -16,6 +16,7 @@ from collections import Counter, deque
 import numpy as np
 
 from panorama.calibrate import CalibrationResult
+from panorama.records import dc_warning
 
 from .mqtt import Publisher
 from .protocol import CONTENT_TYPE_JSON, ProtocolError
@@ -118,6 +119,12 @@ class Reporter:
         self.status(st, LOST if st.lost_in_transit else NO_SIGNAL)
         if not st.lost_in_transit:  # an alarm each time the electrodes go (within the bucket), not 3 per id
             self.error(st.key, "no_signal", NO_SIGNAL, self.topics.raw(*st.key), every=True)
+
+    def dc_offsets(self, st) -> None:
+        """The leads ``st`` found far from zero since the last look: said, once per stream."""
+        for lead, mv in st.dc.items():
+            self.error(st.key, "dc_offset", dc_warning(lead, mv), self.topics.raw(*st.key), limit=("dc_offset", lead))
+        st.dc.clear()
 
     def stale(self, key, n: int, fs: float, ahead_s: float, lost: bool, max_backlog_s: float) -> None:
         """``n`` samples of ``key``'s output were already stale when due and skipped, and why."""

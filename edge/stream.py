@@ -34,7 +34,7 @@ from panorama.geometry import View, descriptors, redundant_limb_leads, resolve_v
 from panorama.model import DOWNSAMPLE
 from panorama.records import MODEL_FS, dc_offsets
 
-from .batch import Window, bridge_holes, window_quality
+from .batch import Window, bridge_holes, runs, window_quality
 
 RECEPTIVE_FIELD = 224  # samples each side whose input can change an output sample (measured)
 STAMPS = 1024  # seqs whose stamps a stream remembers (256 s of 250 ms chunks): a restart told from a late resend
@@ -454,7 +454,5 @@ class PatientStream:
         """The first sample no chunk has covered, from what the next window reads on; with
         ``since``, the start of the first hole that begins there or later."""
         lo = max(self.base, floor8(max(0, self.emitted - self.p.context)) - DOWNSAMPLE)
-        have = self.have[lo - self.base: self.end - self.base]
-        begins = np.flatnonzero(~have & np.concatenate([[True], have[:-1]]))  # first sample of each hole
-        begins = begins[lo + begins >= since]
-        return int(lo + begins[0]) if begins.size else None
+        return next((lo + a for a, _ in runs(~self.have[lo - self.base: self.end - self.base]) if lo + a >= since),
+                    None)

@@ -12,6 +12,7 @@ from panorama.adapt import adapt, synthesize_split
 from panorama.calibrate import calibrate, check_seconds
 from panorama.electrodes import check_electrodes
 from panorama.errors import PanoramaError, RecordError
+from panorama.files import file_in_the_way
 from panorama.geometry import resolve_view, resolve_views
 from panorama.records import (MODEL_FS, Record, dc_offsets, dc_warning, find_records, lead_quality, read_record,
                               resample, screen_leads, write_record)
@@ -91,8 +92,7 @@ def run(args) -> int:
         raise ValueError("--adapt fine-tunes the PyTorch model for each record: use --backend torch")
     blend_with = _leads_arg("blend-with", args.blend_with) if args.blend_with is not None else None
     check_blend(inputs, blend_with, args.calibrate)
-    blocked = next((p for p in (args.out, *args.out.parents) if p.exists() and not p.is_dir()), None)
-    if blocked is not None:  # said once, before any record
+    if (blocked := file_in_the_way(args.out)) is not None:  # said once, before any record
         raise ValueError(f"{blocked} is a file, where a folder is wanted (--out names a folder)")
     synth = Synthesizer.load(args.model)
     if args.backend != "torch":

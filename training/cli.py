@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 from panorama.argtypes import positive
@@ -181,10 +182,11 @@ def _select(paths: list[Path], split: str, named: dict[Path, set[str]]) -> list[
     return [p for p in paths if splits.split_of(p, val_names(p)) == split]
 
 
-def _trained_on(meta: dict, depth: int = 4, who: str = "") -> list[tuple[set[str], list[str], str]]:
+def _trained_on(meta: dict, depth: int = 4, who: tuple[str, int] = ("", 0)
+                ) -> list[tuple[set[str], list[str], tuple[str, int]]]:
     """(record names, sources filter, which checkpoint) for each training folder of a
     checkpoint and the checkpoints it was fine-tuned from (``init``): the records of their
-    training split. ``who`` is "" for the checkpoint itself, else the init's path."""
+    training split. ``who`` is (its path, generations back): ("", 0) for the checkpoint itself."""
     from panorama import checkpoint
 
     out = []
@@ -198,8 +200,7 @@ def _trained_on(meta: dict, depth: int = 4, who: str = "") -> list[tuple[set[str
     init = meta.get("init")
     if init and depth > 0:
         try:
-            out += _trained_on(checkpoint.read_header(_found(init))["meta"], depth - 1,
-                               str(init) + ("" if not who else " (further back)"))
+            out += _trained_on(checkpoint.read_header(_found(init))["meta"], depth - 1, (str(init), who[1] + 1))
         except Exception:  # an init no longer there: what is known is said
             pass
     return out
@@ -220,21 +221,20 @@ def _warn_trained_on(model: dict, cases: list) -> None:
     """Say when scored records are ones the model, or the model it was fine-tuned from,
     trained on (their folders' training split, within each one's sources)."""
     trained = _trained_on(model["meta"])
-    by: dict[str, int] = {}
+    by: Counter = Counter()  # (checkpoint, generations back) -> scored records it trained on
+    seen = 0
     for c in cases:
-        for names, sources, who in trained:
-            if c.record.name in names and splits.from_sources(c.record.source, sources):
-                by[who] = by.get(who, 0) + 1
+        whose = [who for names, sources, who in trained
+                 if c.record.name in names and splits.from_sources(c.record.source, sources)]
+        by.update(whose)
+        seen += bool(whose)
     if by:
-        seen = sum(any(c.record.name in n and splits.from_sources(c.record.source, s) for n, s, _ in trained)
-                   for c in cases)
-        whose = "; ".join(f"{n} in the training split of " + (
-            model["file"] if not who else f"{who.removesuffix(' (further back)')}, which {model['file']} was "
-            "fine-tuned from" + (", or from a model fine-tuned from it" if who.endswith("(further back)") else ""))
-            for who, n in by.items())
+        said = "; ".join(f"{n} in the training split of " + (
+            model["file"] if not back else f"{path}, which {model['file']} was fine-tuned from"
+            + (", or from a model fine-tuned from it" if back > 1 else "")) for (path, back), n in by.items())
         log.warning("%d of the %d scored records were trained on (by name: %s): their scores are not held out; "
-                    "score records neither model trained on%s", seen, len(cases), whose,
-                    " (--split val holds out this model's own)" if "" in by else "")
+                    "score records neither model trained on%s", seen, len(cases), said,
+                    " (--split val holds out this model's own)" if ("", 0) in by else "")
 
 
 def run_eval(args) -> int:
@@ -277,9 +277,9 @@ def run_eval(args) -> int:
         if not paths:
             raise RecordError(f"no records in split {args.split!r} of {', '.join(map(str, args.data))}")
         cases, skipped = load_cases(paths, task, progress=sys.stderr.isatty(), all_standard=not args.any_leads)
-        source = f"{len(paths)} of the {len(found)} records in {', '.join(map(str, args.data))} (split {args.split}" \
-            if len(paths) < len(found) else \
-            f"{len(paths)} record{'s' if len(paths) != 1 else ''} in {', '.join(map(str, args.data))} (split {args.split}"
+        count = f"{len(paths)} of the {len(found)} records" if len(paths) < len(found) else \
+            f"{len(paths)} record{'s' if len(paths) != 1 else ''}"
+        source = f"{count} in {', '.join(map(str, args.data))} (split {args.split}"
         if args.split in ("train", "val") and any(p.resolve().is_relative_to(f) for p in found for f in named):
             source += ", as the model's data.val_records names them in " + ", ".join(map(str, named))
         source += ")"

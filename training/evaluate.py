@@ -64,7 +64,11 @@ class Case:
 
     path: Path
     record: Record
-    scale_n: int = len(STANDARD_12)  # its first leads, the standard ones it holds, set the PSNR scale
+
+    @property
+    def scale_n(self) -> int:
+        """The record's first leads, the standard ones it holds, set the PSNR scale."""
+        return sum(n in STANDARD_12 for n in self.record.leads) or len(self.record.leads)
 
 
 @dataclass
@@ -120,7 +124,7 @@ def load_cases(paths: list[Path], task: Task, progress: bool = True,
         if rec is None:
             skipped[why] += 1
         else:
-            cases.append(Case(path, rec, sum(n in STANDARD_12 for n in rec.leads) or len(rec.leads)))
+            cases.append(Case(path, rec))
     return cases, skipped
 
 
